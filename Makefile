@@ -1,0 +1,35 @@
+# One command sets up and runs the demo; one sets up and runs the tests.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup demo test test-slow bench protos clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet --upgrade pip
+	$(VPY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VPY) -m distill_core.demo
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(VPY) -m benchmarks.run_all
+
+protos: $(STAMP)
+	$(VPY) -m distill_core.proto.codegen
+
+clean:
+	rm -rf $(VENV) build *.egg-info

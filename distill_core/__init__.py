@@ -1,0 +1,1 @@
+"""Code shared by the teacher server and the student trainer."""

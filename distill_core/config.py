@@ -1,0 +1,159 @@
+"""Typed configuration: YAML files, `key=value` overrides, clear validation errors.
+
+Every config class derives from :class:`ConfigBase` (pydantic, unknown keys
+forbidden, every field described). A YAML file may name a ``base:`` file (a
+path relative to itself, or a list of them) whose contents it extends, so
+presets derive from each other instead of copying. Sub-configs that accept a
+preset name (``model: tiny``) resolve it from ``configs/models/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypeVar
+
+import pydantic
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODEL_PRESET_DIR = CONFIG_DIR / "models"
+
+T = TypeVar("T", bound="ConfigBase")
+
+
+class ConfigError(ValueError):
+  """A configuration could not be loaded; the message names the key."""
+
+
+class ConfigBase(pydantic.BaseModel):
+  """Base for all configs: strict keys, validated assignment, immutable-ish."""
+
+  model_config = pydantic.ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def deep_merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+  """Recursively merges ``update`` into a copy of ``base`` (mappings merge, rest replace)."""
+  out = copy.deepcopy(dict(base))
+  for key, value in update.items():
+    if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+      out[key] = deep_merge(out[key], value)
+    else:
+      out[key] = copy.deepcopy(value)
+  return out
+
+
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+  """Loads a YAML mapping, resolving ``base:`` references relative to the file."""
+  path = Path(path).resolve()
+  if path in _seen:
+    raise ConfigError(f"{path}: circular 'base' chain: {' -> '.join(map(str, _seen + (path,)))}")
+  if not path.is_file():
+    raise ConfigError(f"config file not found: {path}")
+  try:
+    data = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path}: invalid YAML: {e}") from e
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+  bases = data.pop("base", None)
+  if bases is None:
+    return data
+  merged: dict[str, Any] = {}
+  for b in [bases] if isinstance(bases, str) else bases:
+    merged = deep_merge(merged, load_yaml(path.parent / b, _seen + (path,)))
+  return deep_merge(merged, data)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+  """Parses ``a.b.c=value``; the value is read as YAML (``3`` int, ``[1,2]`` list, ``null``)."""
+  if "=" not in text:
+    raise ConfigError(f"override {text!r} is not of the form key=value")
+  key, raw = text.split("=", 1)
+  key = key.strip()
+  if not key or any(not part for part in key.split(".")):
+    raise ConfigError(f"override {text!r} has an empty key")
+  try:
+    value = yaml.safe_load(raw) if raw.strip() else ""
+  except yaml.YAMLError as e:
+    raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+  return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+  """Applies ``key=value`` overrides; intermediate mappings are created as needed."""
+  data = copy.deepcopy(data)
+  for text in overrides:
+    path, value = parse_override(text)
+    node = data
+    for part in path[:-1]:
+      child = node.get(part)
+      if isinstance(child, str):  # a preset name, expanded so a sub-key can be overridden
+        child = {"preset": child}
+      if child is None:
+        child = {}
+      if not isinstance(child, dict):
+        raise ConfigError(f"override {'.'.join(path)}: {part!r} is not a mapping")
+      node[part] = child
+      node = child
+    node[path[-1]] = value
+  return data
+
+
+def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+  lines = [f"invalid configuration ({source}):"]
+  for e in err.errors():
+    loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+      msg = "unknown key"
+    lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
+                 else f"  {loc}: {msg}")
+  return "\n".join(lines)
+
+
+def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+  try:
+    return cls.model_validate(data)
+  except pydantic.ValidationError as e:
+    raise ConfigError(format_validation_error(e, source)) from None
+
+
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
+  """Loads ``cls`` from an optional YAML file plus ``key=value`` overrides."""
+  data = load_yaml(path) if path is not None else {}
+  data = apply_overrides(data, overrides)
+  return build(cls, data, source=str(path) if path else "defaults + overrides")
+
+
+def resolve_preset(value: Any, preset_dir: Path = MODEL_PRESET_DIR) -> Any:
+  """``"tiny"`` or ``{"preset": "tiny", ...}`` -> the preset's mapping with the extra keys on top."""
+  if isinstance(value, str):
+    value = {"preset": value}
+  if isinstance(value, Mapping) and "preset" in value:
+    value = dict(value)
+    name = value.pop("preset")
+    candidate = Path(name)
+    if candidate.suffix not in (".yaml", ".yml"):
+      candidate = preset_dir / f"{name}.yaml"
+    if not candidate.is_file():
+      known = sorted(p.stem for p in preset_dir.glob("*.yaml"))
+      raise ConfigError(f"unknown preset {name!r} (known: {', '.join(known)})")
+    return deep_merge(load_yaml(candidate), value)
+  return value
+
+
+def describe(cls: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
+  """One line per option, ``key (type, default): description``, recursing into sub-configs."""
+  lines = []
+  for name, field in cls.model_fields.items():
+    ann = field.annotation
+    key = f"{prefix}{name}"
+    if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+      lines.append(f"{key}: {field.description or ''}")
+      lines.extend(describe(ann, prefix=f"{key}."))
+      continue
+    default = field.get_default(call_default_factory=True)
+    tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+    lines.append(f"{key} ({tname}, default {default!r}): {field.description or ''}")
+  return lines

@@ -1,0 +1,1 @@
+"""Llama-family decoder in Flax NNX, with Hugging Face checkpoint import/export."""

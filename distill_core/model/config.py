@@ -1,0 +1,73 @@
+"""Model configuration: a Llama-family decoder, field names as in Hugging Face `config.json`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from distill_core.config import ConfigBase, resolve_preset
+
+
+class RopeScaling(ConfigBase):
+  """Llama-3 style rope frequency scaling (Hugging Face `rope_scaling` with rope_type llama3)."""
+
+  rope_type: Literal["llama3", "default"] = Field("llama3", description="Scaling rule; 'default' disables scaling.")
+  factor: float = Field(8.0, gt=0, description="Wavelength scale factor for low frequencies.")
+  low_freq_factor: float = Field(1.0, gt=0, description="Low-frequency boundary factor.")
+  high_freq_factor: float = Field(4.0, gt=0, description="High-frequency boundary factor.")
+  original_max_position_embeddings: int = Field(8192, gt=0, description="Context length the rope was trained for.")
+
+
+class ModelConfig(ConfigBase):
+  """A Llama/Qwen2-family decoder-only transformer."""
+
+  model_type: Literal["llama", "qwen2"] = Field("llama", description="Architecture family (Hugging Face model_type).")
+  vocab_size: int = Field(..., gt=0, description="Rows of the embedding table (may be padded above the tokenizer's size).")
+  true_vocab_size: int | None = Field(
+      None, gt=0, description="Real vocabulary size; logits of ids >= this are masked. None = vocab_size.")
+  hidden_size: int = Field(..., gt=0, description="Embedding width E.")
+  intermediate_size: int = Field(..., gt=0, description="SwiGLU MLP hidden width.")
+  num_hidden_layers: int = Field(..., gt=0, description="Number of decoder layers L.")
+  num_attention_heads: int = Field(..., gt=0, description="Query heads H.")
+  num_key_value_heads: int = Field(..., gt=0, description="Key/value heads (grouped-query attention).")
+  head_dim: int | None = Field(None, gt=0, description="Per-head width D; None = hidden_size // num_attention_heads.")
+  rms_norm_eps: float = Field(1e-5, gt=0, description="RMSNorm epsilon.")
+  rope_theta: float = Field(10000.0, gt=0, description="Rotary base frequency.")
+  rope_scaling: RopeScaling | None = Field(None, description="Optional Llama-3 rope scaling.")
+  max_position_embeddings: int = Field(2048, gt=0, description="Longest supported sequence.")
+  attention_bias: bool = Field(False, description="Bias on q/k/v projections (true for Qwen2).")
+  tie_word_embeddings: bool = Field(False, description="Share the input embedding with the output head.")
+  dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations.")
+  param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Storage dtype of parameters.")
+  scan_layers: bool = Field(False, description="Stack layer parameters and run them with nnx.scan (else unrolled).")
+  remat: bool = Field(False, description="Rematerialise each layer in the backward pass (saves memory).")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "ModelConfig":
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+          f"num_key_value_heads ({self.num_key_value_heads})")
+    if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+      raise ValueError("hidden_size must be divisible by num_attention_heads when head_dim is unset")
+    if self.true_vocab_size is not None and self.true_vocab_size > self.vocab_size:
+      raise ValueError(f"true_vocab_size ({self.true_vocab_size}) exceeds vocab_size ({self.vocab_size})")
+    return self
+
+  @property
+  def dim_per_head(self) -> int:
+    return self.head_dim or self.hidden_size // self.num_attention_heads
+
+  @property
+  def real_vocab_size(self) -> int:
+    return self.true_vocab_size or self.vocab_size
+
+
+def model_field(description: str):
+  """A `ModelConfig` field that also accepts a preset name (`tiny`) or `{preset: tiny, ...}`."""
+  return Field(..., description=description + " A preset name from configs/models/ or a mapping.")
+
+
+ModelConfigOrPreset = pydantic.functional_validators.BeforeValidator(resolve_preset)
