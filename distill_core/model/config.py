@@ -65,9 +65,6 @@ class ModelConfig(ConfigBase):
     return self.true_vocab_size or self.vocab_size
 
 
-def model_field(description: str):
-  """A `ModelConfig` field that also accepts a preset name (`tiny`) or `{preset: tiny, ...}`."""
-  return Field(..., description=description + " A preset name from configs/models/ or a mapping.")
-
-
-ModelConfigOrPreset = pydantic.functional_validators.BeforeValidator(resolve_preset)
+# Use as `Annotated[ModelConfig, ModelConfigOrPreset]` so a field also accepts a preset name
+# (`tiny`) or `{preset: tiny, <overrides>}`.
+ModelConfigOrPreset = pydantic.BeforeValidator(resolve_preset)
