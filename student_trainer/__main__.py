@@ -1,0 +1,45 @@
+"""`python -m student_trainer --config FILE [key=value ...]`: train a student."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from distill_core.config import ConfigError, describe, load_config
+from student_trainer.config import TrainConfig
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+  parser = argparse.ArgumentParser(
+      prog="student-trainer",
+      description="Train a student LLM with cross-entropy and knowledge distillation from a teacher "
+                  "(none, local in-process, or a remote teacher server).",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      epilog="options (set in the YAML file or as key=value overrides, e.g. optim.learning_rate=1e-3):\n  "
+             + "\n  ".join(describe(TrainConfig)))
+  parser.add_argument("--config", help="YAML run configuration (see configs/).")
+  parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO).")
+  parser.add_argument("overrides", nargs="*", metavar="key=value", help="Overrides applied on top of the file.")
+  return parser.parse_args(argv), []
+
+
+def main(argv: list[str] | None = None) -> int:
+  args, _ = parse_args(argv)
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  try:
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  from student_trainer.train import run  # heavy imports only after the config is valid
+  result = run(cfg)
+  status = "stopped early (preempted)" if result.preempted else "finished"
+  print(f"{status} at step {result.step}; run directory: {result.run_dir}")
+  for key, value in sorted(result.last_metrics.items()):
+    print(f"  {key} = {value:.5g}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,37 @@
+"""Teacher sources: one batch in, `TeacherTargets` out (or None for CE-only)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+  from jax.sharding import Mesh
+  from student_trainer.config import TrainConfig
+  from student_trainer.sources.base import TeacherSource
+
+
+def feature_teacher_layers(cfg: "TrainConfig", teacher_layers: int) -> tuple[int, ...]:
+  """Teacher layers whose `attn_out` the feature loss needs (empty when beta is always 0)."""
+  if cfg.loss.beta.bounds()[1] <= 0:
+    return ()
+  _, layers = cfg.loss.layer_pairs(cfg.model.num_hidden_layers, teacher_layers)
+  return tuple(sorted(set(layers)))
+
+
+def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
+  """The source `cfg.teacher.source` names."""
+  kind = cfg.teacher.source
+  if kind == "none":
+    from student_trainer.sources.none import NoTeacher
+    return NoTeacher()
+  if kind == "local":
+    from distill_core.checkpoints import load_model
+    from student_trainer.sources.local import LocalTeacher
+    local = cfg.teacher.local
+    model = load_model(local.model, hf_checkpoint=local.hf_checkpoint, orbax_checkpoint=local.orbax_checkpoint,
+                       seed=local.seed)
+    layers = feature_teacher_layers(cfg, model.cfg.num_hidden_layers)
+    return LocalTeacher(model, k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh, rules=rules,
+                        dense_logits=cfg.loss.use_dense, state_layers=layers,
+                        state_names=("attn_out",) if layers else ())
+  raise ValueError(f"teacher.source: unknown source {kind!r}")

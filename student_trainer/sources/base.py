@@ -1,0 +1,58 @@
+"""The `TeacherSource` interface shared by every way of getting teacher targets.
+
+The train loop drives a source in two phases so that slow sources can work
+ahead: `submit` is called for each upcoming batch as soon as the data pipeline
+produces it (up to `lookahead` batches before it is trained on), and `next`
+returns the targets of the oldest submitted batch, in submission order.
+A source that has no answer for a batch (no teacher, or a fallback policy)
+returns None and the step trains on cross-entropy alone for that batch.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from distill_core.data import Batch
+from distill_core.targets import TeacherTargets
+
+
+class TeacherSource(abc.ABC):
+  """Maps training batches to teacher targets, in order."""
+
+  #: How many batches the trainer should submit ahead of the one being trained.
+  lookahead: int = 0
+
+  @abc.abstractmethod
+  def submit(self, batch: Batch, temperature: float) -> None:
+    """Announces an upcoming batch; `temperature` is the schedule's value at its step."""
+
+  @abc.abstractmethod
+  def next(self) -> TeacherTargets | None:
+    """Targets of the oldest submitted batch not yet returned (blocks until available)."""
+
+  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
+    """Targets for one batch outside the training stream (evaluation)."""
+    self.submit(batch, temperature)
+    return self.next()
+
+  def state(self) -> dict[str, Any]:
+    """JSON-serialisable cursor stored in checkpoints."""
+    return {}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues from a cursor returned by `state` (called before any submit)."""
+    del state
+
+  def metrics(self) -> dict[str, float]:
+    """Source-specific metrics (latency, retries...), merged into the trainer's."""
+    return {}
+
+  def close(self) -> None:
+    """Releases connections, threads and devices."""
+
+  def __enter__(self) -> "TeacherSource":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()

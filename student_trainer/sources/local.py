@@ -1,0 +1,65 @@
+"""The teacher in the student's own process: the co-located (MaxText-style) baseline.
+
+The teacher forward, top-k and logsumexp run in one jitted function under
+`stop_gradient`; only the targets stay on the device. `submit` dispatches the
+forward for an upcoming batch right away (JAX dispatch is asynchronous), so it
+overlaps with the previous train step where the device allows.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from distill_core.data import Batch
+from distill_core.model.transformer import Transformer
+from distill_core.sharding import shard_batch, state_shardings
+from distill_core.targets import TeacherTargets, compute_targets
+from student_trainer.sources.base import TeacherSource
+
+
+class LocalTeacher(TeacherSource):
+  """Runs a frozen teacher model next to the student."""
+
+  lookahead = 1
+
+  def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
+               dense_logits: bool = False, state_layers: tuple[int, ...] = (),
+               state_names: tuple[str, ...] = ()):
+    self.model_cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    shardings = state_shardings(state, mesh, rules)
+    self._state = jax.device_put(state, shardings)
+    self._mesh = mesh
+    self._pending: collections.deque[TeacherTargets] = collections.deque()
+    self._fn = jax.jit(functools.partial(
+        _teacher_targets, graphdef, k=k, value_dtype=value_dtype,
+        true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
+        state_layers=tuple(state_layers), state_names=tuple(state_names)))
+
+  def submit(self, batch: Batch, temperature: float) -> None:
+    inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids), self._mesh)
+    temps = jnp.asarray([temperature], jnp.float32)
+    self._pending.append(self._fn(self._state, *inputs, temps))
+
+  def next(self) -> TeacherTargets:
+    if not self._pending:
+      raise RuntimeError("next() called with no submitted batch")
+    return self._pending.popleft()
+
+
+def _teacher_targets(graphdef, state, tokens, positions, segment_ids, temperatures, *, k, value_dtype,
+                     true_vocab_size, dense_logits, state_layers, state_names) -> TeacherTargets:
+  model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
+  out = model(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
+  targets = compute_targets(
+      out.logits, k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
+      value_dtype=value_dtype, states=out.states if state_layers else None, state_layers=state_layers)
+  if dense_logits:
+    targets = targets.replace(dense_logits=out.logits)
+  return targets

@@ -1,0 +1,73 @@
+"""The training state (student model + optimizer) as one sharded pytree."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh
+
+from distill_core.checkpoints import load_model
+from distill_core.model.transformer import Transformer
+from distill_core.sharding import state_shardings
+from student_trainer.config import TrainConfig
+from student_trainer.optim import build_optimizer
+
+
+@dataclasses.dataclass
+class TrainState:
+  """`graphdef` + `params` (the nnx.State of `(model, optimizer)`) + their shardings."""
+
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  shardings: Any
+
+  def abstract(self) -> Any:
+    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        self.params, self.shardings)
+
+  def replace(self, params: nnx.State) -> "TrainState":
+    return dataclasses.replace(self, params=params)
+
+  def model(self) -> Transformer:
+    model, _ = nnx.merge(self.graphdef, self.params)
+    return model
+
+  @property
+  def step(self) -> int:
+    _, optimizer = nnx.merge(self.graphdef, self.params)
+    return int(optimizer.step.get_value())
+
+
+def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
+  """Initialises model and optimizer directly into their shardings (no host copy)."""
+  tx = build_optimizer(cfg.optim, cfg.steps)
+
+  def fresh():
+    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+  graphdef, abstract = nnx.split(nnx.eval_shape(fresh))
+  shardings = state_shardings(abstract, mesh, rules)
+  if cfg.init_hf_checkpoint:
+    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, scan_layers=cfg.model.scan_layers,
+                       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype)
+    if model.cfg.model_copy(update={"true_vocab_size": cfg.model.true_vocab_size}) != cfg.model:
+      raise ValueError(f"init_hf_checkpoint {cfg.init_hf_checkpoint}: its architecture differs from `model`")
+    _, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))
+    params = jax.device_put(params, shardings)
+  else:
+    params = jax.jit(lambda: nnx.split(fresh())[1], out_shardings=shardings)()
+  return TrainState(graphdef, params, shardings)
+
+
+def export_student(state: TrainState, path: str | Path) -> Path:
+  """Writes the student as a Hugging Face checkpoint directory."""
+  from distill_core.model.hf import save_hf_checkpoint
+  model = state.model()
+  save_hf_checkpoint(model, path)
+  return Path(path)

@@ -1,0 +1,135 @@
+"""The pure train and eval steps, jitted once with the state donated.
+
+Gradient accumulation splits the global batch into `grad_accum` micro-batches
+and scans over them. Every micro-batch loss is divided by the token count of
+the WHOLE batch, so the summed losses and gradients equal the full-batch
+token-weighted mean exactly (not a mean of micro-batch means). Schedules
+(alpha, beta, temperature) come in as traced scalars and advance once per
+optimizer step.
+"""
+
+from __future__ import annotations
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from distill_core.data import Batch
+from distill_core.targets import TeacherTargets
+from student_trainer import losses
+from student_trainer.config import TrainConfig
+
+Metrics = dict[str, jax.Array]
+
+
+def hyperparameters(cfg: TrainConfig, step: int) -> dict[str, np.ndarray]:
+  """Schedule values at optimizer `step`, as f32 arrays (traced by the step: no recompiles)."""
+  return {name: np.float32(getattr(cfg.loss, name).value(step)) for name in ("alpha", "beta", "temperature")}
+
+
+class _LossFn:
+  """Student forward + every loss term for one (micro-)batch; returns (total, metric sums)."""
+
+  def __init__(self, cfg: TrainConfig):
+    self.loss_cfg = cfg.loss
+    self.true_vocab = cfg.model.real_vocab_size
+    self.num_layers = cfg.model.num_hidden_layers
+
+  def feature_layers(self, targets: TeacherTargets | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(student layers, teacher layers) of the feature loss; empty when there are no teacher states."""
+    if targets is None or "attn_out" not in targets.layer_states:
+      return (), ()
+    teacher_depth = max(targets.state_layers) + 1
+    if self.loss_cfg.layer_map is None:
+      teacher_depth = self.num_layers
+    return self.loss_cfg.layer_pairs(self.num_layers, teacher_depth)
+
+  def __call__(self, model, batch: Batch, targets: TeacherTargets | None, hyper, num_tokens):
+    student_layers, teacher_layers = self.feature_layers(targets)
+    out = model(batch.tokens, batch.positions, batch.segment_ids, state_layers=student_layers,
+                state_names=("attn_out",))
+    mask = batch.loss_mask
+    ce, _ = losses.ce(out.logits, batch.targets, mask, true_vocab_size=self.true_vocab)
+    kd = feature = None
+    sums = {}
+    if targets is not None:
+      kd, kd_metrics = losses.soft_loss(out.logits, targets, mask, self.loss_cfg,
+                                        temperature=hyper["temperature"], true_vocab_size=self.true_vocab)
+      sums.update({f"{name}_sum": m.sum for name, m in kd_metrics.items()})
+      if student_layers:
+        teacher_states = losses.select_teacher_states(targets, teacher_layers)
+        feature, _ = losses.feature_loss(out.states["attn_out"], teacher_states, mask,
+                                         kind=self.loss_cfg.feature_kind)
+    total, _ = losses.combine(kd=kd, ce=ce, feature=feature, alpha=hyper["alpha"], beta=hyper["beta"],
+                              num_tokens=num_tokens)
+    for name, part in (("ce_loss", ce), ("kd_loss", kd), ("feature_loss", feature)):
+      if part is not None:
+        sums[f"{name}_sum"] = part.sum
+    sums["total_loss_sum"] = total * num_tokens
+    sums["tokens"] = ce.count
+    return total, sums
+
+
+def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):
+  """Rows [index*size, (index+1)*size) of the batch and its targets (states are (L, B, T, E))."""
+
+  def rows(x, axis=0):
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size, axis=axis)
+
+  micro_batch = jax.tree.map(rows, batch)
+  if targets is None:
+    return micro_batch, None
+  return micro_batch, targets.replace(
+      topk_ids=rows(targets.topk_ids), topk_logits=rows(targets.topk_logits),
+      logsumexp=rows(targets.logsumexp),
+      layer_states={name: rows(value, axis=1) for name, value in targets.layer_states.items()},
+      dense_logits=None if targets.dense_logits is None else rows(targets.dense_logits))
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
+  """Returns `step(params, batch, targets, hyper) -> (params, metrics)`, jitted, params donated."""
+  loss_fn = _LossFn(cfg)
+  accum = cfg.optim.grad_accum
+
+  def train_step(params, batch: Batch, targets: TeacherTargets | None, hyper):
+    model, optimizer = nnx.merge(graphdef, params)
+    model_def, trainable, rest = nnx.split(model, nnx.Param, ...)
+    num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
+
+    def micro_loss(trainable, micro_batch, micro_targets):
+      return loss_fn(nnx.merge(model_def, trainable, rest), micro_batch, micro_targets, hyper, num_tokens)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+    if accum == 1:
+      (_, sums), grads = grad_fn(trainable, batch, targets)
+    else:
+      size = batch.tokens.shape[0] // accum
+
+      def body(acc, index):
+        (_, sums), grads = grad_fn(trainable, *_micro(batch, targets, index, size))
+        return jax.tree.map(jnp.add, acc, (grads, sums)), None
+
+      shapes = jax.eval_shape(lambda: grad_fn(trainable, *_micro(batch, targets, 0, size)))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
+      (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
+    optimizer.update(model, grads)
+    metrics = dict(sums, grad_norm=optax.global_norm(grads), **{k: jnp.asarray(v) for k, v in hyper.items()})
+    return nnx.state((model, optimizer)), metrics
+
+  return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
+  """Returns `eval_step(params, batch, targets, hyper) -> metric sums` (ce, kd, tokens...)."""
+  loss_fn = _LossFn(cfg)
+
+  def eval_step(params, batch: Batch, targets: TeacherTargets | None, hyper) -> Metrics:
+    model, _ = nnx.merge(graphdef, params)
+    num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
+    _, sums = loss_fn(model, batch, targets, hyper, num_tokens)
+    return sums
+
+  return jax.jit(eval_step)

@@ -1,0 +1,220 @@
+"""The student training loop: data -> teacher source -> jitted step -> metrics/checkpoints."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_iterator, make_iterator
+from distill_core.sharding import (make_mesh, maybe_initialize_distributed, rules_table, shard_batch)
+from student_trainer import step as step_lib
+from student_trainer.checkpoint import Checkpointer, PreemptionFlag
+from student_trainer.config import TrainConfig
+from student_trainer.metrics import MetricsWriter, ProgressDisplay
+from student_trainer.sources import make_source
+from student_trainer.sources.base import TeacherSource
+from student_trainer.state import TrainState, create_train_state, export_student
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a run did (also returned to tests and benchmarks)."""
+
+  step: int
+  preempted: bool
+  last_metrics: dict[str, float]
+  trained_example_ids: list[list[int]]
+  run_dir: Path
+  state: TrainState | None = None
+
+
+class _Feeder:
+  """Keeps `lookahead` batches submitted to the teacher source ahead of training.
+
+  Each queued batch carries the data-iterator state from just before it was
+  drawn, so a checkpoint can record the position of the first untrained batch
+  even though later batches were already read and sent to the teacher.
+  """
+
+  def __init__(self, data: BatchIterator, source: TeacherSource, cfg: TrainConfig, first_step: int):
+    self._data, self._source, self._cfg = data, source, cfg
+    self._queue: collections.deque[tuple[int, Batch, dict]] = collections.deque()
+    self._next_step = first_step
+
+  def _fill(self, upto_step: int) -> None:
+    while self._next_step <= upto_step:
+      state_before = self._data.get_state()
+      batch = next(self._data)
+      temperature = self._cfg.loss.temperature.value(self._next_step)
+      self._source.submit(batch, temperature)
+      self._queue.append((self._next_step, batch, state_before))
+      self._next_step += 1
+
+  def pop(self, step: int) -> tuple[Batch, dict]:
+    self._fill(min(step + max(self._source.lookahead, 0), self._cfg.steps - 1))
+    queued_step, batch, state_before = self._queue.popleft()
+    assert queued_step == step, (queued_step, step)
+    return batch, state_before
+
+  def position(self) -> dict:
+    """Data state at the first batch not yet trained on."""
+    return self._queue[0][2] if self._queue else self._data.get_state()
+
+
+def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = False) -> TrainResult:
+  """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM)."""
+  maybe_initialize_distributed()
+  run_dir = Path(cfg.run_dir)
+  run_dir.mkdir(parents=True, exist_ok=True)
+  (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+  mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
+  manifest = load_manifest(cfg.data.path)
+  if manifest.vocab_size > cfg.model.real_vocab_size:
+    raise ValueError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the "
+                     f"student's ({cfg.model.real_vocab_size})")
+
+  state = create_train_state(cfg, mesh, rules)
+  ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  data = make_iterator(cfg.data, "train", shard_index=jax.process_index(), shard_count=jax.process_count())
+  source = make_source(cfg, mesh, rules)
+  start, cursor = 0, {}
+  latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+  if latest is not None:
+    restored, data_state, meta = ckpt.restore(latest, state.abstract())
+    state = state.replace(restored)
+    data.set_state(data_state)
+    start, cursor = int(meta["step"]), meta.get("teacher", {})
+    source.restore(cursor)
+    log.info("resumed from step %d (%s)", start, ckpt.directory)
+
+  step_fn = step_lib.make_train_step(state.graphdef, cfg)
+  eval_fn = step_lib.make_eval_step(state.graphdef, cfg)
+  writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard) \
+      if jax.process_index() == 0 else None
+  progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
+  preempt = PreemptionFlag()
+  feeder = _Feeder(data, source, cfg, start)
+  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+  trained_ids: list[list[int]] = []
+  last: dict[str, float] = {}
+  window = _Window()
+  step = start
+  try:
+    while step < end and not preempt:
+      batch, _ = feeder.pop(step)
+      t_wait = time.perf_counter()
+      targets = source.next()
+      waited = time.perf_counter() - t_wait
+      hyper = step_lib.hyperparameters(cfg, step)
+      state.params, metrics = step_fn(state.params, shard_batch(batch, mesh), targets, hyper)
+      trained_ids.append(np.asarray(batch.example_ids).tolist())
+      step += 1
+      window.add(metrics, tokens=batch.tokens.size, waited=waited,
+                 fallback=targets is None and cfg.teacher.source != "none")
+      if step % cfg.logging.every_steps == 0 or step == end:
+        last = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+        if writer:
+          writer.write(step, last)
+        progress.update(step, last)
+      else:
+        progress.update(step)
+      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
+        _evaluate(cfg, state, eval_fn, source, mesh, writer, step)
+      if step % cfg.checkpoint.every_steps == 0 or preempt:
+        _save(ckpt, step, state, feeder, source, cfg)
+    if step == cfg.steps:
+      last.update(_evaluate(cfg, state, eval_fn, source, mesh, writer, step))
+    if not (step % cfg.checkpoint.every_steps == 0 or preempt) or step == start:
+      _save(ckpt, step, state, feeder, source, cfg)
+    if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
+      export_student(state, run_dir / "hf")
+  finally:
+    progress.close()
+    ckpt.close()
+    source.close()
+    data.close()
+    if writer:
+      writer.close()
+    preempt.restore_handlers()
+  return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
+                     run_dir=run_dir, state=state if keep_state else None)
+
+
+def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
+          cfg: TrainConfig) -> None:
+  meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump()}
+  ckpt.save(step, state.params, feeder.position(), json.loads(json.dumps(meta)))
+
+
+def _evaluate(cfg: TrainConfig, state: TrainState, eval_fn, source: TeacherSource, mesh, writer,
+              step: int) -> dict[str, float]:
+  it = make_eval_iterator(cfg.data, shard_index=jax.process_index(), shard_count=jax.process_count())
+  temperature = cfg.loss.temperature.value(step)
+  sums: collections.Counter = collections.Counter()
+  try:
+    for _, batch in zip(range(cfg.eval.batches), it):
+      targets = source.compute(batch, temperature) if cfg.teacher.source != "none" else None
+      out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
+      sums.update({k: float(v) for k, v in jax.device_get(out).items()})
+  finally:
+    it.close()
+  tokens = max(sums.pop("tokens", 0.0), 1.0)
+  metrics = {f"eval/{name.removesuffix('_sum')}": value / tokens for name, value in sums.items()}
+  if writer:
+    writer.write(step, metrics)
+  log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+  return metrics
+
+
+class _Window:
+  """Accumulates step metrics between log points (token-weighted losses, throughput, waits).
+
+  Throughput is wall time between log points after a device sync, so JAX's
+  asynchronous dispatch cannot make steps look faster than they are.
+  """
+
+  def __init__(self):
+    self.reset()
+
+  def reset(self) -> None:
+    self._pending: list[Any] = []
+    self._tokens = 0
+    self._waited = 0.0
+    self._fallbacks = 0
+    self._start = time.perf_counter()
+
+  def add(self, metrics, *, tokens: int, waited: float, fallback: bool) -> None:
+    self._pending.append(metrics)
+    self._tokens += tokens
+    self._waited += waited
+    self._fallbacks += int(fallback)
+
+  def flush(self) -> dict[str, float]:
+    host = jax.device_get(self._pending)  # one device sync per log interval
+    wall = max(time.perf_counter() - self._start, 1e-9)
+    sums: collections.Counter = collections.Counter()
+    for m in host:
+      sums.update({k: float(v) for k, v in m.items()})
+    tokens = max(sums.pop("tokens", 0.0), 1.0)
+    out = {f"train/{name.removesuffix('_sum')}": value / tokens for name, value in sums.items()
+           if name.endswith("_sum")}
+    out.update({f"train/{name}": value / len(host) for name, value in sums.items()
+                if not name.endswith("_sum")})
+    out["perf/tokens_per_s"] = self._tokens / wall
+    out["perf/teacher_wait_fraction"] = self._waited / wall
+    out["perf/step_time_s"] = wall / max(len(host), 1)
+    out["teacher/fallback_batches"] = float(self._fallbacks)
+    self.reset()
+    return out
