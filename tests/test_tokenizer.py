@@ -7,7 +7,7 @@ import pytest
 import tokenizers
 from tokenizers import models, pre_tokenizers
 
-from distill_core.tokenizer import Tokenizer, TokenizerError, train_bpe
+from distill_core.tokenizer import Tokenizer, TokenizerError, fingerprint_of, train_bpe
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -109,6 +109,7 @@ def test_load_tokenizer_written_by_tokenizers_library(tmp_path):
   path = tmp_path / "tokenizer.json"
   raw.save(str(path))
   tok = Tokenizer.from_file(path)
+  assert tok.fingerprint == fingerprint_of(tokenizers.Tokenizer.from_file(str(path)))
   assert (tok.pad_id, tok.eos_id, tok.vocab_size) == (0, 1, 5)
   assert tok.encode("hello world world").tolist() == [2, 3, 3]
   assert tok.encode("hello moon").tolist() == [2, 4]
