@@ -1,0 +1,237 @@
+"""Wire codec: numpy arrays <-> ``Tensor`` messages, requests and responses <-> ``TeacherTargets``.
+
+Tensors travel as raw little-endian bytes plus a dtype and a shape. Decoding is
+zero-copy over the message's bytes (``np.frombuffer``), so decoded arrays are
+read-only views. Every check names the field at fault, so a server can turn a
+:class:`WireError` straight into an INVALID_ARGUMENT status. Integer tensors may
+be bit-packed losslessly (``Tensor.packed_bits``; 17 bits per id for vocabularies
+up to 131072).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import ml_dtypes
+import numpy as np
+
+from distill_core.proto import teacher_pb2 as pb
+from distill_core.targets import TeacherTargets
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_INT32: np.dtype("<i4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_FLOAT16: np.dtype("<f2"),
+    pb.DTYPE_BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+}
+_NAMES = {
+    "int32": pb.DTYPE_INT32, "int64": pb.DTYPE_INT64, "float32": pb.DTYPE_FLOAT32,
+    "float16": pb.DTYPE_FLOAT16, "bfloat16": pb.DTYPE_BFLOAT16, "uint8": pb.DTYPE_UINT8,
+    "f32": pb.DTYPE_FLOAT32, "f16": pb.DTYPE_FLOAT16, "bf16": pb.DTYPE_BFLOAT16,
+}
+VALUE_DTYPES = ("float16", "bfloat16", "float32")
+STATE_DTYPES = ("bfloat16", "float32")
+STATE_NAMES = ("attn_in", "attn_out")
+
+
+class WireError(ValueError):
+  """A message does not match its declared dtype/shape/size; ``field`` names the culprit."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field = field
+    self.detail = message
+
+
+def dtype_enum(dtype: str | np.dtype | type) -> int:
+  """``"float16"``/``"f16"``/``np.float16``/``ml_dtypes.bfloat16`` -> the ``DType`` enum value."""
+  if isinstance(dtype, str) and dtype in _NAMES:
+    return _NAMES[dtype]
+  try:
+    name = np.dtype(dtype).name
+  except TypeError:
+    name = None
+  if name not in _NAMES:
+    raise ValueError(f"unsupported dtype {dtype!r} (supported: {', '.join(sorted(_NAMES))})")
+  return _NAMES[name]
+
+
+def dtype_name(enum: int) -> str:
+  """The numpy name of a ``DType`` enum value (``DTYPE_FLOAT16`` -> ``"float16"``)."""
+  if enum not in _DTYPES:
+    raise ValueError(f"unknown DType enum value {enum}")
+  return _DTYPES[enum].name
+
+
+def numpy_dtype(enum: int, field: str = "dtype") -> np.dtype:
+  if enum not in _DTYPES:
+    raise WireError(field, f"unsupported dtype {pb.DType.Name(enum) if enum in pb.DType.values() else enum}")
+  return _DTYPES[enum]
+
+
+def bits_for(num_values: int) -> int:
+  """Bits needed to store integers in ``[0, num_values)`` (at least 1)."""
+  return max(1, (int(num_values) - 1).bit_length())
+
+
+def pack_uints(values: np.ndarray, bits: int) -> bytes:
+  """Packs non-negative integers < 2**bits into ``bits`` bits each, LSB first."""
+  if not 1 <= bits <= 32:
+    raise ValueError(f"packed bits must be in [1, 32], got {bits}")
+  flat = np.ascontiguousarray(values, dtype="<u4").reshape(-1)
+  if flat.size and int(flat.max()) >> bits:
+    raise ValueError(f"value {int(flat.max())} does not fit in {bits} bits")
+  as_bits = np.unpackbits(flat.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # (N, 32)
+  return np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
+
+
+def unpack_uints(data: bytes, bits: int, count: int, field: str = "data") -> np.ndarray:
+  """Inverse of :func:`pack_uints`: ``count`` integers as ``int32``."""
+  if not 1 <= bits <= 31:
+    raise WireError(field, f"packed_bits must be in [1, 31], got {bits}")
+  want = math.ceil(count * bits / 8)
+  if len(data) != want:
+    raise WireError(field, f"{len(data)} bytes, expected {want} for {count} values of {bits} bits")
+  stream = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:count * bits]
+  as_bits = np.zeros((count, 32), np.uint8)
+  as_bits[:, :bits] = stream.reshape(count, bits)
+  return np.packbits(as_bits, axis=1, bitorder="little").reshape(-1).view("<i4")
+
+
+def le_bytes(array: np.ndarray) -> bytes:
+  """The array's elements as contiguous little-endian bytes, C order."""
+  array = np.asarray(array)
+  return np.ascontiguousarray(array, dtype=_DTYPES[dtype_enum(array.dtype)]).tobytes()
+
+
+def encode_tensor(array: np.ndarray, *, packed_bits: int = 0) -> pb.Tensor:
+  """A numpy array as a ``Tensor`` (little-endian bytes; integers bit-packed if asked)."""
+  array = np.asarray(array)
+  enum = dtype_enum(array.dtype)
+  msg = pb.Tensor(dtype=enum, shape=array.shape)
+  if packed_bits:
+    if array.dtype.kind not in "iu":
+      raise ValueError(f"only integer tensors can be packed, got {array.dtype}")
+    if array.size and int(array.min()) < 0:
+      raise ValueError("packed tensors must be non-negative")
+    msg.packed_bits = packed_bits
+    msg.data = pack_uints(array, packed_bits)
+  else:
+    msg.data = le_bytes(array)
+  return msg
+
+
+def decode_tensor(msg: pb.Tensor, field: str, *, dtypes: Sequence[int] | None = None,
+                  ndim: int | None = None, max_elements: int | None = None) -> np.ndarray:
+  """A ``Tensor`` as a read-only numpy view of its bytes, after checking dtype, shape and size.
+
+  Args:
+    msg: the message.
+    field: the request/response field name used in error messages.
+    dtypes: allowed ``DType`` values (None = any supported).
+    ndim: required rank (None = any).
+    max_elements: refuse tensors with more elements (checked before touching the bytes).
+  """
+  if dtypes is not None and msg.dtype not in dtypes:
+    allowed = ", ".join(dtype_name(d) for d in dtypes)
+    got = pb.DType.Name(msg.dtype) if msg.dtype in pb.DType.values() else str(msg.dtype)
+    raise WireError(field, f"dtype {got} not allowed (expected {allowed})")
+  dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
+  shape = tuple(int(d) for d in msg.shape)
+  if ndim is not None and len(shape) != ndim:
+    raise WireError(field, f"expected {ndim} dimensions, got shape {list(shape)}")
+  if any(d < 0 for d in shape):
+    raise WireError(field, f"negative dimension in shape {list(shape)}")
+  count = math.prod(shape)
+  if max_elements is not None and count > max_elements:
+    raise WireError(field, f"{count} elements exceed the limit of {max_elements}")
+  if msg.packed_bits:
+    if dtype.kind not in "iu":
+      raise WireError(f"{field}.packed_bits", f"only integer tensors can be packed, not {dtype.name}")
+    return unpack_uints(msg.data, msg.packed_bits, count, field).astype(dtype, copy=False).reshape(shape)
+  want = count * dtype.itemsize
+  if len(msg.data) != want:
+    raise WireError(field, f"{len(msg.data)} bytes do not match shape {list(shape)} of "
+                           f"{dtype.name} ({want} bytes)")
+  return np.frombuffer(msg.data, dtype=dtype, count=count).reshape(shape)
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+  """What to return per position (see ``OutputSpec`` in teacher.proto)."""
+
+  k: int
+  temperatures: tuple[float, ...] = (1.0,)
+  value_dtype: str = "float16"
+  layers: tuple[int, ...] = ()
+  states: tuple[str, ...] = ()
+  state_dtype: str = "float32"
+  pack_ids: bool = False
+
+  def to_proto(self) -> pb.OutputSpec:
+    return pb.OutputSpec(
+        k=self.k, temperatures=list(self.temperatures), value_dtype=dtype_enum(self.value_dtype),
+        layers=list(self.layers), states=list(self.states), state_dtype=dtype_enum(self.state_dtype),
+        pack_ids=self.pack_ids)
+
+
+def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
+                 segment_ids: np.ndarray | None = None,
+                 positions: np.ndarray | None = None) -> pb.ForwardRequest:
+  """Builds a ``ForwardRequest``; arrays are sent as int32 [B, T]."""
+  req = pb.ForwardRequest(request_id=request_id, spec=spec.to_proto())
+  req.tokens.CopyFrom(encode_tensor(np.asarray(tokens, np.int32)))
+  if segment_ids is not None:
+    req.segment_ids.CopyFrom(encode_tensor(np.asarray(segment_ids, np.int32)))
+  if positions is not None:
+    req.positions.CopyFrom(encode_tensor(np.asarray(positions, np.int32)))
+  return req
+
+
+def error_response(request_id: int, code: int, message: str, field: str = "") -> pb.ForwardResponse:
+  return pb.ForwardResponse(request_id=request_id,
+                            error=pb.Error(code=int(code), message=message, field=field))
+
+
+def targets_to_response(request_id: int, targets: TeacherTargets, *,
+                        packed_id_bits: int = 0) -> pb.ForwardResponse:
+  """Encodes numpy ``TeacherTargets`` (ids bit-packed when ``packed_id_bits`` > 0)."""
+  resp = pb.ForwardResponse(request_id=request_id, temperatures=list(targets.temperatures),
+                            state_layers=list(targets.state_layers))
+  resp.topk_ids.CopyFrom(encode_tensor(np.asarray(targets.topk_ids, np.int32), packed_bits=packed_id_bits))
+  resp.topk_logits.CopyFrom(encode_tensor(targets.topk_logits))
+  resp.logsumexp.CopyFrom(encode_tensor(np.asarray(targets.logsumexp, np.float32)))
+  for name, value in targets.layer_states.items():
+    resp.layer_states[name].CopyFrom(encode_tensor(value))
+  return resp
+
+
+def response_to_targets(resp: pb.ForwardResponse) -> TeacherTargets:
+  """Decodes a successful response into numpy ``TeacherTargets`` (zero-copy, read-only arrays)."""
+  ints = (pb.DTYPE_INT32,)
+  floats = (pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT32)
+  ids = decode_tensor(resp.topk_ids, "topk_ids", dtypes=ints, ndim=3)
+  logits = decode_tensor(resp.topk_logits, "topk_logits", dtypes=floats, ndim=3)
+  if logits.shape != ids.shape:
+    raise WireError("topk_logits", f"shape {list(logits.shape)} != topk_ids shape {list(ids.shape)}")
+  lse = decode_tensor(resp.logsumexp, "logsumexp", dtypes=(pb.DTYPE_FLOAT32,), ndim=3)
+  temps = tuple(float(t) for t in resp.temperatures)
+  if lse.shape != ids.shape[:2] + (len(temps),):
+    raise WireError("logsumexp", f"shape {list(lse.shape)} does not match [B, T, {len(temps)} temperatures]")
+  layers = tuple(int(layer) for layer in resp.state_layers)
+  states = {}
+  for name in sorted(resp.layer_states):
+    value = decode_tensor(resp.layer_states[name], f"layer_states[{name}]", dtypes=floats, ndim=4)
+    if value.shape[:3] != (len(layers),) + ids.shape[:2]:
+      raise WireError(f"layer_states[{name}]", f"shape {list(value.shape)} does not match "
+                                               f"[{len(layers)} layers, B, T, E]")
+    states[name] = value
+  if layers and not states:
+    raise WireError("layer_states", f"state_layers {list(layers)} given without any states")
+  return TeacherTargets(topk_ids=ids, topk_logits=logits, logsumexp=lse, temperatures=temps,
+                        layer_states=states, state_layers=layers if states else ())
+
