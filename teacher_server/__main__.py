@@ -1,0 +1,50 @@
+"""``python -m teacher_server [--config FILE] [key=value ...]`` (console script ``teacher-server``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+
+from distill_core.config import ConfigError, describe, load_config
+from teacher_server.config import ServerConfig
+
+_EPILOG = """\
+Examples:
+  teacher-server                                   # tiny random model on 127.0.0.1:50051
+  teacher-server --config configs/teacher_server.yaml model.source=hf model.path=/ckpt/llama
+  teacher-server address=0.0.0.0:50051 security.auth_token_file=/secrets/token
+
+Options (key=value, nested keys with dots):
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="teacher-server", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Serve a teacher LLM's top-k logits, logsumexp and layer states over gRPC.",
+      epilog=_EPILOG + "\n".join("  " + line for line in describe(ServerConfig)))
+  parser.add_argument("-h", "--help", action="help", help="show this help (every option) and exit")
+  parser.add_argument("--config", help="YAML config file (may name a `base:` file)")
+  parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+  return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  try:
+    cfg = load_config(ServerConfig, args.config, args.overrides)
+  except ConfigError as e:
+    print(f"teacher-server: {e}", file=sys.stderr)
+    return 2
+  import uvloop  # noqa: PLC0415 - only the process entry point picks the event loop
+
+  from teacher_server.logs import setup_logging
+  from teacher_server.server import serve
+  setup_logging(cfg.log_format, cfg.log_level)
+  with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    return runner.run(serve(cfg))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,142 @@
+"""Teacher server configuration (YAML + ``key=value`` overrides; ``--help`` lists every field)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field
+
+from distill_core.config import ConfigBase
+from distill_core.sharding import MeshConfig
+from distill_core.wire import STATE_NAMES
+
+
+class ModelSourceConfig(ConfigBase):
+  """Where the teacher's weights come from."""
+
+  source: Literal["preset", "hf", "orbax"] = Field(
+      "preset", description="'hf': a Hugging Face checkpoint folder (config.json + safetensors); "
+      "'orbax': an Orbax model folder (model_config.json + state/), or a bare Orbax checkpoint of "
+      "nnx.state(model) restored into the architecture of an explicitly given `preset`; "
+      "'preset': random weights from `preset` and `seed` (tests and benchmarks).")
+  preset: str | None = Field(
+      "tiny", description="Model preset name in configs/models/ (or a YAML path) for 'preset' (and "
+      "'orbax' without model_config.json).")
+  path: str | None = Field(None, description="Checkpoint folder for 'hf' and 'orbax'.")
+  seed: int = Field(0, description="Initialisation seed for 'preset'.")
+  overrides: dict[str, Any] = Field(
+      default_factory=dict, description="ModelConfig fields to override, e.g. {dtype: bfloat16, scan_layers: true}.")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "ModelSourceConfig":
+    if self.source in ("hf", "orbax") and not self.path:
+      raise ValueError(f"model.path is required when model.source is {self.source!r}")
+    if self.source == "preset" and not self.preset:
+      raise ValueError("model.preset is required when model.source is 'preset'")
+    return self
+
+
+class LimitsConfig(ConfigBase):
+  """Per-request limits; requests over them get INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+
+  max_k: int = Field(128, gt=0, description="Largest top-k; the engine always computes this many.")
+  max_batch: int = Field(64, gt=0, description="Most rows (B) in one request.")
+  max_tokens_per_request: int = Field(65536, gt=0, description="Most tokens (B * T) in one request.")
+  max_temperatures: int = Field(4, gt=0, description="Most temperatures in one request.")
+  selectable_layers: list[int] | Literal["all"] = Field(
+      "all", description="Layers whose states may be requested. Batches that ask for states move "
+      "all of these layers off the device, so list exactly the layers your students use; [] disables states.")
+  state_names: list[Literal["attn_in", "attn_out"]] = Field(
+      list(STATE_NAMES), description="State names offered (attn_in: attention input after the norm; "
+      "attn_out: attention output after o_proj).")
+
+
+class BatcherConfig(ConfigBase):
+  """Request batching and backpressure."""
+
+  buckets: list[tuple[int, int]] = Field(
+      [(8, 128), (8, 512)], description="Compiled (batch, length) shapes; a request goes to the "
+      "shortest length >= its T, rows of many requests share a batch.")
+  max_wait_ms: float = Field(5.0, ge=0, description="Flush a partly filled batch after this long.")
+  queue_size: int = Field(256, gt=0, description="Requests waiting for the batcher, over all streams. "
+                          "When full, streams stop reading and unary calls get RESOURCE_EXHAUSTED.")
+  max_inflight_batches: int = Field(2, gt=0, description="Batches handed to the engine but not yet answered.")
+  stream_window: int = Field(64, gt=0, description="Requests one stream may have unanswered before the "
+                             "server stops reading it.")
+
+  @pydantic.field_validator("buckets")
+  @classmethod
+  def _check_buckets(cls, buckets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    if not buckets:
+      raise ValueError("at least one bucket is required")
+    for b, t in buckets:
+      if b <= 0 or t <= 0:
+        raise ValueError(f"bucket ({b}, {t}) must have positive batch and length")
+    if len(set(buckets)) != len(buckets):
+      raise ValueError(f"duplicate buckets in {buckets}")
+    return sorted(buckets, key=lambda bt: (bt[1], bt[0]))
+
+
+class SecurityConfig(ConfigBase):
+  """TLS, mutual TLS and bearer-token authentication (all off by default)."""
+
+  tls_cert: str | None = Field(None, description="PEM server certificate chain; enables TLS.")
+  tls_key: str | None = Field(None, description="PEM private key of tls_cert.")
+  client_ca: str | None = Field(None, description="PEM CA bundle that client certificates must chain to.")
+  require_client_cert: bool = Field(False, description="Mutual TLS: refuse clients without a valid certificate.")
+  auth_token: str | None = Field(None, description="Bearer token clients must send as "
+                                 "'authorization: Bearer <token>' (prefer auth_token_file).")
+  auth_token_file: str | None = Field(None, description="File holding the bearer token (one line).")
+  authenticate_health: bool = Field(False, description="Also require the token for grpc.health.v1 "
+                                    "(off so orchestrator probes work without secrets).")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "SecurityConfig":
+    if bool(self.tls_cert) != bool(self.tls_key):
+      raise ValueError("security.tls_cert and security.tls_key must be given together")
+    if (self.client_ca or self.require_client_cert) and not self.tls_cert:
+      raise ValueError("security.client_ca / require_client_cert need TLS (tls_cert and tls_key)")
+    if self.require_client_cert and not self.client_ca:
+      raise ValueError("security.require_client_cert needs security.client_ca")
+    if self.auth_token and self.auth_token_file:
+      raise ValueError("give security.auth_token or security.auth_token_file, not both")
+    return self
+
+
+class ServerConfig(ConfigBase):
+  """The teacher server."""
+
+  address: str = Field("127.0.0.1:50051", description="host:port to listen on (use 0.0.0.0:PORT or "
+                       "[::]:PORT explicitly to accept remote clients).")
+  model: ModelSourceConfig = Field(default_factory=ModelSourceConfig, description="Teacher weights.")
+  tokenizer_path: str | None = Field(None, description="Tokenizer file hashed into the tokenizer "
+                                     "fingerprint (default: tokenizer.json in an 'hf' model folder).")
+  mesh: MeshConfig = Field(default_factory=MeshConfig, description="Devices of the teacher: data "
+                           "parallel over `data`, parameters sharded over `fsdp`. Bucket batches must "
+                           "divide by data * fsdp.")
+  limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits.")
+  batcher: BatcherConfig = Field(default_factory=BatcherConfig, description="Batching and backpressure.")
+  security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS and authentication.")
+  max_message_bytes: int = Field(256 << 20, gt=0, description="Largest gRPC message received or sent.")
+  parameter_chunk_bytes: int = Field(4 << 20, gt=0, description="Default chunk size of GetParameters.")
+  shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time given to open calls to finish.")
+  metrics_address: str | None = Field(None, description="host:port of the Prometheus /metrics endpoint; "
+                                      "null disables it.")
+  log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
+  log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "ServerConfig":
+    split_address(self.address, "address")
+    if self.metrics_address is not None:
+      split_address(self.metrics_address, "metrics_address")
+    return self
+
+
+def split_address(address: str, field: str) -> tuple[str, int]:
+  """``"127.0.0.1:50051"`` / ``"[::1]:50051"`` -> (host, port); a clear error otherwise."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    raise ValueError(f"{field} {address!r} must be host:port with an explicit host, e.g. 127.0.0.1:50051")
+  return host.strip("[]"), int(port)

@@ -1,0 +1,194 @@
+"""The JAX engine: a teacher ``Transformer`` behind a few compiled bucket shapes.
+
+One jitted function runs the forward and then ``distill_core.targets.compute_targets``
+(padded vocabulary masked, logits shifted by the row max, top ``max_k``,
+logsumexp at every row's own temperatures) on the device; only those arrays and,
+for batches that ask, the states of the selectable layers leave it. It is
+compiled at warm-up for every (bucket, with-states) pair; k, temperatures and
+layer choices of a request never cause a recompilation: k is fixed at ``max_k``
+(top-k output is sorted, so the first k are the top k), temperatures are a
+traced ``(B, max_temperatures)`` array, and the host slices the layers.
+
+Parameter names (GetParameters) are the model's ``nnx`` paths joined by dots,
+e.g. ``layers.0.self_attn.q_proj.kernel`` with shape (E, H, D); with
+``scan_layers`` the layers are stacked: ``layers.self_attn.q_proj.kernel`` (L, E, H, D).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import tokenizers
+from flax import nnx
+
+from distill_core import checkpoints
+from distill_core.config import build, resolve_preset
+from distill_core.model.config import ModelConfig
+from distill_core.model.transformer import Transformer
+from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batch, state_shardings
+from distill_core.targets import compute_targets
+from distill_core.tokenizer import fingerprint_of
+from teacher_server.config import ModelSourceConfig, ServerConfig
+from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, check_batch_shape
+
+log = logging.getLogger(__name__)
+
+
+def load_teacher(src: ModelSourceConfig) -> Transformer:
+  """The teacher model from a Hugging Face folder, an Orbax checkpoint or a preset + seed."""
+  if src.source == "hf":
+    return checkpoints.load_model(hf_checkpoint=src.path, **src.overrides)
+  if src.source == "orbax" and (Path(src.path) / "model_config.json").is_file():
+    return checkpoints.load_model(orbax_checkpoint=src.path, **src.overrides)
+  cfg = build(ModelConfig, {**resolve_preset(src.preset), **src.overrides}, source=f"model preset {src.preset}")
+  if src.source == "preset":
+    return checkpoints.load_model(cfg, seed=src.seed)
+  if "preset" not in src.model_fields_set:
+    raise ValueError(f"model.path {src.path} has no model_config.json: name the architecture with model.preset")
+  abstract = checkpoints.abstract_model(cfg)  # bare Orbax checkpoint of nnx.state(model)
+  graphdef, abstract_state = nnx.split(abstract)
+  with ocp.StandardCheckpointer() as ckptr:
+    state = ckptr.restore(Path(src.path).resolve(), abstract_state)
+  return nnx.merge(graphdef, state)
+
+
+def parameter_items(model: Transformer) -> Iterator[tuple[str, nnx.Variable]]:
+  """``("layers.0.self_attn.q_proj.kernel", variable)`` for every parameter, sorted by name."""
+  flat = [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+  return iter(sorted(flat, key=lambda item: item[0]))
+
+
+def weights_fingerprint(model: Transformer) -> str:
+  """sha256 over every parameter's name, dtype, shape and little-endian bytes."""
+  digest = hashlib.sha256()
+  for name, var in parameter_items(model):
+    value = np.asarray(jax.device_get(var[...]))
+    digest.update(f"{name}|{value.dtype.name}|{list(value.shape)}\n".encode())
+    digest.update(np.ascontiguousarray(value).tobytes())
+  return digest.hexdigest()
+
+
+def tokenizer_fingerprint(path: str | None) -> str:
+  """The project's tokenizer fingerprint of a tokenizer.json, or "" without one."""
+  return fingerprint_of(tokenizers.Tokenizer.from_file(str(path))) if path else ""
+
+
+def row_targets(logits: jax.Array, temperatures: jax.Array, *, k: int, true_vocab_size: int):
+  """Targets for one row: logits (T, V), temperatures (n,) -> ids, values (T, k), lse (T, n)."""
+  t = compute_targets(logits[None], k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
+                      value_dtype="float32")
+  return t.topk_ids[0], t.topk_logits[0], t.logsumexp[0]
+
+
+class JaxEngine(Engine):
+  """Serves ``model`` at fixed bucket shapes on a device mesh.
+
+  Args:
+    model: the teacher.
+    buckets: (batch, length) shapes; each batch must divide by the mesh size.
+    max_k: top-k computed for every position.
+    max_temperatures: logsumexp columns computed for every position.
+    selectable_layers: layers whose states may be requested.
+    state_names: states offered ("attn_in", "attn_out").
+    mesh: device mesh config (default: all devices, data parallel).
+    tokenizer_fingerprint: reported by GetInfo.
+  """
+
+  def __init__(self, model: Transformer, *, buckets, max_k: int, max_temperatures: int,
+               selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = ""):
+    cfg: ModelConfig = model.cfg
+    selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
+    bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
+    if bad or len(set(selectable)) != len(selectable):
+      raise ValueError(f"limits.selectable_layers {list(selectable)}: must be distinct layers in "
+                       f"[0, {cfg.num_hidden_layers})")
+    buckets = tuple(sorted((int(b), int(t)) for b, t in buckets))
+    if max(t for _, t in buckets) > cfg.max_position_embeddings:
+      raise ValueError(f"bucket length {max(t for _, t in buckets)} exceeds the model's "
+                       f"max_position_embeddings {cfg.max_position_embeddings}")
+    self._mesh = make_mesh(mesh or MeshConfig())
+    n_dev = self._mesh.devices.size
+    if any(b % n_dev for b, _ in buckets):
+      raise ValueError(f"every bucket batch must divide by the mesh size {n_dev}: {list(buckets)}")
+    start = time.perf_counter()
+    self._info = EngineInfo(
+        model_type=cfg.model_type, vocab_size=cfg.real_vocab_size, padded_vocab_size=cfg.vocab_size,
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.dim_per_head, max_position_embeddings=cfg.max_position_embeddings,
+        buckets=tuple(sorted(buckets, key=lambda bt: (bt[1], bt[0]))),
+        max_k=min(max_k, cfg.real_vocab_size), max_temperatures=max_temperatures,
+        selectable_layers=selectable, state_names=tuple(state_names),
+        weights_fingerprint=weights_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint)
+    log.info("weights fingerprint %s (%.1f s)", self._info.weights_fingerprint[:16], time.perf_counter() - start)
+    graphdef, state = nnx.split(model)
+    self._graphdef = graphdef
+    self._state = jax.device_put(state, state_shardings(state, self._mesh, rules_table(mesh or MeshConfig())))
+    self._fn = jax.jit(self._forward, static_argnames=("with_states",))
+
+  @classmethod
+  def from_config(cls, cfg: ServerConfig) -> "JaxEngine":
+    """Loads the model named by ``cfg.model`` and builds the engine."""
+    start = time.perf_counter()
+    model = load_teacher(cfg.model)
+    log.info("loaded %s teacher (%s) in %.1f s", cfg.model.source, cfg.model.path or cfg.model.preset,
+             time.perf_counter() - start)
+    tok_path = cfg.tokenizer_path
+    if tok_path is None and cfg.model.source == "hf" and (Path(cfg.model.path) / "tokenizer.json").is_file():
+      tok_path = str(Path(cfg.model.path) / "tokenizer.json")
+    lim = cfg.limits
+    return cls(model, buckets=cfg.batcher.buckets, max_k=lim.max_k, max_temperatures=lim.max_temperatures,
+               selectable_layers=lim.selectable_layers, state_names=lim.state_names, mesh=cfg.mesh,
+               tokenizer_fingerprint=tokenizer_fingerprint(tok_path))
+
+  @property
+  def info(self) -> EngineInfo:
+    return self._info
+
+  def _forward(self, state, tokens, segment_ids, positions, temperatures, *, with_states: bool):
+    model = nnx.merge(self._graphdef, state)
+    info = self._info
+    layers = info.selectable_layers if with_states else ()
+    out = model(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
+    per_row = jax.vmap(lambda lg, tp: row_targets(lg, tp, k=info.max_k, true_vocab_size=info.vocab_size))
+    ids, values, lse = per_row(out.logits, temperatures)  # (B, T, K), (B, T, K), (B, T, n)
+    return ids, values, lse, out.states
+
+  def _variants(self) -> list[tuple[int, int, bool]]:
+    with_states = (False, True) if self._info.selectable_layers and self._info.state_names else (False,)
+    return [(b, t, s) for b, t in self._info.buckets for s in with_states]
+
+  def warmup(self) -> dict[str, float]:
+    timings = {}
+    for b, t, with_states in self._variants():
+      start = time.perf_counter()
+      ones = np.ones((b, t), np.int32)
+      batch = EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
+                          np.ones((b, self._info.max_temperatures), np.float32), with_states)
+      self.forward(batch)
+      timings[f"{b}x{t}{'+states' if with_states else ''}"] = time.perf_counter() - start
+    return timings
+
+  def forward(self, batch: EngineBatch) -> EngineOutput:
+    check_batch_shape(self._info, batch)
+    inputs = shard_batch((batch.tokens, batch.segment_ids, batch.positions, batch.temperatures), self._mesh)
+    ids, values, lse, states = self._fn(self._state, *inputs, with_states=batch.with_states)
+    ids, values, lse, states = jax.device_get((ids, values, lse, states))
+    return EngineOutput(topk_ids=np.asarray(ids), topk_logits=np.asarray(values), logsumexp=np.asarray(lse),
+                        states={name: np.asarray(v) for name, v in states.items()})
+
+  def parameters(self, pattern: re.Pattern[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for name, var in parameter_items(nnx.merge(self._graphdef, self._state)):
+      if pattern.search(name):
+        yield name, np.asarray(jax.device_get(var[...]))
+
+  def compilations(self) -> int:
+    return self._fn._cache_size()  # noqa: SLF001 - jitted-function cache: one entry per compiled variant

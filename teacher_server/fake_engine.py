@@ -1,0 +1,95 @@
+"""A NumPy engine with predictable outputs, for fast servicer and batcher tests.
+
+Its answers are simple functions of the inputs, so a test can check that every
+row reached the right request and stream without running a model:
+
+* ``topk_ids[b, t, i] = (tokens[b, t] + i) % vocab_size``
+* ``topk_logits[b, t, i] = -0.5 * i``
+* ``logsumexp[b, t, j] = temperatures[b, j] + positions[b, t] / 1000``
+* ``states[name][l, b, t, :] = tokens[b, t] + 1000 * layer + (0.5 if name == "attn_out" else 0)``
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from typing import Iterator
+
+import numpy as np
+
+from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, check_batch_shape
+
+
+def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 8,
+              buckets: tuple[tuple[int, int], ...] = ((4, 16), (4, 32)), max_k: int = 8,
+              max_temperatures: int = 4, selectable_layers: tuple[int, ...] | None = None,
+              state_names: tuple[str, ...] = ("attn_in", "attn_out")) -> EngineInfo:
+  """An :class:`EngineInfo` for a small fake model."""
+  return EngineInfo(
+      model_type="fake", vocab_size=vocab_size, padded_vocab_size=vocab_size, num_layers=num_layers,
+      hidden_size=hidden_size, num_attention_heads=2, num_key_value_heads=1, head_dim=hidden_size // 2,
+      max_position_embeddings=max(t for _, t in buckets),
+      buckets=tuple(sorted(buckets, key=lambda bt: (bt[1], bt[0]))), max_k=max_k,
+      max_temperatures=max_temperatures,
+      selectable_layers=tuple(range(num_layers)) if selectable_layers is None else selectable_layers,
+      state_names=state_names, weights_fingerprint="fake-weights", tokenizer_fingerprint="")
+
+
+class FakeEngine(Engine):
+  """Deterministic outputs (see module docstring); optional delay and failure injection.
+
+  Args:
+    info: shapes and limits.
+    delay_s: sleep this long in every forward (to exercise backpressure and draining).
+    fail_token: a forward whose batch contains this token id raises RuntimeError.
+  """
+
+  def __init__(self, info: EngineInfo | None = None, *, delay_s: float = 0.0, fail_token: int | None = None):
+    self._info = info or fake_info()
+    self.delay_s = delay_s
+    self.fail_token = fail_token
+    self.batches: list[tuple[int, int, bool]] = []  # (B, T, with_states) of every forward
+    self._lock = threading.Lock()
+    rng = np.random.default_rng(0)
+    self._params = {
+        "embed_tokens.embedding": rng.standard_normal((self._info.vocab_size, self._info.hidden_size),
+                                                      dtype=np.float32),
+        "layers.0.self_attn.q_proj.kernel": rng.standard_normal((self._info.hidden_size, 2, 4),
+                                                                dtype=np.float32),
+    }
+
+  @property
+  def info(self) -> EngineInfo:
+    return self._info
+
+  def warmup(self) -> dict[str, float]:
+    return {f"{b}x{t}": 0.0 for b, t in self._info.buckets}
+
+  def forward(self, batch: EngineBatch) -> EngineOutput:
+    bb, tb = check_batch_shape(self._info, batch)
+    with self._lock:
+      self.batches.append((bb, tb, batch.with_states))
+    if self.delay_s:
+      time.sleep(self.delay_s)
+    if self.fail_token is not None and np.any(batch.tokens == self.fail_token):
+      raise RuntimeError(f"injected failure on token {self.fail_token}")
+    info = self._info
+    k = np.arange(info.max_k, dtype=np.int32)
+    ids = (batch.tokens[:, :, None] + k) % info.vocab_size  # (B, T, K)
+    logits = np.broadcast_to(-0.5 * k.astype(np.float32), ids.shape).copy()
+    lse = batch.temperatures[:, None, :] + batch.positions[:, :, None].astype(np.float32) / 1000
+    states = {}
+    if batch.with_states:
+      layers = np.asarray(info.selectable_layers, np.float32)[:, None, None, None]  # (L, 1, 1, 1)
+      base = batch.tokens[None, :, :, None].astype(np.float32) + 1000 * layers  # (L, B, T, 1)
+      for name in info.state_names:
+        value = base + (0.5 if name == "attn_out" else 0.0)
+        states[name] = np.broadcast_to(value, value.shape[:3] + (info.hidden_size,)).copy()
+    return EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
+                        logsumexp=lse.astype(np.float32), states=states)
+
+  def parameters(self, pattern: re.Pattern[str]) -> Iterator[tuple[str, np.ndarray]]:
+    for name, value in self._params.items():
+      if pattern.search(name):
+        yield name, value

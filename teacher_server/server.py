@@ -1,0 +1,138 @@
+"""Server wiring: grpc.aio server, health, reflection, auth, metrics endpoint, lifecycle.
+
+Start-up: load the engine, listen (health NOT_SERVING), compile every bucket
+(warm-up, logged with timings), then health SERVING. SIGTERM/SIGINT: health
+NOT_SERVING, stop accepting new calls, give open calls ``shutdown_grace_s`` to
+finish (streams keep being answered), answer everything queued, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from distill_core.proto import teacher_pb2, teacher_pb2_grpc
+from teacher_server.batcher import Batcher
+from teacher_server.config import ServerConfig
+from teacher_server.engine_api import Engine
+from teacher_server.metrics import Metrics
+from teacher_server.security import BearerTokenInterceptor, load_token, server_credentials
+from teacher_server.servicer import TeacherServicer
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class TeacherServer:
+  """One teacher server around an engine. ``await start()``, later ``await drain()``."""
+
+  def __init__(self, cfg: ServerConfig, engine: Engine):
+    self.cfg = cfg
+    self.engine = engine
+    self.metrics = Metrics()
+    b = cfg.batcher
+    self.batcher = Batcher(engine, max_wait_ms=b.max_wait_ms, queue_size=b.queue_size,
+                           max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
+    self.servicer = TeacherServicer(engine, self.batcher, cfg.limits, self.metrics, stream_window=b.stream_window,
+                                    max_message_bytes=cfg.max_message_bytes,
+                                    parameter_chunk_bytes=cfg.parameter_chunk_bytes)
+    self.health = health.aio.HealthServicer()
+    self.port: int | None = None
+    self._server: grpc.aio.Server | None = None
+    self._metrics_http = None
+    self._drained = False
+
+  def _build(self) -> grpc.aio.Server:
+    cfg = self.cfg
+    interceptors = []
+    token = load_token(cfg.security)
+    if token:
+      interceptors.append(BearerTokenInterceptor(token, authenticate_health=cfg.security.authenticate_health))
+    options = [("grpc.max_send_message_length", cfg.max_message_bytes),
+               ("grpc.max_receive_message_length", cfg.max_message_bytes),
+               ("grpc.so_reuseport", 0)]
+    server = grpc.aio.server(interceptors=interceptors, options=options)
+    teacher_pb2_grpc.add_TeacherServicer_to_server(self.servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    creds = server_credentials(cfg.security)
+    port = server.add_secure_port(cfg.address, creds) if creds else server.add_insecure_port(cfg.address)
+    if not port:
+      raise OSError(f"could not bind address {cfg.address}")
+    self.port = port
+    log.info("listening on %s (port %d, %s%s)", cfg.address, port, "TLS" if creds else "plaintext",
+             ", bearer token required" if token else "")
+    return server
+
+  async def _set_health(self, status) -> None:
+    for name in ("", SERVICE_NAME):
+      await self.health.set(name, status)
+
+  async def start(self) -> int:
+    """Listens, warms the engine up, starts batching; returns the bound port."""
+    await self._set_health(_NOT_SERVING)
+    self._server = self._build()
+    await self._server.start()
+    if self.cfg.metrics_address:
+      self._metrics_http = self.metrics.serve(self.cfg.metrics_address)
+      log.info("metrics on http://%s/metrics", self.cfg.metrics_address)
+    start = time.perf_counter()
+    timings = await asyncio.to_thread(self.engine.warmup)
+    for name, seconds in timings.items():
+      log.info("warm-up %s: %.2f s", name, seconds, extra={"variant": name, "seconds": round(seconds, 3)})
+    log.info("warm-up done in %.1f s (%d variants, %d compilations)", time.perf_counter() - start,
+             len(timings), self.engine.compilations())
+    self.metrics.compilations.set(self.engine.compilations())
+    await self.batcher.start()
+    self.servicer.ready = True
+    await self._set_health(_SERVING)
+    log.info("serving")
+    return self.port
+
+  async def wait(self) -> None:
+    await self._server.wait_for_termination()
+
+  async def drain(self) -> None:
+    """NOT_SERVING, refuse new calls, let open calls finish within the grace period, flush the batcher."""
+    if self._drained:
+      return
+    self._drained = True
+    log.info("draining (grace %.1f s)", self.cfg.shutdown_grace_s)
+    await self.health.enter_graceful_shutdown()
+    if self._server is not None:
+      await self._server.stop(self.cfg.shutdown_grace_s)
+    await self.batcher.close()
+    if self._metrics_http is not None:
+      self._metrics_http[0].shutdown()
+    log.info("stopped")
+
+
+async def serve(cfg: ServerConfig, engine: Engine | None = None) -> int:
+  """Runs the server until SIGTERM/SIGINT, then drains; returns the process exit code."""
+  loop = asyncio.get_running_loop()
+  stop = asyncio.Event()
+  for sig in (signal.SIGTERM, signal.SIGINT):
+    loop.add_signal_handler(sig, stop.set)
+  if engine is None:
+    from teacher_server.engine import JaxEngine  # heavy (JAX); only the real server needs it
+    engine = await asyncio.to_thread(JaxEngine.from_config, cfg)
+  server = TeacherServer(cfg, engine)
+  await server.start()
+  stopped = asyncio.create_task(stop.wait())
+  terminated = asyncio.create_task(server.wait())
+  await asyncio.wait({stopped, terminated}, return_when=asyncio.FIRST_COMPLETED)
+  if terminated.done():
+    log.error("the gRPC server terminated unexpectedly")
+    return 1
+  log.info("shutdown signal received")
+  await server.drain()
+  terminated.cancel()
+  return 0

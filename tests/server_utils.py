@@ -1,0 +1,129 @@
+"""Helpers for the teacher-server tests: in-process fake servers, a real server process, certificates."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from distill_core.config import load_config
+from teacher_server.config import ServerConfig
+from teacher_server.engine_api import Engine
+from teacher_server.fake_engine import FakeEngine
+from teacher_server.server import TeacherServer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def fake_config(*overrides: str) -> ServerConfig:
+  """A config matching the default :func:`fake_info` (buckets 4x16 and 4x32, max_k 8)."""
+  base = ["address=127.0.0.1:0", "batcher.buckets=[[4,16],[4,32]]", "limits.max_k=8",
+          "batcher.max_wait_ms=2", "limits.max_batch=16", "limits.max_tokens_per_request=256"]
+  return load_config(ServerConfig, None, base + list(overrides))
+
+
+@contextlib.asynccontextmanager
+async def fake_server(*overrides: str, engine: Engine | None = None):
+  """A started in-process server around a fake engine; yields (server, "127.0.0.1:port")."""
+  server = TeacherServer(fake_config(*overrides), engine or FakeEngine())
+  port = await server.start()
+  try:
+    yield server, f"127.0.0.1:{port}"
+  finally:
+    await server.drain()
+
+
+def fake_expected(tokens: np.ndarray, positions: np.ndarray, k: int, temps: tuple[float, ...],
+                  vocab: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The fake engine's answer, recomputed with loops (ids, logits, lse)."""
+  b, t = tokens.shape
+  ids = np.zeros((b, t, k), np.int32)
+  lse = np.zeros((b, t, len(temps)), np.float32)
+  for i in range(b):
+    for j in range(t):
+      ids[i, j] = [(tokens[i, j] + n) % vocab for n in range(k)]
+      lse[i, j] = [temp + positions[i, j] / 1000 for temp in temps]
+  logits = np.tile(np.array([-0.5 * n for n in range(k)], np.float32), (b, t, 1))
+  return ids, logits, lse
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+  subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_certs(root: Path) -> dict[str, Path]:
+  """A CA, a server certificate for localhost/127.0.0.1, a client certificate, and a rogue CA + client."""
+  key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+  for ca in ("ca", "rogue_ca"):
+    _openssl("req", "-x509", *key, "-keyout", f"{ca}.key", "-out", f"{ca}.pem", "-days", "2",
+             "-subj", f"/CN={ca}", "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign", cwd=root)
+  (root / "server.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n"
+                                   "extendedKeyUsage=serverAuth\n")
+  (root / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+  for name, ca, ext in (("server", "ca", "server.ext"), ("client", "ca", "client.ext"),
+                        ("rogue_client", "rogue_ca", "client.ext")):
+    _openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}", cwd=root)
+    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.pem", "-CAkey", f"{ca}.key",
+             "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", ext, cwd=root)
+  return {p.stem: p for p in root.glob("*.pem")} | {f"{p.stem}_key": p for p in root.glob("*.key")}
+
+
+class ServerProcess:
+  """``python -m teacher_server`` in a child process (single CPU device), logs to a file."""
+
+  def __init__(self, overrides: list[str], log_path: Path):
+    self.port = free_port()
+    self.metrics_port = free_port()
+    self.address = f"127.0.0.1:{self.port}"
+    self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
+    self.log_path = log_path
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               PYTHONUNBUFFERED="1")
+    args = [sys.executable, "-m", "teacher_server", f"address={self.address}",
+            f"metrics_address=127.0.0.1:{self.metrics_port}", "log_format=json", *overrides]
+    self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+    self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+  def logs(self) -> str:
+    return self.log_path.read_text(errors="replace")
+
+  def check_alive(self) -> None:
+    if self.proc.poll() is not None:
+      raise RuntimeError(f"teacher server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
+
+  def terminate(self) -> None:
+    if self.proc.poll() is None:
+      self.proc.send_signal(signal.SIGTERM)
+
+  def stop(self, timeout: float = 30.0) -> int:
+    self.terminate()
+    try:
+      code = self.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.proc.kill()
+      code = self.proc.wait()
+    self._log.close()
+    return code
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if predicate():
+      return
+    time.sleep(0.1)
+  raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
