@@ -56,6 +56,11 @@ class ModelConfig(ConfigBase):
       raise ValueError(f"true_vocab_size ({self.true_vocab_size}) exceeds vocab_size ({self.vocab_size})")
     return self
 
+  def __hash__(self) -> int:
+    # Models keep their config as a static attribute, so graph definitions that
+    # hold it must be hashable (e.g. `jax.jit(..., static_argnums=...)`).
+    return hash(self.model_dump_json())
+
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.hidden_size // self.num_attention_heads
