@@ -66,9 +66,13 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   n = len(devices)
   fsdp = cfg.fsdp
   data = cfg.data if cfg.data != -1 else n // max(fsdp, 1)
-  if fsdp < 1 or data < 1 or data * fsdp != n:
+  if fsdp < 1 or data < 1 or data * fsdp > n:
     raise ValueError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} does not fit the {n} available devices")
-  return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+  if data * fsdp < n:
+    if jax.process_count() > 1:
+      raise ValueError(f"mesh.data x mesh.fsdp = {data * fsdp} must use all {n} devices of a multi-process run")
+    log.warning("mesh uses %d of %d devices", data * fsdp, n)
+  return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
 
 
 def rules_table(cfg: MeshConfig) -> dict[str, MeshAxes]:

@@ -4,3 +4,19 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny programs: a persistent cache turns repeats into loads.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distill-jax-tests"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+  """A small prepared corpus (150 standard-library files, vocab 384, seq_len 32) shared by tests."""
+  from distill_core.prepare import PrepareConfig, prepare
+  out = tmp_path_factory.mktemp("tiny_dataset")
+  cfg = PrepareConfig(max_files=150, vocab_size=384, seq_len=32, output_dir=str(out), records_per_shard=2048)
+  prepare(cfg, show_progress=False)
+  return out
