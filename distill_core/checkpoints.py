@@ -12,11 +12,13 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from distill_core.config import build
 from distill_core.model.config import ModelConfig
+from distill_core.model.layout import convert_layout
 from distill_core.model.transformer import Transformer, create_model
 
 _CONFIG_FILE = "model_config.json"
@@ -54,10 +56,12 @@ def load_model_orbax(path: str | Path, **overrides) -> Transformer:
 
 
 def _with_config(model: Transformer, cfg: ModelConfig) -> Transformer:
-  """Copies `model`'s weights into a model built from `cfg` (layout/dtype changes)."""
-  from distill_core.model import hf  # the HF tensor table is the layout-neutral exchange format
-  tensors = hf.to_hf_tensors(model)
-  return hf.from_hf_tensors(cfg, tensors)
+  """The same weights under `cfg` (layer layout, dtypes, remat: nothing that changes shapes)."""
+  model = convert_layout(model, cfg.scan_layers)
+  graphdef, _ = nnx.split(abstract_model(cfg))
+  dtype = jnp.dtype(cfg.param_dtype)
+  state = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, nnx.state(model))
+  return nnx.merge(graphdef, state)
 
 
 def load_model(model: ModelConfig | None = None, *, hf_checkpoint: str | None = None,
