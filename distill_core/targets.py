@@ -1,0 +1,282 @@
+"""The teacher-target contract: what every teacher source hands the student's losses.
+
+For a batch of B sequences of length T (position t describes token t+1, like the
+student's logits at t) a teacher answers with
+
+| field          | shape              | dtype            | meaning                                       |
+|----------------|--------------------|------------------|-----------------------------------------------|
+| `topk_ids`     | (B, T, k)          | int32            | the k highest logits, sorted descending       |
+| `topk_logits`  | (B, T, k)          | f16 / bf16 / f32 | those logits minus the row max (top entry 0)  |
+| `logsumexp`    | (B, T, n_temps)    | f32              | log sum_v exp(z_v / T_j) over the real vocab  |
+| `temperatures` | (n_temps,)         | f32              | the T_j of the logsumexp columns              |
+| `layer_states` | name -> (L, B, T, E) | bf16 / f32     | optional `attn_in` / `attn_out` per layer     |
+| `state_layers` | static tuple       |                  | teacher layer of each row of the states       |
+| `dense_logits` | (B, T, V) or None  | f32              | full logits, only from an in-process teacher  |
+
+`compute_targets` builds it on the device inside the teacher's jitted forward;
+`to_numpy` / `from_numpy` give the flat dict used by the wire codec and shards.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = Any  # jax.Array or np.ndarray (host side)
+
+VALUE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
+STATE_NAMES = ("attn_in", "attn_out")
+_FLOAT_DTYPES = tuple(np.dtype(d) for d in VALUE_DTYPES.values())
+_STATES_PREFIX = "layer_states."
+
+
+@flax.struct.dataclass
+class TeacherTargets:
+  """Sparse teacher answers for one batch (a JAX pytree; `state_layers` is static).
+
+  `temperatures` is an array leaf, so a temperature schedule does not recompile
+  the train step. A Python sequence given for it is converted to float32.
+  """
+
+  topk_ids: Array  # (B, T, k) int32
+  topk_logits: Array  # (B, T, k) f16/bf16/f32, shifted so the row max is 0
+  logsumexp: Array  # (B, T, n_temps) f32, over the full real vocabulary
+  temperatures: Array  # (n_temps,) f32
+  layer_states: dict[str, Array] = flax.struct.field(default_factory=dict)  # name -> (L, B, T, E)
+  state_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
+  dense_logits: Array | None = None  # (B, T, V) f32, in-process teacher only
+
+  def __post_init__(self):
+    temps = self.temperatures
+    if isinstance(temps, (list, tuple, float, int)) or (isinstance(temps, np.ndarray) and temps.dtype != np.float32):
+      object.__setattr__(self, "temperatures", np.asarray(temps, np.float32).reshape(-1))
+    if not isinstance(self.state_layers, tuple):
+      object.__setattr__(self, "state_layers", tuple(int(x) for x in self.state_layers))
+
+  @property
+  def batch_size(self) -> int:
+    return self.topk_ids.shape[0]
+
+  @property
+  def seq_len(self) -> int:
+    return self.topk_ids.shape[1]
+
+  @property
+  def k(self) -> int:
+    return self.topk_ids.shape[2]
+
+  @property
+  def n_temps(self) -> int:
+    return self.logsumexp.shape[2]
+
+  def validate(self, *, batch_size: int | None = None, seq_len: int | None = None,
+               k: int | None = None, n_temps: int | None = None, hidden_size: int | None = None,
+               state_names: Sequence[str] | None = None,
+               state_layers: Sequence[int] | None = None) -> "TeacherTargets":
+    """Checks ranks, dtypes and shapes (and the expected sizes given); returns self.
+
+    Raises:
+      ValueError: naming the first offending field.
+    """
+    _check(self.topk_ids, "topk_ids", 3, (np.dtype(np.int32),))
+    _check(self.topk_logits, "topk_logits", 3, _FLOAT_DTYPES)
+    _check(self.logsumexp, "logsumexp", 3, (np.dtype(np.float32),))
+    _check(self.temperatures, "temperatures", 1, (np.dtype(np.float32),))
+    b, t, kk = self.topk_ids.shape
+    expect = {"batch_size": (batch_size, b), "seq_len": (seq_len, t), "k": (k, kk),
+              "n_temps": (n_temps, self.logsumexp.shape[2])}
+    for name, (want, got) in expect.items():
+      if want is not None and want != got:
+        raise ValueError(f"teacher targets: {name} is {got}, expected {want}")
+    if tuple(self.topk_logits.shape) != (b, t, kk):
+      raise ValueError(f"topk_logits: shape {tuple(self.topk_logits.shape)} != topk_ids shape {(b, t, kk)}")
+    if tuple(self.logsumexp.shape[:2]) != (b, t):
+      raise ValueError(f"logsumexp: shape {tuple(self.logsumexp.shape)} does not start with {(b, t)}")
+    if self.temperatures.shape[0] != self.logsumexp.shape[2]:
+      raise ValueError(f"temperatures: {self.temperatures.shape[0]} values for "
+                       f"{self.logsumexp.shape[2]} logsumexp columns")
+    self._validate_states(hidden_size, state_names, state_layers)
+    if self.dense_logits is not None:
+      _check(self.dense_logits, "dense_logits", 3, (np.dtype(np.float32),))
+      if tuple(self.dense_logits.shape[:2]) != (b, t):
+        raise ValueError(f"dense_logits: shape {tuple(self.dense_logits.shape)} does not start with {(b, t)}")
+    return self
+
+  def _validate_states(self, hidden_size, state_names, state_layers) -> None:
+    if state_names is not None and set(state_names) != set(self.layer_states):
+      raise ValueError(f"layer_states: has {sorted(self.layer_states)}, expected {sorted(state_names)}")
+    if state_layers is not None and tuple(state_layers) != self.state_layers:
+      raise ValueError(f"state_layers: {self.state_layers} != expected {tuple(state_layers)}")
+    if self.layer_states and not self.state_layers:
+      raise ValueError("state_layers: empty although layer_states are present")
+    if len(set(self.state_layers)) != len(self.state_layers):
+      raise ValueError(f"state_layers: duplicate layers in {self.state_layers}")
+    want = (len(self.state_layers), self.batch_size, self.seq_len)
+    for name, value in self.layer_states.items():
+      field = f"layer_states[{name}]"
+      if name not in STATE_NAMES:
+        raise ValueError(f"{field}: unknown state (known: {', '.join(STATE_NAMES)})")
+      _check(value, field, 4, _FLOAT_DTYPES)
+      if tuple(value.shape[:3]) != want:
+        raise ValueError(f"{field}: shape {tuple(value.shape)} does not match [{want[0]} layers, B, T, E]")
+      if hidden_size is not None and value.shape[3] != hidden_size:
+        raise ValueError(f"{field}: width {value.shape[3]} != hidden_size {hidden_size}")
+
+  def temperature_index(self, temperature: float, *, rtol: float = 1e-5) -> int:
+    """The column of `logsumexp` computed at `temperature` (host-side lookup).
+
+    Raises:
+      ValueError: if no column matches.
+    """
+    temps = np.asarray(self.temperatures, np.float64)
+    hits = np.flatnonzero(np.abs(temps - temperature) <= rtol * abs(temperature))
+    if hits.size == 0:
+      raise ValueError(f"temperatures: no logsumexp column for temperature {temperature} "
+                       f"(have {temps.tolist()})")
+    return int(hits[0])
+
+
+def _check(value: Array, field: str, ndim: int, dtypes: tuple[np.dtype, ...]) -> None:
+  if value is None or not hasattr(value, "shape") or not hasattr(value, "dtype"):
+    raise ValueError(f"{field}: expected an array, got {type(value).__name__}")
+  if value.ndim != ndim:
+    raise ValueError(f"{field}: expected rank {ndim}, got shape {tuple(value.shape)}")
+  if np.dtype(value.dtype) not in dtypes:
+    raise ValueError(f"{field}: dtype {np.dtype(value.dtype).name} not in "
+                     f"{', '.join(d.name for d in dtypes)}")
+
+
+def value_dtype_of(name: str | np.dtype) -> np.dtype:
+  """`"float16"` / `"bfloat16"` / `"float32"` (or such a dtype) -> the dtype; else ValueError."""
+  key = np.dtype(name).name if not isinstance(name, str) else name
+  if key not in VALUE_DTYPES:
+    raise ValueError(f"value_dtype: {name!r} not in {', '.join(VALUE_DTYPES)}")
+  return np.dtype(VALUE_DTYPES[key])
+
+
+def _shifted_logsumexp(z: jax.Array, top_id: jax.Array, temperature: jax.Array) -> jax.Array:
+  """log sum_v exp(z_v / T) for (B, T, V) logits whose entry `top_id` is the row max, exactly 0.
+
+  Computed as log1p(sum_{v != top} exp(z_v / T)): full relative precision when
+  one token dominates, so the tail mass 1 - sum_i p_i derived from it is exact.
+  """
+  x = z / temperature
+  is_top = jnp.arange(z.shape[-1]) == top_id[..., None]
+  return jnp.log1p(jnp.sum(jnp.where(is_top, 0.0, jnp.exp(x)), axis=-1))
+
+
+def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence[float],
+                    true_vocab_size: int, value_dtype: str | np.dtype = "float16",
+                    states: Mapping[str, jax.Array] | None = None,
+                    state_layers: Sequence[int] = (),
+                    state_dtype: str | np.dtype | None = None) -> TeacherTargets:
+  """Top-k and per-temperature logsumexp of teacher logits; pure jnp, meant to run under jit.
+
+  Args:
+    logits: (B, T, V) teacher logits (any float dtype; computed in f32).
+    k: how many ids to keep (static; 1 <= k <= true_vocab_size).
+    temperatures: (n_temps,) temperatures (may be traced; n_temps is static).
+    true_vocab_size: ids >= this are padding; their logits are set to -inf.
+    value_dtype: dtype of `topk_logits`: float16 (recommended), bfloat16 or float32.
+    states: optional name -> (L_sel, B, T, E) teacher layer states.
+    state_layers: the teacher layer of each row of `states`.
+    state_dtype: optional cast for the states (default: unchanged).
+  """
+  if logits.ndim != 3:
+    raise ValueError(f"logits: expected rank 3 (B, T, V), got shape {tuple(logits.shape)}")
+  vocab = logits.shape[-1]
+  if not 0 < true_vocab_size <= vocab:
+    raise ValueError(f"true_vocab_size: {true_vocab_size} not in [1, {vocab}]")
+  if not 0 < k <= true_vocab_size:
+    raise ValueError(f"k: {k} not in [1, true_vocab_size={true_vocab_size}]")
+  dtype = value_dtype_of(value_dtype)
+  temps = jnp.asarray(temperatures, jnp.float32).reshape(-1)  # (n_temps,)
+  z = logits.astype(jnp.float32)
+  if true_vocab_size < vocab:
+    z = jnp.where(jnp.arange(vocab) < true_vocab_size, z, -jnp.inf)
+  z = z - jnp.max(z, axis=-1, keepdims=True)  # (B, T, V), row max exactly 0
+  vals, ids = jax.lax.top_k(z, k)  # (B, T, k)
+  lse = jnp.stack([_shifted_logsumexp(z, ids[..., 0], temps[j]) for j in range(temps.shape[0])], axis=-1)
+  layer_states = {}
+  if states:
+    if not state_layers:
+      raise ValueError("state_layers: required when states are given")
+    for name, value in states.items():
+      if name not in STATE_NAMES:
+        raise ValueError(f"states: unknown state {name!r} (known: {', '.join(STATE_NAMES)})")
+      layer_states[name] = value if state_dtype is None else value.astype(value_dtype_of(state_dtype))
+  return TeacherTargets(topk_ids=ids.astype(jnp.int32), topk_logits=vals.astype(dtype),
+                        logsumexp=lse, temperatures=temps, layer_states=layer_states,
+                        state_layers=tuple(int(x) for x in state_layers) if layer_states else ())
+
+
+def to_numpy(targets: TeacherTargets) -> dict[str, np.ndarray]:
+  """Flat host arrays: the fields by name, states as `layer_states.<name>`, layers as int32."""
+  out = {"topk_ids": np.asarray(targets.topk_ids), "topk_logits": np.asarray(targets.topk_logits),
+         "logsumexp": np.asarray(targets.logsumexp), "temperatures": np.asarray(targets.temperatures),
+         "state_layers": np.asarray(targets.state_layers, np.int32).reshape(-1)}
+  for name, value in targets.layer_states.items():
+    out[_STATES_PREFIX + name] = np.asarray(value)
+  if targets.dense_logits is not None:
+    out["dense_logits"] = np.asarray(targets.dense_logits)
+  return out
+
+
+def from_numpy(arrays: Mapping[str, np.ndarray], *, validate: bool = True) -> TeacherTargets:
+  """Inverse of `to_numpy`; raises ValueError on missing or unknown keys and bad shapes."""
+  required = ("topk_ids", "topk_logits", "logsumexp", "temperatures")
+  missing = [key for key in required if key not in arrays]
+  if missing:
+    raise ValueError(f"teacher targets: missing {', '.join(missing)}")
+  known = set(required) | {"state_layers", "dense_logits"}
+  states = {}
+  for key, value in arrays.items():
+    if key.startswith(_STATES_PREFIX):
+      states[key[len(_STATES_PREFIX):]] = value
+    elif key not in known:
+      raise ValueError(f"teacher targets: unknown field {key!r}")
+  layers = tuple(int(x) for x in np.asarray(arrays.get("state_layers", ()), np.int64).reshape(-1))
+  targets = TeacherTargets(
+      topk_ids=arrays["topk_ids"], topk_logits=arrays["topk_logits"], logsumexp=arrays["logsumexp"],
+      temperatures=arrays["temperatures"], layer_states=states, state_layers=layers,
+      dense_logits=arrays.get("dense_logits"))
+  return targets.validate() if validate else targets
+
+
+def slice_batch(targets: TeacherTargets, start: int, stop: int) -> TeacherTargets:
+  """Rows [start, stop) of the batch (states are sliced on their B axis, axis 1)."""
+  rows = slice(start, stop)
+  return targets.replace(
+      topk_ids=targets.topk_ids[rows], topk_logits=targets.topk_logits[rows],
+      logsumexp=targets.logsumexp[rows],
+      layer_states={name: value[:, rows] for name, value in targets.layer_states.items()},
+      dense_logits=None if targets.dense_logits is None else targets.dense_logits[rows])
+
+
+def concat(parts: Sequence[TeacherTargets]) -> TeacherTargets:
+  """Concatenates along B; parts must agree on k, temperatures, states and layers."""
+  if not parts:
+    raise ValueError("concat: no targets given")
+  first = parts[0]
+  for i, part in enumerate(parts[1:], start=1):
+    if part.state_layers != first.state_layers or set(part.layer_states) != set(first.layer_states):
+      raise ValueError(f"concat: part {i} has states {sorted(part.layer_states)} at layers "
+                       f"{part.state_layers}, part 0 has {sorted(first.layer_states)} at {first.state_layers}")
+    if not np.array_equal(np.asarray(part.temperatures), np.asarray(first.temperatures)):
+      raise ValueError(f"concat: part {i} temperatures differ from part 0")
+    if (part.dense_logits is None) != (first.dense_logits is None):
+      raise ValueError(f"concat: part {i} disagrees with part 0 on dense_logits")
+  xp = np if all(isinstance(p.topk_ids, np.ndarray) for p in parts) else jnp
+
+  def cat(get, axis=0):
+    return xp.concatenate([get(p) for p in parts], axis=axis)
+
+  return first.replace(
+      topk_ids=cat(lambda p: p.topk_ids), topk_logits=cat(lambda p: p.topk_logits),
+      logsumexp=cat(lambda p: p.logsumexp),
+      layer_states={name: cat(lambda p, n=name: p.layer_states[n], axis=1) for name in first.layer_states},
+      dense_logits=None if first.dense_logits is None else cat(lambda p: p.dense_logits))
