@@ -169,11 +169,11 @@ def test_projection_can_be_swapped_for_any_module(unrolled):
   np.testing.assert_allclose(swapped, standard(reference).logits, rtol=1e-6, atol=1e-6)
   assert np.abs(np.asarray(swapped - base)).max() > 1e-4
 
-  # Gradients reach the head map but not the frozen kernel.
+  # Gradients (traced, not run) reach the head map but not the frozen kernel.
   tokens, _, _ = packed_batch()
-  grads = nnx.jit(nnx.grad(lambda m: m(tokens).logits.std()))(model)
-  q_grads = grads["layers"][1]["self_attn"]["q_proj"]
-  assert set(q_grads) == {"head_map"} and np.abs(np.asarray(q_grads["head_map"][...])).max() > 0
+  grads = nnx.eval_shape(nnx.grad(lambda m: m(tokens).logits.std()), model)
+  assert set(grads["layers"][1]["self_attn"]["q_proj"]) == {"head_map"}
+  assert set(grads["layers"][0]["self_attn"]["q_proj"]) == {"kernel"}
 
   # With the same module in every layer, the swapped model converts to the scanned layout.
   model.layers[0].self_attn.q_proj = ComposedQuery(model.layers[0].self_attn.q_proj.kernel[...])
@@ -196,10 +196,6 @@ def _grads(model) -> dict[str, np.ndarray]:
 def test_remat_gives_the_same_gradients(unrolled, scanned):
   plain = _grads(unrolled)
   assert len(plain) == 21 and all(np.isfinite(g).all() for g in plain.values())
-  remat_unrolled = _grads(same_weights(unrolled, remat=True))
-  assert remat_unrolled.keys() == plain.keys()
-  for name, g in remat_unrolled.items():
-    np.testing.assert_allclose(g, plain[name], rtol=1e-5, atol=1e-7, err_msg=name)
   remat_scanned = _grads(same_weights(scanned, remat=True))
   assert len(remat_scanned) == 12
   for name, g in remat_scanned.items():
@@ -209,6 +205,13 @@ def test_remat_gives_the_same_gradients(unrolled, scanned):
                                    rtol=1e-5, atol=1e-7, err_msg=name)
     else:
       np.testing.assert_allclose(g, plain[name], rtol=1e-5, atol=1e-7, err_msg=name)
+  # Both layouts really rematerialise: the traced forward holds one remat per layer call.
+  for scan, expected in ((False, 2), (True, 1)):
+    for remat in (False, True):
+      abstract = nnx.eval_shape(lambda c=tiny(scan_layers=scan, remat=remat): Transformer(c, rngs=nnx.Rngs(0)))
+      graphdef, state = nnx.split(abstract)
+      jaxpr = str(jax.make_jaxpr(lambda s, g=graphdef: _loss(nnx.merge(g, s)))(state))
+      assert jaxpr.count("remat2[") == (expected if remat else 0)
 
 
 def test_bfloat16_compute_and_params(unrolled):
