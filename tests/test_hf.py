@@ -292,9 +292,7 @@ def test_config_mapping_round_trips_presets():
     cfg = ModelConfig(**resolve_preset(name)).model_copy(update={"scan_layers": False})
     hf = config_to_hf(cfg)
     assert json.loads(json.dumps(hf)) == hf
-    back = config_from_hf(hf)
-    assert back.dim_per_head == cfg.dim_per_head  # an explicit default head_dim comes back as None
-    assert back.model_copy(update={"head_dim": cfg.head_dim}) == cfg, name
+    assert config_from_hf(hf) == cfg, name
   llama = config_to_hf(ModelConfig(**resolve_preset("llama3_2_1b")))
   assert llama["architectures"] == ["LlamaForCausalLM"] and llama["torch_dtype"] == "bfloat16"
   assert llama["rope_scaling"]["rope_type"] == "llama3" and llama["rope_scaling"]["factor"] == 32.0
@@ -310,6 +308,7 @@ def test_config_from_hf_variants_and_rejections():
   assert cfg.rope_theta == 1234.0 and cfg.rope_scaling is None
   assert config_from_hf({**LLAMA, "rope_scaling": {"type": "default"}}).rope_scaling is None
   assert config_from_hf(QWEN2).attention_bias is True and config_from_hf(QWEN2).head_dim is None
+  assert config_from_hf(LLAMA).head_dim == 16 and "head_dim" not in config_to_hf(config_from_hf(QWEN2))
   assert config_from_hf({**LLAMA, "torch_dtype": "float16"}).param_dtype == "float32"
   for bad, match in [({**LLAMA, "model_type": "gpt2"}, "model_type"),
                      ({**LLAMA, "hidden_act": "gelu"}, "hidden_act"),

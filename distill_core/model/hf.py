@@ -55,8 +55,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
   rope = dict(hf.get("rope_parameters") or {})  # newer transformers nest rope settings here
   theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
   scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-  heads, hidden = hf["num_attention_heads"], hf["hidden_size"]
-  head_dim = hf.get("head_dim")
+  heads = hf["num_attention_heads"]
   dtype = str(hf.get("torch_dtype") or hf.get("dtype") or "float32")
   if dtype not in ("float32", "bfloat16", "float16"):
     raise ValueError(f"config.json: torch_dtype {dtype!r} is not supported")
@@ -65,12 +64,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
       model_type=model_type,
       vocab_size=hf["vocab_size"],
       true_vocab_size=hf.get("true_vocab_size"),
-      hidden_size=hidden,
+      hidden_size=hf["hidden_size"],
       intermediate_size=hf["intermediate_size"],
       num_hidden_layers=hf["num_hidden_layers"],
       num_attention_heads=heads,
       num_key_value_heads=hf.get("num_key_value_heads") or heads,
-      head_dim=None if head_dim in (None, hidden // heads) else head_dim,
+      head_dim=hf.get("head_dim"),  # kept as given, so config -> HF -> config is exact
       rms_norm_eps=hf.get("rms_norm_eps", 1e-6 if model_type == "qwen2" else 1e-5),
       rope_theta=theta,
       rope_scaling=_rope_scaling_from_hf(scaling),
@@ -110,7 +109,6 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
       "num_hidden_layers": cfg.num_hidden_layers,
       "num_attention_heads": cfg.num_attention_heads,
       "num_key_value_heads": cfg.num_key_value_heads,
-      "head_dim": cfg.dim_per_head,
       "hidden_act": "silu",
       "max_position_embeddings": cfg.max_position_embeddings,
       "rms_norm_eps": cfg.rms_norm_eps,
@@ -126,6 +124,8 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     out.update(attention_bias=cfg.attention_bias, mlp_bias=False, pretraining_tp=1)
   else:
     out.update(use_sliding_window=False)
+  if cfg.head_dim is not None:  # absent = hidden_size // num_attention_heads, as in transformers
+    out["head_dim"] = cfg.head_dim
   if cfg.true_vocab_size is not None:
     out["true_vocab_size"] = cfg.true_vocab_size
   return out
