@@ -3,7 +3,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 export PYTHONUNBUFFERED := 1
 
 .PHONY: setup demo test test-slow bench protos clean
@@ -17,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m distill_core.demo
+	$(VPY) scripts/demo.py
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

@@ -10,6 +10,7 @@ preset name (``model: tiny``) resolve it from ``configs/models/<name>.yaml``.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -20,6 +21,7 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 
 T = TypeVar("T", bound="ConfigBase")
+_SCIENTIFIC = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -77,6 +79,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as e:
     raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+  if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
+    value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
   return key.split("."), value
 
 
