@@ -33,5 +33,5 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
     layers = feature_teacher_layers(cfg, model.cfg.num_hidden_layers)
     return LocalTeacher(model, k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh, rules=rules,
                         dense_logits=cfg.loss.use_dense, state_layers=layers,
-                        state_names=("attn_out",) if layers else ())
+                        state_names=("attn_out",) if layers else (), student_vocab_size=cfg.model.vocab_size)
   raise ValueError(f"teacher.source: unknown source {kind!r}")

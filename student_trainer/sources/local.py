@@ -30,7 +30,13 @@ class LocalTeacher(TeacherSource):
 
   def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
                dense_logits: bool = False, state_layers: tuple[int, ...] = (),
-               state_names: tuple[str, ...] = ()):
+               state_names: tuple[str, ...] = (), student_vocab_size: int | None = None):
+    if student_vocab_size is not None and model.cfg.real_vocab_size > student_vocab_size:
+      raise ValueError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
+                       f"the student's ({student_vocab_size}); they must share a tokenizer")
+    if dense_logits and student_vocab_size is not None and model.cfg.vocab_size != student_vocab_size:
+      raise ValueError(f"loss.use_dense: teacher logits have {model.cfg.vocab_size} columns, the student's "
+                       f"{student_vocab_size}; dense KD needs equal (padded) vocabularies")
     self.model_cfg = model.cfg
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
