@@ -43,7 +43,8 @@ class LimitsConfig(ConfigBase):
   max_k: int = Field(128, gt=0, description="Largest top-k; the engine always computes this many.")
   max_batch: int = Field(64, gt=0, description="Most rows (B) in one request.")
   max_tokens_per_request: int = Field(65536, gt=0, description="Most tokens (B * T) in one request.")
-  max_temperatures: int = Field(4, gt=0, description="Most temperatures in one request.")
+  max_temperatures: int = Field(2, gt=0, description="Most temperatures in one request (each costs one "
+                                "pass over the vocabulary for every position, requested or not).")
   selectable_layers: list[int] | Literal["all"] = Field(
       "all", description="Layers whose states may be requested. Batches that ask for states move "
       "all of these layers off the device, so list exactly the layers your students use; [] disables states.")

@@ -1,0 +1,1 @@
+"""Performance harnesses (run with `python -m benchmarks.<name>`)."""

@@ -1,0 +1,155 @@
+"""Serving efficiency of the teacher server: raw engine tokens/s vs tokens/s through gRPC.
+
+    python -m benchmarks.bench_server                       # demo_teacher, bucket 8x128, k=64
+    python -m benchmarks.bench_server --preset tiny --batches 10 --length 32
+
+Both measurements use the same model, bucket shape and k, each in its own
+child process (an accelerator can be held by only one process):
+
+1. engine: the jitted forward + on-device top-k/logsumexp + transfer to host,
+   full bucket-shaped batches, no gRPC (``--engine-only`` runs this part).
+2. served: ``python -m teacher_server`` in a child process, this process as the
+   client, ``--streams`` bidirectional streams each keeping ``--window``
+   requests of one full bucket in flight.
+
+Prints tokens/s of both, their ratio (serving efficiency), and the bytes on
+the wire per token of the request and of the answer (k values as float16, ids
+as int32 and bit-packed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--preset", default="demo_teacher", help="model preset (configs/models)")
+  p.add_argument("--batch", type=int, default=8, help="bucket batch B")
+  p.add_argument("--length", type=int, default=128, help="bucket length T")
+  p.add_argument("--k", type=int, default=64, help="top-k per position")
+  p.add_argument("--batches", type=int, default=10, help="measured full batches per phase")
+  p.add_argument("--streams", type=int, default=2, help="client streams (served phase)")
+  p.add_argument("--window", type=int, default=4, help="requests in flight per stream")
+  p.add_argument("--engine-only", action="store_true", help="run only the engine phase, print JSON")
+  p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+  return p.parse_args(argv)
+
+
+def server_overrides(args) -> list[str]:
+  return [f"model.preset={args.preset}", f"batcher.buckets=[[{args.batch},{args.length}]]",
+          f"limits.max_k={args.k}", "limits.selectable_layers=[]", "batcher.max_wait_ms=2",
+          f"limits.max_tokens_per_request={args.batch * args.length}", f"limits.max_batch={args.batch}"]
+
+
+def engine_phase(args) -> dict:
+  """Raw engine throughput, in this process."""
+  from distill_core.config import load_config
+  from teacher_server.config import ServerConfig
+  from teacher_server.engine import JaxEngine
+  from teacher_server.engine_api import EngineBatch
+
+  engine = JaxEngine.from_config(load_config(ServerConfig, None, server_overrides(args)))
+  engine.warmup()
+  rng = np.random.default_rng(0)
+  b, t = args.batch, args.length
+  batches = [EngineBatch(rng.integers(0, engine.info.vocab_size, (b, t), dtype=np.int32),
+                         np.ones((b, t), np.int32), np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+                         np.ones((b, engine.info.max_temperatures), np.float32), False)
+             for _ in range(4)]
+  engine.forward(batches[0])
+  start = time.perf_counter()
+  for i in range(args.batches):
+    engine.forward(batches[i % len(batches)])
+  seconds = time.perf_counter() - start
+  return {"engine_tokens_per_s": args.batches * b * t / seconds, "engine_seconds": seconds,
+          "compilations": engine.compilations(), "vocab_size": engine.info.vocab_size}
+
+
+def free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+async def client_phase(args, address: str, vocab: int) -> dict:
+  """Tokens/s served through gRPC, plus message sizes."""
+  from distill_core import wire
+  from distill_core.client import OutputSpec, TeacherClient
+
+  b, t = args.batch, args.length
+  rng = np.random.default_rng(1)
+  tokens = [rng.integers(0, vocab, (b, t), dtype=np.int32) for _ in range(4)]
+  spec = OutputSpec(k=args.k, value_dtype="float16")
+  async with TeacherClient(address) as client:
+    await client.wait_until_serving(timeout=600)
+    sizes = {}
+    for packed in (False, True):
+      resp = await client.stub.Forward(wire.make_request(0, tokens[0], OutputSpec(k=args.k, pack_ids=packed)))
+      sizes["packed" if packed else "plain"] = resp.ByteSize()
+    request_bytes = wire.make_request(0, tokens[0], spec).ByteSize()
+    per_stream = [args.batches // args.streams + (i < args.batches % args.streams) for i in range(args.streams)]
+
+    async def run(n: int) -> None:
+      async with client.stream(window=args.window) as stream:
+        futures = [await stream.submit(tokens[i % len(tokens)], spec) for i in range(n)]
+        for f in futures:
+          await f
+
+    await run(2)  # warm connection and code paths
+    start = time.perf_counter()
+    await asyncio.gather(*(run(n) for n in per_stream))
+    seconds = time.perf_counter() - start
+  return {"served_tokens_per_s": args.batches * b * t / seconds, "served_seconds": seconds,
+          "request_bytes_per_token": request_bytes / (b * t),
+          "response_bytes_per_token": sizes["plain"] / (b * t),
+          "response_bytes_per_token_packed_ids": sizes["packed"] / (b * t)}
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.engine_only:
+    print(json.dumps(engine_phase(args)))
+    return 0
+  child = [sys.executable, "-m", "benchmarks.bench_server", "--engine-only", f"--preset={args.preset}",
+           f"--batch={args.batch}", f"--length={args.length}", f"--k={args.k}", f"--batches={args.batches}"]
+  out = subprocess.run(child, cwd=REPO, check=True, capture_output=True, text=True)
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  address = f"127.0.0.1:{free_port()}"
+  server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
+                             *server_overrides(args)], cwd=REPO, env=dict(os.environ))
+  try:
+    results.update(asyncio.run(client_phase(args, address, results["vocab_size"])))
+  finally:
+    server.terminate()
+    server.wait(60)
+  results["serving_efficiency"] = results["served_tokens_per_s"] / results["engine_tokens_per_s"]
+  results.update(preset=args.preset, bucket=[args.batch, args.length], k=args.k)
+  if args.json:
+    print(json.dumps(results))
+  else:
+    print(f"teacher {args.preset}, bucket {args.batch}x{args.length}, k={args.k}, {args.batches} batches")
+    print(f"  engine (no gRPC)   {results['engine_tokens_per_s']:12,.0f} tokens/s")
+    print(f"  served over gRPC   {results['served_tokens_per_s']:12,.0f} tokens/s "
+          f"({args.streams} streams x window {args.window})")
+    print(f"  serving efficiency {results['serving_efficiency']:12.1%}")
+    print(f"  wire bytes/token   request {results['request_bytes_per_token']:.1f}, answer "
+          f"{results['response_bytes_per_token']:.1f} (f16 values + int32 ids), "
+          f"{results['response_bytes_per_token_packed_ids']:.1f} with packed ids")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
