@@ -32,8 +32,10 @@ def read_jsonl(path):
 
 
 def test_none_source_trains_and_logs(tiny_dataset, tmp_path):
-  cfg = make_cfg(tiny_dataset, tmp_path / "run", "steps=12", "optim.learning_rate=1e-2", "logging.every_steps=4")
+  cfg = make_cfg(tiny_dataset, tmp_path / "run", "steps=12", "optim.learning_rate=1e-2", "logging.every_steps=4",
+                 "logging.tensorboard=true")
   result = run(cfg)
+  assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
   assert result.step == 12 and not result.preempted
   rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/ce_loss" in r]
   assert [r["step"] for r in rows] == [4, 8, 12]
@@ -41,6 +43,19 @@ def test_none_source_trains_and_logs(tiny_dataset, tmp_path):
   assert "train/kd_loss" not in rows[0]
   assert "eval/ce_loss" in result.last_metrics
   assert rows[0]["perf/tokens_per_s"] > 0
+
+
+def test_final_student_exports_to_hugging_face_and_initialises_a_run(tiny_dataset, tmp_path):
+  from flax import nnx
+  from distill_core.model.hf import load_hf_checkpoint
+  result = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=2", "export_hf=true"), keep_state=True)
+  exported = load_hf_checkpoint(tmp_path / "run" / "hf")
+  for a, b in zip(params_of(result), [np.asarray(x) for x in jax.tree.leaves(nnx.state(exported, nnx.Param))],
+                  strict=True):
+    np.testing.assert_array_equal(a, b)
+  follow = run(make_cfg(tiny_dataset, tmp_path / "next", "steps=1", f"init_hf_checkpoint={tmp_path / 'run' / 'hf'}",
+                        "checkpoint.resume=false"))
+  assert follow.step == 1
 
 
 def test_local_teacher_distills(tiny_dataset, tmp_path):
