@@ -95,12 +95,14 @@ class TeacherClient:
     server_name_override: TLS name to verify instead of the target host (tests, IP targets).
     max_message_bytes: largest message sent or received.
     tls: use TLS with the system roots when no ``root_certificates`` are given.
+    options: extra gRPC channel arguments, e.g. ``("grpc.max_reconnect_backoff_ms", 2000)``.
   """
 
   def __init__(self, target: str | Sequence[str], *, root_certificates: str | bytes | None = None,
                client_cert: str | bytes | None = None, client_key: str | bytes | None = None,
                token: str | None = None, server_name_override: str | None = None,
-               max_message_bytes: int = 256 << 20, tls: bool = False):
+               max_message_bytes: int = 256 << 20, tls: bool = False,
+               options: Sequence[tuple[str, int | str]] = ()):
     if bool(client_cert) != bool(client_key):
       raise ValueError("client_cert and client_key must be given together")
     self.target = target_uri(target)
@@ -112,6 +114,7 @@ class TeacherClient:
                      ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]}))]
     if server_name_override:
       self._options.append(("grpc.ssl_target_name_override", server_name_override))
+    self._options.extend(options)
     self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
     self._channel: grpc.aio.Channel | None = None
     self._ids = itertools.count(1)
