@@ -71,3 +71,11 @@ def test_bad_override_is_reported(capsys):
   assert "limits.max_k" in capsys.readouterr().err
   assert main(["model.source=hf"]) == 2
   assert "model.path is required" in capsys.readouterr().err
+
+
+def test_docs_describe_every_option():
+  text = (REPO / "docs" / "teacher_server.md").read_text()
+  for line in describe(ServerConfig):
+    key = line.split(" ", 1)[0].rstrip(":")
+    if "(" in line.split(":", 1)[0]:  # a leaf option, not a section
+      assert f"`{key}`" in text, key
