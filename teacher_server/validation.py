@@ -123,18 +123,8 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
                                                      "BFLOAT16, FLOAT32")
   layers = tuple(int(x) for x in spec.layers)
   states = tuple(spec.states)
-  for layer in layers:
-    if layer not in info.selectable_layers:
-      raise RequestError(_INVALID, "spec.layers", f"layer {layer} is not selectable (selectable: "
-                                                  f"{list(info.selectable_layers)})")
-  if len(set(layers)) != len(layers):
-    raise RequestError(_INVALID, "spec.layers", f"duplicate layers in {list(layers)}")
-  for name in states:
-    if name not in info.state_names:
-      raise RequestError(_INVALID, "spec.states", f"unknown state {name!r} (offered: "
-                                                  f"{list(info.state_names)})")
-  if len(set(states)) != len(states):
-    raise RequestError(_INVALID, "spec.states", f"duplicate states in {list(states)}")
+  _check_choices(layers, info.selectable_layers, "spec.layers", "layer {} is not selectable")
+  _check_choices(states, info.state_names, "spec.states", "unknown state {!r}")
   if states and not layers:
     raise RequestError(_INVALID, "spec.layers", "states requested without any layers")
   if layers and not states:
@@ -144,6 +134,14 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
   return dict(k=int(spec.k), temperatures=temps, value_dtype=wire.numpy_dtype(value_dtype),
               layers=layers, states=states, state_dtype=wire.numpy_dtype(state_dtype),
               pack_ids=bool(spec.pack_ids))
+
+
+def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
+  for value in values:
+    if value not in allowed:
+      raise RequestError(_INVALID, field, f"{unknown.format(value)} (offered: {list(allowed)})")
+  if len(set(values)) != len(values):
+    raise RequestError(_INVALID, field, f"duplicate entries in {list(values)}")
 
 
 def _enum_name(value: int) -> str:
