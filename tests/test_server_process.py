@@ -25,7 +25,8 @@ TOKEN = "process-test-token"
 TRUE_VOCAB = 300  # tiny has 384 embedding rows: ids 300..383 are padding and must never be returned
 OVERRIDES = ["model.source=preset", "model.preset=tiny", "model.seed=3",
              f"model.overrides={{true_vocab_size: {TRUE_VOCAB}}}", "batcher.buckets=[[4,32]]",
-             "limits.max_k=16", "batcher.max_wait_ms=5", f"security.auth_token={TOKEN}"]
+             "limits.max_k=16", "limits.max_temperatures=3", "batcher.max_wait_ms=5",
+             f"security.auth_token={TOKEN}"]
 
 
 @pytest.fixture(scope="module")
