@@ -1,0 +1,1 @@
+"""gRPC teacher server: engine, batcher, servicer and server wiring (`python -m teacher_server`)."""

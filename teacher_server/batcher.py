@@ -34,6 +34,13 @@ from teacher_server.validation import Prepared, RequestError
 log = logging.getLogger(__name__)
 
 
+def new_future() -> asyncio.Future:
+  """A future whose exception counts as retrieved even if its caller went away (no GC warnings)."""
+  future = asyncio.get_running_loop().create_future()
+  future.add_done_callback(lambda f: f.cancelled() or f.exception())
+  return future
+
+
 class QueueFullError(Exception):
   """The batcher queue is full (answered as RESOURCE_EXHAUSTED)."""
 
@@ -106,7 +113,7 @@ class Batcher:
   def _job(self, req: Prepared) -> _Job:
     if self._closing:
       raise ShuttingDownError("the server is shutting down")
-    return _Job(req, asyncio.get_running_loop().create_future())
+    return _Job(req, new_future())
 
   async def submit(self, req: Prepared) -> asyncio.Future:
     """Queues ``req`` (waiting while the queue is full); the future yields ``TeacherTargets``."""

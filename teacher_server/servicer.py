@@ -14,7 +14,7 @@ import numpy as np
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
-from teacher_server.batcher import Batcher, QueueFullError, ShuttingDownError
+from teacher_server.batcher import Batcher, QueueFullError, ShuttingDownError, new_future
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import Engine, EngineInfo
 from teacher_server.metrics import Metrics
@@ -122,7 +122,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
           prepared = self._prepare(req)
           future = await self._batcher.submit(prepared)
         except (RequestError, ShuttingDownError) as e:
-          future = asyncio.get_running_loop().create_future()
+          future = new_future()
           future.set_exception(e)
         await window.put((req.request_id, prepared, future, start))
     except asyncio.CancelledError:

@@ -262,3 +262,21 @@ async def test_metrics_count_requests_tokens_and_errors():
     assert reg.get_sample_value("teacher_tokens_total") == 10
     assert reg.get_sample_value("teacher_batch_fill_ratio_sum") == pytest.approx(10 / 64)
     assert reg.get_sample_value("teacher_batches_total", {"bucket": "4x16"}) == 1
+
+
+async def test_cancelled_stream_does_not_disturb_others():
+  engine = FakeEngine(delay_s=0.05)
+  async with fake_server("batcher.max_wait_ms=0", engine=engine) as (server, address):
+    async with TeacherClient(address) as client:
+      stream = await client.stream().__aenter__()
+      doomed = [await stream.submit(np.full((4, 4), i, np.int32), OutputSpec(k=1)) for i in range(4)]
+      await asyncio.sleep(0.02)
+      stream.cancel()
+      for future in doomed:
+        with pytest.raises(TeacherError) as e:
+          await future
+        assert e.value.code == grpc.StatusCode.CANCELLED
+      got = await client.forward(np.full((2, 3), 9, np.int32), OutputSpec(k=2))
+      np.testing.assert_array_equal(got.topk_ids[..., 1], np.full((2, 3), 10))
+    await asyncio.sleep(0.3)  # the abandoned batches finish
+    assert server.metrics.registry.get_sample_value("teacher_open_streams") == 0
