@@ -64,7 +64,10 @@ class TeacherServer:
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg.security)
-    port = server.add_secure_port(cfg.address, creds) if creds else server.add_insecure_port(cfg.address)
+    try:
+      port = server.add_secure_port(cfg.address, creds) if creds else server.add_insecure_port(cfg.address)
+    except RuntimeError as e:
+      raise OSError(f"could not bind address {cfg.address}: {e}") from None
     if not port:
       raise OSError(f"could not bind address {cfg.address}")
     self.port = port
@@ -121,11 +124,15 @@ async def serve(cfg: ServerConfig, engine: Engine | None = None) -> int:
   stop = asyncio.Event()
   for sig in (signal.SIGTERM, signal.SIGINT):
     loop.add_signal_handler(sig, stop.set)
-  if engine is None:
-    from teacher_server.engine import JaxEngine  # heavy (JAX); only the real server needs it
-    engine = await asyncio.to_thread(JaxEngine.from_config, cfg)
-  server = TeacherServer(cfg, engine)
-  await server.start()
+  try:
+    if engine is None:
+      from teacher_server.engine import JaxEngine  # heavy (JAX); only the real server needs it
+      engine = await asyncio.to_thread(JaxEngine.from_config, cfg)
+    server = TeacherServer(cfg, engine)
+    await server.start()
+  except (OSError, ValueError) as e:  # missing files, bad checkpoints, unusable settings, busy port
+    log.error("cannot start: %s", e)
+    return 1
   stopped = asyncio.create_task(stop.wait())
   terminated = asyncio.create_task(server.wait())
   await asyncio.wait({stopped, terminated}, return_when=asyncio.FIRST_COMPLETED)
