@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import TeacherTargets
+from distill_core.targets import STATE_NAMES, TeacherTargets
 
 _DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -35,7 +35,6 @@ _NAMES = {
 }
 VALUE_DTYPES = ("float16", "bfloat16", "float32")
 STATE_DTYPES = ("bfloat16", "float32")
-STATE_NAMES = ("attn_in", "attn_out")
 
 
 class WireError(ValueError):
