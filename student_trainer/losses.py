@@ -1,0 +1,377 @@
+"""Distillation losses: pure, jit-friendly array functions returning `(loss, metrics)`.
+
+Every loss returns a `MaskedSum` (the masked sum over tokens and the token
+count) plus a dict of `MaskedSum` metrics, so gradient accumulation can add
+micro-batches and divide once: sum of losses / sum of tokens, never a mean of
+means. `combine` forms total = alpha * kd + (1 - alpha) * ce + beta * feature.
+Metric names are plain (`kd_loss`); the trainer adds `train/` or `eval/`.
+
+Memory: the student's full-vocabulary log-probabilities are never stored. Each
+loss reduces the logits to a per-position row max and log-partition (XLA fuses
+the elementwise work into the reduction) and gathers the few logits it needs;
+see docs/losses.md for the formulas.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Literal
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pydantic
+from pydantic import Field
+
+from distill_core.config import ConfigBase
+from distill_core.targets import TeacherTargets
+from student_trainer.schedules import Schedule, constant
+
+Array = jax.Array
+_EPS = 1e-8  # smallest vector norm in the cosine distance
+_TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
+
+KDMode = Literal["tail", "renormalize", "topk"]
+FeatureKind = Literal["cosine", "l2"]
+
+
+@flax.struct.dataclass
+class MaskedSum:
+  """A token-masked sum and the number of tokens it covers (both f32 scalars)."""
+
+  sum: Array
+  count: Array
+
+  def mean(self, count: Array | None = None) -> Array:
+    """sum / count (or the given count, e.g. the whole accumulated batch's); 0 when empty."""
+    denom = self.count if count is None else jnp.asarray(count, jnp.float32)
+    return jnp.where(denom > 0, self.sum / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+  def __add__(self, other: "MaskedSum") -> "MaskedSum":
+    return MaskedSum(self.sum + other.sum, self.count + other.count)
+
+
+def masked_sum(per_token: Array, loss_mask: Array) -> MaskedSum:
+  """Sums (B, T) values where `loss_mask` > 0 (weighted by it); other positions never leak NaN."""
+  w = loss_mask.astype(jnp.float32)
+  return MaskedSum(jnp.sum(jnp.where(w > 0, per_token * w, 0.0)), jnp.sum(w))
+
+
+def means(metrics: dict[str, MaskedSum], count: Array | None = None) -> dict[str, Array]:
+  """The token-weighted mean of every metric."""
+  return {name: value.mean(count) for name, value in metrics.items()}
+
+
+def _mask_padded(logits: Array, true_vocab_size: int | None) -> Array:
+  """Logits with ids >= true_vocab_size at -inf (an added (V,) bias, which XLA fuses)."""
+  vocab = logits.shape[-1]
+  if true_vocab_size is None or true_vocab_size >= vocab:
+    return logits
+  return logits + jnp.where(jnp.arange(vocab) < true_vocab_size, 0.0, -jnp.inf)
+
+
+def _normaliser(logits: Array, inv_t: Array) -> tuple[Array, Array]:
+  """(m, lse): the row max (B, T, 1), without gradient, and log sum_v exp((s_v - m) / T) (B, T).
+
+  log q_v = (s_v - m) / T - lse. One fused reduction: the (B, T, V) log-probs
+  are never stored.
+  """
+  m = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  return m, jnp.log(jnp.sum(jnp.exp((logits - m) * inv_t), axis=-1))
+
+
+def ce(student_logits: Array, labels: Array, loss_mask: Array, *,
+       true_vocab_size: int | None = None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """Next-token cross-entropy on hard labels (B, T); padded vocabulary ids are excluded."""
+  s = _mask_padded(student_logits.astype(jnp.float32), true_vocab_size)
+  m, lse = _normaliser(s, 1.0)
+  safe = jnp.clip(jnp.where(loss_mask > 0, labels, 0), 0, s.shape[-1] - 1)
+  s_label = jnp.take_along_axis(s, safe[..., None], axis=-1)[..., 0]  # (B, T)
+  return masked_sum(lse - (s_label - m[..., 0]), loss_mask), {}
+
+
+def kd_dense(student_logits: Array, teacher_logits: Array, loss_mask: Array, *, temperature: Any,
+             true_vocab_size: int | None = None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """T^2 * KL(softmax(z/T) || softmax(s/T)) over the real vocabulary (forward KL)."""
+  inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
+  s = _mask_padded(student_logits.astype(jnp.float32), true_vocab_size)
+  z = _mask_padded(jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)), true_vocab_size)
+  (ms, lse_s), (mz, lse_z) = _normaliser(s, inv_t), _normaliser(z, inv_t)
+  # log p_v - log q_v = d_v - lse_z + lse_s with d = ((z - m_z) - (s - m_s)) / T, and sum_v p_v = 1.
+  d = jnp.where(jnp.isfinite(z), ((z - mz) - (s - ms)) * inv_t, 0.0)  # (B, T, V)
+  p = jnp.exp((z - mz) * inv_t - lse_z[..., None])
+  kl = jnp.sum(p * d, axis=-1) - lse_z + lse_s
+  return masked_sum(kl / (inv_t * inv_t), loss_mask), {}
+
+
+@flax.struct.dataclass
+class _Sparse:
+  """What the KD modes need; (B, T, k) fields are zero where not kept."""
+
+  keep: Array  # bool: in the support S (valid, and inside the top-p prefix)
+  log_p: Array  # teacher z_i / T - lse_t (exact log-probability)
+  zt: Array  # teacher z_i / T (z shifted: entry 0 is the max, 0)
+  lse_t: Array  # (B, T) teacher log sum_v exp(z_v / T)
+  xs: Array  # student (s_i - m) / T
+  lse_s: Array  # (B, T) student log sum_v exp((s_v - m) / T)
+  logits: Array  # (B, T, V) student logits, padded ids at -inf
+  m: Array  # (B, T, 1) student row max
+  inv_t: Array  # () 1 / T
+  ids: Array  # (B, T, k) teacher ids
+  n_real: int = flax.struct.field(pytree_node=False, default=0)  # real vocabulary size
+
+  def student_log_tail(self) -> Array:
+    """log sum_{v not in S} q_v, summed over the vocabulary (exact however close sum_S q is to 1)."""
+    in_s = jnp.put_along_axis(jnp.zeros(self.logits.shape, bool), self.ids, self.keep, axis=-1, inplace=False)
+    tail = jnp.sum(jnp.where(in_s, 0.0, jnp.exp((self.logits - self.m) * self.inv_t)), axis=-1)
+    return jnp.log(jnp.maximum(tail, _TAIL_FLOOR)) - self.lse_s
+
+
+def _teacher_tail(zt: Array, keep: Array, lse_t: Array) -> Array:
+  """r = 1 - sum_S p_i = (expm1(lse_t) - expm1(zt_0) - sum_{S, i > 0} exp(zt_i)) * exp(-lse_t), >= 0.
+
+  The top entry (zt_0 = 0) enters as expm1 so the difference keeps its
+  precision when one token dominates.
+  """
+  first = jnp.arange(zt.shape[-1]) == 0
+  mass_m1 = jnp.sum(jnp.where(keep, jnp.where(first, jnp.expm1(zt), jnp.exp(zt)), 0.0), axis=-1)
+  return jnp.maximum(jnp.expm1(lse_t) - mass_m1, 0.0) * jnp.exp(-lse_t)
+
+
+def _tail_kl(t: _Sparse) -> Array:
+  """k+1 categories: the support plus one tail bucket, exact on both sides."""
+  p = jnp.where(t.keep, jnp.exp(t.log_p), 0.0)
+  top = jnp.sum(p * (t.log_p - (t.xs - t.lse_s[..., None])), axis=-1)
+  # The bucket is empty when S covers the whole real vocabulary (then r is rounding noise).
+  r = jnp.where(jnp.sum(t.keep, axis=-1) < t.n_real, _teacher_tail(t.zt, t.keep, t.lse_t), 0.0)
+  log_r = jnp.log(jnp.where(r > 0, r, 1.0))
+  return top + jnp.where(r > 0, r * (log_r - t.student_log_tail()), 0.0)
+
+
+def _renormalized_kl(t: _Sparse) -> Array:
+  """Teacher and student both renormalised over the support S."""
+  def renorm(x):
+    return jnp.where(t.keep, x - jax.nn.logsumexp(jnp.where(t.keep, x, -jnp.inf), axis=-1, keepdims=True), 0.0)
+  log_p, log_q = renorm(t.zt), renorm(t.xs)
+  return jnp.sum(jnp.where(t.keep, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
+
+
+def _topk_kl(t: _Sparse) -> Array:
+  """sum_{i in S} p_i (log p_i - log q_i), exact p, full-vocabulary q, no tail term."""
+  p = jnp.where(t.keep, jnp.exp(t.log_p), 0.0)
+  return jnp.sum(p * (t.log_p - (t.xs - t.lse_s[..., None])), axis=-1)
+
+
+SPARSE_MODES: dict[str, Callable[[_Sparse], Array]] = {
+    "tail": _tail_kl, "renormalize": _renormalized_kl, "topk": _topk_kl}
+
+
+def _column(targets: TeacherTargets, temperature: Any) -> tuple[Array, Array]:
+  """(index, gap): the logsumexp column nearest `temperature` (column 0 when None)."""
+  temps = jnp.asarray(targets.temperatures, jnp.float32)
+  if temperature is None:
+    return jnp.asarray(0), jnp.asarray(0.0, jnp.float32)
+  try:  # concrete on both sides: refuse a temperature the teacher did not compute
+    targets.temperature_index(float(np.asarray(temperature)))
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError, TypeError):
+    pass
+  gaps = jnp.abs(temps - jnp.asarray(temperature, jnp.float32))
+  idx = jnp.argmin(gaps)
+  return idx, gaps[idx]
+
+
+def kd_sparse(student_logits: Array, targets: TeacherTargets, loss_mask: Array, *,
+              mode: KDMode = "tail", temperature: Any = None, top_p: float | None = None,
+              k: int | None = None, true_vocab_size: int | None = None,
+              ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """T^2 * KL(teacher || student) from sparse teacher targets (see docs/losses.md).
+
+  Args:
+    student_logits: (B, T, V) student logits.
+    targets: the teacher's top-k ids, shifted logits and logsumexp.
+    loss_mask: (B, T); positions with 0 are ignored.
+    mode: `tail`, `renormalize` or `topk`.
+    temperature: the temperature in use; the loss takes the logsumexp column
+      whose temperature is nearest and uses that column's temperature on both
+      sides (`temperature_gap` reports the distance; concrete values that match
+      no column raise ValueError). None: column 0.
+    top_p: keep the shortest prefix of the top-k whose exact cumulative teacher
+      probability reaches top_p (at least one id); None, 0 or 1 disables.
+    k: use only the first k teacher ids (static; default all).
+    true_vocab_size: student logits of ids >= this are excluded.
+
+  Returns:
+    (loss, metrics) with metrics `teacher_tail_mass` (1 - sum of the teacher's
+    top-k probabilities), `kd_support` (ids kept per position) and
+    `temperature_gap`.
+  """
+  if mode not in SPARSE_MODES:
+    raise ValueError(f"mode: {mode!r} not in {', '.join(SPARSE_MODES)}")
+  if top_p is not None and not 0.0 <= top_p <= 1.0:
+    raise ValueError(f"top_p: {top_p} not in [0, 1]")
+  if k is not None and not 0 < k <= targets.k:
+    raise ValueError(f"k: {k} not in [1, {targets.k}] (the teacher sent {targets.k} ids)")
+  col, gap = _column(targets, temperature)
+  temp = jnp.asarray(targets.temperatures, jnp.float32)[col]
+  inv_t = 1.0 / temp
+  ids = targets.topk_ids[..., :k] if k else targets.topk_ids  # (B, T, k)
+  z = jax.lax.stop_gradient(targets.topk_logits[..., :ids.shape[-1]].astype(jnp.float32))
+  lse_t = jax.lax.stop_gradient(jnp.take(targets.logsumexp, col, axis=-1))  # (B, T)
+  # Masked positions may hold anything (NaN, ids outside the vocabulary): neutralise them.
+  counted = loss_mask > 0
+  ids = jnp.where(counted[..., None], ids, jnp.arange(ids.shape[-1], dtype=ids.dtype))
+  lse_t = jnp.where(counted, lse_t, 0.0)
+  valid = jnp.isfinite(z) & counted[..., None]
+  zt = jnp.where(valid, z * inv_t, 0.0)
+  log_p = jnp.where(valid, zt - lse_t[..., None], 0.0)
+  p = jnp.where(valid, jnp.exp(log_p), 0.0)
+  keep = valid
+  if top_p is not None and 0.0 < top_p < 1.0:
+    keep = valid & (jnp.cumsum(p, axis=-1) - p < top_p)
+  s = _mask_padded(student_logits.astype(jnp.float32), true_vocab_size)
+  m, lse_s = _normaliser(s, inv_t)
+  xs = jnp.where(keep, (jnp.take_along_axis(s, ids, axis=-1) - m) * inv_t, 0.0)  # (B, T, k)
+  terms = _Sparse(keep=keep, log_p=jnp.where(keep, log_p, 0.0), zt=jnp.where(keep, zt, 0.0), lse_t=lse_t,
+                  xs=xs, lse_s=lse_s, logits=s, m=m, inv_t=inv_t, ids=ids,
+                  n_real=min(true_vocab_size or s.shape[-1], s.shape[-1]))
+  kl = SPARSE_MODES[mode](terms)  # (B, T)
+  metrics = {"teacher_tail_mass": masked_sum(_teacher_tail(zt, valid, lse_t), loss_mask),
+             "kd_support": masked_sum(jnp.sum(keep, axis=-1).astype(jnp.float32), loss_mask),
+             "temperature_gap": masked_sum(jnp.broadcast_to(gap, kl.shape), loss_mask)}
+  return masked_sum(kl * (temp * temp), loss_mask), metrics
+
+
+def _cosine_distance(s: Array, t: Array) -> Array:
+  norm = lambda x: jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1), _EPS * _EPS))
+  return 1.0 - jnp.sum(s * t, axis=-1) / (norm(s) * norm(t))
+
+
+def _l2_distance(s: Array, t: Array) -> Array:
+  return jnp.mean(jnp.square(s - t), axis=-1)
+
+
+FEATURE_KINDS: dict[str, Callable[[Array, Array], Array]] = {"cosine": _cosine_distance, "l2": _l2_distance}
+
+
+def feature_loss(student_states: Array, teacher_states: Array, loss_mask: Array, *,
+                 kind: FeatureKind = "cosine") -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """Distance between (L, B, T, E) student and teacher states, averaged over layers, per token.
+
+  `cosine`: 1 - cos(s, t); `l2`: mean over E of (s - t)^2.
+  """
+  if kind not in FEATURE_KINDS:
+    raise ValueError(f"kind: {kind!r} not in {', '.join(FEATURE_KINDS)}")
+  if student_states.shape != teacher_states.shape:
+    raise ValueError(f"feature_loss: student states {tuple(student_states.shape)} != "
+                     f"teacher states {tuple(teacher_states.shape)}")
+  s = student_states.astype(jnp.float32)
+  t = jnp.where(loss_mask[..., None] > 0, jax.lax.stop_gradient(teacher_states.astype(jnp.float32)), 0.0)
+  per_token = jnp.mean(FEATURE_KINDS[kind](s, t), axis=0)  # (B, T)
+  return masked_sum(per_token, loss_mask), {}
+
+
+def select_teacher_states(targets: TeacherTargets, teacher_layers: tuple[int, ...],
+                          name: str = "attn_out") -> Array:
+  """(len(teacher_layers), B, T, E): the teacher's `name` states at those layers, in order."""
+  if name not in targets.layer_states:
+    raise ValueError(f"layer_states: no {name!r} states (have {sorted(targets.layer_states)})")
+  missing = [layer for layer in teacher_layers if layer not in targets.state_layers]
+  if missing:
+    raise ValueError(f"state_layers: teacher layers {missing} not sent (have {list(targets.state_layers)})")
+  rows = [targets.state_layers.index(layer) for layer in teacher_layers]
+  return jnp.take(targets.layer_states[name], jnp.asarray(rows), axis=0)
+
+
+def combine(*, kd: MaskedSum | None = None, ce: MaskedSum | None = None,
+            feature: MaskedSum | None = None, alpha: Any = 0.0, beta: Any = 0.0,
+            num_tokens: Array | None = None) -> tuple[Array, dict[str, Array]]:
+  """total = alpha * kd + (1 - alpha) * ce + beta * feature on token-weighted means.
+
+  A part given as None is left out; without `kd`, `ce` gets weight 1 (CE-only
+  fallback). `num_tokens` replaces every part's own count: pass the token count
+  of the whole accumulated batch in each micro-batch and the summed micro-batch
+  totals (and gradients) equal the full-batch ones.
+  """
+  alpha = jnp.asarray(alpha, jnp.float32)
+  parts = {"kd_loss": (kd, alpha),
+           "ce_loss": (ce, 1.0 - alpha if kd is not None else jnp.asarray(1.0, jnp.float32)),
+           "feature_loss": (feature, jnp.asarray(beta, jnp.float32))}
+  total = jnp.asarray(0.0, jnp.float32)
+  metrics = {}
+  for name, (part, weight) in parts.items():
+    if part is not None:
+      metrics[name] = part.mean(num_tokens)
+      total = total + weight * metrics[name]
+  metrics["total_loss"] = total
+  return total, metrics
+
+
+class LossConfig(ConfigBase):
+  """Which losses, their weights and the sparse-KD variant."""
+
+  kd_mode: KDMode = Field("tail", description="Sparse KD variant: tail (top-k + exact tail bucket), "
+                                              "renormalize (both sides over the top-k), topk (no tail term).")
+  top_k: int = Field(64, gt=0, description="Teacher ids per position (requested; targets with more use the first top_k).")
+  top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus cut of the top-k by exact teacher "
+                                                               "probability; None or 0 disables.")
+  use_dense: bool = Field(False, description="Use kd_dense on full teacher logits when an in-process teacher "
+                                             "provides them.")
+  temperature: Schedule = Field(default_factory=lambda: constant(1.0),
+                                description="KD temperature T (a number or a schedule).")
+  alpha: Schedule = Field(default_factory=lambda: constant(0.5),
+                          description="Weight of the KD loss; CE gets 1 - alpha (a number or a schedule).")
+  beta: Schedule = Field(default_factory=lambda: constant(0.0),
+                         description="Weight of the feature loss (a number or a schedule).")
+  feature_kind: FeatureKind = Field("cosine", description="Feature distance on attn_out: cosine or l2 (MSE).")
+  layer_map: list[int] | None = Field(None, description="Teacher layer of each student layer j; None = identity.")
+  feature_layers: list[int] | None = Field(None, description="Student layers with a feature loss; None = all.")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "LossConfig":
+    checks = [("temperature", self.temperature.bounds()[0] > 0, "must stay > 0"),
+              ("alpha", 0.0 <= self.alpha.bounds()[0] and self.alpha.bounds()[1] <= 1.0, "must stay in [0, 1]"),
+              ("beta", self.beta.bounds()[0] >= 0.0, "must stay >= 0")]
+    for name, ok, what in checks:
+      if not ok:
+        raise ValueError(f"{name} {what} (schedule goes from {getattr(self, name).start} "
+                         f"to {getattr(self, name).final})")
+    if self.layer_map is not None and min(self.layer_map, default=0) < 0:
+      raise ValueError(f"layer_map entries must be >= 0, got {self.layer_map}")
+    return self
+
+  @property
+  def top_p_cut(self) -> float | None:
+    return self.top_p if self.top_p else None
+
+  def layer_pairs(self, num_student_layers: int, num_teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(student layers, their teacher layers) for the feature loss; ValueError when inconsistent."""
+    if self.layer_map is None:
+      if num_student_layers != num_teacher_layers:
+        raise ValueError(f"layer_map: required when depths differ (student {num_student_layers}, "
+                         f"teacher {num_teacher_layers} layers)")
+      mapping = list(range(num_student_layers))
+    else:
+      mapping = self.layer_map
+      if len(mapping) != num_student_layers:
+        raise ValueError(f"layer_map: {len(mapping)} entries for {num_student_layers} student layers")
+      if max(mapping) >= num_teacher_layers:
+        raise ValueError(f"layer_map: teacher layer {max(mapping)} >= teacher depth {num_teacher_layers}")
+    student = tuple(range(num_student_layers)) if self.feature_layers is None else tuple(self.feature_layers)
+    bad = [j for j in student if not 0 <= j < num_student_layers]
+    if bad:
+      raise ValueError(f"feature_layers: {bad} outside [0, {num_student_layers})")
+    return student, tuple(mapping[j] for j in student)
+
+
+def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, cfg: LossConfig, *,
+              temperature: Any = None, true_vocab_size: int | None = None,
+              ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """The KD term `cfg` selects: kd_dense on dense teacher logits when enabled and present, else kd_sparse."""
+  if cfg.use_dense and targets.dense_logits is not None:
+    temp = targets.temperatures[0] if temperature is None else temperature
+    return kd_dense(student_logits, targets.dense_logits, loss_mask, temperature=temp,
+                    true_vocab_size=true_vocab_size)
+  if targets.k < cfg.top_k:
+    raise ValueError(f"top_k: loss wants {cfg.top_k} teacher ids, the targets carry {targets.k}")
+  return kd_sparse(student_logits, targets, loss_mask, mode=cfg.kd_mode, temperature=temperature,
+                   top_p=cfg.top_p_cut, k=cfg.top_k, true_vocab_size=true_vocab_size)
