@@ -1,0 +1,28 @@
+"""Runs every benchmark with its defaults, one after another (`make bench`).
+
+Each benchmark measures its own ratios within one run; running them in
+separate processes keeps one's compiled programs and threads out of another's
+measurement.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming")
+
+
+def main() -> int:
+  failed = []
+  for module in BENCHMARKS:
+    print(f"\n=== {module}", flush=True)
+    if subprocess.run([sys.executable, "-m", module]).returncode:
+      failed.append(module)
+  if failed:
+    print(f"failed: {', '.join(failed)}", file=sys.stderr)
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
