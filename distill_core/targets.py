@@ -52,7 +52,8 @@ class TeacherTargets:
 
   def __post_init__(self):
     temps = self.temperatures
-    if isinstance(temps, (list, tuple, float, int)) or (isinstance(temps, np.ndarray) and temps.dtype != np.float32):
+    host = isinstance(temps, (list, tuple, float, int))
+    if host or (isinstance(temps, np.ndarray) and temps.dtype != np.float32):
       object.__setattr__(self, "temperatures", np.asarray(temps, np.float32).reshape(-1))
     if not isinstance(self.state_layers, tuple):
       object.__setattr__(self, "state_layers", tuple(int(x) for x in self.state_layers))
@@ -265,7 +266,8 @@ def concat(parts: Sequence[TeacherTargets]) -> TeacherTargets:
   for i, part in enumerate(parts[1:], start=1):
     if part.state_layers != first.state_layers or set(part.layer_states) != set(first.layer_states):
       raise ValueError(f"concat: part {i} has states {sorted(part.layer_states)} at layers "
-                       f"{part.state_layers}, part 0 has {sorted(first.layer_states)} at {first.state_layers}")
+                       f"{part.state_layers}, part 0 has {sorted(first.layer_states)} "
+                       f"at {first.state_layers}")
     if not np.array_equal(np.asarray(part.temperatures), np.asarray(first.temperatures)):
       raise ValueError(f"concat: part {i} temperatures differ from part 0")
     if (part.dense_logits is None) != (first.dense_logits is None):

@@ -118,7 +118,7 @@ class _Sparse:
   m: Array  # (B, T, 1) student row max
   inv_t: Array  # () 1 / T
   ids: Array  # (B, T, k) teacher ids
-  n_real: int = flax.struct.field(pytree_node=False, default=0)  # real vocabulary size
+  n_real: int = flax.struct.field(pytree_node=False)  # real vocabulary size (static)
 
   def student_log_tail(self) -> Array:
     """log sum_{v not in S} q_v, summed over the vocabulary (exact however close sum_S q is to 1)."""
@@ -151,7 +151,8 @@ def _tail_kl(t: _Sparse) -> Array:
 def _renormalized_kl(t: _Sparse) -> Array:
   """Teacher and student both renormalised over the support S."""
   def renorm(x):
-    return jnp.where(t.keep, x - jax.nn.logsumexp(jnp.where(t.keep, x, -jnp.inf), axis=-1, keepdims=True), 0.0)
+    lse = jax.nn.logsumexp(jnp.where(t.keep, x, -jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(t.keep, x - lse, 0.0)
   log_p, log_q = renorm(t.zt), renorm(t.xs)
   return jnp.sum(jnp.where(t.keep, jnp.exp(log_p) * (log_p - log_q), 0.0), axis=-1)
 
@@ -311,7 +312,8 @@ class LossConfig(ConfigBase):
 
   kd_mode: KDMode = Field("tail", description="Sparse KD variant: tail (top-k + exact tail bucket), "
                                               "renormalize (both sides over the top-k), topk (no tail term).")
-  top_k: int = Field(64, gt=0, description="Teacher ids per position (requested; targets with more use the first top_k).")
+  top_k: int = Field(64, gt=0, description="Teacher ids per position (requested from the teacher; "
+                                           "targets with more use the first top_k).")
   top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus cut of the top-k by exact teacher "
                                                                "probability; None or 0 disables.")
   use_dense: bool = Field(False, description="Use kd_dense on full teacher logits when an in-process teacher "
@@ -323,14 +325,17 @@ class LossConfig(ConfigBase):
   beta: Schedule = Field(default_factory=lambda: constant(0.0),
                          description="Weight of the feature loss (a number or a schedule).")
   feature_kind: FeatureKind = Field("cosine", description="Feature distance on attn_out: cosine or l2 (MSE).")
-  layer_map: list[int] | None = Field(None, description="Teacher layer of each student layer j; None = identity.")
-  feature_layers: list[int] | None = Field(None, description="Student layers with a feature loss; None = all.")
+  layer_map: list[int] | None = Field(None, description="Teacher layer of each student layer j; "
+                                                       "None = identity.")
+  feature_layers: list[int] | None = Field(None, description="Student layers with a feature loss; "
+                                                            "None = all.")
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "LossConfig":
-    checks = [("temperature", self.temperature.bounds()[0] > 0, "must stay > 0"),
-              ("alpha", 0.0 <= self.alpha.bounds()[0] and self.alpha.bounds()[1] <= 1.0, "must stay in [0, 1]"),
-              ("beta", self.beta.bounds()[0] >= 0.0, "must stay >= 0")]
+    (t_lo, _), (a_lo, a_hi), (b_lo, _) = self.temperature.bounds(), self.alpha.bounds(), self.beta.bounds()
+    checks = [("temperature", t_lo > 0, "must stay > 0"),
+              ("alpha", 0.0 <= a_lo and a_hi <= 1.0, "must stay in [0, 1]"),
+              ("beta", b_lo >= 0.0, "must stay >= 0")]
     for name, ok, what in checks:
       if not ok:
         raise ValueError(f"{name} {what} (schedule goes from {getattr(self, name).start} "
@@ -343,7 +348,8 @@ class LossConfig(ConfigBase):
   def top_p_cut(self) -> float | None:
     return self.top_p if self.top_p else None
 
-  def layer_pairs(self, num_student_layers: int, num_teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  def layer_pairs(self, num_student_layers: int,
+                  num_teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(student layers, their teacher layers) for the feature loss; ValueError when inconsistent."""
     if self.layer_map is None:
       if num_student_layers != num_teacher_layers:

@@ -38,7 +38,8 @@ class ScheduleConfig(ConfigBase):
   kind: Literal["constant", "linear", "cosine"] = Field("constant", description="Shape of the transition.")
   start: float = Field(..., description="Value at step 0 (and during `delay`).")
   end: float | None = Field(None, description="Value after the transition; None = start.")
-  steps: int = Field(0, ge=0, description="Length of the transition in optimizer steps (> 0 unless constant).")
+  steps: int = Field(0, ge=0, description="Length of the transition in optimizer steps "
+                                          "(> 0 unless constant).")
   delay: int = Field(0, ge=0, description="Optimizer steps held at `start` before the transition begins.")
 
   @pydantic.model_validator(mode="after")

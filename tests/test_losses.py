@@ -177,8 +177,8 @@ def test_tail_is_exact_for_a_confident_student():
   want, _ = _ref_sparse(s, z, mask, K, 1.0, "tail", None, TRUE_V)
   np.testing.assert_allclose(float(loss.mean()), want, rtol=1e-5)
   # Gradient: q_v - p~_v, with p~ = teacher p on the top-k and r * q_v / q_tail outside.
-  grad = np.asarray(jax.jit(jax.grad(lambda x: losses.kd_sparse(x, targets, jnp.asarray(mask),
-                                                                true_vocab_size=TRUE_V)[0].sum))(jnp.asarray(s)))
+  kd_sum = lambda x: losses.kd_sparse(x, targets, jnp.asarray(mask), true_vocab_size=TRUE_V)[0].sum
+  grad = np.asarray(jax.jit(jax.grad(kd_sum))(jnp.asarray(s)))
   for b, t in zip(*np.nonzero(mask)):
     sr, zr = s[b, t, :TRUE_V].astype(np.float64), z[b, t, :TRUE_V].astype(np.float64)
     q, p = np.exp(_log_softmax(sr)), np.exp(_log_softmax(zr))
@@ -208,7 +208,8 @@ def test_f16_wire_values_meet_the_accuracy_budget():
   rng = np.random.default_rng(6)
   z = (rng.normal(size=(4, 16, 256)) * 2.5 + 25.0).astype(np.float32)  # raw logits ~20-30
   mask = jnp.ones((4, 16))
-  for s in (z + rng.normal(size=z.shape).astype(np.float32), (rng.normal(size=z.shape) * 2.5 + 22).astype(np.float32)):
+  near, far = z + rng.normal(size=z.shape), rng.normal(size=z.shape) * 2.5 + 22.0
+  for s in (near.astype(np.float32), far.astype(np.float32)):
     for temp in (1.0, 2.0):
       ref = jit_kd_sparse(jnp.asarray(s), _targets(z, (temp,), k=32, true_v=256), mask)[0]
       f16 = jit_kd_sparse(jnp.asarray(s), _targets(z, (temp,), k=32, true_v=256, dtype="float16"), mask)[0]

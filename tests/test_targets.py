@@ -65,7 +65,8 @@ def test_value_dtype_rounds_shifted_values(dtype):
   z = _logits(seed=1) + 25.0  # raw magnitudes ~25: shifting keeps the small values exact
   out32 = tg.compute_targets(jnp.asarray(z), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V,
                              value_dtype="float32")
-  out = tg.compute_targets(jnp.asarray(z), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V, value_dtype=dtype)
+  out = tg.compute_targets(jnp.asarray(z), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V,
+                           value_dtype=dtype)
   assert out.topk_logits.dtype == jnp.dtype(dtype)
   np.testing.assert_array_equal(np.asarray(out.topk_logits),
                                 np.asarray(out32.topk_logits).astype(jnp.dtype(dtype)))
@@ -93,7 +94,8 @@ def test_states_are_carried():
   with pytest.raises(ValueError, match="hidden_size"):
     out.validate(hidden_size=16)
   with pytest.raises(ValueError, match="state_layers"):
-    tg.compute_targets(jnp.asarray(_logits()), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V, states=states)
+    tg.compute_targets(jnp.asarray(_logits()), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V,
+                       states=states)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -137,7 +139,8 @@ def test_numpy_round_trip():
     (lambda a: a.update(topk_ids=a["topk_ids"].astype(np.int64)), "topk_ids"),
     (lambda a: a.update(logsumexp=a["logsumexp"].astype(np.float16)), "logsumexp"),
     (lambda a: a.update(temperatures=np.asarray([1.0], np.float32)), "temperatures"),
-    (lambda a: a.update({"layer_states.attn_out": a["layer_states.attn_out"][:, :2]}), r"layer_states\[attn_out\]"),
+    (lambda a: a.update({"layer_states.attn_out": a["layer_states.attn_out"][:, :2]}),
+     r"layer_states\[attn_out\]"),
     (lambda a: a.update({"layer_states.mlp_out": a["layer_states.attn_out"]}), r"layer_states\[mlp_out\]"),
     (lambda a: a.update(state_layers=np.zeros((0,), np.int32)), "state_layers"),
     (lambda a: a.update(extra=np.zeros(1)), "extra"),
