@@ -39,14 +39,94 @@ class LocalTeacherConfig(ConfigBase):
   seed: int = Field(0, description="Seed of a randomly initialised teacher (tests only).")
 
 
+class RemoteTeacherConfig(ConfigBase):
+  """A teacher server (one or several replicas) answering over gRPC streams."""
+
+  address: str | list[str] = Field(
+      "127.0.0.1:50051", description="Teacher server as host:port, a list of host:port replicas (one "
+      "channel each, balanced by requests in flight), or a gRPC name such as dns:///teacher:50051 "
+      "(resolved and balanced round-robin by gRPC; use streams_per_address > 1 to spread over its replicas).")
+  window: int = Field(8, ge=1, description="Prefetch window: batches sent to the teacher ahead of the one "
+                      "being trained on.")
+  timeout_s: float = Field(120.0, gt=0, description="After this long without teacher progress on an unanswered "
+                           "batch, on_timeout applies (and `wait` warns again at this interval).")
+  on_timeout: str = Field("wait", description="Fallback policy: 'wait' (keep waiting, warn loudly) or "
+                          "'ce_only' (overdue batches train on cross-entropy alone, counted and logged).")
+  request_timeout_s: float | None = Field(
+      60.0, gt=0, description="A request unanswered this long marks its replica hung: the stream is "
+      "dropped and its requests are re-sent elsewhere (null: never).")
+  connect_timeout_s: float = Field(10.0, gt=0, description="Deadline of each health/info call when connecting.")
+  backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay; doubles per failed attempt.")
+  backoff_max_s: float = Field(10.0, gt=0, description="Largest reconnect delay (full jitter below it).")
+  streams_per_address: int = Field(1, ge=1, description="Streams opened per address (for a DNS name, "
+                                   "about its replica count, so gRPC spreads them).")
+  rows_per_request: int | None = Field(
+      None, ge=1, description="Rows of a batch per request (null: as many as the server's limits allow); "
+      "smaller requests spread one batch over several replicas.")
+  state_dtype: Literal["float32", "bfloat16"] = Field(
+      "float32", description="dtype of streamed layer states (bfloat16 halves their bytes).")
+  pack_ids: bool = Field(True, description="Ask for bit-packed top-k ids (lossless, fewer bytes).")
+  max_request_errors: int = Field(3, ge=1, description="Per-request server failures (e.g. engine errors) "
+                                  "tolerated for one batch before training stops with the error.")
+  allow_teacher_change: bool = Field(False, description="Resume from a checkpoint whose teacher stream came "
+                                     "from different teacher weights (refused by default).")
+  token: str | None = Field(None, description="Bearer token (prefer token_file).")
+  token_file: str | None = Field(None, description="File holding the bearer token (one line).")
+  tls: bool = Field(False, description="Use TLS with the system roots (implied by root_certificates).")
+  root_certificates: str | None = Field(None, description="PEM CA file the server certificate must chain to.")
+  client_cert: str | None = Field(None, description="PEM client certificate (mutual TLS).")
+  client_key: str | None = Field(None, description="PEM key of client_cert.")
+  server_name_override: str | None = Field(None, description="TLS name to verify instead of the address host.")
+  max_message_mb: int = Field(256, ge=1, description="Largest gRPC message sent or received, in MiB.")
+
+  @pydantic.field_validator("address")
+  @classmethod
+  def _check_address(cls, value: str | list[str]) -> str | list[str]:
+    entries = [value] if isinstance(value, str) else list(value)
+    if not entries:
+      raise ValueError("give at least one address")
+    for entry in entries:
+      host, _, port = entry.rpartition(":")
+      if not (host and port.isdigit()) and entry.split(":", 1)[0] not in ("dns", "unix", "ipv4", "ipv6"):
+        raise ValueError(f"{entry!r} is not host:port or a gRPC target such as dns:///name:port")
+    if len(set(entries)) != len(entries):
+      raise ValueError(f"duplicate addresses in {entries}")
+    return value
+
+  @pydantic.field_validator("on_timeout")
+  @classmethod
+  def _check_policy(cls, value: str) -> str:
+    from student_trainer.sources.policy import policy_names
+    if value not in policy_names():
+      raise ValueError(f"unknown policy {value!r} (known: {', '.join(policy_names())})")
+    return value
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "RemoteTeacherConfig":
+    if self.token and self.token_file:
+      raise ValueError("give token or token_file, not both")
+    if bool(self.client_cert) != bool(self.client_key):
+      raise ValueError("client_cert and client_key must be given together")
+    if self.backoff_max_s < self.backoff_initial_s:
+      raise ValueError(f"backoff_max_s ({self.backoff_max_s}) < backoff_initial_s ({self.backoff_initial_s})")
+    return self
+
+  @property
+  def addresses(self) -> list[str]:
+    return [self.address] if isinstance(self.address, str) else list(self.address)
+
+
 class TeacherConfig(ConfigBase):
   """Where teacher targets come from."""
 
-  source: Literal["none", "local"] = Field(
-      "none", description="'none': plain CE training; 'local': teacher forward in this process.")
+  source: Literal["none", "local", "remote"] = Field(
+      "none", description="'none': plain CE training; 'local': teacher forward in this process; "
+      "'remote': stream batches to a teacher server (see teacher.remote).")
   value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
       "float16", description="dtype of the top-k logit values (f16 recommended, see DESIGN 'Precision').")
   local: LocalTeacherConfig = Field(default_factory=LocalTeacherConfig, description="Options of the local source.")
+  remote: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig,
+                                      description="Options of the remote source.")
 
 
 class CheckpointConfig(ConfigBase):

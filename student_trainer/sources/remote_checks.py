@@ -1,0 +1,150 @@
+"""Connect-time checks of a teacher server against the student, and the request plan they yield.
+
+The student refuses to train against a teacher whose answers would not mean
+what the losses assume: another vocabulary, another tokenizer, sequences it
+cannot take, layers it does not offer. A teacher whose embedding table is
+padded beyond its real vocabulary is fine (the server masks the padded ids).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import numpy as np
+
+from distill_core import wire
+from distill_core.proto import teacher_pb2 as pb
+from distill_core.wire import OutputSpec
+
+
+class TeacherMismatch(ValueError):
+  """The teacher cannot serve this student; the message lists every mismatch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirements:
+  """What the student's losses and data need from a teacher."""
+
+  k: int  # top-k ids per position (loss.top_k)
+  value_dtype: str  # dtype of the top-k values
+  vocab_size: int  # the student's real vocabulary; must equal the teacher's
+  data_vocab_size: int  # token ids in the data are below this
+  seq_len: int  # T of every batch
+  batch_rows: int  # rows of this process's batches
+  tokenizer_fingerprint: str  # of the prepared dataset ("" = unknown)
+  hidden_size: int  # student width (states are compared with it)
+  feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose attn_out is needed
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestPlan:
+  """How batches are asked for: the fixed part of every request."""
+
+  k: int
+  value_dtype: str
+  layers: tuple[int, ...]
+  states: tuple[str, ...]
+  state_dtype: str
+  pack_ids: bool
+  rows_per_request: int
+
+  def spec(self, temperature: float) -> OutputSpec:
+    return OutputSpec(k=self.k, temperatures=(float(temperature),), value_dtype=self.value_dtype,
+                      layers=self.layers, states=self.states, state_dtype=self.state_dtype,
+                      pack_ids=self.pack_ids)
+
+  def row_bytes(self, seq_len: int, hidden_size: int) -> int:
+    """Approximate answer bytes per row (what the server checks against its message limit)."""
+    per_position = self.k * (4 + np.dtype(self.value_dtype).itemsize) + 4
+    states = len(self.states) * len(self.layers) * hidden_size * np.dtype(self.state_dtype).itemsize
+    return seq_len * (per_position + states)
+
+
+def _dtype_names(values) -> set[str]:
+  names = set()
+  for value in values:
+    try:
+      names.add(wire.dtype_name(value))
+    except ValueError:  # a dtype this client does not know: not usable anyway
+      pass
+  return names
+
+
+def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: str, pack_ids: bool,
+                  rows_per_request: int | None, max_message_bytes: int) -> RequestPlan:
+  """Checks `info` against `need`; returns the request plan or raises TeacherMismatch naming every problem."""
+  problems: list[str] = []
+  limits = info.limits
+  if info.vocab_size != need.vocab_size:
+    padded = f" (embedding rows {info.padded_vocab_size})" if info.padded_vocab_size != info.vocab_size else ""
+    problems.append(f"vocabulary: the teacher has {info.vocab_size} real ids{padded}, the student "
+                    f"{need.vocab_size}")
+  if need.data_vocab_size > info.vocab_size:
+    problems.append(f"vocabulary: the dataset's tokenizer has {need.data_vocab_size} ids, more than the "
+                    f"teacher's {info.vocab_size}")
+  if info.tokenizer_fingerprint and need.tokenizer_fingerprint and \
+      info.tokenizer_fingerprint != need.tokenizer_fingerprint:
+    problems.append(f"tokenizer: the teacher's fingerprint {info.tokenizer_fingerprint[:16]}... differs from "
+                    f"the dataset's {need.tokenizer_fingerprint[:16]}...")
+  if need.seq_len > limits.max_seq_len:
+    problems.append(f"sequence length: batches have T={need.seq_len}, the teacher's longest bucket is "
+                    f"{limits.max_seq_len}")
+  if need.seq_len > info.max_position_embeddings:
+    problems.append(f"sequence length: T={need.seq_len} exceeds the teacher's max_position_embeddings "
+                    f"{info.max_position_embeddings}")
+  if need.k > limits.max_k:
+    problems.append(f"top_k: the loss needs k={need.k}, the teacher serves at most {limits.max_k}")
+  if need.value_dtype not in _dtype_names(info.value_dtypes):
+    problems.append(f"value_dtype: {need.value_dtype} not offered (offered: {sorted(_dtype_names(info.value_dtypes))})")
+  layers: tuple[int, ...] = ()
+  try:
+    layers = tuple(need.feature_layers(info.num_layers))
+  except ValueError as e:
+    problems.append(f"layers: {e} (the teacher has {info.num_layers} layers)")
+  if layers:
+    missing = [layer for layer in layers if layer not in limits.selectable_layers]
+    if missing:
+      problems.append(f"layers: the feature loss needs teacher layers {missing}, not selectable "
+                      f"(selectable: {list(limits.selectable_layers)})")
+    if "attn_out" not in info.state_names:
+      problems.append(f"layers: the teacher does not offer attn_out states (offered: {list(info.state_names)})")
+    if info.hidden_size != need.hidden_size:
+      problems.append(f"layers: teacher width {info.hidden_size} != student width {need.hidden_size} "
+                      "(the feature loss compares attn_out)")
+    if state_dtype not in _dtype_names(info.state_dtypes):
+      problems.append(f"state_dtype: {state_dtype} not offered (offered: {sorted(_dtype_names(info.state_dtypes))})")
+  plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
+                     states=("attn_out",) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
+                     rows_per_request=1)
+  message_cap = min(max_message_bytes, limits.max_message_bytes or max_message_bytes) - 4096
+  caps = {"the batch": need.batch_rows, "max_batch": limits.max_batch,
+          "max_tokens_per_request": limits.max_tokens_per_request // max(need.seq_len, 1),
+          "the message size limit": message_cap // plan.row_bytes(need.seq_len, info.hidden_size)}
+  if rows_per_request is not None:
+    caps["rows_per_request"] = rows_per_request
+  rows = min(caps.values())
+  if rows < 1:
+    tight = [name for name, cap in caps.items() if cap < 1]
+    problems.append(f"request size: one row of {need.seq_len} tokens does not fit {', '.join(tight)}")
+  if problems:
+    raise TeacherMismatch("the teacher server cannot serve this student:\n  " + "\n  ".join(problems))
+  return dataclasses.replace(plan, rows_per_request=rows)
+
+
+def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirements) -> list[str]:
+  """Why another replica cannot take requests planned for the first one (empty when it can)."""
+  limits = info.limits
+  problems = []
+  if need.seq_len > limits.max_seq_len:
+    problems.append(f"longest bucket {limits.max_seq_len} < T={need.seq_len}")
+  if plan.k > limits.max_k:
+    problems.append(f"max_k {limits.max_k} < k={plan.k}")
+  if plan.rows_per_request > limits.max_batch or \
+      plan.rows_per_request * need.seq_len > limits.max_tokens_per_request:
+    problems.append(f"max_batch {limits.max_batch} / max_tokens_per_request {limits.max_tokens_per_request} "
+                    f"too small for {plan.rows_per_request} rows of {need.seq_len}")
+  missing = [layer for layer in plan.layers if layer not in limits.selectable_layers]
+  if missing:
+    problems.append(f"layers {missing} not selectable")
+  return problems
