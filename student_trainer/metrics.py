@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 
 # Shown in the progress bar, in this order, when present.
 _BAR_KEYS = ("train/total_loss", "train/ce_loss", "train/kd_loss", "perf/tokens_per_s",
-             "perf/teacher_wait_fraction")
+             "perf/teacher_wait_fraction", "teacher/window_occupancy", "teacher/latency_ms_p95",
+             "teacher/fallbacks_total")
 
 
 class MetricsWriter:

@@ -34,4 +34,7 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
     return LocalTeacher(model, k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh, rules=rules,
                         dense_logits=cfg.loss.use_dense, state_layers=layers,
                         state_names=("attn_out",) if layers else (), student_vocab_size=cfg.model.vocab_size)
+  if kind == "remote":
+    from student_trainer.sources.remote import RemoteTeacher
+    return RemoteTeacher.from_train_config(cfg, mesh)
   raise ValueError(f"teacher.source: unknown source {kind!r}")

@@ -1,0 +1,295 @@
+"""The `remote` teacher source: batches stream to teacher-server replicas ahead of training.
+
+    teacher.source: remote
+    teacher.remote: {address: [10.0.0.5:50051, 10.0.0.6:50051], window: 8, on_timeout: wait}
+
+The train loop calls `submit` for each upcoming batch (up to `window` ahead)
+and `next` for the oldest; both are synchronous. Sending, receiving, decoding
+and placing the answers on the trainer's mesh happen on a background thread
+running a uvloop event loop (`remote_stream.py`), so `next` blocks only when
+the oldest batch's answer has not arrived yet. Answers come back strictly in
+submission order, each batch exactly once. When the teacher makes no progress
+for `timeout_s`, the configured `FallbackPolicy` (`policy.py`) decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import functools
+import itertools
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+import uvloop
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from distill_core.client import TeacherClient
+from distill_core.data import Batch
+from distill_core.sharding import batch_sharding
+from distill_core.targets import TeacherTargets
+from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.policy import FallbackPolicy, Overdue
+from student_trainer.sources.remote_checks import Requirements
+from student_trainer.sources.remote_metrics import StreamStats
+from student_trainer.sources.remote_stream import Item, Lane, RemoteTeacherError, StreamCore
+
+log = logging.getLogger(__name__)
+
+_POLL_S = 0.25  # how often a blocked next() re-checks for fatal errors and the timeout
+_CLOSE_TIMEOUT_S = 30.0
+
+
+def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
+  """Host targets -> global arrays on `mesh`, split along B (axis 1 of the (L, B, T, E) states)."""
+  states = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None, None))
+
+  def put(sharding, x):
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return targets.replace(
+      topk_ids=put(batch_sharding(mesh, 3), targets.topk_ids),
+      topk_logits=put(batch_sharding(mesh, 3), targets.topk_logits),
+      logsumexp=put(batch_sharding(mesh, 3), targets.logsumexp),
+      temperatures=put(NamedSharding(mesh, PartitionSpec()), targets.temperatures),
+      layer_states={name: put(states, value) for name, value in targets.layer_states.items()})
+
+
+class RemoteTeacher(TeacherSource):
+  """Streams batches to a teacher server; see the module docstring.
+
+  Args:
+    cfg: `teacher.remote` (a `RemoteTeacherConfig`).
+    need: what the student needs (checked against every replica's GetInfo).
+    mesh: the trainer's mesh; targets are placed on it split along B.
+    policy: what to do with overdue batches.
+  """
+
+  def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy):
+    self.cfg = cfg
+    self.lookahead = cfg.window
+    self._policy = policy
+    self._mesh = mesh
+    self._stats = StreamStats()
+    self._core = StreamCore(cfg, need, functools.partial(place_targets, mesh=mesh), self._stats)
+    self._queue: collections.deque[Item] = collections.deque()
+    self._seq = itertools.count()
+    self._consumed = 0
+    self._last_ids: list[int] = []
+    self._closed = False
+    self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else cfg.token
+    self._loop = uvloop.new_event_loop()
+    self._stop: asyncio.Event | None = None
+    self._started = threading.Event()
+    self._thread = threading.Thread(target=self._run_loop, name="remote-teacher", daemon=True)
+    self._thread.start()
+    self._started.wait()
+    if not self._core.first_contact.wait(cfg.timeout_s):
+      log.warning("no teacher reachable at %s after %.0f s (%s); starting anyway, on_timeout=%s applies",
+                  cfg.address, cfg.timeout_s, self._core.describe(), policy.name)
+    if self._core.fatal is not None:
+      self.close()
+      self._raise_if_fatal()
+
+  @classmethod
+  def from_train_config(cls, cfg, mesh: Mesh) -> "RemoteTeacher":
+    """The source for a `TrainConfig` whose teacher.source is remote."""
+    from distill_core.data import load_manifest
+    from student_trainer.sources import feature_teacher_layers
+    from student_trainer.sources.policy import PolicyContext, make_policy
+    manifest = load_manifest(cfg.data.path)
+    need = Requirements(
+        k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
+        data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
+        batch_rows=cfg.data.batch_size // jax.process_count(),
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,
+        feature_layers=functools.partial(feature_teacher_layers, cfg))
+    policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
+    return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy)
+
+  # -- the loop thread ------------------------------------------------------------------------------
+
+  def _run_loop(self) -> None:
+    asyncio.set_event_loop(self._loop)
+    try:
+      self._loop.run_until_complete(self._main())
+    finally:  # like asyncio.run: let gRPC's own tasks see their cancellation before the loop closes
+      leftover = asyncio.all_tasks(self._loop)
+      for task in leftover:
+        task.cancel()
+      self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
+      self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+      self._loop.close()
+
+  async def _main(self) -> None:
+    cfg = self.cfg
+    self._stop = asyncio.Event()
+    options = [("grpc.initial_reconnect_backoff_ms", int(cfg.backoff_initial_s * 1000)),
+               ("grpc.max_reconnect_backoff_ms", int(cfg.backoff_max_s * 1000))]
+    clients = [TeacherClient(address, token=self._token, tls=cfg.tls, root_certificates=cfg.root_certificates,
+                             client_cert=cfg.client_cert, client_key=cfg.client_key,
+                             server_name_override=cfg.server_name_override,
+                             max_message_bytes=cfg.max_message_mb << 20, options=options)
+               for address in cfg.addresses]
+    for client, address in zip(clients, cfg.addresses):
+      for i in range(cfg.streams_per_address):
+        name = address if cfg.streams_per_address == 1 else f"{address}#{i}"
+        self._core.lanes.append(Lane(self._core, client, name))
+    tasks = [asyncio.create_task(lane.run(), name=f"lane {lane.name}") for lane in self._core.lanes]
+    tasks.append(asyncio.create_task(self._watchdog(), name="deadlines"))
+    self._started.set()
+    try:
+      await self._stop.wait()
+    finally:
+      self._core.closing = True
+      for task in tasks:
+        task.cancel()
+      await asyncio.gather(*tasks, return_exceptions=True)
+      await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+
+  async def _watchdog(self) -> None:
+    period = min(1.0, (self.cfg.request_timeout_s or 4.0) / 4)
+    while True:
+      await asyncio.sleep(period)
+      self._core.check_deadlines()
+
+  def _on_loop(self, fn: Callable, *args) -> Any:
+    """Runs `fn(*args)` on the loop thread and returns its result."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def call():
+      try:
+        future.set_result(fn(*args))
+      except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+        future.set_exception(e)
+
+    self._loop.call_soon_threadsafe(call)
+    return future.result(_CLOSE_TIMEOUT_S)
+
+  def _raise_if_fatal(self) -> None:
+    if self._core.fatal is not None:
+      raise RemoteTeacherError(str(self._core.fatal)) from self._core.fatal
+
+  # -- the TeacherSource interface (train-loop thread) ---------------------------------------------
+
+  def _enqueue(self, batch: Batch, temperature: float, priority: int) -> Item:
+    if self._closed:
+      raise RuntimeError("the remote teacher source is closed")
+    self._raise_if_fatal()
+    item = Item(seq=next(self._seq), priority=priority, batch=batch, temperature=float(temperature))
+    self._loop.call_soon_threadsafe(self._core.add, item)
+    return item
+
+  def submit(self, batch: Batch, temperature: float) -> None:
+    self._queue.append(self._enqueue(batch, temperature, priority=1))
+
+  def next(self) -> TeacherTargets | None:
+    if not self._queue:
+      raise RuntimeError("next() called with no submitted batch")
+    self._stats.occupancy(sum(item.done.is_set() for item in self._queue) / len(self._queue))
+    item = self._queue.popleft()
+    targets = self._agree(self._await(item))
+    self._consumed += 1
+    self._last_ids = np.asarray(item.batch.example_ids).tolist()
+    return targets
+
+  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
+    """Targets for one batch outside the stream (evaluation): sent ahead of the queued batches."""
+    return self._agree(self._await(self._enqueue(batch, temperature, priority=0)))
+
+  def _await(self, item: Item) -> TeacherTargets | None:
+    timeout = self.cfg.timeout_s
+    start = time.monotonic()
+    warn_at = 0.0
+    while not item.done.is_set():
+      self._raise_if_fatal()
+      now = time.monotonic()
+      stalled = now - self._core.last_progress
+      if stalled < timeout:
+        item.done.wait(min(timeout - stalled, _POLL_S))
+        continue
+      decision = self._policy.decide(Overdue(item.batch, item.temperature, now - start, stalled))
+      if decision.wait:
+        if now >= warn_at:
+          self._stats.count("stall_warnings")
+          log.warning("teacher: no progress for %.0f s; training waits for batch %d (policy %s); replicas: %s",
+                      stalled, self._consumed, self._policy.name, self._core.describe())
+          warn_at = now + timeout
+        item.done.wait(_POLL_S)
+        continue
+      if item.done.is_set():  # the answer arrived while the policy decided
+        break
+      self._loop.call_soon_threadsafe(self._core.cancel, item)
+      self._stats.count("fallbacks")
+      log.warning("teacher: fallback #%d for batch %d (example ids %s...) by policy %s: %s; replicas: %s",
+                  self._stats.totals["fallbacks"], self._consumed,
+                  np.asarray(item.batch.example_ids)[:4].tolist(), self._policy.name, decision.note,
+                  self._core.describe())
+      if decision.targets is None:
+        return None
+      return place_targets(decision.targets, self._mesh)
+    if item.error is not None:
+      raise RemoteTeacherError(f"batch {self._consumed}: {item.error}") from item.error
+    return item.targets
+
+  def _agree(self, targets: TeacherTargets | None) -> TeacherTargets | None:
+    """With several processes, a batch has targets only if every process has them (same step program)."""
+    if jax.process_count() == 1 or self._policy.name == "wait":
+      return targets
+    from jax.experimental import multihost_utils
+    everyone = multihost_utils.process_allgather(np.int32(targets is not None))
+    return targets if bool(np.all(everyone)) else None
+
+  def state(self) -> dict[str, Any]:
+    info = self._core.info
+    return {"source": "remote", "batches": self._consumed, "last_example_ids": self._last_ids,
+            "weights_fingerprint": info.weights_fingerprint if info else self._core.expected_weights,
+            "tokenizer_fingerprint": info.tokenizer_fingerprint if info else None,
+            "fallbacks": self._stats.totals["fallbacks"]}
+
+  def restore(self, state: dict[str, Any]) -> None:
+    """Continues a checkpointed stream; refuses one that came from other teacher weights."""
+    if not state:
+      return
+    expected = state.get("weights_fingerprint")
+
+    def check():
+      if self._core.info is not None:
+        self._core.check_weights(self._core.info.weights_fingerprint, expected)
+      self._core.expected_weights = expected
+
+    try:
+      self._on_loop(check)
+    except RemoteTeacherError:
+      self.close()  # refused: nothing will use this source
+      raise
+    self._consumed = int(state.get("batches", 0))
+    self._last_ids = list(state.get("last_example_ids", []))
+    self._stats.count("fallbacks", int(state.get("fallbacks", 0)))
+    log.info("teacher stream resumes after %d batches (last example ids %s...)", self._consumed,
+             self._last_ids[:4])
+
+  def metrics(self) -> dict[str, float]:
+    out = self._stats.flush()
+    if not self._closed:
+      snap = self._on_loop(self._core.snapshot)
+      out.update(replicas_ready=float(snap["ready_lanes"]), inflight_requests=float(snap["inflight"]))
+    return out
+
+  def close(self) -> None:
+    """Cancels the streams, closes the channels and joins the loop thread."""
+    if self._closed:
+      return
+    self._closed = True
+    if self._thread.is_alive() and self._stop is not None:
+      self._loop.call_soon_threadsafe(self._stop.set)
+      self._thread.join(_CLOSE_TIMEOUT_S)
+      if self._thread.is_alive():
+        log.error("the remote teacher thread did not stop within %.0f s", _CLOSE_TIMEOUT_S)
+    self._policy.close()

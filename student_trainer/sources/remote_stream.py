@@ -1,0 +1,405 @@
+"""The event-loop side of the remote teacher source: streams, dispatch, retries, failover.
+
+Everything here runs on one background thread's event loop (uvloop). A *lane*
+is one bidirectional `Stream` call to a teacher replica; it connects (health
+SERVING, then GetInfo checked against the student), streams requests, and on
+any failure hands its unanswered requests back to the dispatcher and
+reconnects after an exponential backoff with jitter. The dispatcher splits
+each batch into requests of `plan.rows_per_request` rows and sends each to the
+ready lane with the fewest requests in flight. A batch is complete when all of
+its requests are answered; its rows are reassembled in order and placed on
+the trainer's mesh. The train-loop thread only waits on `Item.done`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import heapq
+import itertools
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable
+
+import grpc
+
+from distill_core import wire
+from distill_core.client import TeacherClient, TeacherError
+from distill_core.data import Batch
+from distill_core.proto import teacher_pb2 as pb
+from distill_core.targets import TeacherTargets, concat
+from student_trainer.sources.remote_checks import RequestPlan, Requirements, TeacherMismatch, plan_requests, \
+    replica_problems
+from student_trainer.sources.remote_metrics import StreamStats
+
+log = logging.getLogger(__name__)
+
+# Per-request error codes worth another attempt (the replica is draining or its engine failed).
+_RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
+              grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED,
+              grpc.StatusCode.DATA_LOSS}
+# Call errors that no reconnect can fix.
+_CONFIG_ERRORS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                  grpc.StatusCode.UNIMPLEMENTED}
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
+class RemoteTeacherError(RuntimeError):
+  """The remote teacher cannot deliver (a rejected request, an incompatible replica...)."""
+
+
+@dataclasses.dataclass(eq=False)
+class Item:
+  """One batch on its way to the teacher and back (shared with the train-loop thread)."""
+
+  seq: int
+  priority: int  # 0: out of band (evaluation), 1: training stream
+  batch: Batch
+  temperature: float
+  submitted: float = dataclasses.field(default_factory=time.monotonic)
+  done: threading.Event = dataclasses.field(default_factory=threading.Event)
+  targets: TeacherTargets | None = None  # on the mesh, once done
+  error: BaseException | None = None
+  cancelled: bool = False  # a fallback took its place
+  chunks: list["_Chunk"] = dataclasses.field(default_factory=list)
+  remaining: int = 0
+
+
+@dataclasses.dataclass(eq=False)
+class _Chunk:
+  """Rows [start, stop) of an item: one request (re-sent as a new request id after a failure)."""
+
+  item: Item
+  index: int
+  start: int
+  stop: int
+  result: TeacherTargets | None = None
+  errors: int = 0
+  sends: int = 0
+  sent_at: float = 0.0
+
+  @property
+  def key(self) -> tuple[int, int, int]:
+    return (self.item.priority, self.item.seq, self.index)
+
+
+class _Broken(Exception):
+  """A lane's stream or connection failed; the lane reconnects."""
+
+
+class Lane:
+  """One stream to one replica (or to whichever replica gRPC picks for a DNS name)."""
+
+  def __init__(self, core: "StreamCore", client: TeacherClient, name: str):
+    self.core, self.client, self.name = core, client, name
+    self.inflight: dict[int, _Chunk] = {}
+    self.ready = False
+    self.draining = False
+    self.sent = 0
+    self.connections = 0
+    self.last_error = "not connected yet"
+    self._outbox: asyncio.Queue | None = None
+    self._call = None
+    self._abort_reason = ""
+
+  async def run(self) -> None:
+    cfg = self.core.cfg
+    failures = 0
+    while self.core.fatal is None:
+      broke_after_serving = False
+      try:
+        await self._connect()
+        failures = 0
+        broke_after_serving = True
+        await self._serve()
+      except _Broken as e:
+        self.last_error = str(e)
+      except TeacherError as e:
+        self.last_error = str(e)
+        if e.code in _CONFIG_ERRORS:
+          self.core.fail(RemoteTeacherError(f"teacher at {self.name}: {e}"))
+          return
+      except grpc.aio.AioRpcError as e:
+        self.last_error = f"{e.code().name}: {e.details()}"
+        if e.code() in _CONFIG_ERRORS:
+          self.core.fail(RemoteTeacherError(f"teacher at {self.name}: {self.last_error}"))
+          return
+      finally:
+        self._down(broke_after_serving)
+      if self.core.fatal is not None:
+        return
+      cap = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** failures)
+      failures += 1
+      delay = cap * (0.5 + 0.5 * random.random())  # jitter: replicas do not reconnect in lockstep
+      log.log(logging.WARNING if broke_after_serving else logging.DEBUG,
+              "teacher %s: %s; reconnecting in %.2f s", self.name, self.last_error, delay)
+      await asyncio.sleep(delay)
+
+  async def _connect(self) -> None:
+    timeout = self.core.cfg.connect_timeout_s
+    status = await self.client.health(timeout=timeout)
+    if status != "SERVING":
+      raise _Broken(f"health is {status}")
+    info = await self.client.info(timeout=timeout)
+    problems = self.core.accept(self, info)
+    if problems:
+      log.error("teacher %s cannot take this student's requests: %s", self.name, "; ".join(problems))
+      raise _Broken("incompatible replica: " + "; ".join(problems))
+
+  async def _serve(self) -> None:
+    self._outbox = asyncio.Queue()
+    self._abort_reason = ""
+    self._call = self.client.stub.Stream(_drain(self._outbox), metadata=self.client.metadata)
+    self.ready, self.draining = True, False
+    self.connections += 1
+    self.core.lane_ready(self)
+    try:
+      async for resp in self._call:
+        self.core.on_response(self, resp)
+        if self.draining and not self.inflight:
+          raise _Broken("the replica is shutting down")
+    except asyncio.CancelledError:
+      task = asyncio.current_task()
+      if self._abort_reason and task is not None and not task.cancelling():
+        raise _Broken(self._abort_reason) from None
+      raise
+    except grpc.aio.AioRpcError as e:
+      raise _Broken(f"stream failed: {e.code().name}: {e.details()}") from None
+    raise _Broken("the server ended the stream")
+
+  def abort(self, reason: str) -> None:
+    """Drops the stream (e.g. a hung replica); its requests go back to the dispatcher."""
+    if self._call is not None and not self._call.done():
+      self._abort_reason = reason
+      self._call.cancel()
+
+  def _down(self, was_serving: bool) -> None:
+    self.ready = False
+    if self._outbox is not None:
+      self._outbox.put_nowait(None)  # ends the request iterator
+    if self._call is not None and not self._call.done():
+      self._call.cancel()
+    self._call, self._outbox = None, None
+    orphans = list(self.inflight.values())
+    self.inflight.clear()
+    if was_serving and not self.core.closing:
+      self.core.stats.count("failovers")
+    self.core.requeue(orphans)
+
+  def send(self, chunk: _Chunk, request: pb.ForwardRequest) -> None:
+    self.inflight[request.request_id] = chunk
+    self.sent += 1
+    self._outbox.put_nowait(request)
+
+
+async def _drain(outbox: asyncio.Queue):
+  while (request := await outbox.get()) is not None:
+    yield request
+
+
+class StreamCore:
+  """Dispatcher and bookkeeping shared by the lanes (event-loop thread only, except `fatal`/`progress`)."""
+
+  def __init__(self, cfg, need: Requirements, place: Callable[[TeacherTargets], TeacherTargets],
+               stats: StreamStats):
+    self.cfg = cfg  # RemoteTeacherConfig
+    self.need = need
+    self.place = place
+    self.stats = stats
+    self.lanes: list[Lane] = []
+    self.plan: RequestPlan | None = None
+    self.info: pb.GetInfoResponse | None = None
+    self.expected_weights: str | None = None  # from a restored cursor
+    self.fatal: BaseException | None = None
+    self.closing = False
+    self.first_contact = threading.Event()  # a replica was accepted, or a fatal error
+    self.last_progress = time.monotonic()  # read by the train loop: last answer / reconnect / start of work
+    self._pending: list[tuple[tuple[int, int, int], _Chunk]] = []  # heap by (priority, seq, index)
+    self._unplanned: list[Item] = []
+    self._active: set[Item] = set()
+    self._request_ids = itertools.count(1)
+
+  # -- lanes ---------------------------------------------------------------------------------------
+
+  def accept(self, lane: Lane, info: pb.GetInfoResponse) -> list[str]:
+    """Checks a connecting replica; returns why it cannot serve (fatal problems stop the source)."""
+    if self.plan is None:
+      try:
+        plan = plan_requests(info, self.need, state_dtype=self.cfg.state_dtype, pack_ids=self.cfg.pack_ids,
+                             rows_per_request=self.cfg.rows_per_request,
+                             max_message_bytes=self.cfg.max_message_mb << 20)
+        self.check_weights(info.weights_fingerprint, self.expected_weights)
+      except (TeacherMismatch, RemoteTeacherError) as e:
+        self.fail(e)
+        return [str(e)]
+      self.plan, self.info = plan, info
+      log.info("teacher %s accepted: %s, %d layers, vocab %d, weights %s; %d rows per request, k=%d%s",
+               lane.name, info.model_type, info.num_layers, info.vocab_size, info.weights_fingerprint[:16],
+               plan.rows_per_request, plan.k, f", attn_out of layers {list(plan.layers)}" if plan.layers else "")
+      for item in self._unplanned:
+        self._split(item)
+      self._unplanned.clear()
+      self.first_contact.set()
+      return []
+    if info.weights_fingerprint != self.info.weights_fingerprint:
+      self.fail(RemoteTeacherError(
+          f"teacher {lane.name} serves weights {info.weights_fingerprint[:16]}..., the other replicas "
+          f"{self.info.weights_fingerprint[:16]}...: every replica must serve the same teacher"))
+      return ["different teacher weights"]
+    return replica_problems(info, self.plan, self.need)
+
+  def check_weights(self, actual: str, expected: str | None) -> None:
+    if expected and actual != expected and not self.cfg.allow_teacher_change:
+      raise RemoteTeacherError(
+          f"the checkpoint's teacher stream came from teacher weights {expected[:16]}..., the server now "
+          f"serves {actual[:16]}...; resuming would mix teachers (set teacher.remote.allow_teacher_change=true "
+          "to accept)")
+
+  def lane_ready(self, lane: Lane) -> None:
+    if lane.connections > 1:
+      self.stats.count("reconnects")
+      log.warning("teacher %s: reconnected", lane.name)
+    self.last_progress = time.monotonic()
+    self._dispatch()
+
+  def fail(self, error: BaseException) -> None:
+    if self.fatal is None:
+      log.error("remote teacher: %s", error)
+      self.fatal = error
+    self.first_contact.set()
+
+  # -- items ---------------------------------------------------------------------------------------
+
+  def add(self, item: Item) -> None:
+    if not self._active:
+      self.last_progress = time.monotonic()  # idle time is not a stall
+    self._active.add(item)
+    if self.plan is None:
+      self._unplanned.append(item)
+    else:
+      self._split(item)
+
+  def _split(self, item: Item) -> None:
+    rows = item.batch.tokens.shape[0]
+    step = self.plan.rows_per_request
+    item.chunks = [_Chunk(item, i, start, min(start + step, rows)) for i, start in enumerate(range(0, rows, step))]
+    item.remaining = len(item.chunks)
+    for chunk in item.chunks:
+      heapq.heappush(self._pending, (chunk.key, chunk))
+    self._dispatch()
+
+  def cancel(self, item: Item) -> None:
+    """The train loop used a fallback for `item`: drop its requests (late answers are ignored)."""
+    item.cancelled = True
+    self._active.discard(item)
+    if item in self._unplanned:
+      self._unplanned.remove(item)
+
+  def requeue(self, chunks: list[_Chunk]) -> None:
+    for chunk in chunks:
+      if self._live(chunk.item):
+        heapq.heappush(self._pending, (chunk.key, chunk))
+    self._dispatch()
+
+  def _live(self, item: Item) -> bool:
+    return not (item.cancelled or item.done.is_set())
+
+  def _dispatch(self) -> None:
+    while self._pending:
+      lanes = [lane for lane in self.lanes if lane.ready and not lane.draining]
+      if not lanes:
+        return
+      _, chunk = heapq.heappop(self._pending)
+      if not self._live(chunk.item):
+        continue
+      lane = min(lanes, key=lambda lane: (len(lane.inflight), lane.sent))
+      item = chunk.item
+      b = item.batch
+      rows = slice(chunk.start, chunk.stop)
+      request = wire.make_request(next(self._request_ids), b.tokens[rows], self.plan.spec(item.temperature),
+                                  b.segment_ids[rows], b.positions[rows])
+      if chunk.sends:
+        self.stats.count("retries")
+      chunk.sends += 1
+      chunk.sent_at = time.monotonic()
+      lane.send(chunk, request)
+
+  def on_response(self, lane: Lane, resp: pb.ForwardResponse) -> None:
+    chunk = lane.inflight.pop(resp.request_id, None)
+    if chunk is None:
+      return
+    now = time.monotonic()
+    self.last_progress = now
+    self.stats.answered(now - chunk.sent_at, resp.ByteSize())
+    item = chunk.item
+    if not self._live(item):
+      return
+    if resp.HasField("error"):
+      code = _CODES.get(resp.error.code, grpc.StatusCode.UNKNOWN)
+      error = TeacherError(code, resp.error.message, field=resp.error.field, request_id=resp.request_id)
+      if code == grpc.StatusCode.UNAVAILABLE:
+        lane.draining = True  # warming up or shutting down: no more requests to this replica
+        self.requeue([chunk])
+      elif code in _RETRYABLE:
+        self._retry_or_fail(chunk, f"{lane.name}: {error}")
+      else:
+        self._finish(item, RemoteTeacherError(f"teacher {lane.name} rejected the batch: {error}"))
+      return
+    try:
+      targets = self._decode(chunk, resp)
+    except ValueError as e:  # a malformed answer: treat like an engine failure
+      self._retry_or_fail(chunk, f"{lane.name}: malformed answer: {e}")
+      return
+    chunk.result = targets
+    item.remaining -= 1
+    if item.remaining == 0:
+      self._finish(item)
+
+  def _retry_or_fail(self, chunk: _Chunk, why: str) -> None:
+    chunk.errors += 1
+    log.warning("teacher request failed (%d of %d attempts): %s", chunk.errors, self.cfg.max_request_errors, why)
+    if chunk.errors >= self.cfg.max_request_errors:
+      self._finish(chunk.item, RemoteTeacherError(f"teacher request failed {chunk.errors} times; last: {why}"))
+    else:
+      self.requeue([chunk])
+
+  def _decode(self, chunk: _Chunk, resp: pb.ForwardResponse) -> TeacherTargets:
+    targets = wire.response_to_targets(resp)
+    plan = self.plan
+    targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1], k=plan.k,
+                     n_temps=1, state_names=plan.states, state_layers=plan.layers)
+    return targets
+
+  def _finish(self, item: Item, error: BaseException | None = None) -> None:
+    self._active.discard(item)
+    if error is None:
+      try:
+        parts = [c.result for c in item.chunks]
+        item.targets = self.place(parts[0] if len(parts) == 1 else concat(parts))
+      except Exception as e:  # noqa: BLE001 - surfaces in the train loop's next()
+        error = e
+    item.error = error
+    item.chunks = []
+    item.done.set()
+
+  def check_deadlines(self) -> None:
+    """Drops streams whose oldest request has waited longer than request_timeout_s."""
+    limit = self.cfg.request_timeout_s
+    if limit is None:
+      return
+    now = time.monotonic()
+    for lane in self.lanes:
+      if lane.inflight and now - min(c.sent_at for c in lane.inflight.values()) > limit:
+        log.warning("teacher %s: a request is unanswered after %g s; dropping the stream", lane.name, limit)
+        lane.abort(f"a request was unanswered after {limit:g} s")
+
+  def describe(self) -> str:
+    return "; ".join(f"{lane.name}: {'ready' if lane.ready else lane.last_error} "
+                     f"({len(lane.inflight)} in flight)" for lane in self.lanes)
+
+  def snapshot(self) -> dict[str, Any]:
+    return {"ready_lanes": sum(lane.ready for lane in self.lanes),
+            "inflight": sum(len(lane.inflight) for lane in self.lanes),
+            "pending": len(self._pending)}
