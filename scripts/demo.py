@@ -67,17 +67,16 @@ def inspect(data_dir: Path) -> dict[str, float]:
     print(f"  {split:5s}: {info.files} files, {info.tokens:,} tokens, {info.examples:,} examples "
           f"of {manifest.seq_len} tokens")
   print(f"  vocabulary: {manifest.vocab_size} (tokenizer {manifest.tokenizer_fingerprint[:16]})")
-  sizes = {}
+  sizes, models = {}, {}
   for name in ("demo_teacher", "demo_student"):
     cfg = build(ModelConfig, resolve_preset(name))
-    model = create_model(cfg, seed=0)
-    sizes[name] = count_params(model)
+    models[name] = create_model(cfg, seed=0)
+    sizes[name] = count_params(models[name])
     print(f"  {name}: {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, {sizes[name]:,} parameters")
   it = make_eval_iterator(DataConfig(path=str(data_dir), batch_size=4))
   batch = next(it)
   it.close()
-  out = create_model(build(ModelConfig, resolve_preset("demo_teacher")), seed=0)(
-      batch.tokens, batch.positions, batch.segment_ids)
+  out = models["demo_teacher"](batch.tokens, batch.positions, batch.segment_ids)
   ce, _ = losses.ce(out.logits, batch.targets, batch.loss_mask)
   loss = float(ce.mean())
   print(f"  forward on a held-out batch {tuple(batch.tokens.shape)} -> logits {tuple(out.logits.shape)}, "
@@ -115,8 +114,8 @@ def _serving(port: int) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--teacher-steps", type=int, default=300, help="CE pretraining steps of the teacher.")
-  parser.add_argument("--student-steps", type=int, default=150, help="Distillation steps of the student.")
+  parser.add_argument("--teacher-steps", type=int, default=200, help="CE pretraining steps of the teacher.")
+  parser.add_argument("--student-steps", type=int, default=100, help="Distillation steps of the student.")
   parser.add_argument("--run-dir", default="runs/demo", help="Where the demo's runs go.")
   parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset directory.")
   args = parser.parse_args(argv)

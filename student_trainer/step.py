@@ -116,7 +116,9 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
     optimizer.update(model, grads)
-    metrics = dict(sums, grad_norm=optax.global_norm(grads), **{k: jnp.asarray(v) for k, v in hyper.items()})
+    metrics = dict(sums, grad_norm=optax.global_norm(grads))
+    if targets is not None:  # the schedules only matter when there is a teacher
+      metrics.update({name: jnp.asarray(value) for name, value in hyper.items()})
     return nnx.state((model, optimizer)), metrics
 
   return jax.jit(train_step, donate_argnums=0)
