@@ -111,6 +111,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
   last: dict[str, float] = {}
   window = _Window()
   step = start
+  saved = start if latest is not None else None  # the step the newest checkpoint holds
   try:
     while step < end and not preempt:
       batch, _ = feeder.pop(step)
@@ -133,10 +134,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
         _evaluate(cfg, state, eval_fn, source, mesh, writer, step)
       if step % cfg.checkpoint.every_steps == 0 or preempt:
-        _save(ckpt, step, state, feeder, source, cfg)
+        saved = _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps:
       last.update(_evaluate(cfg, state, eval_fn, source, mesh, writer, step))
-    if not (step % cfg.checkpoint.every_steps == 0 or preempt) or step == start:
+    if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
       export_student(state, run_dir / "hf")
@@ -153,9 +154,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
-          cfg: TrainConfig) -> None:
+          cfg: TrainConfig) -> int:
   meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump()}
   ckpt.save(step, state.params, feeder.position(), json.loads(json.dumps(meta)))
+  return step
 
 
 def _evaluate(cfg: TrainConfig, state: TrainState, eval_fn, source: TeacherSource, mesh, writer,
