@@ -90,7 +90,7 @@ class RemoteTeacher(TeacherSource):
     self._thread = threading.Thread(target=self._run_loop, name="remote-teacher", daemon=True)
     self._thread.start()
     self._started.wait()
-    if not self._core.first_contact.wait(cfg.timeout_s):
+    if self._thread.is_alive() and not self._core.first_contact.wait(cfg.timeout_s):
       log.warning("no teacher reachable at %s after %.0f s (%s); starting anyway, on_timeout=%s applies",
                   cfg.address, cfg.timeout_s, self._core.describe(), policy.name)
     if self._core.fatal is not None:
@@ -119,7 +119,11 @@ class RemoteTeacher(TeacherSource):
     asyncio.set_event_loop(self._loop)
     try:
       self._loop.run_until_complete(self._main())
-    finally:  # like asyncio.run: let gRPC's own tasks see their cancellation before the loop closes
+    except BaseException as e:  # noqa: BLE001 - reported to the train loop by next()
+      self._core.fail(RemoteTeacherError(f"the remote teacher thread failed: {type(e).__name__}: {e}"))
+    finally:
+      self._started.set()
+      # Like asyncio.run: let gRPC's own tasks see their cancellation before the loop closes.
       leftover = asyncio.all_tasks(self._loop)
       for task in leftover:
         task.cancel()
@@ -152,6 +156,7 @@ class RemoteTeacher(TeacherSource):
         task.cancel()
       await asyncio.gather(*tasks, return_exceptions=True)
       await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+      self._core.close()
 
   async def _watchdog(self) -> None:
     period = min(1.0, (self.cfg.request_timeout_s or 4.0) / 4)
@@ -277,7 +282,7 @@ class RemoteTeacher(TeacherSource):
 
   def metrics(self) -> dict[str, float]:
     out = self._stats.flush()
-    if not self._closed:
+    if not self._closed and self._thread.is_alive():
       snap = self._on_loop(self._core.snapshot)
       out.update(replicas_ready=float(snap["ready_lanes"]), inflight_requests=float(snap["inflight"]))
     return out

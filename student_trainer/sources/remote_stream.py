@@ -14,6 +14,7 @@ the trainer's mesh. The train-loop thread only waits on `Item.done`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import heapq
 import itertools
@@ -63,6 +64,7 @@ class Item:
   targets: TeacherTargets | None = None  # on the mesh, once done
   error: BaseException | None = None
   cancelled: bool = False  # a fallback took its place
+  settled: bool = False  # every request answered (or failed): no more sends
   chunks: list["_Chunk"] = dataclasses.field(default_factory=list)
   remaining: int = 0
 
@@ -126,6 +128,10 @@ class Lane:
         if e.code() in _CONFIG_ERRORS:
           self.core.fail(RemoteTeacherError(f"teacher at {self.name}: {self.last_error}"))
           return
+      except Exception as e:  # a bug here must stop training, not silently lose this lane's requests
+        log.exception("teacher %s: unexpected error", self.name)
+        self.core.fail(RemoteTeacherError(f"teacher at {self.name}: unexpected {type(e).__name__}: {e}"))
+        return
       finally:
         self._down(broke_after_serving)
       if self.core.fatal is not None:
@@ -220,6 +226,7 @@ class StreamCore:
     self._unplanned: list[Item] = []
     self._active: set[Item] = set()
     self._request_ids = itertools.count(1)
+    self._placer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remote-teacher-place")
 
   # -- lanes ---------------------------------------------------------------------------------------
 
@@ -304,7 +311,7 @@ class StreamCore:
     self._dispatch()
 
   def _live(self, item: Item) -> bool:
-    return not (item.cancelled or item.done.is_set())
+    return not (item.cancelled or item.settled)
 
   def _dispatch(self) -> None:
     while self._pending:
@@ -374,15 +381,25 @@ class StreamCore:
 
   def _finish(self, item: Item, error: BaseException | None = None) -> None:
     self._active.discard(item)
-    if error is None:
-      try:
-        parts = [c.result for c in item.chunks]
-        item.targets = self.place(parts[0] if len(parts) == 1 else concat(parts))
-      except Exception as e:  # noqa: BLE001 - surfaces in the train loop's next()
-        error = e
-    item.error = error
+    item.settled = True
+    parts = [c.result for c in item.chunks]
     item.chunks = []
+    if error is not None:
+      item.error = error
+      item.done.set()
+    else:  # placing may wait for the device (e.g. behind a running step): never on the event loop
+      self._placer.submit(self._place, item, parts)
+
+  def _place(self, item: Item, parts: list[TeacherTargets]) -> None:
+    """Placer thread: one batch's rows, reassembled in order, onto the trainer's mesh."""
+    try:
+      item.targets = self.place(parts[0] if len(parts) == 1 else concat(parts))
+    except Exception as e:  # noqa: BLE001 - surfaces in the train loop's next()
+      item.error = e
     item.done.set()
+
+  def close(self) -> None:
+    self._placer.shutdown(wait=True, cancel_futures=True)
 
   def check_deadlines(self) -> None:
     """Drops streams whose oldest request has waited longer than request_timeout_s."""
