@@ -335,7 +335,7 @@ def test_compute_is_out_of_band_and_close_stops_the_thread(mesh):
     source.close()  # idempotent
   finally:
     server.kill()
-  assert not any(t.name == "remote-teacher" for t in threading.enumerate())
+  assert not any(t.name.startswith("remote-teacher") for t in threading.enumerate())
   with pytest.raises(RuntimeError, match="closed"):
     source.submit(queued[0], 1.0)
 
@@ -428,8 +428,9 @@ def test_remote_training_matches_local_teacher(reference):
       assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-4), (key, a["step"])
   last = remote.last_metrics
   assert last["teacher/requests_total"] >= STEPS and last["teacher/fallbacks_total"] == 0
-  assert last["teacher/received_mb_total"] > 0 and last["teacher/latency_ms_p95"] > 0
-  assert "teacher/window_occupancy" in last and last["teacher/replicas_ready"] == 1
+  assert last["teacher/received_mb_total"] > 0 and last["teacher/replicas_ready"] == 1
+  assert all(0 <= r["teacher/window_occupancy"] <= 1 for r in rows_remote)
+  assert any(r.get("teacher/latency_ms_p95", 0) > 0 for r in rows_remote)  # intervals with answers
   assert 0 <= last["perf/teacher_wait_fraction"] < 1
 
 
@@ -517,3 +518,16 @@ def test_resume_continues_the_teacher_stream(reference, tiny_dataset, teacher, t
   assert final["teacher"]["batches"] == STEPS
   with pytest.raises(RemoteTeacherError, match="teacher weights 0000000000000000.*allow_teacher_change"):
     run(remote_train_cfg(tiny_dataset, tmp_path / "other", [teacher.address]))
+
+
+def test_training_without_teacher_falls_back_to_ce(tiny_dataset, tmp_path):
+  """ce_only and no server at all: every batch trains on CE alone, counted by the loop and the source."""
+  from student_trainer.train import run
+  cfg = train_cfg(tiny_dataset, tmp_path / "run", "teacher.source=remote", "steps=3",
+                  f"teacher.remote.address=127.0.0.1:{free_port()}", "teacher.remote.timeout_s=0.5",
+                  "teacher.remote.on_timeout=ce_only")
+  result = run(cfg)
+  rows = [r for r in jsonl(tmp_path / "run" / "metrics.jsonl") if "train/ce_loss" in r]
+  assert result.step == 3 and [r["teacher/fallback_batches"] for r in rows] == [1, 1, 1]
+  assert [r["teacher/fallbacks_total"] for r in rows] == [1, 2, 3]
+  assert not any("train/kd_loss" in r for r in rows) and rows[-1]["teacher/replicas_ready"] == 0
