@@ -1,0 +1,252 @@
+"""Student throughput with streamed teacher targets vs targets in memory vs a co-located teacher.
+
+    python -m benchmarks.bench_streaming                          # demo_student vs demo_teacher, B=8, T=128
+    python -m benchmarks.bench_streaming --student tiny --teacher tiny --seq-len 32 --steps 40
+
+Three runs of the real trainer (`student_trainer.train.run`) on the same
+student, data and teacher weights, each in its own child process:
+
+(a) in memory: the teacher's targets for every batch are computed first and
+    handed to the train loop from memory: the upper bound for any source.
+(b) remote: `python -m teacher_server` in another process; the trainer streams
+    its batches with the `remote` source (prefetch window `--window`).
+(c) local: the teacher runs inside the trainer's process (the co-located,
+    MaxText-style baseline).
+
+Cores: where the machine allows (`os.sched_setaffinity`), the available cores
+are split in two halves: (a) and the student of (b) run on the first half,
+the teacher server of (b) on the second, and (c) gets all of them (the same
+hardware as (b) in total; `--local-cores student` gives it only the student's
+half, like a teacher sharing the student's accelerator). The split is printed. Throughput is measured after
+the first log interval (compilation), over the remaining ones.
+
+Prints tokens/s of each run, b/a (streaming efficiency), b/c (speed-up over
+the co-located teacher) and the teacher wait fraction of (b).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from student_trainer.sources.base import TeacherSource
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("memory", "remote", "local")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--student", default="demo_student", help="student model preset (configs/models)")
+  p.add_argument("--teacher", default="demo_teacher", help="teacher model preset (same vocabulary)")
+  p.add_argument("--batch", type=int, default=8, help="global batch B")
+  p.add_argument("--seq-len", type=int, default=128, help="sequence length T of the prepared data")
+  p.add_argument("--k", type=int, default=64, help="top-k teacher ids per position")
+  p.add_argument("--window", type=int, default=4, help="prefetch window of the remote source")
+  p.add_argument("--log-every", type=int, default=10, help="steps per measurement interval")
+  p.add_argument("--steps", type=int, default=30, help="measured steps (after one warm-up interval)")
+  p.add_argument("--max-files", type=int, default=200, help="standard-library files in the benchmark corpus")
+  p.add_argument("--local-cores", choices=("all", "student"), default="all",
+                 help="cores of (c): all (the same hardware as (b) in total) or only the student's")
+  p.add_argument("--workdir", default="runs/bench_streaming", help="data and run directories")
+  p.add_argument("--json", action="store_true", help="print the results as one JSON object")
+  p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child process: run one phase
+  p.add_argument("--address", help=argparse.SUPPRESS)
+  return p.parse_args(argv)
+
+
+def core_split() -> tuple[set[int] | None, set[int] | None]:
+  """(student cores, teacher cores), or (None, None) when pinning is not possible."""
+  if not hasattr(os, "sched_getaffinity"):
+    return None, None
+  cores = sorted(os.sched_getaffinity(0))
+  if len(cores) < 2:
+    return None, None
+  half = len(cores) // 2
+  return set(cores[:half]), set(cores[half:])
+
+
+def data_dir(args) -> Path:
+  return Path(args.workdir) / f"data_T{args.seq_len}"
+
+
+def train_overrides(args, phase: str) -> list[str]:
+  total = args.log_every + args.steps
+  common = [f"run_dir={Path(args.workdir) / phase}", f"data.path={data_dir(args)}",
+            f"data.batch_size={args.batch}", f"model={args.student}", f"steps={total + 1}",
+            f"logging.every_steps={args.log_every}", "logging.progress=false", "logging.tensorboard=false",
+            "eval.every_steps=0", "checkpoint.resume=false", f"checkpoint.every_steps={total + 1}",
+            "export_hf=false", "mesh.data=1", f"loss.top_k={args.k}", "loss.alpha=0.5"]
+  if phase == "remote":
+    return common + ["teacher.source=remote", f"teacher.remote.address={args.address}",
+                     f"teacher.remote.window={args.window}"]
+  return common + ["teacher.source=local", f"teacher.local.model={args.teacher}", "teacher.local.seed=0"]
+
+
+def run_phase(args) -> dict:
+  """Child process: one trainer run; returns throughput over the measured intervals."""
+  import jax
+  from distill_core.config import load_config
+  from distill_core.data import make_iterator
+  from distill_core.sharding import make_mesh, rules_table
+  from student_trainer import train
+  from student_trainer.config import TrainConfig
+  from student_trainer.sources import make_source
+
+  cfg = load_config(TrainConfig, None, train_overrides(args, args.phase))
+  total = args.log_every + args.steps
+  if args.phase == "memory":  # precompute every batch's targets, then serve them from memory
+    teacher = make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh))
+    data = make_iterator(cfg.data, "train")
+    targets = []
+    for step in range(total):
+      teacher.submit(next(data), cfg.loss.temperature.value(step))
+      targets.append(jax.block_until_ready(teacher.next()))
+    data.close()
+    teacher.close()
+    del teacher
+    train.make_source = lambda *a, **kw: _InMemory(targets)  # the trainer's only source hook
+  shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no checkpoint, no old metrics
+  train.run(cfg, stop_after=total)
+  metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
+  rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+  rows = [r for r in rows if "perf/tokens_per_s" in r][1:]  # drop the interval with compilation
+  walls = [r["perf/step_time_s"] * args.log_every for r in rows]
+  tokens = sum(r["perf/tokens_per_s"] * w for r, w in zip(rows, walls))
+  wall = sum(walls)
+  out = {"tokens_per_s": tokens / wall, "step_ms": 1000 * wall / (len(rows) * args.log_every),
+         "teacher_wait_fraction": sum(r["perf/teacher_wait_fraction"] * w for r, w in zip(rows, walls)) / wall,
+         "measured_steps": len(rows) * args.log_every}
+  if args.phase == "remote":
+    out.update({k.removeprefix("teacher/"): rows[-1][k] for k in ("teacher/latency_ms_p50",
+                "teacher/latency_ms_p95", "teacher/window_occupancy", "teacher/received_mb_per_s") if k in rows[-1]})
+  return out
+
+
+class _InMemory(TeacherSource):
+  """A teacher source answering from a list of precomputed targets, in order (no eval targets)."""
+
+  def __init__(self, targets):
+    self._targets = list(targets)
+
+  def submit(self, batch, temperature):
+    del batch, temperature
+
+  def next(self):
+    return self._targets.pop(0)
+
+  def compute(self, batch, temperature):
+    del batch, temperature
+
+  def close(self):
+    self._targets = []
+
+
+def _pinned(cores: set[int] | None):
+  return (lambda: os.sched_setaffinity(0, cores)) if cores else None
+
+
+def child(args, phase: str, cores: set[int] | None, address: str | None = None) -> dict:
+  cmd = [sys.executable, "-m", "benchmarks.bench_streaming", f"--phase={phase}", f"--student={args.student}",
+         f"--teacher={args.teacher}", f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--k={args.k}",
+         f"--window={args.window}", f"--log-every={args.log_every}", f"--steps={args.steps}",
+         f"--workdir={args.workdir}"] + ([f"--address={address}"] if address else [])
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores), capture_output=True, text=True)
+  if out.returncode:
+    raise RuntimeError(f"phase {phase} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def start_server(args, cores: set[int] | None) -> tuple[subprocess.Popen, str]:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{s.getsockname()[1]}"
+  cmd = [sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING", "model.source=preset",
+         f"model.preset={args.teacher}", "model.seed=0", f"batcher.buckets=[[{args.batch},{args.seq_len}]]",
+         f"limits.max_k={args.k}", "limits.selectable_layers=[]", "batcher.max_wait_ms=2",
+         f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  return subprocess.Popen(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores)), address
+
+
+def wait_serving(proc: subprocess.Popen, address: str, timeout: float = 600.0) -> None:
+  import grpc
+  from grpc_health.v1 import health_pb2, health_pb2_grpc
+  deadline = time.monotonic() + timeout
+  with grpc.insecure_channel(address) as channel:
+    stub = health_pb2_grpc.HealthStub(channel)
+    while time.monotonic() < deadline:
+      if proc.poll() is not None:
+        raise RuntimeError(f"the teacher server exited with {proc.returncode}")
+      try:
+        if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+          return
+      except grpc.RpcError:
+        pass
+      time.sleep(0.2)
+  raise TimeoutError(f"the teacher server at {address} was not serving after {timeout} s")
+
+
+def main(argv=None) -> int:
+  args = parse_args(argv)
+  if args.phase:
+    print(json.dumps(run_phase(args)))
+    return 0
+  from distill_core.config import build, resolve_preset
+  from distill_core.model.config import ModelConfig
+  from distill_core.prepare import PrepareConfig, prepare
+  vocab = {build(ModelConfig, resolve_preset(name)).real_vocab_size for name in (args.student, args.teacher)}
+  if len(vocab) != 1:
+    raise SystemExit(f"student {args.student} and teacher {args.teacher} must share a vocabulary, got {vocab}")
+  prepare(PrepareConfig(max_files=args.max_files, vocab_size=vocab.pop(), seq_len=args.seq_len,
+                        output_dir=str(data_dir(args))), show_progress=False)
+  student_cores, teacher_cores = core_split()
+  results = {"memory": child(args, "memory", student_cores)}
+  server, address = start_server(args, teacher_cores)
+  try:
+    wait_serving(server, address)
+    results["remote"] = child(args, "remote", student_cores, address)
+  finally:
+    server.terminate()
+    server.wait(60)
+  local_cores = student_cores if args.local_cores == "student" else (
+      student_cores | teacher_cores if student_cores else None)
+  results["local"] = child(args, "local", local_cores)
+  summary = {"streaming_efficiency": results["remote"]["tokens_per_s"] / results["memory"]["tokens_per_s"],
+             "speedup_over_local": results["remote"]["tokens_per_s"] / results["local"]["tokens_per_s"],
+             "teacher_wait_fraction": results["remote"]["teacher_wait_fraction"],
+             "student_cores": sorted(student_cores or []), "teacher_cores": sorted(teacher_cores or []),
+             "local_cores": sorted(local_cores or []),
+             "setup": dict(student=args.student, teacher=args.teacher, batch=args.batch, seq_len=args.seq_len,
+                           k=args.k, window=args.window, measured_steps=results["remote"]["measured_steps"])}
+  if args.json:
+    print(json.dumps({**results, **summary}))
+    return 0
+  print(f"student {args.student}, teacher {args.teacher}, B={args.batch} T={args.seq_len} k={args.k}, "
+        f"window {args.window}, {summary['setup']['measured_steps']} measured steps")
+  if student_cores:
+    print(f"cores: (a) and the student of (b) on {sorted(student_cores)}, the teacher server of (b) on "
+          f"{sorted(teacher_cores)}, (c) on {sorted(local_cores)}")
+  else:
+    print("cores: not pinned (fewer than 2 cores available or no sched_setaffinity)")
+  names = {"memory": "(a) targets in memory", "remote": "(b) remote teacher", "local": "(c) local teacher"}
+  for phase in PHASES:
+    r = results[phase]
+    print(f"  {names[phase]:24s} {r['tokens_per_s']:10,.0f} tokens/s  {r['step_ms']:8.1f} ms/step  "
+          f"teacher wait {r['teacher_wait_fraction']:6.1%}")
+  print(f"  streaming efficiency b/a  {summary['streaming_efficiency']:.2f}")
+  print(f"  speed-up over co-located b/c  {summary['speedup_over_local']:.2f}")
+  print(f"  teacher wait fraction of (b)  {summary['teacher_wait_fraction']:.1%}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
