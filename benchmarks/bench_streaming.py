@@ -73,7 +73,7 @@ def core_split() -> tuple[set[int] | None, set[int] | None]:
 
 
 def data_dir(args) -> Path:
-  return Path(args.workdir) / f"data_T{args.seq_len}"
+  return Path(args.workdir) / f"data_{args.student}_T{args.seq_len}"
 
 
 def train_overrides(args, phase: str) -> list[str]:
