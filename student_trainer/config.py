@@ -57,7 +57,8 @@ class RemoteTeacherConfig(ConfigBase):
       "dropped and its requests are re-sent elsewhere (null: never).")
   connect_timeout_s: float = Field(10.0, gt=0, description="Deadline of each health/info call when connecting.")
   backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay; doubles per failed attempt.")
-  backoff_max_s: float = Field(10.0, gt=0, description="Largest reconnect delay (full jitter below it).")
+  backoff_max_s: float = Field(10.0, gt=0, description="Largest reconnect delay (each delay is drawn from "
+                               "50-100% of its cap).")
   streams_per_address: int = Field(1, ge=1, description="Streams opened per address (for a DNS name, "
                                    "about its replica count, so gRPC spreads them).")
   rows_per_request: int | None = Field(

@@ -357,7 +357,7 @@ def train_cfg(dataset, run_dir, *overrides) -> TrainConfig:
   base = [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", f"steps={STEPS}",
           "logging.every_steps=1", "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0",
           "eval.batches=1", f"checkpoint.every_steps={STEPS}", "checkpoint.async_save=false", "export_hf=false",
-          "mesh.data=1", "optim.warmup_steps=2", "loss.top_k=8", "loss.alpha=0.7"]
+          "mesh.data=1", "optim.warmup_steps=2", "loss.top_k=8", "loss.alpha=0.7", "loss.beta=0.5"]
   return load_config(TrainConfig, None, base + list(overrides))
 
 
@@ -424,7 +424,7 @@ def test_remote_training_matches_local_teacher(reference):
   rows_local = [r for r in jsonl(local.run_dir / "metrics.jsonl") if "train/total_loss" in r]
   rows_remote = [r for r in jsonl(remote.run_dir / "metrics.jsonl") if "train/total_loss" in r]
   assert [r["step"] for r in rows_remote] == list(range(1, STEPS + 1))
-  for key in ("train/total_loss", "train/kd_loss", "train/ce_loss", "train/teacher_tail_mass"):
+  for key in ("train/total_loss", "train/kd_loss", "train/ce_loss", "train/feature_loss", "train/teacher_tail_mass"):
     assert rows_remote[0][key] == pytest.approx(rows_local[0][key], abs=1e-5, rel=0), key
     for a, b in zip(rows_remote, rows_local):
       assert a[key] == pytest.approx(b[key], abs=1e-4, rel=1e-4), (key, a["step"])
