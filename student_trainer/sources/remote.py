@@ -85,6 +85,7 @@ class RemoteTeacher(TeacherSource):
     self._closed = False
     self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else cfg.token
     self._loop = uvloop.new_event_loop()
+    self._core.loop = self._loop
     self._stop: asyncio.Event | None = None
     self._started = threading.Event()
     self._thread = threading.Thread(target=self._run_loop, name="remote-teacher", daemon=True)

@@ -6,9 +6,11 @@ SERVING, then GetInfo checked against the student), streams requests, and on
 any failure hands its unanswered requests back to the dispatcher and
 reconnects after an exponential backoff with jitter. The dispatcher splits
 each batch into requests of `plan.rows_per_request` rows and sends each to the
-ready lane with the fewest requests in flight. A batch is complete when all of
-its requests are answered; its rows are reassembled in order and placed on
-the trainer's mesh. The train-loop thread only waits on `Item.done`.
+ready lane with the fewest requests in flight. Answers are decoded on a
+worker thread (so big answers never stall the streams); a batch is complete
+when all of its requests are answered, and the worker reassembles its rows in
+order and places them on the trainer's mesh. The train-loop thread only waits
+on `Item.done`.
 """
 
 from __future__ import annotations
@@ -59,7 +61,6 @@ class Item:
   priority: int  # 0: out of band (evaluation), 1: training stream
   batch: Batch
   temperature: float
-  submitted: float = dataclasses.field(default_factory=time.monotonic)
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   targets: TeacherTargets | None = None  # on the mesh, once done
   error: BaseException | None = None
@@ -226,7 +227,9 @@ class StreamCore:
     self._unplanned: list[Item] = []
     self._active: set[Item] = set()
     self._request_ids = itertools.count(1)
-    self._placer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remote-teacher-place")
+    # Decoding and device placement: off the event loop, one at a time.
+    self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="remote-teacher-work")
+    self.loop: asyncio.AbstractEventLoop | None = None  # the loop the core runs on (set by the source)
 
   # -- lanes ---------------------------------------------------------------------------------------
 
@@ -354,10 +357,23 @@ class StreamCore:
       else:
         self._finish(item, RemoteTeacherError(f"teacher {lane.name} rejected the batch: {error}"))
       return
+    self._worker.submit(self._decode, chunk, resp, lane.name)
+
+  def _decode(self, chunk: _Chunk, resp: pb.ForwardResponse, lane_name: str) -> None:
+    """Worker thread: bytes -> checked host arrays (unpacking ids can take a while for big batches)."""
     try:
-      targets = self._decode(chunk, resp)
+      targets = wire.response_to_targets(resp)
+      plan = self.plan
+      targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1],
+                       k=plan.k, n_temps=1, state_names=plan.states, state_layers=plan.layers)
     except ValueError as e:  # a malformed answer: treat like an engine failure
-      self._retry_or_fail(chunk, f"{lane.name}: malformed answer: {e}")
+      self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")
+      return
+    self.loop.call_soon_threadsafe(self._decoded, chunk, targets)
+
+  def _decoded(self, chunk: _Chunk, targets: TeacherTargets) -> None:
+    item = chunk.item
+    if not self._live(item):
       return
     chunk.result = targets
     item.remaining -= 1
@@ -372,13 +388,6 @@ class StreamCore:
     else:
       self.requeue([chunk])
 
-  def _decode(self, chunk: _Chunk, resp: pb.ForwardResponse) -> TeacherTargets:
-    targets = wire.response_to_targets(resp)
-    plan = self.plan
-    targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1], k=plan.k,
-                     n_temps=1, state_names=plan.states, state_layers=plan.layers)
-    return targets
-
   def _finish(self, item: Item, error: BaseException | None = None) -> None:
     self._active.discard(item)
     item.settled = True
@@ -388,10 +397,10 @@ class StreamCore:
       item.error = error
       item.done.set()
     else:  # placing may wait for the device (e.g. behind a running step): never on the event loop
-      self._placer.submit(self._place, item, parts)
+      self._worker.submit(self._place, item, parts)
 
   def _place(self, item: Item, parts: list[TeacherTargets]) -> None:
-    """Placer thread: one batch's rows, reassembled in order, onto the trainer's mesh."""
+    """Worker thread: one batch's rows, reassembled in order, onto the trainer's mesh."""
     try:
       item.targets = self.place(parts[0] if len(parts) == 1 else concat(parts))
     except Exception as e:  # noqa: BLE001 - surfaces in the train loop's next()
@@ -399,7 +408,7 @@ class StreamCore:
     item.done.set()
 
   def close(self) -> None:
-    self._placer.shutdown(wait=True, cancel_futures=True)
+    self._worker.shutdown(wait=True, cancel_futures=True)
 
   def check_deadlines(self) -> None:
     """Drops streams whose oldest request has waited longer than request_timeout_s."""
