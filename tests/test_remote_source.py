@@ -27,6 +27,7 @@ from student_trainer.sources.policy import CEOnlyPolicy, WaitPolicy
 from student_trainer.sources.remote import RemoteTeacher
 from student_trainer.sources.remote_checks import TeacherMismatch, plan_requests
 from student_trainer.sources.remote_stream import RemoteTeacherError
+from teacher_server.fake_engine import FakeEngine, fake_info
 
 K = 4
 
@@ -136,7 +137,7 @@ def test_config_validates_policy_and_addresses():
 # -- streaming against fake replicas ---------------------------------------------------------------
 
 def test_answers_in_order_split_over_two_replicas(mesh):
-  slow = ThreadedServer(engine=_delayed(0.03))
+  slow = ThreadedServer(engine=FakeEngine(delay_s=0.03))
   fast = ThreadedServer()
   batches = [fake_batch(i) for i in range(8)]
   need = fake_requirements(feature_layers=lambda depth: (1,))
@@ -165,14 +166,9 @@ def test_answers_in_order_split_over_two_replicas(mesh):
   assert state["weights_fingerprint"] == "fake-weights"
 
 
-def _delayed(seconds):
-  from teacher_server.fake_engine import FakeEngine
-  return FakeEngine(delay_s=seconds)
-
-
 def test_killed_replica_requests_are_resent(mesh):
-  doomed = ThreadedServer(engine=_delayed(0.05))
-  survivor = ThreadedServer(engine=_delayed(0.05))
+  doomed = ThreadedServer(engine=FakeEngine(delay_s=0.05))
+  survivor = ThreadedServer(engine=FakeEngine(delay_s=0.05))
   batches = [fake_batch(i) for i in range(12)]
 
   def kill_at_step_4(step):
@@ -193,7 +189,7 @@ def test_killed_replica_requests_are_resent(mesh):
 
 
 def test_hung_replica_is_dropped_after_request_timeout(mesh):
-  hung = ThreadedServer(engine=_delayed(2.0))
+  hung = ThreadedServer(engine=FakeEngine(fake_info(buckets=((8, 16),)), delay_s=2.0))  # 2 s per request
   healthy = ThreadedServer()
   batches = [fake_batch(i) for i in range(4)]
   try:  # after the drop, the hung replica stays away for 2.5-5 s (the reconnect backoff)
@@ -284,7 +280,6 @@ def test_incompatible_teacher_and_bad_token_are_refused(mesh):
 
 
 def test_rejected_and_failing_requests_raise(mesh):
-  from teacher_server.fake_engine import FakeEngine
   server = ThreadedServer(engine=FakeEngine(fail_token=7))
   good, bad_ids, failing = fake_batch(1), fake_batch(2), fake_batch(3)
   bad_ids.tokens[0, 0] = 300  # outside the teacher's vocabulary: INVALID_ARGUMENT naming tokens
