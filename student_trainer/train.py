@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -61,11 +62,12 @@ class _Feeder:
       self._queue.append((self._next_step, batch, state_before))
       self._next_step += 1
 
-  def pop(self, step: int) -> tuple[Batch, dict]:
+  def pop(self, step: int) -> Batch:
+    """The batch of `step`, after topping up the submissions ahead of it."""
     self._fill(min(step + max(self._source.lookahead, 0), self._cfg.steps - 1))
-    queued_step, batch, state_before = self._queue.popleft()
+    queued_step, batch, _ = self._queue.popleft()
     assert queued_step == step, (queued_step, step)
-    return batch, state_before
+    return batch
 
   def position(self) -> dict:
     """Data state at the first batch not yet trained on."""
@@ -84,37 +86,44 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     raise ValueError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the "
                      f"student's ({cfg.model.real_vocab_size})")
 
-  state = create_train_state(cfg, mesh, rules)
-  ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
-  data = make_iterator(cfg.data, "train", shard_index=jax.process_index(), shard_count=jax.process_count())
-  source = make_source(cfg, mesh, rules)
-  start, cursor = 0, {}
-  latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-  if latest is not None:
-    restored, data_state, meta = ckpt.restore(latest, state.abstract())
-    state = state.replace(restored)
-    data.set_state(data_state)
-    start, cursor = int(meta["step"]), meta.get("teacher", {})
-    source.restore(cursor)
-    log.info("resumed from step %d (%s)", start, ckpt.directory)
+  with contextlib.ExitStack() as stack:  # closes whatever was opened, also when setup fails
+    state = create_train_state(cfg, mesh, rules)
+    ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    stack.callback(ckpt.close)
+    data = make_iterator(cfg.data, "train", shard_index=jax.process_index(), shard_count=jax.process_count())
+    stack.callback(data.close)
+    source = make_source(cfg, mesh, rules)
+    stack.callback(source.close)
+    start = 0
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+      restored, data_state, meta = ckpt.restore(latest, state.abstract())
+      state = state.replace(restored)
+      data.set_state(data_state)
+      start = int(meta["step"])
+      source.restore(meta.get("teacher", {}))
+      log.info("resumed from step %d (%s)", start, ckpt.directory)
 
-  step_fn = step_lib.make_train_step(state.graphdef, cfg)
-  eval_fn = step_lib.make_eval_step(state.graphdef, cfg)
-  writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard) \
-      if jax.process_index() == 0 else None
-  progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
-  preempt = PreemptionFlag()
-  feeder = _Feeder(data, source, cfg, start)
-  end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-  trained_ids: list[list[int]] = []
-  last: dict[str, float] = {}
-  window = _Window()
-  step = start
-  saved = start if latest is not None else None  # the step the newest checkpoint holds
-  try:
+    step_fn = step_lib.make_train_step(state.graphdef, cfg)
+    eval_fn = step_lib.make_eval_step(state.graphdef, cfg)
+    writer = None
+    if jax.process_index() == 0:
+      writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
+      stack.callback(writer.close)
+    progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
+    stack.callback(progress.close)
+    preempt = PreemptionFlag()
+    stack.callback(preempt.restore_handlers)
+    feeder = _Feeder(data, source, cfg, start)
+    end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+    trained_ids: list[list[int]] = []
+    last: dict[str, float] = {}
+    window = _Window()
+    step = start
+    saved = start if latest is not None else None  # the step the newest checkpoint holds
     while step < end and not preempt:
-      batch, _ = feeder.pop(step)
+      batch = feeder.pop(step)
       t_wait = time.perf_counter()
       targets = source.next()
       waited = time.perf_counter() - t_wait
@@ -141,14 +150,6 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
       export_student(state, run_dir / "hf")
-  finally:
-    progress.close()
-    ckpt.close()
-    source.close()
-    data.close()
-    if writer:
-      writer.close()
-    preempt.restore_handlers()
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
                      run_dir=run_dir, state=state if keep_state else None)
 

@@ -31,10 +31,13 @@ class TeacherSource(abc.ABC):
   def next(self) -> TeacherTargets | None:
     """Targets of the oldest submitted batch not yet returned (blocks until available)."""
 
+  @abc.abstractmethod
   def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
-    """Targets for one batch outside the training stream (evaluation)."""
-    self.submit(batch, temperature)
-    return self.next()
+    """Targets for one batch outside the training stream (evaluation).
+
+    Must not disturb the stream: batches already submitted keep their order
+    and their answers.
+    """
 
   def state(self) -> dict[str, Any]:
     """JSON-serialisable cursor stored in checkpoints."""

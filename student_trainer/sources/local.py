@@ -48,10 +48,12 @@ class LocalTeacher(TeacherSource):
         true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
         state_layers=tuple(state_layers), state_names=tuple(state_names)))
 
-  def submit(self, batch: Batch, temperature: float) -> None:
+  def compute(self, batch: Batch, temperature: float) -> TeacherTargets:
     inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids), self._mesh)
-    temps = jnp.asarray([temperature], jnp.float32)
-    self._pending.append(self._fn(self._state, *inputs, temps))
+    return self._fn(self._state, *inputs, jnp.asarray([temperature], jnp.float32))
+
+  def submit(self, batch: Batch, temperature: float) -> None:
+    self._pending.append(self.compute(batch, temperature))  # dispatched now, runs asynchronously
 
   def next(self) -> TeacherTargets:
     if not self._pending:

@@ -18,6 +18,9 @@ class NoTeacher(TeacherSource):
     del batch, temperature
     self._pending.append(None)
 
+  def compute(self, batch: Batch, temperature: float) -> None:
+    del batch, temperature
+
   def next(self) -> None:
     if not self._pending:
       raise RuntimeError("next() called with no submitted batch")
