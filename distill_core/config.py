@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import re
+import types
+import typing
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypeVar
 
@@ -147,17 +149,54 @@ def resolve_preset(value: Any, preset_dir: Path = MODEL_PRESET_DIR) -> Any:
   return value
 
 
-def describe(cls: type[pydantic.BaseModel], prefix: str = "") -> list[str]:
-  """One line per option, ``key (type, default): description``, recursing into sub-configs."""
+def _type_name(ann: Any) -> str:
+  """`int`, `float | None`, `one of tail|renormalize|topk`, `list[int]`... for --help."""
+  origin, args = typing.get_origin(ann), typing.get_args(ann)
+  if origin is typing.Literal:
+    return "one of " + "|".join(str(a) for a in args)
+  if origin is typing.Annotated:
+    return _type_name(args[0])
+  if origin in (typing.Union, types.UnionType):
+    return " | ".join(_type_name(a) for a in args)
+  if ann is type(None):
+    return "None"
+  if origin is not None:
+    return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+  return getattr(ann, "__name__", str(ann))
+
+
+def _model_class(ann: Any) -> type[pydantic.BaseModel] | None:
+  """The config class inside `ann` (also through Annotated), if it is one."""
+  if typing.get_origin(ann) is typing.Annotated:
+    ann = typing.get_args(ann)[0]
+  return ann if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel) else None
+
+
+def describe(cls: type[pydantic.BaseModel], prefix: str = "",
+             current: pydantic.BaseModel | None = None) -> list[str]:
+  """One line per option, `key (type, default): description`, recursing into sub-configs.
+
+  `current` (an instance of `cls`) supplies the defaults a parent config gives its sub-config.
+  """
   lines = []
   for name, field in cls.model_fields.items():
-    ann = field.annotation
     key = f"{prefix}{name}"
-    if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel):
+    if current is not None:
+      has_default, value = True, getattr(current, name)
+    elif field.is_required():
+      has_default, value = False, None
+    else:
+      has_default, value = True, field.get_default(call_default_factory=True)
+    sub = _model_class(field.annotation)
+    if sub is not None and has_default and not isinstance(value, sub):  # e.g. a preset name
+      try:
+        value = pydantic.TypeAdapter(typing.Annotated[(field.annotation, *field.metadata)]).validate_python(value)
+      except (pydantic.ValidationError, ConfigError):
+        value = None
+    if sub is not None:
       lines.append(f"{key}: {field.description or ''}")
-      lines.extend(describe(ann, prefix=f"{key}."))
+      lines.extend(describe(sub, prefix=f"{key}.", current=value if isinstance(value, sub) else None))
       continue
-    default = field.get_default(call_default_factory=True)
-    tname = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-    lines.append(f"{key} ({tname}, default {default!r}): {field.description or ''}")
+    default = f"default {value!r}" if has_default else "required"
+    lines.append(f"{key} ({_type_name(field.annotation)}, {default}): {field.description or ''}")
   return lines
