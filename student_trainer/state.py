@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -65,9 +66,11 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
   return TrainState(graphdef, params, shardings)
 
 
-def export_student(state: TrainState, path: str | Path) -> Path:
-  """Writes the student as a Hugging Face checkpoint directory."""
+def export_student(state: TrainState, path: str | Path, tokenizer_file: str | Path | None = None) -> Path:
+  """Writes the student as a Hugging Face checkpoint directory (with its tokenizer.json, if given)."""
   from distill_core.model.hf import save_hf_checkpoint
-  model = state.model()
-  save_hf_checkpoint(model, path)
-  return Path(path)
+  path = Path(path)
+  save_hf_checkpoint(state.model(), path, overwrite=True)
+  if tokenizer_file is not None and Path(tokenizer_file).is_file():
+    shutil.copyfile(tokenizer_file, path / "tokenizer.json")
+  return path

@@ -149,7 +149,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
-      export_student(state, run_dir / "hf")
+      export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
                      run_dir=run_dir, state=state if keep_state else None)
 

@@ -50,6 +50,7 @@ def test_final_student_exports_to_hugging_face_and_initialises_a_run(tiny_datase
   from distill_core.model.hf import load_hf_checkpoint
   result = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=2", "export_hf=true"), keep_state=True)
   exported = load_hf_checkpoint(tmp_path / "run" / "hf")
+  assert (tmp_path / "run" / "hf" / "tokenizer.json").read_bytes() == (tiny_dataset / "tokenizer.json").read_bytes()
   for a, b in zip(params_of(result), [np.asarray(x) for x in jax.tree.leaves(nnx.state(exported, nnx.Param))],
                   strict=True):
     np.testing.assert_array_equal(a, b)
