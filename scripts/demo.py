@@ -86,7 +86,7 @@ def inspect(data_dir: Path) -> dict[str, float]:
 
 def serve_teacher(hf_dir: Path, tokenizer: Path, port: int, log_path: Path) -> subprocess.Popen:
   args = [PY, "-m", "teacher_server", f"address=127.0.0.1:{port}", "model.source=hf", f"model.path={hf_dir}",
-          f"tokenizer_path={tokenizer}", "batcher.buckets=[[16,256]]", "limits.max_k=64"]
+          f"tokenizer_path={tokenizer}", "batcher.buckets=[[8,256]]", "limits.max_k=64"]
   print("$ " + " ".join(shlex.quote(a) for a in args) + f"   (log: {log_path})", flush=True)
   log = open(log_path, "w")
   proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
