@@ -77,6 +77,11 @@ def bits_for(num_values: int) -> int:
   return max(1, (int(num_values) - 1).bit_length())
 
 
+# Ids are packed in chunks of this many values (a multiple of 8, so every chunk starts on a
+# byte boundary): the bit-level temporaries (32 bytes per id) then stay about 16 MiB.
+_PACK_CHUNK = 1 << 19
+
+
 def pack_uints(values: np.ndarray, bits: int) -> bytes:
   """Packs non-negative integers < 2**bits into ``bits`` bits each, LSB first."""
   if not 1 <= bits <= 32:
@@ -84,8 +89,12 @@ def pack_uints(values: np.ndarray, bits: int) -> bytes:
   flat = np.ascontiguousarray(values, dtype="<u4").reshape(-1)
   if flat.size and int(flat.max()) >> bits:
     raise ValueError(f"value {int(flat.max())} does not fit in {bits} bits")
-  as_bits = np.unpackbits(flat.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # (N, 32)
-  return np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
+  out = bytearray()
+  for start in range(0, flat.size, _PACK_CHUNK):
+    chunk = flat[start:start + _PACK_CHUNK]
+    as_bits = np.unpackbits(chunk.view(np.uint8).reshape(-1, 4), axis=1, bitorder="little")  # (n, 32)
+    out += np.packbits(as_bits[:, :bits].reshape(-1), bitorder="little").tobytes()
+  return bytes(out)
 
 
 def unpack_uints(data: bytes, bits: int, count: int, field: str = "data") -> np.ndarray:
@@ -95,10 +104,17 @@ def unpack_uints(data: bytes, bits: int, count: int, field: str = "data") -> np.
   want = math.ceil(count * bits / 8)
   if len(data) != want:
     raise WireError(field, f"{len(data)} bytes, expected {want} for {count} values of {bits} bits")
-  stream = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:count * bits]
-  as_bits = np.zeros((count, 32), np.uint8)
-  as_bits[:, :bits] = stream.reshape(count, bits)
-  return np.packbits(as_bits, axis=1, bitorder="little").reshape(-1).view("<i4")
+  raw = np.frombuffer(data, np.uint8)
+  out = np.empty(count, "<i4")
+  chunk_bytes = _PACK_CHUNK * bits // 8
+  for start in range(0, count, _PACK_CHUNK):
+    n = min(_PACK_CHUNK, count - start)
+    offset = start // _PACK_CHUNK * chunk_bytes
+    stream = np.unpackbits(raw[offset:offset + math.ceil(n * bits / 8)], bitorder="little")[:n * bits]
+    as_bits = np.zeros((n, 32), np.uint8)
+    as_bits[:, :bits] = stream.reshape(n, bits)
+    out[start:start + n] = np.packbits(as_bits, axis=1, bitorder="little").reshape(-1).view("<i4")
+  return out
 
 
 def le_bytes(array: np.ndarray) -> bytes:

@@ -172,3 +172,19 @@ def test_request_builder_and_spec():
   assert wire.decode_tensor(req.segment_ids, "segment_ids").dtype == np.int32
   with pytest.raises(ValueError, match="unsupported dtype"):
     wire.dtype_enum("complex64")
+
+
+@pytest.mark.parametrize("bits", [1, 5, 17, 31])
+def test_packing_across_chunk_boundaries_matches_a_bit_loop(monkeypatch, bits):
+  monkeypatch.setattr(wire, "_PACK_CHUNK", 16)  # many chunks on a small input
+  rng = np.random.default_rng(bits)
+  for n in (0, 1, 15, 16, 17, 50):
+    values = rng.integers(0, (1 << bits) - 1, n, endpoint=True).astype(np.int32)
+    packed = wire.pack_uints(values, bits)
+    ref = np.zeros(-(-n * bits // 8), np.uint8)
+    for i, x in enumerate(values.tolist()):
+      for j in range(bits):
+        if (x >> j) & 1:
+          ref[(i * bits + j) // 8] |= 1 << ((i * bits + j) % 8)
+    assert packed == ref.tobytes()
+    np.testing.assert_array_equal(wire.unpack_uints(packed, bits, n), values)
