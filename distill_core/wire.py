@@ -18,7 +18,7 @@ import ml_dtypes
 import numpy as np
 
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import STATE_NAMES, TeacherTargets
+from distill_core.targets import TeacherTargets
 
 _DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT32: np.dtype("<i4"),

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_iterator, make_iterator
 from distill_core.sharding import (make_mesh, maybe_initialize_distributed, rules_table, shard_batch)
@@ -168,7 +167,7 @@ def _evaluate(cfg: TrainConfig, state: TrainState, eval_fn, source: TeacherSourc
   sums: collections.Counter = collections.Counter()
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = source.compute(batch, temperature) if cfg.teacher.source != "none" else None
+      targets = source.compute(batch, temperature)
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       sums.update({k: float(v) for k, v in jax.device_get(out).items()})
   finally:

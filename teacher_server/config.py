@@ -9,7 +9,7 @@ from pydantic import Field
 
 from distill_core.config import ConfigBase
 from distill_core.sharding import MeshConfig
-from distill_core.wire import STATE_NAMES
+from distill_core.targets import STATE_NAMES
 
 
 class ModelSourceConfig(ConfigBase):
