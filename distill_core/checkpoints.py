@@ -45,7 +45,7 @@ def load_model_orbax(path: str | Path, **overrides) -> Transformer:
   saved_cfg = build(ModelConfig, data, source=str(cfg_file))
   cfg = build(ModelConfig, {**data, **overrides}, source=str(cfg_file))
   # Restore in the saved layout, then convert, so layout overrides work on any checkpoint.
-  abstract = nnx.eval_shape(lambda: Transformer(saved_cfg, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(saved_cfg)
   graphdef, abstract_state = nnx.split(abstract)
   with ocp.StandardCheckpointer() as ckptr:
     state = ckptr.restore(path / "state", abstract_state)
@@ -86,6 +86,3 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   """The model's structure with `jax.ShapeDtypeStruct` leaves: nothing is allocated."""
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
-
-def param_bytes(model: Transformer) -> int:
-  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
