@@ -196,7 +196,7 @@ class TeacherClient:
 
   async def get_parameters(self, name_regex: str, chunk_bytes: int = 0,
                            timeout: float | None = None) -> dict[str, np.ndarray]:
-    """Parameters whose names match ``name_regex`` (``re.search``), reassembled from chunks."""
+    """Parameters whose names match the RE2 pattern ``name_regex`` (searched), reassembled from chunks."""
     out: dict[str, tuple[pb.ParameterChunk, bytearray]] = {}
     call = self.stub.GetParameters(pb.GetParametersRequest(name_regex=name_regex, chunk_bytes=chunk_bytes),
                                    metadata=self.metadata, timeout=timeout)

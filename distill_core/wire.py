@@ -37,6 +37,26 @@ VALUE_DTYPES = ("float16", "bfloat16", "float32")
 STATE_DTYPES = ("bfloat16", "float32")
 
 
+# Longest rendering of a client-supplied value in an error message (see :func:`echo`).
+ECHO_CHARS = 80
+
+
+def echo(value, limit: int = ECHO_CHARS) -> str:
+  """A client-supplied value for an error message: its repr, cut to ``limit`` characters.
+
+  Error texts travel in gRPC trailers (16 KiB in total): a 30,000-character state name or
+  ``layers=[0] * 6000`` echoed whole would replace the error with a transport failure.
+  Lists and tuples are shown as lists; a cut value says how long it was.
+  """
+  seq = isinstance(value, (list, tuple))
+  text = repr(list(value)) if seq else repr(value)
+  if len(text) <= limit:
+    return text
+  size = f"{len(value)} items" if seq else f"{len(value)} characters" if isinstance(value, (str, bytes)) else \
+      f"{len(text)} characters"
+  return f"{text[:limit]}... ({size})"
+
+
 class WireError(ValueError):
   """A message does not match its declared dtype/shape/size; ``field`` names the culprit."""
 
@@ -158,9 +178,9 @@ def decode_tensor(msg: pb.Tensor, field: str, *, dtypes: Sequence[int] | None = 
   dtype = numpy_dtype(msg.dtype, f"{field}.dtype")
   shape = tuple(int(d) for d in msg.shape)
   if ndim is not None and len(shape) != ndim:
-    raise WireError(field, f"expected {ndim} dimensions, got shape {list(shape)}")
+    raise WireError(field, f"expected {ndim} dimensions, got shape {echo(shape)}")
   if any(d < 0 for d in shape):
-    raise WireError(field, f"negative dimension in shape {list(shape)}")
+    raise WireError(field, f"negative dimension in shape {echo(shape)}")
   count = math.prod(shape)
   if max_elements is not None and count > max_elements:
     raise WireError(field, f"{count} elements exceed the limit of {max_elements}")
@@ -170,7 +190,7 @@ def decode_tensor(msg: pb.Tensor, field: str, *, dtypes: Sequence[int] | None = 
     return unpack_uints(msg.data, msg.packed_bits, count, field).astype(dtype, copy=False).reshape(shape)
   want = count * dtype.itemsize
   if len(msg.data) != want:
-    raise WireError(field, f"{len(msg.data)} bytes do not match shape {list(shape)} of "
+    raise WireError(field, f"{len(msg.data)} bytes do not match shape {echo(shape)} of "
                            f"{dtype.name} ({want} bytes)")
   return np.frombuffer(msg.data, dtype=dtype, count=count).reshape(shape)
 

@@ -11,6 +11,8 @@ from distill_core.config import ConfigBase
 from distill_core.sharding import MeshConfig
 from distill_core.targets import STATE_NAMES
 
+MIN_CHUNK_BYTES = 64 << 10  # smallest GetParameters chunk a client may ask for (0 = the server default)
+
 
 class ModelSourceConfig(ConfigBase):
   """Where the teacher's weights come from."""
@@ -89,6 +91,10 @@ class SecurityConfig(ConfigBase):
   auth_token: str | None = Field(None, description="Bearer token clients must send as "
                                  "'authorization: Bearer <token>' (prefer auth_token_file).")
   auth_token_file: str | None = Field(None, description="File holding the bearer token (one line).")
+  parameters_token: str | None = Field(
+      None, description="A second bearer token that alone may call GetParameters (the teacher's weights); "
+      "it also works for every other call. Needs serve_parameters. Prefer parameters_token_file.")
+  parameters_token_file: str | None = Field(None, description="File holding parameters_token (one line).")
   authenticate_health: bool = Field(False, description="Also require the token for grpc.health.v1 "
                                     "(off so orchestrator probes work without secrets).")
 
@@ -102,6 +108,8 @@ class SecurityConfig(ConfigBase):
       raise ValueError("security.require_client_cert needs security.client_ca")
     if self.auth_token and self.auth_token_file:
       raise ValueError("give security.auth_token or security.auth_token_file, not both")
+    if self.parameters_token and self.parameters_token_file:
+      raise ValueError("give security.parameters_token or security.parameters_token_file, not both")
     return self
 
 
@@ -120,7 +128,12 @@ class ServerConfig(ConfigBase):
   batcher: BatcherConfig = Field(default_factory=BatcherConfig, description="Batching and backpressure.")
   security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS and authentication.")
   max_message_bytes: int = Field(256 << 20, gt=0, description="Largest gRPC message received or sent.")
-  parameter_chunk_bytes: int = Field(4 << 20, gt=0, description="Default chunk size of GetParameters.")
+  serve_parameters: bool = Field(
+      False, description="Answer GetParameters, which hands out the teacher's weights to every caller "
+      "that passes authentication (see security.parameters_token to require a separate token). Off: "
+      "GetParameters is UNIMPLEMENTED.")
+  parameter_chunk_bytes: int = Field(4 << 20, ge=MIN_CHUNK_BYTES, description="Default chunk size of "
+                                     f"GetParameters (requests may ask for 0 = this, or >= {MIN_CHUNK_BYTES}).")
   shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time given to open calls to finish.")
   metrics_address: str | None = Field(None, description="host:port of the Prometheus /metrics endpoint; "
                                       "null disables it.")
@@ -130,6 +143,8 @@ class ServerConfig(ConfigBase):
   @pydantic.model_validator(mode="after")
   def _check(self) -> "ServerConfig":
     split_address(self.address, "address")
+    if (self.security.parameters_token or self.security.parameters_token_file) and not self.serve_parameters:
+      raise ValueError("security.parameters_token(_file) needs serve_parameters: true")
     if self.metrics_address is not None:
       split_address(self.metrics_address, "metrics_address")
     return self

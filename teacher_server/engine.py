@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Iterator
@@ -37,7 +36,7 @@ from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batc
 from distill_core.targets import compute_targets
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
-from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, check_batch_shape
+from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, NamePattern, check_batch_shape
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +184,7 @@ class JaxEngine(Engine):
     return EngineOutput(topk_ids=np.asarray(ids), topk_logits=np.asarray(values), logsumexp=np.asarray(lse),
                         states={name: np.asarray(v) for name, v in states.items()})
 
-  def parameters(self, pattern: re.Pattern[str]) -> Iterator[tuple[str, np.ndarray]]:
+  def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, var in parameter_items(nnx.merge(self._graphdef, self._state)):
       if pattern.search(name):
         yield name, np.asarray(jax.device_get(var[...]))

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-import re
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -65,6 +64,12 @@ class EngineOutput:
   states: dict[str, np.ndarray]  # name -> (len(selectable_layers), Bb, Tb, E); {} without states
 
 
+class NamePattern(Protocol):
+  """A compiled name pattern (``re2`` or ``re``); ``search(name)`` is truthy when it matches."""
+
+  def search(self, name: str) -> object: ...
+
+
 class Engine(abc.ABC):
   """A teacher model behind fixed bucket shapes."""
 
@@ -82,7 +87,7 @@ class Engine(abc.ABC):
     """Runs one batch whose shape is one of ``info.buckets`` (blocking)."""
 
   @abc.abstractmethod
-  def parameters(self, pattern: re.Pattern[str]) -> Iterator[tuple[str, np.ndarray]]:
+  def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     """Yields ``(name, host array)`` for every parameter whose name matches ``pattern.search``."""
 
   def compilations(self) -> int:

@@ -11,14 +11,13 @@ row reached the right request and stream without running a model:
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from typing import Iterator
 
 import numpy as np
 
-from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, check_batch_shape
+from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, NamePattern, check_batch_shape
 
 
 def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 8,
@@ -89,7 +88,7 @@ class FakeEngine(Engine):
     return EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
                         logsumexp=lse.astype(np.float32), states=states)
 
-  def parameters(self, pattern: re.Pattern[str]) -> Iterator[tuple[str, np.ndarray]]:
+  def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, value in self._params.items():
       if pattern.search(name):
         yield name, value

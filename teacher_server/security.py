@@ -10,6 +10,7 @@ import grpc
 from teacher_server.config import SecurityConfig
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+PARAMETERS_METHOD = "/distill.teacher.v1.Teacher/GetParameters"
 
 
 def _read(path: str, what: str) -> bytes:
@@ -29,24 +30,33 @@ def server_credentials(cfg: SecurityConfig) -> grpc.ServerCredentials | None:
                                      require_client_auth=cfg.require_client_cert)
 
 
+def _token(value: str | None, path: str | None, what: str) -> str | None:
+  if path:
+    token = _read(path, f"{what}_file").decode().strip()
+    if not token:
+      raise ValueError(f"security.{what}_file {path} is empty")
+    return token
+  return value or None
+
+
 def load_token(cfg: SecurityConfig) -> str | None:
   """The configured bearer token (from ``auth_token`` or ``auth_token_file``), or None."""
-  if cfg.auth_token_file:
-    token = _read(cfg.auth_token_file, "auth_token_file").decode().strip()
-    if not token:
-      raise ValueError(f"security.auth_token_file {cfg.auth_token_file} is empty")
-    return token
-  return cfg.auth_token or None
+  return _token(cfg.auth_token, cfg.auth_token_file, "auth_token")
 
 
-def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-  """A handler of the same kind as ``handler`` that fails with UNAUTHENTICATED."""
+def load_parameters_token(cfg: SecurityConfig) -> str | None:
+  """The GetParameters token (from ``parameters_token`` or ``parameters_token_file``), or None."""
+  return _token(cfg.parameters_token, cfg.parameters_token_file, "parameters_token")
+
+
+def _denied(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
+  """A handler of the same kind as ``handler`` that fails with ``code`` without parsing the request."""
 
   async def deny(request, context):
-    await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                        "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')")
+    await context.abort(code, message)
 
-  io = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+  # No request deserializer: the bytes of a refused call are never parsed.
+  io = dict(request_deserializer=None, response_serializer=handler.response_serializer)
   if handler.unary_unary:
     return grpc.unary_unary_rpc_method_handler(deny, **io)
   if handler.unary_stream:
@@ -56,21 +66,44 @@ def _denied(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
   return grpc.stream_stream_rpc_method_handler(deny, **io)
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-  """Requires ``authorization: Bearer <token>`` on every call (health checks optionally exempt)."""
+_NO_TOKEN = "missing or invalid bearer token (send metadata 'authorization: Bearer <token>')"
 
-  def __init__(self, token: str, *, authenticate_health: bool = False):
-    self._expected = f"Bearer {token}".encode()
+
+def _bearer(token: str | None) -> bytes | None:
+  return f"Bearer {token}".encode() if token else None
+
+
+def _matches(got: bytes, want: bytes | None) -> bool:
+  return want is not None and hmac.compare_digest(got, want)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+  """Requires ``authorization: Bearer <token>`` on every call (health checks optionally exempt).
+
+  ``token`` guards every call (None: open). ``parameters_token``, when set, is the only token that
+  may call GetParameters, and it is accepted for every other call too.
+  """
+
+  def __init__(self, token: str | None, *, parameters_token: str | None = None, authenticate_health: bool = False):
+    self._token = _bearer(token)
+    self._parameters = _bearer(parameters_token)
     self._exempt = () if authenticate_health else (HEALTH_PREFIX,)
 
   async def intercept_service(self, continuation, handler_call_details):
     handler = await continuation(handler_call_details)
-    if handler is None or handler_call_details.method.startswith(self._exempt):
+    method = handler_call_details.method
+    if handler is None or method.startswith(self._exempt):
       return handler
-    got = ""
+    got = b""
     for key, value in handler_call_details.invocation_metadata or ():
       if key == "authorization":
-        got = value if isinstance(value, str) else value.decode("latin-1")
-    if hmac.compare_digest(got.encode(), self._expected):
-      return handler
-    return _denied(handler)
+        got = value.encode("latin-1", "replace") if isinstance(value, str) else bytes(value)
+    general = self._token is None or _matches(got, self._token) or _matches(got, self._parameters)
+    if method == PARAMETERS_METHOD and self._parameters is not None:
+      if _matches(got, self._parameters):
+        return handler
+      if general:
+        return _denied(handler, grpc.StatusCode.PERMISSION_DENIED,
+                       "GetParameters needs the parameters token (security.parameters_token)")
+      return _denied(handler, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)
+    return handler if general else _denied(handler, grpc.StatusCode.UNAUTHENTICATED, _NO_TOKEN)

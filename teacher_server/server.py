@@ -22,7 +22,7 @@ from teacher_server.batcher import Batcher
 from teacher_server.config import ServerConfig
 from teacher_server.engine_api import Engine
 from teacher_server.metrics import Metrics
-from teacher_server.security import BearerTokenInterceptor, load_token, server_credentials
+from teacher_server.security import BearerTokenInterceptor, load_parameters_token, load_token, server_credentials
 from teacher_server.servicer import TeacherServicer
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ class TeacherServer:
                            max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
     self.servicer = TeacherServicer(engine, self.batcher, cfg.limits, self.metrics, stream_window=b.stream_window,
                                     max_message_bytes=cfg.max_message_bytes,
-                                    parameter_chunk_bytes=cfg.parameter_chunk_bytes)
+                                    parameter_chunk_bytes=cfg.parameter_chunk_bytes,
+                                    serve_parameters=cfg.serve_parameters)
     self.health = health.aio.HealthServicer()
     self.port: int | None = None
     self._server: grpc.aio.Server | None = None
@@ -53,9 +54,10 @@ class TeacherServer:
   def _build(self) -> grpc.aio.Server:
     cfg = self.cfg
     interceptors = []
-    token = load_token(cfg.security)
-    if token:
-      interceptors.append(BearerTokenInterceptor(token, authenticate_health=cfg.security.authenticate_health))
+    token, parameters_token = load_token(cfg.security), load_parameters_token(cfg.security)
+    if token or parameters_token:
+      interceptors.append(BearerTokenInterceptor(token, parameters_token=parameters_token,
+                                                 authenticate_health=cfg.security.authenticate_health))
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
                ("grpc.max_receive_message_length", cfg.max_message_bytes),
                ("grpc.so_reuseport", 0)]
@@ -71,8 +73,10 @@ class TeacherServer:
     if not port:
       raise OSError(f"could not bind address {cfg.address}")
     self.port = port
-    log.info("listening on %s (port %d, %s%s)", cfg.address, port, "TLS" if creds else "plaintext",
-             ", bearer token required" if token else "")
+    log.info("listening on %s (port %d, %s%s%s)", cfg.address, port, "TLS" if creds else "plaintext",
+             ", bearer token required" if token else "",
+             ", GetParameters served" + (" to the parameters token" if parameters_token else "")
+             if cfg.serve_parameters else "")
     return server
 
   async def _set_health(self, status) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import AsyncIterator
 
@@ -18,6 +17,7 @@ from teacher_server.batcher import Batcher, QueueFullError, ShuttingDownError, n
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import Engine, EngineInfo
 from teacher_server.metrics import Metrics
+from teacher_server.parameters import chunk_size, compile_name_regex
 from teacher_server.validation import Prepared, RequestError, prepare
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,8 @@ SERVER_VERSION = "0.1.0"
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def info_message(info: EngineInfo, limits: LimitsConfig, max_message_bytes: int) -> pb.GetInfoResponse:
+def info_message(info: EngineInfo, limits: LimitsConfig, max_message_bytes: int, *,
+                 serve_parameters: bool = False) -> pb.GetInfoResponse:
   """The GetInfo answer for an engine and the configured limits."""
   return pb.GetInfoResponse(
       model_type=info.model_type, vocab_size=info.vocab_size, padded_vocab_size=info.padded_vocab_size,
@@ -40,7 +41,7 @@ def info_message(info: EngineInfo, limits: LimitsConfig, max_message_bytes: int)
                        selectable_layers=list(info.selectable_layers), max_message_bytes=max_message_bytes),
       weights_fingerprint=info.weights_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
       buckets=[pb.Bucket(batch=b, length=t) for b, t in info.buckets], server_version=SERVER_VERSION,
-      packed_id_bits=wire.bits_for(info.vocab_size))
+      packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=serve_parameters)
 
 
 def response_bytes(req: Prepared, hidden_size: int) -> int:
@@ -55,7 +56,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
   """Implements ``distill.teacher.v1.Teacher`` on top of an engine and a batcher."""
 
   def __init__(self, engine: Engine, batcher: Batcher, limits: LimitsConfig, metrics: Metrics, *,
-               stream_window: int, max_message_bytes: int, parameter_chunk_bytes: int):
+               stream_window: int, max_message_bytes: int, parameter_chunk_bytes: int,
+               serve_parameters: bool = False):
     self._engine = engine
     self._info = engine.info
     self._batcher = batcher
@@ -64,7 +66,8 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     self._window = stream_window
     self._max_message_bytes = max_message_bytes
     self._chunk_bytes = parameter_chunk_bytes
-    self._info_msg = info_message(self._info, limits, max_message_bytes)
+    self._serve_parameters = serve_parameters
+    self._info_msg = info_message(self._info, limits, max_message_bytes, serve_parameters=serve_parameters)
     self._id_bits = wire.bits_for(self._info.vocab_size)
     self.ready = False  # set once the engine is warm
 
@@ -145,15 +148,14 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     return response
 
   async def GetParameters(self, request: pb.GetParametersRequest, context) -> AsyncIterator[pb.ParameterChunk]:
-    if not request.name_regex:
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "name_regex: required (use '.*' for all)")
+    if not self._serve_parameters:
+      await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetParameters is off on this server "
+                                                         "(start it with serve_parameters=true)")
     try:
-      pattern = re.compile(request.name_regex)
-    except re.error as e:
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"name_regex: invalid pattern: {e}")
-    if request.chunk_bytes < 0:
-      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "chunk_bytes: must be >= 0")
-    chunk = min(request.chunk_bytes or self._chunk_bytes, self._max_message_bytes - 4096)
+      pattern = compile_name_regex(request.name_regex)
+      chunk = chunk_size(request.chunk_bytes, self._chunk_bytes, self._max_message_bytes)
+    except RequestError as e:
+      await context.abort(e.code, str(e))
     params = self._engine.parameters(pattern)
     found = 0
     while (item := await asyncio.to_thread(next, params, None)) is not None:
@@ -165,7 +167,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
         yield pb.ParameterChunk(offset=offset, data=data[offset:offset + chunk], **meta)
       found += 1
     if not found:
-      await context.abort(grpc.StatusCode.NOT_FOUND, f"name_regex: no parameter matches {request.name_regex!r}")
+      await context.abort(grpc.StatusCode.NOT_FOUND, f"name_regex: no parameter matches {wire.echo(request.name_regex)}")
 
 
 def _status_of(e: Exception) -> tuple[grpc.StatusCode, str]:

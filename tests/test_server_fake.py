@@ -216,20 +216,6 @@ async def test_engine_failure_is_per_request():
       assert int((await good).topk_ids[0, 0, 0]) == 7
 
 
-async def test_get_parameters_chunks_and_errors():
-  engine = FakeEngine()
-  async with fake_server(engine=engine) as (_, address), TeacherClient(address) as client:
-    params = await client.get_parameters(r"q_proj\.kernel$", chunk_bytes=40)
-    ref = dict(engine.parameters(__import__("re").compile(".")))
-    assert list(params) == ["layers.0.self_attn.q_proj.kernel"]
-    np.testing.assert_array_equal(params["layers.0.self_attn.q_proj.kernel"], ref["layers.0.self_attn.q_proj.kernel"])
-    assert len(await client.get_parameters(".*")) == 2
-    for regex, code in (("nothing_matches", grpc.StatusCode.NOT_FOUND), ("(", INVALID), ("", INVALID)):
-      with pytest.raises(TeacherError) as e:
-        await client.get_parameters(regex)
-      assert e.value.code == code and "name_regex" in e.value.message
-
-
 async def test_drain_answers_in_flight_then_refuses():
   engine = FakeEngine(delay_s=0.1)
   async with fake_server("batcher.max_wait_ms=0", engine=engine) as (server, address):

@@ -26,7 +26,7 @@ TRUE_VOCAB = 300  # tiny has 384 embedding rows: ids 300..383 are padding and mu
 OVERRIDES = ["model.source=preset", "model.preset=tiny", "model.seed=3",
              f"model.overrides={{true_vocab_size: {TRUE_VOCAB}}}", "batcher.buckets=[[4,32]]",
              "limits.max_k=16", "limits.max_temperatures=3", "batcher.max_wait_ms=5",
-             f"security.auth_token={TOKEN}"]
+             f"security.auth_token={TOKEN}", "serve_parameters=true"]
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +168,7 @@ async def test_bad_requests_then_good(env):
 async def test_get_parameters_match_model(env):
   server, model = env
   async with client_for(server) as client:
-    params = await client.get_parameters(r"layers\.0\.self_attn\.(q|k)_proj\.kernel", chunk_bytes=1000)
+    params = await client.get_parameters(r"layers\.0\.self_attn\.(q|k)_proj\.kernel", chunk_bytes=65536)
   assert sorted(params) == ["layers.0.self_attn.k_proj.kernel", "layers.0.self_attn.q_proj.kernel"]
   np.testing.assert_array_equal(params["layers.0.self_attn.q_proj.kernel"],
                                 np.asarray(model.layers[0].self_attn.q_proj.kernel[...]))

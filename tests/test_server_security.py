@@ -37,7 +37,7 @@ async def _one_stream(client):
 async def test_bearer_token(tmp_path):
   token_file = tmp_path / "token"
   token_file.write_text("s3cret-token\n")
-  async with fake_server(f"security.auth_token_file={token_file}") as (_, address):
+  async with fake_server(f"security.auth_token_file={token_file}", "serve_parameters=true") as (_, address):
     for token, want in ((None, "UNAUTHENTICATED"), ("wrong", "UNAUTHENTICATED"), ("s3cret-token", "OK")):
       async with TeacherClient(address, token=token) as client:
         assert await _calls(client) == [want] * 4, token
@@ -60,7 +60,7 @@ async def test_token_can_guard_health():
 
 async def test_tls(certs):
   tls = (f"security.tls_cert={certs['server']}", f"security.tls_key={certs['server_key']}")
-  async with fake_server(*tls) as (_, address):
+  async with fake_server(*tls, "serve_parameters=true") as (_, address):
     port = address.rsplit(":", 1)[1]
     async with TeacherClient(f"localhost:{port}", root_certificates=str(certs["ca"])) as client:
       assert await _calls(client) == ["OK"] * 4
@@ -77,7 +77,7 @@ async def test_tls(certs):
 async def test_mutual_tls(certs):
   mtls = (f"security.tls_cert={certs['server']}", f"security.tls_key={certs['server_key']}",
           f"security.client_ca={certs['ca']}", "security.require_client_cert=true")
-  async with fake_server(*mtls) as (_, address):
+  async with fake_server(*mtls, "serve_parameters=true") as (_, address):
     target = "localhost:" + address.rsplit(":", 1)[1]
     ca = str(certs["ca"])
     async with TeacherClient(target, root_certificates=ca, client_cert=str(certs["client"]),

@@ -136,7 +136,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_type", "vocab_size", "padded_vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "value_dtypes", "state_dtypes", "state_names", "limits", "weights_fingerprint", "tokenizer_fingerprint", "buckets", "server_version", "packed_id_bits")
+    __slots__ = ("model_type", "vocab_size", "padded_vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "value_dtypes", "state_dtypes", "state_names", "limits", "weights_fingerprint", "tokenizer_fingerprint", "buckets", "server_version", "packed_id_bits", "serves_parameters")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     PADDED_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class GetInfoResponse(_message.Message):
     BUCKETS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PACKED_ID_BITS_FIELD_NUMBER: _ClassVar[int]
+    SERVES_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     vocab_size: int
     padded_vocab_size: int
@@ -173,7 +174,8 @@ class GetInfoResponse(_message.Message):
     buckets: _containers.RepeatedCompositeFieldContainer[Bucket]
     server_version: str
     packed_id_bits: int
-    def __init__(self, model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., server_version: _Optional[str] = ..., packed_id_bits: _Optional[int] = ...) -> None: ...
+    serves_parameters: bool
+    def __init__(self, model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., server_version: _Optional[str] = ..., packed_id_bits: _Optional[int] = ..., serves_parameters: _Optional[bool] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("name_regex", "chunk_bytes")

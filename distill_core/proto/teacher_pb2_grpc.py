@@ -86,7 +86,9 @@ class TeacherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetParameters(self, request, context):
-        """Parameters whose names match a regex, as raw chunks.
+        """Parameters whose names match a regex, as raw chunks. Off unless the
+        server runs with serve_parameters (UNIMPLEMENTED otherwise); with a
+        parameters token configured, other tokens get PERMISSION_DENIED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
