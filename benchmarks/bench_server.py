@@ -58,7 +58,7 @@ def engine_phase(args) -> dict:
   from distill_core.config import load_config
   from teacher_server.config import ServerConfig
   from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch
+  from teacher_server.engine_api import EngineBatch, Fetch
 
   engine = JaxEngine.from_config(load_config(ServerConfig, None, server_overrides(args)))
   engine.warmup()
@@ -66,7 +66,7 @@ def engine_phase(args) -> dict:
   b, t = args.batch, args.length
   batches = [EngineBatch(rng.integers(0, engine.info.vocab_size, (b, t), dtype=np.int32),
                          np.ones((b, t), np.int32), np.tile(np.arange(t, dtype=np.int32), (b, 1)),
-                         np.ones((b, engine.info.max_temperatures), np.float32), False)
+                         np.ones((b, engine.info.max_temperatures), np.float32), Fetch(k=args.k))
              for _ in range(4)]
   engine.forward(batches[0])
   start = time.perf_counter()

@@ -204,7 +204,7 @@ class OutputSpec:
   value_dtype: str = "float16"
   layers: tuple[int, ...] = ()
   states: tuple[str, ...] = ()
-  state_dtype: str = "float32"
+  state_dtype: str = "bfloat16"
   pack_ids: bool = False
 
   def to_proto(self) -> pb.OutputSpec:

@@ -65,7 +65,7 @@ class RemoteTeacherConfig(ConfigBase):
       None, ge=1, description="Rows of a batch per request (null: as many as the server's limits allow); "
       "smaller requests spread one batch over several replicas.")
   state_dtype: Literal["float32", "bfloat16"] = Field(
-      "float32", description="dtype of streamed layer states (bfloat16 halves their bytes).")
+      "bfloat16", description="dtype of streamed layer states (float32 doubles their bytes).")
   pack_ids: bool = Field(True, description="Ask for bit-packed top-k ids (lossless, fewer bytes).")
   max_request_errors: int = Field(3, ge=1, description="Per-request server failures (e.g. engine errors) "
                                   "tolerated for one batch before training stops with the error.")

@@ -1,14 +1,16 @@
 """Packs requests from every stream and client into the engine's bucket shapes.
 
 One bounded asyncio queue takes validated requests from all calls. A loop moves
-them into per-(length, with-states) groups, splitting requests along B: a
+them into per-(length, state dtype or none) groups (one compiled engine program each), splitting requests along B: a
 request whose batch exceeds the largest bucket batch of its length is spread
 over several engine batches and reassembled. A group is flushed when it fills
 its largest bucket batch or when its oldest row has waited ``max_wait_ms``;
 the smallest bucket batch that holds the rows is used, padded with segment id
 0. The engine runs on one worker thread (the event loop stays responsive), at
-most ``max_inflight_batches`` at a time. Per-request slicing (k, length,
-temperatures, layers) and dtype casts also happen on that thread.
+most ``max_inflight_batches`` at a time. Each batch asks the engine for the union
+of its requests' outputs (``Fetch.union``), so only that leaves the device;
+per-request slicing (k, length, temperatures, layers) and the rare host cast
+(a batch mixing value dtypes) happen on that thread.
 
 Backpressure: :meth:`Batcher.submit` waits while the queue is full (a stream's
 reading slows down); :meth:`Batcher.submit_nowait` raises :class:`QueueFullError`.
@@ -27,7 +29,7 @@ import grpc
 import numpy as np
 
 from distill_core.targets import TeacherTargets, concat
-from teacher_server.engine_api import Engine, EngineBatch, EngineOutput
+from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch
 from teacher_server.metrics import Metrics
 from teacher_server.validation import Prepared, RequestError
 
@@ -65,15 +67,14 @@ class _Slice:
   arrived: float
 
 
-def extract(out: EngineOutput, row: int, req: Prepared, start: int, stop: int,
-            selectable: tuple[int, ...]) -> TeacherTargets:
+def extract(out: EngineOutput, row: int, req: Prepared, start: int, stop: int) -> TeacherTargets:
   """Rows ``[start, stop)`` of ``req``, found at batch row ``row``, trimmed and cast (host copies)."""
   rows, t = slice(row, row + stop - start), req.length
   states = {}
   if req.layers:
-    idx = [selectable.index(layer) for layer in req.layers]
     for name in req.states:
-      states[name] = np.ascontiguousarray(out.states[name][idx, rows, :t], dtype=req.state_dtype)
+      states[name] = np.stack([out.states[name][layer][rows, :t] for layer in req.layers]).astype(
+          req.state_dtype, copy=False)
   return TeacherTargets(
       topk_ids=np.ascontiguousarray(out.topk_ids[rows, :t, :req.k]),
       topk_logits=np.ascontiguousarray(out.topk_logits[rows, :t, :req.k], dtype=req.value_dtype),
@@ -99,7 +100,7 @@ class Batcher:
       sizes.sort()
     self._lengths = sorted(self._batches_for)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
-    self._pending: dict[tuple[int, bool], collections.deque[_Slice]] = {}
+    self._pending: dict[tuple[int, np.dtype | None], collections.deque[_Slice]] = {}
     self._tasks: set[asyncio.Task] = set()
     self._closing = False
     self._loop_task: asyncio.Task | None = None
@@ -161,7 +162,7 @@ class Batcher:
         job = self._queue.get_nowait()
         self._metrics.queue_depth.set(self._queue.qsize())
         try:
-          key = (self._length_class(job.req.length), job.req.with_states)
+          key = (self._length_class(job.req.length), job.req.fetch.state_dtype)
         except RequestError as e:
           job.future.done() or job.future.set_exception(e)
           continue
@@ -195,7 +196,7 @@ class Batcher:
       if not queue:
         del self._pending[key]
 
-  async def _dispatch(self, key: tuple[int, bool], queue: collections.deque[_Slice], max_rows: int) -> None:
+  async def _dispatch(self, key: tuple[int, np.dtype | None], queue: collections.deque[_Slice], max_rows: int) -> None:
     taken: list[_Slice] = []
     rows = 0
     while queue and rows < max_rows:
@@ -214,8 +215,8 @@ class Batcher:
     self._tasks.add(task)
     task.add_done_callback(self._tasks.discard)
 
-  def _build(self, key: tuple[int, bool], taken: list[_Slice], rows: int) -> EngineBatch:
-    length, with_states = key
+  def _build(self, key: tuple[int, np.dtype | None], taken: list[_Slice], rows: int) -> EngineBatch:
+    length = key[0]
     bb = next(b for b in self._batches_for[length] if b >= rows)
     tokens = np.zeros((bb, length), np.int32)
     segments = np.zeros((bb, length), np.int32)
@@ -229,7 +230,8 @@ class Batcher:
       positions[row:row + n, :req.length] = req.positions[s.start:s.stop]
       temps[row:row + n, :len(req.temperatures)] = req.temperatures
       row += n
-    return EngineBatch(tokens, segments, positions, temps, with_states)
+    fetch = Fetch.union([s.job.req.fetch for s in taken], self._info.selectable_layers)
+    return EngineBatch(tokens, segments, positions, temps, fetch)
 
   def _run_engine(self, batch: EngineBatch, taken: list[_Slice]) -> list[TeacherTargets]:
     """Worker thread: one forward, then every slice's trimmed, cast piece."""
@@ -237,13 +239,14 @@ class Batcher:
     out = self._engine.forward(batch)
     pieces, row = [], 0
     for s in taken:
-      pieces.append(extract(out, row, s.job.req, s.start, s.stop, self._info.selectable_layers))
+      pieces.append(extract(out, row, s.job.req, s.start, s.stop))
       row += s.stop - s.start
     self._metrics.engine_seconds.observe(time.perf_counter() - start)
+    self._metrics.host_bytes.observe(out.nbytes)
     self._metrics.compilations.set(self._engine.compilations())
     return pieces
 
-  async def _execute(self, key: tuple[int, bool], taken: list[_Slice], rows: int) -> None:
+  async def _execute(self, key: tuple[int, np.dtype | None], taken: list[_Slice], rows: int) -> None:
     try:
       batch = self._build(key, taken, rows)
       real = sum((s.stop - s.start) * s.job.req.length for s in taken)

@@ -48,8 +48,9 @@ class LimitsConfig(ConfigBase):
   max_temperatures: int = Field(2, gt=0, description="Most temperatures in one request (each costs one "
                                 "pass over the vocabulary for every position, requested or not).")
   selectable_layers: list[int] | Literal["all"] = Field(
-      "all", description="Layers whose states may be requested. Batches that ask for states move "
-      "all of these layers off the device, so list exactly the layers your students use; [] disables states.")
+      "all", description="Layers whose states may be requested. Only the layers a batch asks for are "
+      "copied off the device, but a batch with states keeps all of these in device memory while it runs, so "
+      "list the layers your students use; [] disables states.")
   state_names: list[Literal["attn_in", "attn_out"]] = Field(
       list(STATE_NAMES), description="State names offered (attn_in: attention input after the norm; "
       "attn_out: attention output after o_proj).")

@@ -2,12 +2,25 @@
 
 One jitted function runs the forward and then ``distill_core.targets.compute_targets``
 (padded vocabulary masked, logits shifted by the row max, top ``max_k``,
-logsumexp at every row's own temperatures) on the device; only those arrays and,
-for batches that ask, the states of the selectable layers leave it. It is
-compiled at warm-up for every (bucket, with-states) pair; k, temperatures and
-layer choices of a request never cause a recompilation: k is fixed at ``max_k``
-(top-k output is sorted, so the first k are the top k), temperatures are a
-traced ``(B, max_temperatures)`` array, and the host slices the layers.
+logsumexp at every row's own temperatures) on the device, and lays its results
+out so that the host can copy exactly what a batch's ``Fetch`` names and
+nothing else:
+
+* the top-k ids and values are split along k at the boundaries of
+  ``k_ladder(max_k)`` (1, 2, 4, ..., max_k; top-k output is sorted, so the first
+  chunks are the top k), the values already cast to each value dtype;
+* every selectable layer's state is its own output array, already cast to the
+  batch's state dtype.
+
+The host then copies the first chunks up to ``fetched_k(k)`` in one value dtype
+and only the (state, layer) arrays asked for; the rest is freed on the device.
+
+Compiled programs are bounded: one per (bucket, state dtype or none), i.e. at
+most ``len(buckets) * (1 + len(STATE_DTYPES))``, all compiled at warm-up. k,
+value dtype, layers, state names and temperatures of a request never cause a
+recompilation: k and the value dtype only choose which outputs are copied,
+layers and names too, and temperatures are a traced ``(B, max_temperatures)``
+array.
 
 Parameter names (GetParameters) are the model's ``nnx`` paths joined by dots,
 e.g. ``layers.0.self_attn.q_proj.kernel`` with shape (E, H, D); with
@@ -28,7 +41,7 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
-from distill_core import checkpoints
+from distill_core import checkpoints, wire
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
@@ -36,7 +49,8 @@ from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batc
 from distill_core.targets import compute_targets
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
-from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, NamePattern, check_batch_shape
+from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOutput, Fetch, NamePattern,
+                                       check_batch_shape, fetched_k, k_ladder)
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +145,9 @@ class JaxEngine(Engine):
     graphdef, state = nnx.split(model)
     self._graphdef = graphdef
     self._state = jax.device_put(state, state_shardings(state, self._mesh, rules_table(mesh or MeshConfig())))
-    self._fn = jax.jit(self._forward, static_argnames=("with_states",))
+    self._chunks = _chunks(k_ladder(self._info.max_k))
+    self._fn = jax.jit(self._forward, static_argnames=("state_dtype",))
+    self.last_host_bytes = 0  # bytes copied to the host by the latest forward
 
   @classmethod
   def from_config(cls, cfg: ServerConfig) -> "JaxEngine":
@@ -152,37 +168,54 @@ class JaxEngine(Engine):
   def info(self) -> EngineInfo:
     return self._info
 
-  def _forward(self, state, tokens, segment_ids, positions, temperatures, *, with_states: bool):
+  def _forward(self, state, tokens, segment_ids, positions, temperatures, *, state_dtype: str | None):
+    """Device outputs: id chunks, {value dtype: value chunks}, lse, {state: per-layer arrays}."""
     model = nnx.merge(self._graphdef, state)
     info = self._info
-    layers = info.selectable_layers if with_states else ()
+    layers = info.selectable_layers if state_dtype else ()
     out = model(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
     per_row = jax.vmap(lambda lg, tp: row_targets(lg, tp, k=info.max_k, true_vocab_size=info.vocab_size))
     ids, values, lse = per_row(out.logits, temperatures)  # (B, T, K), (B, T, K), (B, T, n)
-    return ids, values, lse, out.states
+    id_chunks = tuple(ids[..., a:b] for a, b in self._chunks)
+    value_chunks = {name: tuple(values[..., a:b].astype(name) for a, b in self._chunks)
+                    for name in wire.VALUE_DTYPES}
+    states = {name: tuple(v[i].astype(state_dtype) for i in range(len(layers))) for name, v in out.states.items()}
+    return id_chunks, value_chunks, lse, states
 
-  def _variants(self) -> list[tuple[int, int, bool]]:
-    with_states = (False, True) if self._info.selectable_layers and self._info.state_names else (False,)
-    return [(b, t, s) for b, t in self._info.buckets for s in with_states]
+  def _variants(self) -> list[tuple[int, int, str | None]]:
+    offered = self._info.selectable_layers and self._info.state_names
+    state_dtypes = (None, *wire.STATE_DTYPES) if offered else (None,)
+    return [(b, t, d) for b, t in self._info.buckets for d in state_dtypes]
 
   def warmup(self) -> dict[str, float]:
     timings = {}
-    for b, t, with_states in self._variants():
+    info = self._info
+    for b, t, state_dtype in self._variants():
       start = time.perf_counter()
       ones = np.ones((b, t), np.int32)
+      states = dict(layers=info.selectable_layers[:1], states=info.state_names[:1],
+                    state_dtype=state_dtype) if state_dtype else {}
       batch = EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
-                          np.ones((b, self._info.max_temperatures), np.float32), with_states)
+                          np.ones((b, info.max_temperatures), np.float32), Fetch(k=info.max_k, **states))
       self.forward(batch)
-      timings[f"{b}x{t}{'+states' if with_states else ''}"] = time.perf_counter() - start
+      timings[f"{b}x{t}{'+' + state_dtype if state_dtype else ''}"] = time.perf_counter() - start
     return timings
 
   def forward(self, batch: EngineBatch) -> EngineOutput:
     check_batch_shape(self._info, batch)
+    fetch = batch.fetch
     inputs = shard_batch((batch.tokens, batch.segment_ids, batch.positions, batch.temperatures), self._mesh)
-    ids, values, lse, states = self._fn(self._state, *inputs, with_states=batch.with_states)
-    ids, values, lse, states = jax.device_get((ids, values, lse, states))
-    return EngineOutput(topk_ids=np.asarray(ids), topk_logits=np.asarray(values), logsumexp=np.asarray(lse),
-                        states={name: np.asarray(v) for name, v in states.items()})
+    state_dtype = fetch.state_dtype.name if fetch.with_states else None
+    id_chunks, value_chunks, lse, states = self._fn(self._state, *inputs, state_dtype=state_dtype)
+    n = k_ladder(self._info.max_k).index(fetched_k(fetch.k, self._info.max_k)) + 1  # chunks to copy
+    rows = {layer: self._info.selectable_layers.index(layer) for layer in fetch.layers}
+    wanted = (id_chunks[:n], value_chunks[fetch.value_dtype.name][:n], lse,
+              {name: {layer: states[name][i] for layer, i in rows.items()} for name in fetch.states})
+    ids, values, lse, states = jax.device_get(wanted)  # the only device -> host copy
+    out = EngineOutput(topk_ids=np.concatenate(ids, axis=-1), topk_logits=np.concatenate(values, axis=-1),
+                       logsumexp=np.asarray(lse), states=states)
+    self.last_host_bytes = out.nbytes
+    return out
 
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, var in parameter_items(nnx.merge(self._graphdef, self._state)):
@@ -191,3 +224,8 @@ class JaxEngine(Engine):
 
   def compilations(self) -> int:
     return self._fn._cache_size()  # noqa: SLF001 - jitted-function cache: one entry per compiled variant
+
+
+def _chunks(ladder: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """[(0, 1), (1, 2), (2, 4), ...]: the k ranges between consecutive ladder entries."""
+  return tuple(zip((0, *ladder[:-1]), ladder))

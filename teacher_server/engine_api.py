@@ -1,11 +1,14 @@
 """The engine interface: what the batcher and servicer need from a teacher model.
 
 An engine runs fixed-shape batches (one of its buckets) and returns, per
-position, the top ``max_k`` shifted logits, the logsumexp at each row's
-temperatures and, when asked, the attention states of its selectable layers.
-The JAX engine lives in ``engine.py``; ``fake_engine.py`` has a NumPy stand-in
-for fast tests. Engines are called from one worker thread, never from the event
-loop.
+position, the top-k shifted logits, the logsumexp at each row's temperatures
+and, when asked, attention states of some of its selectable layers. Each batch
+carries a :class:`Fetch`: the union of what its requests asked for (k, value
+dtype, layers, state names, state dtype). An engine copies to the host only
+that (k rounded up to :func:`k_ladder`), so nothing a request did not ask for
+leaves the accelerator. The JAX engine lives in ``engine.py``;
+``fake_engine.py`` has a NumPy stand-in for fast tests. Engines are called from
+one worker thread, never from the event loop.
 """
 
 from __future__ import annotations
@@ -43,6 +46,66 @@ class EngineInfo:
     return max(t for _, t in self.buckets)
 
 
+def k_ladder(max_k: int) -> tuple[int, ...]:
+  """The k an engine copies to the host: powers of two below ``max_k``, then ``max_k``.
+
+  A batch asking for k copies the smallest entry >= k (at most 2x, exact for
+  powers of two and max_k); the device output is split at these boundaries.
+  """
+  ladder, k = [], 1
+  while k < max_k:
+    ladder.append(k)
+    k *= 2
+  return (*ladder, max_k)
+
+
+def fetched_k(k: int, max_k: int) -> int:
+  """The ladder entry a batch asking for ``k`` ids copies (ValueError over ``max_k``)."""
+  for entry in k_ladder(max_k):
+    if entry >= k:
+      return entry
+  raise ValueError(f"k = {k} exceeds max_k {max_k}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fetch:
+  """What one engine batch copies to the host: the union of its requests' output specs."""
+
+  k: int  # ids per position (the engine copies fetched_k(k))
+  value_dtype: np.dtype = np.dtype(np.float16)  # dtype of topk_logits
+  layers: tuple[int, ...] = ()  # teacher layers whose states are copied
+  states: tuple[str, ...] = ()  # state names copied for every layer above
+  state_dtype: np.dtype | None = None  # dtype of the states; None when no states are wanted
+
+  def __post_init__(self):
+    object.__setattr__(self, "value_dtype", np.dtype(self.value_dtype))
+    if bool(self.layers) != bool(self.states) or bool(self.layers) != (self.state_dtype is not None):
+      raise ValueError(f"fetch: layers {list(self.layers)}, states {list(self.states)} and state_dtype "
+                       f"{self.state_dtype} must be all given or all empty")
+    if self.state_dtype is not None:
+      object.__setattr__(self, "state_dtype", np.dtype(self.state_dtype))
+
+  @property
+  def with_states(self) -> bool:
+    return bool(self.layers)
+
+  @staticmethod
+  def union(fetches: "list[Fetch]", order: tuple[int, ...]) -> "Fetch":
+    """One fetch covering all of ``fetches`` (same state dtype); layers sorted as in ``order``.
+
+    Mixed value dtypes copy float32 (cast on the host afterwards: the same rounding as on the device).
+    """
+    dtypes = {f.state_dtype for f in fetches}
+    if len(dtypes) != 1:
+      raise ValueError(f"fetch: one batch mixes state dtypes {sorted(map(str, dtypes))}")
+    values = {f.value_dtype for f in fetches}
+    layers = {layer for f in fetches for layer in f.layers}
+    states = {name for f in fetches for name in f.states}
+    return Fetch(k=max(f.k for f in fetches), value_dtype=values.pop() if len(values) == 1 else np.dtype(np.float32),
+                 layers=tuple(layer for layer in order if layer in layers),
+                 states=tuple(sorted(states)), state_dtype=dtypes.pop())
+
+
 @dataclasses.dataclass
 class EngineBatch:
   """One bucket-shaped batch; padding rows and columns have segment id 0."""
@@ -51,17 +114,28 @@ class EngineBatch:
   segment_ids: np.ndarray  # (Bb, Tb) int32
   positions: np.ndarray  # (Bb, Tb) int32
   temperatures: np.ndarray  # (Bb, max_temperatures) float32, padded with 1.0
-  with_states: bool  # return the states of every selectable layer
+  fetch: Fetch  # what to copy to the host
+
+  @property
+  def with_states(self) -> bool:
+    return self.fetch.with_states
 
 
 @dataclasses.dataclass
 class EngineOutput:
-  """Host arrays for a whole bucket."""
+  """Host arrays for a whole bucket: exactly what the batch's ``Fetch`` named."""
 
-  topk_ids: np.ndarray  # (Bb, Tb, max_k) int32, sorted by descending logit
-  topk_logits: np.ndarray  # (Bb, Tb, max_k) float32, minus the row max (first entry 0)
+  topk_ids: np.ndarray  # (Bb, Tb, fetched_k) int32, sorted by descending logit
+  topk_logits: np.ndarray  # (Bb, Tb, fetched_k) fetch.value_dtype, minus the row max (first entry 0)
   logsumexp: np.ndarray  # (Bb, Tb, max_temperatures) float32
-  states: dict[str, np.ndarray]  # name -> (len(selectable_layers), Bb, Tb, E); {} without states
+  states: dict[str, dict[int, np.ndarray]]  # name -> layer -> (Bb, Tb, E) in fetch.state_dtype; {} without
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of every array (what was copied from the device)."""
+    arrays = [self.topk_ids, self.topk_logits, self.logsumexp]
+    arrays += [value for layers in self.states.values() for value in layers.values()]
+    return int(sum(a.nbytes for a in arrays))
 
 
 class NamePattern(Protocol):
@@ -84,7 +158,7 @@ class Engine(abc.ABC):
 
   @abc.abstractmethod
   def forward(self, batch: EngineBatch) -> EngineOutput:
-    """Runs one batch whose shape is one of ``info.buckets`` (blocking)."""
+    """Runs one batch whose shape is one of ``info.buckets`` (blocking); returns what ``batch.fetch`` names."""
 
   @abc.abstractmethod
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
@@ -105,4 +179,11 @@ def check_batch_shape(info: EngineInfo, batch: EngineBatch) -> tuple[int, int]:
       raise ValueError(f"{name} shape {getattr(batch, name).shape} != tokens shape {shape}")
   if batch.temperatures.shape != (shape[0], info.max_temperatures):
     raise ValueError(f"temperatures shape {batch.temperatures.shape} != {(shape[0], info.max_temperatures)}")
+  fetch = batch.fetch
+  if not 1 <= fetch.k <= info.max_k:
+    raise ValueError(f"fetch.k {fetch.k} not in [1, {info.max_k}]")
+  unknown = [layer for layer in fetch.layers if layer not in info.selectable_layers]
+  if unknown or any(name not in info.state_names for name in fetch.states):
+    raise ValueError(f"fetch: layers {list(fetch.layers)} / states {list(fetch.states)} not offered "
+                     f"(layers {list(info.selectable_layers)}, states {list(info.state_names)})")
   return shape

@@ -6,7 +6,10 @@ row reached the right request and stream without running a model:
 * ``topk_ids[b, t, i] = (tokens[b, t] + i) % vocab_size``
 * ``topk_logits[b, t, i] = -0.5 * i``
 * ``logsumexp[b, t, j] = temperatures[b, j] + positions[b, t] / 1000``
-* ``states[name][l, b, t, :] = tokens[b, t] + 1000 * layer + (0.5 if name == "attn_out" else 0)``
+* ``states[name][layer][b, t, :] = tokens[b, t] + 1000 * layer + (0.5 if name == "attn_out" else 0)``
+
+Like the JAX engine it returns only what the batch's ``Fetch`` names (k rounded
+up to the ladder, the value dtype, the layers and states asked for).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import Iterator
 
 import numpy as np
 
-from teacher_server.engine_api import Engine, EngineBatch, EngineInfo, EngineOutput, NamePattern, check_batch_shape
+from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOutput, NamePattern,
+                                       check_batch_shape, fetched_k)
 
 
 def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 8,
@@ -73,18 +77,18 @@ class FakeEngine(Engine):
       time.sleep(self.delay_s)
     if self.fail_token is not None and np.any(batch.tokens == self.fail_token):
       raise RuntimeError(f"injected failure on token {self.fail_token}")
-    info = self._info
-    k = np.arange(info.max_k, dtype=np.int32)
-    ids = (batch.tokens[:, :, None] + k) % info.vocab_size  # (B, T, K)
-    logits = np.broadcast_to(-0.5 * k.astype(np.float32), ids.shape).copy()
+    info, fetch = self._info, batch.fetch
+    k = np.arange(fetched_k(fetch.k, info.max_k), dtype=np.int32)
+    ids = (batch.tokens[:, :, None] + k) % info.vocab_size  # (B, T, k)
+    logits = np.broadcast_to(-0.5 * k.astype(fetch.value_dtype), ids.shape).copy()
     lse = batch.temperatures[:, None, :] + batch.positions[:, :, None].astype(np.float32) / 1000
     states = {}
-    if batch.with_states:
-      layers = np.asarray(info.selectable_layers, np.float32)[:, None, None, None]  # (L, 1, 1, 1)
-      base = batch.tokens[None, :, :, None].astype(np.float32) + 1000 * layers  # (L, B, T, 1)
-      for name in info.state_names:
-        value = base + (0.5 if name == "attn_out" else 0.0)
-        states[name] = np.broadcast_to(value, value.shape[:3] + (info.hidden_size,)).copy()
+    for name in fetch.states:
+      states[name] = {}
+      for layer in fetch.layers:
+        value = batch.tokens[:, :, None] + 1000.0 * layer + (0.5 if name == "attn_out" else 0.0)  # (B, T, 1)
+        shape = value.shape[:2] + (info.hidden_size,)
+        states[name][layer] = np.broadcast_to(value, shape).astype(fetch.state_dtype)
     return EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
                         logsumexp=lse.astype(np.float32), states=states)
 

@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from teacher_server.config import split_address
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_BYTE_BUCKETS = tuple(float(4 ** i) for i in range(5, 17))  # 1 KiB .. 4 GiB
 _FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 
@@ -29,6 +30,9 @@ class Metrics:
     self.batches = Counter("teacher_batches", "Engine batches run, by bucket.", ["bucket"], registry=r)
     self.engine_seconds = Histogram("teacher_engine_seconds", "Engine time per batch (forward, top-k, "
                                     "transfer).", buckets=_LATENCY_BUCKETS, registry=r)
+    self.host_bytes = Histogram("teacher_engine_host_bytes", "Bytes copied from the accelerator to the "
+                                "host per engine batch (only what its requests asked for).",
+                                buckets=_BYTE_BUCKETS, registry=r)
     self.open_streams = Gauge("teacher_open_streams", "Open Stream calls.", registry=r)
     self.compilations = Gauge("teacher_engine_compilations", "Compiled engine variants (constant after "
                               "warm-up; a rise means a recompilation).", registry=r)

@@ -17,7 +17,7 @@ import numpy as np
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
 from teacher_server.config import LimitsConfig
-from teacher_server.engine_api import EngineInfo
+from teacher_server.engine_api import EngineInfo, Fetch
 
 _INVALID = grpc.StatusCode.INVALID_ARGUMENT
 _TOO_BIG = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -61,6 +61,14 @@ class Prepared:
   @property
   def with_states(self) -> bool:
     return bool(self.layers)
+
+  @property
+  def fetch(self) -> Fetch:
+    """What the engine must copy to the host for this request alone."""
+    if not self.with_states:
+      return Fetch(k=self.k, value_dtype=self.value_dtype)
+    return Fetch(k=self.k, value_dtype=self.value_dtype, layers=self.layers, states=self.states,
+                 state_dtype=self.state_dtype)
 
 
 def default_positions(segment_ids: np.ndarray) -> np.ndarray:
@@ -117,7 +125,7 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
   if value_dtype not in _VALUE_DTYPES:
     raise RequestError(_INVALID, "spec.value_dtype", f"{_enum_name(value_dtype)} is not one of "
                                                      "FLOAT16, BFLOAT16, FLOAT32")
-  state_dtype = spec.state_dtype or pb.DTYPE_FLOAT32
+  state_dtype = spec.state_dtype or pb.DTYPE_BFLOAT16
   if state_dtype not in _STATE_DTYPES:
     raise RequestError(_INVALID, "spec.state_dtype", f"{_enum_name(state_dtype)} is not one of "
                                                      "BFLOAT16, FLOAT32")

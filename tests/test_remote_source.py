@@ -14,6 +14,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from remote_utils import ThreadedServer, fake_batch, fake_requirements
@@ -153,7 +154,9 @@ def test_answers_in_order_split_over_two_replicas(mesh):
   for targets, batch in zip(results, batches, strict=True):
     check_answer(targets, batch, temperature=2.0)
     states = np.asarray(targets.layer_states["attn_out"])  # (1, B, T, E) = token + 1000 * layer + 0.5
-    np.testing.assert_array_equal(states, np.broadcast_to((batch.tokens + 1000.5)[None, :, :, None], (1, 8, 16, 8)))
+    assert states.dtype == jnp.bfloat16  # the default state dtype
+    want = np.broadcast_to((batch.tokens + 1000.5)[None, :, :, None], (1, 8, 16, 8)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(states, want)
     assert targets.state_layers == (1,)
     assert targets.topk_ids.sharding.spec[0] == ("data", "fsdp")
     assert targets.layer_states["attn_out"].sharding.spec[1] == ("data", "fsdp")
@@ -359,6 +362,7 @@ def train_cfg(dataset, run_dir, *overrides) -> TrainConfig:
 def remote_train_cfg(dataset, run_dir, addresses, *overrides) -> TrainConfig:
   return train_cfg(dataset, run_dir, "teacher.source=remote", f"teacher.remote.address=[{', '.join(addresses)}]",
                    "teacher.remote.window=3", "teacher.remote.timeout_s=60", "teacher.remote.backoff_max_s=0.5",
+                   "teacher.remote.state_dtype=float32",  # the local teacher's states are not rounded
                    *overrides)
 
 

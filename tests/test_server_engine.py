@@ -2,6 +2,7 @@
 
 import re
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -14,7 +15,7 @@ from distill_core.model.hf import save_hf_checkpoint
 from distill_core.sharding import MeshConfig
 from teacher_server.config import ModelSourceConfig
 from teacher_server.engine import JaxEngine, load_teacher, weights_fingerprint
-from teacher_server.engine_api import EngineBatch
+from teacher_server.engine_api import EngineBatch, Fetch, k_ladder
 
 TRUE_VOCAB = 350
 
@@ -28,8 +29,8 @@ def model():
 def engine(model):
   cfg = build(ModelConfig, {**resolve_preset("tiny"), "true_vocab_size": TRUE_VOCAB})
   masked = checkpoints.load_model(cfg, seed=5)
-  eng = JaxEngine(masked, buckets=[(8, 16)], max_k=6, max_temperatures=3, selectable_layers=[1],
-                  state_names=["attn_out"], mesh=MeshConfig(data=-1))  # 8 virtual devices, batch split
+  eng = JaxEngine(masked, buckets=[(8, 16)], max_k=6, max_temperatures=3, selectable_layers=[0, 1],
+                  state_names=["attn_in", "attn_out"], mesh=MeshConfig(data=-1))  # 8 virtual devices, batch split
   eng.warmup()
   return eng, masked
 
@@ -62,7 +63,8 @@ def test_per_row_temperatures_padding_and_states(engine):
   temps = np.ones((8, 3), np.float32)
   temps[0] = [1.0, 2.0, 0.25]
   temps[1] = [4.0, 1.0, 1.0]
-  out = eng.forward(EngineBatch(tokens, seg, pos, temps, with_states=True))
+  fetch = Fetch(k=6, value_dtype="float32", layers=(1,), states=("attn_out",), state_dtype="float32")
+  out = eng.forward(EngineBatch(tokens, seg, pos, temps, fetch))
   ref = nnx.jit(lambda m, *a: m(*a, state_layers=(1,), state_names=("attn_out",)))(model, tokens, pos, seg)
   z = np.asarray(ref.logits, np.float64)[..., :TRUE_VOCAB]
   z -= z.max(-1, keepdims=True)
@@ -76,23 +78,74 @@ def test_per_row_temperatures_padding_and_states(engine):
       lse = [np.log(np.exp(z[b, t] / temp).sum()) for temp in temps[b]]
       np.testing.assert_allclose(out.logsumexp[b, t], lse, atol=1e-5)
   real = seg[:5] != 0
-  np.testing.assert_allclose(out.states["attn_out"][0, :5][real], np.asarray(ref.states["attn_out"])[0, :5][real],
+  np.testing.assert_allclose(out.states["attn_out"][1][:5][real], np.asarray(ref.states["attn_out"])[0, :5][real],
                              atol=1e-5)
   assert out.topk_ids.max() < TRUE_VOCAB
 
 
+FETCHES = [Fetch(k=k, value_dtype=vd, **states) for k in (1, 3, 4, 6) for vd in ("float16", "bfloat16", "float32")
+           for states in ({}, dict(layers=(1,), states=("attn_out",), state_dtype="bfloat16"),
+                          dict(layers=(0, 1), states=("attn_in", "attn_out"), state_dtype="float32"))]
+
+
 def test_no_recompilation_after_warmup(engine):
   eng, _ = engine
-  assert eng.compilations() == 2  # one bucket, with and without states
+  assert eng.compilations() == 3  # one bucket: no states, bf16 states, f32 states
   rng = np.random.default_rng(1)
-  for with_states in (False, True, False):
+  for fetch in FETCHES:
     temps = rng.uniform(0.5, 2, (8, 3)).astype(np.float32)
     tokens = rng.integers(0, TRUE_VOCAB, (8, 16), dtype=np.int32)
     eng.forward(EngineBatch(tokens, np.ones_like(tokens), np.tile(np.arange(16, dtype=np.int32), (8, 1)),
-                            temps, with_states))
-  assert eng.compilations() == 2
+                            temps, fetch))
+  assert eng.compilations() == 3
   with pytest.raises(ValueError, match="not one of the buckets"):
-    eng.forward(EngineBatch(tokens[:4], tokens[:4], tokens[:4], temps[:4], False))
+    eng.forward(EngineBatch(tokens[:4], tokens[:4], tokens[:4], temps[:4], Fetch(k=1)))
+  with pytest.raises(ValueError, match="not offered"):
+    eng.forward(EngineBatch(tokens, tokens, tokens, temps, Fetch(k=1, layers=(2,), states=("attn_out",),
+                                                                   state_dtype="float32")))
+
+
+def test_only_the_fetched_outputs_leave_the_device(engine, monkeypatch):
+  """Every device -> host copy is counted; a batch copies the asked k, dtype, layers and states only."""
+  eng, model = engine
+  copied = []
+  real_get = jax.device_get
+
+  def counting_get(tree):
+    host = real_get(tree)
+    copied.append(sum(np.asarray(x).nbytes for x in jax.tree.leaves(host)))
+    return host
+
+  monkeypatch.setattr(jax, "device_get", counting_get)
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(0, TRUE_VOCAB, (8, 16), dtype=np.int32)
+  pos = np.tile(np.arange(16, dtype=np.int32), (8, 1))
+  temps = np.ones((8, 3), np.float32)
+  ref = nnx.jit(lambda m, *a: m(*a, state_layers=(0, 1), state_names=("attn_in", "attn_out")))(
+      model, tokens, pos, np.ones_like(tokens))
+  full = eng.forward(EngineBatch(tokens, np.ones_like(tokens), pos, temps,
+                                 Fetch(k=6, value_dtype="float32", layers=(0, 1), states=("attn_in", "attn_out"),
+                                       state_dtype="float32")))
+  bt, e = 8 * 16, model.cfg.hidden_size
+  for fetch in FETCHES:
+    copied.clear()
+    out = eng.forward(EngineBatch(tokens, np.ones_like(tokens), pos, temps, fetch))
+    k = next(entry for entry in k_ladder(6) if entry >= fetch.k)
+    want = bt * k * (4 + fetch.value_dtype.itemsize) + bt * 3 * 4
+    if fetch.with_states:
+      want += len(fetch.layers) * len(fetch.states) * bt * e * fetch.state_dtype.itemsize
+    assert copied == [want] == [out.nbytes] == [eng.last_host_bytes], fetch
+    assert out.topk_ids.shape == (8, 16, k) and out.topk_logits.dtype == fetch.value_dtype
+    np.testing.assert_array_equal(out.topk_ids, full.topk_ids[..., :k])
+    np.testing.assert_array_equal(out.topk_logits, full.topk_logits[..., :k].astype(fetch.value_dtype))
+    assert sorted(out.states) == sorted(fetch.states)
+    for name in fetch.states:
+      assert sorted(out.states[name]) == list(fetch.layers)
+      for layer in fetch.layers:
+        got = out.states[name][layer]
+        assert got.dtype == fetch.state_dtype and got.shape == (8, 16, e)
+        np.testing.assert_allclose(got.astype(np.float32), np.asarray(ref.states[name])[layer],
+                                   rtol=1e-2, atol=1e-2)
 
 
 def test_parameters_and_bad_settings(engine, model):

@@ -182,7 +182,9 @@ def test_metrics_and_no_recompilation(env):
   def value(name):
     return float(re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE).group(1))
 
-  assert value("teacher_engine_compilations") == 2  # one bucket, with and without states: warm-up only
+  # one bucket: without states, with bfloat16 and with float32 states; all at warm-up
+  assert value("teacher_engine_compilations") == 3
+  assert value("teacher_engine_host_bytes_count") == value('teacher_batches_total{bucket="4x32"}')  # every batch
   assert value('teacher_requests_total{code="OK",method="Stream"}') >= 24
   assert value('teacher_errors_total{code="INVALID_ARGUMENT"}') >= 3
   assert value("teacher_tokens_total") > 0
