@@ -32,10 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
-
-from student_trainer.sources.base import TeacherSource
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("memory", "remote", "local")
@@ -91,29 +88,18 @@ def train_overrides(args, phase: str) -> list[str]:
 
 def run_phase(args) -> dict:
   """Child process: one trainer run; returns throughput over the measured intervals."""
-  import jax
+  from benchmarks.common import precompute_targets, run_from_memory
   from distill_core.config import load_config
-  from distill_core.data import make_iterator
-  from distill_core.sharding import make_mesh, rules_table
   from student_trainer import train
   from student_trainer.config import TrainConfig
-  from student_trainer.sources import make_source
 
   cfg = load_config(TrainConfig, None, train_overrides(args, args.phase))
   total = args.log_every + args.steps
-  if args.phase == "memory":  # precompute every batch's targets, then serve them from memory
-    teacher = make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh))
-    data = make_iterator(cfg.data, "train")
-    targets = []
-    for step in range(total):
-      teacher.submit(next(data), cfg.loss.temperature.value(step))
-      targets.append(jax.block_until_ready(teacher.next()))
-    data.close()
-    teacher.close()
-    del teacher
-    train.make_source = lambda *a, **kw: _InMemory(targets)  # the trainer's only source hook
   shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no checkpoint, no old metrics
-  train.run(cfg, stop_after=total)
+  if args.phase == "memory":  # precompute every batch's targets, then serve them from memory
+    run_from_memory(cfg, precompute_targets(cfg, total), stop_after=total)
+  else:
+    train.run(cfg, stop_after=total)
   metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
   rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
   rows = [r for r in rows if "perf/tokens_per_s" in r][1:]  # drop the interval with compilation
@@ -127,25 +113,6 @@ def run_phase(args) -> dict:
     out.update({k.removeprefix("teacher/"): rows[-1][k] for k in ("teacher/latency_ms_p50",
                 "teacher/latency_ms_p95", "teacher/window_occupancy", "teacher/received_mb_per_s") if k in rows[-1]})
   return out
-
-
-class _InMemory(TeacherSource):
-  """A teacher source answering from a list of precomputed targets, in order (no eval targets)."""
-
-  def __init__(self, targets):
-    self._targets = list(targets)
-
-  def submit(self, batch, temperature):
-    del batch, temperature
-
-  def next(self):
-    return self._targets.pop(0)
-
-  def compute(self, batch, temperature):
-    del batch, temperature
-
-  def close(self):
-    self._targets = []
 
 
 def _pinned(cores: set[int] | None):
@@ -165,34 +132,14 @@ def child(args, phase: str, cores: set[int] | None, address: str | None = None) 
 
 
 def start_server(args, cores: set[int] | None) -> tuple[subprocess.Popen, str]:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    address = f"127.0.0.1:{s.getsockname()[1]}"
+  from distill_core.netutil import free_port
+  address = f"127.0.0.1:{free_port()}"
   cmd = [sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING", "model.source=preset",
          f"model.preset={args.teacher}", "model.seed=0", f"batcher.buckets=[[{args.batch},{args.seq_len}]]",
          f"limits.max_k={args.k}", "limits.selectable_layers=[]", "batcher.max_wait_ms=2",
          f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   return subprocess.Popen(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores)), address
-
-
-def wait_serving(proc: subprocess.Popen, address: str, timeout: float = 600.0) -> None:
-  import grpc
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
-  deadline = time.monotonic() + timeout
-  with grpc.insecure_channel(address) as channel:
-    stub = health_pb2_grpc.HealthStub(channel)
-    while time.monotonic() < deadline:
-      if proc.poll() is not None:
-        raise RuntimeError(f"the teacher server exited with {proc.returncode}")
-      try:
-        if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-          return
-      except grpc.RpcError:
-        pass
-      time.sleep(0.2)
-  raise TimeoutError(f"the teacher server at {address} was not serving after {timeout} s")
 
 
 def main(argv=None) -> int:
@@ -212,7 +159,8 @@ def main(argv=None) -> int:
   results = {"memory": child(args, "memory", student_cores)}
   server, address = start_server(args, teacher_cores)
   try:
-    wait_serving(server, address)
+    from distill_core.netutil import wait_serving
+    wait_serving(server, address, timeout=600)
     results["remote"] = child(args, "remote", student_cores, address)
   finally:
     server.terminate()
@@ -227,6 +175,13 @@ def main(argv=None) -> int:
              "local_cores": sorted(local_cores or []),
              "setup": dict(student=args.student, teacher=args.teacher, batch=args.batch, seq_len=args.seq_len,
                            k=args.k, window=args.window, measured_steps=results["remote"]["measured_steps"])}
+  from benchmarks.results import record
+  record({"memory_tokens_per_s": (results["memory"]["tokens_per_s"], "tokens/s"),
+          "remote_tokens_per_s": (results["remote"]["tokens_per_s"], "tokens/s"),
+          "local_tokens_per_s": (results["local"]["tokens_per_s"], "tokens/s"),
+          "streaming_efficiency": (summary["streaming_efficiency"], "ratio"),
+          "speedup_over_colocated": (summary["speedup_over_local"], "ratio"),
+          "teacher_wait_fraction": (summary["teacher_wait_fraction"], "fraction")})
   if args.json:
     print(json.dumps({**results, **summary}))
     return 0

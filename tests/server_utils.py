@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,18 +13,13 @@ from pathlib import Path
 import numpy as np
 
 from distill_core.config import load_config
+from distill_core.netutil import free_port  # noqa: F401  (re-exported for the tests)
 from teacher_server.config import ServerConfig
 from teacher_server.engine_api import Engine
 from teacher_server.fake_engine import FakeEngine
 from teacher_server.server import TeacherServer
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def fake_config(*overrides: str) -> ServerConfig:
