@@ -12,9 +12,15 @@ child process (an accelerator can be held by only one process):
    client, ``--streams`` bidirectional streams each keeping ``--window``
    requests of one full bucket in flight.
 
-Prints tokens/s of both, their ratio (serving efficiency), and the bytes on
-the wire per token of the request and of the answer (k values as float16, ids
-as int32 and bit-packed).
+3. batching: on the same server, ``--clients`` concurrent clients (one channel
+   each), each keeping one half-empty request (B/2 rows) in flight, against one
+   such client: the gain of the server's batcher, which packs requests of many
+   clients into one bucket.
+
+Prints tokens/s of each, their ratios (serving efficiency, batching gain), and
+the bytes on the wire per token of the request and of the answer (k values as
+float16, ids as int32 and bit-packed), and records them in the benchmark
+results file (benchmarks/results.py).
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--batches", type=int, default=10, help="measured full batches per phase")
   p.add_argument("--streams", type=int, default=2, help="client streams (served phase)")
   p.add_argument("--window", type=int, default=4, help="requests in flight per stream")
+  p.add_argument("--clients", type=int, default=4, help="concurrent clients of the batching phase")
+  p.add_argument("--batching-requests", type=int, default=8,
+                 help="half-empty requests per client in the batching phase")
   p.add_argument("--engine-only", action="store_true", help="run only the engine phase, print JSON")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object")
   return p.parse_args(argv)
@@ -77,13 +86,6 @@ def engine_phase(args) -> dict:
           "compilations": engine.compilations(), "vocab_size": engine.info.vocab_size}
 
 
-def free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 async def client_phase(args, address: str, vocab: int) -> dict:
   """Tokens/s served through gRPC, plus message sizes."""
   from distill_core import wire
@@ -112,10 +114,53 @@ async def client_phase(args, address: str, vocab: int) -> dict:
     start = time.perf_counter()
     await asyncio.gather(*(run(n) for n in per_stream))
     seconds = time.perf_counter() - start
+  batching = {n: await batching_phase(args, address, tokens, spec, n) for n in (1, args.clients)}
   return {"served_tokens_per_s": args.batches * b * t / seconds, "served_seconds": seconds,
+          "batching_1_client_tokens_per_s": batching[1],
+          f"batching_{args.clients}_clients_tokens_per_s": batching[args.clients],
+          f"batching_gain_{args.clients}_clients": batching[args.clients] / batching[1],
           "request_bytes_per_token": request_bytes / (b * t),
           "response_bytes_per_token": sizes["plain"] / (b * t),
           "response_bytes_per_token_packed_ids": sizes["packed"] / (b * t)}
+
+
+async def batching_phase(args, address: str, tokens: list[np.ndarray], spec, clients: int) -> float:
+  """Real tokens/s served to `clients` clients, each with one half-empty request in flight at a time."""
+  from distill_core.client import TeacherClient
+
+  rows = max(1, args.batch // 2)
+  half = [x[:rows] for x in tokens]
+  warmed, go = asyncio.Semaphore(0), asyncio.Event()
+
+  async def one_client() -> None:
+    async with TeacherClient(address) as client:
+      async with client.stream(window=1) as stream:
+        await (await stream.submit(half[0], spec))  # connected and warm before the clock starts
+        warmed.release()
+        await go.wait()
+        for i in range(args.batching_requests):
+          await (await stream.submit(half[i % len(half)], spec))
+
+  tasks = [asyncio.create_task(one_client()) for _ in range(clients)]
+  for _ in range(clients):
+    await warmed.acquire()
+  start = time.perf_counter()
+  go.set()
+  await asyncio.gather(*tasks)
+  return clients * args.batching_requests * rows * args.length / (time.perf_counter() - start)
+
+
+def record_results(args, results: dict) -> None:
+  from benchmarks.results import record
+  k = args.k
+  figures = {"engine_tokens_per_s": (results["engine_tokens_per_s"], "tokens/s"),
+             "served_tokens_per_s": (results["served_tokens_per_s"], "tokens/s"),
+             "serving_efficiency": (results["serving_efficiency"], "ratio"),
+             "request_bytes_per_token": (results["request_bytes_per_token"], "bytes/token"),
+             f"wire_bytes_per_token_k{k}": (results["response_bytes_per_token_packed_ids"], "bytes/token"),
+             f"wire_bytes_per_entry_k{k}": (results["response_bytes_per_token_packed_ids"] / k, "bytes/entry"),
+             f"batching_gain_{args.clients}_clients": (results[f"batching_gain_{args.clients}_clients"], "ratio")}
+  record(figures)
 
 
 def main(argv=None) -> int:
@@ -127,6 +172,7 @@ def main(argv=None) -> int:
            f"--batch={args.batch}", f"--length={args.length}", f"--k={args.k}", f"--batches={args.batches}"]
   out = subprocess.run(child, cwd=REPO, check=True, capture_output=True, text=True)
   results = json.loads(out.stdout.strip().splitlines()[-1])
+  from distill_core.netutil import free_port
   address = f"127.0.0.1:{free_port()}"
   server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
                              *server_overrides(args)], cwd=REPO, env=dict(os.environ))
@@ -137,6 +183,7 @@ def main(argv=None) -> int:
     server.wait(60)
   results["serving_efficiency"] = results["served_tokens_per_s"] / results["engine_tokens_per_s"]
   results.update(preset=args.preset, bucket=[args.batch, args.length], k=args.k)
+  record_results(args, results)
   if args.json:
     print(json.dumps(results))
   else:
@@ -148,6 +195,10 @@ def main(argv=None) -> int:
     print(f"  wire bytes/token   request {results['request_bytes_per_token']:.1f}, answer "
           f"{results['response_bytes_per_token']:.1f} (f16 values + int32 ids), "
           f"{results['response_bytes_per_token_packed_ids']:.1f} with packed ids")
+    n = args.clients
+    print(f"  batching           1 client {results['batching_1_client_tokens_per_s']:,.0f} tokens/s, {n} clients "
+          f"{results[f'batching_{n}_clients_tokens_per_s']:,.0f} tokens/s (each B/2 rows, one in flight): "
+          f"gain {results[f'batching_gain_{n}_clients']:.2f}")
   return 0
 
 

@@ -2,7 +2,8 @@
 
 Each benchmark measures its own ratios within one run; running them in
 separate processes keeps one's compiled programs and threads out of another's
-measurement.
+measurement. Each records its figures in benchmarks/results/latest.json; at the
+end the README and docs tables are rendered from it (`python -m benchmarks.report`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def main() -> int:
     print(f"\n=== {module}", flush=True)
     if subprocess.run([sys.executable, "-m", module]).returncode:
       failed.append(module)
+  print("\n=== benchmarks.report", flush=True)
+  if subprocess.run([sys.executable, "-m", "benchmarks.report"]).returncode:
+    failed.append("benchmarks.report")
   if failed:
     print(f"failed: {', '.join(failed)}", file=sys.stderr)
   return 1 if failed else 0
