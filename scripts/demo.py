@@ -5,7 +5,9 @@
 3. pretrain the small demo teacher with cross-entropy (`teacher.source=none`);
 4. serve it: start the teacher server on a loopback port, wait for health;
 5. distil the demo student from it over gRPC (`teacher.source=remote`);
-6. summary: what each stage did and measured.
+6. train the same student on cross-entropy alone (same data, seed, steps): the baseline;
+7. summary: teacher, distilled student and CE-only student on held-out data, and
+   a PNG of their loss curves, all in the run directory.
 
 Every stage runs the project's own command line exactly as a user would, so
 the printed commands can be copied. Stages that already finished are reused
@@ -18,7 +20,6 @@ import argparse
 import json
 import os
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -35,12 +36,6 @@ def banner(text: str) -> None:
 def sh(args: list[str], **kwargs) -> None:
   print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
   subprocess.run(args, cwd=ROOT, check=True, **kwargs)
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def last_metrics(run_dir: Path) -> dict[str, float]:
@@ -85,31 +80,61 @@ def inspect(data_dir: Path) -> dict[str, float]:
 
 
 def serve_teacher(hf_dir: Path, tokenizer: Path, port: int, log_path: Path) -> subprocess.Popen:
+  from distill_core.netutil import wait_serving
   args = [PY, "-m", "teacher_server", f"address=127.0.0.1:{port}", "model.source=hf", f"model.path={hf_dir}",
           f"tokenizer_path={tokenizer}", "batcher.buckets=[[8,256]]", "limits.max_k=64"]
   print("$ " + " ".join(shlex.quote(a) for a in args) + f"   (log: {log_path})", flush=True)
   log = open(log_path, "w")
   proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-  deadline = time.monotonic() + 300
-  while time.monotonic() < deadline:
-    if proc.poll() is not None:
-      raise RuntimeError(f"teacher server exited with {proc.returncode}; see {log_path}")
-    if _serving(port):
-      return proc
-    time.sleep(0.5)
-  proc.terminate()
-  raise RuntimeError(f"teacher server did not become healthy in 300 s; see {log_path}")
+  try:
+    wait_serving(proc, f"127.0.0.1:{port}", timeout=300, what=f"the teacher server (log: {log_path})")
+  except (RuntimeError, TimeoutError):
+    proc.terminate()
+    raise
+  return proc
 
 
-def _serving(port: int) -> bool:
-  import grpc
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
-  with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-    try:
-      reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-    except grpc.RpcError:
-      return False
-  return reply.status == health_pb2.HealthCheckResponse.SERVING
+def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+  """{metric: [(step, value)]} for the train and eval CE of a run."""
+  out: dict[str, list[tuple[int, float]]] = {"train/ce_loss": [], "eval/ce_loss": []}
+  path = run_dir / "metrics.jsonl"
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      row = json.loads(line)
+      for key in out:
+        if key in row:
+          out[key].append((int(row["step"]), float(row[key])))
+  return out
+
+
+def plot_curves(runs: dict[str, Path], teacher_ce: float, path: Path) -> Path:
+  """Train and held-out CE of each student against steps, with the teacher's held-out CE as a line."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+  for (label, run_dir), color in zip(runs.items(), ("tab:blue", "tab:orange")):
+    c = curves(run_dir)
+    if c["train/ce_loss"]:
+      ax.plot(*zip(*c["train/ce_loss"]), color=color, alpha=0.45, lw=1, label=f"{label}: train CE")
+    if c["eval/ce_loss"]:
+      ax.plot(*zip(*c["eval/ce_loss"]), color=color, marker="o", lw=2, label=f"{label}: held-out CE")
+  ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher held-out CE ({teacher_ce:.2f})")
+  ax.set_xlabel("student optimizer step")
+  ax.set_ylabel("cross-entropy (nats/token)")
+  ax.set_title("demo: distilled student vs the same student trained on CE alone")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+  return path
+
+
+def shares_cores() -> bool:
+  """Whether the demo's teacher server and student ran on the same CPU cores (no accelerator, no pinning)."""
+  import jax
+  return all(d.platform == "cpu" for d in jax.devices())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,28 +149,29 @@ def main(argv: list[str] | None = None) -> int:
   t0 = time.perf_counter()
   timings: dict[str, float] = {}
 
-  banner("1/5 prepare the corpus (Python standard library) and the tokenizer")
+  banner("1/6 prepare the corpus (Python standard library) and the tokenizer")
   t = time.perf_counter()
   sh([PY, "-m", "distill_core.prepare", f"output_dir={data_dir}"])
   timings["prepare"] = time.perf_counter() - t
 
-  banner("2/5 inspect: model sizes and a forward pass on a held-out batch")
+  banner("2/6 inspect: model sizes and a forward pass on a held-out batch")
   facts = inspect(data_dir)
 
-  banner(f"3/5 pretrain the demo teacher ({args.teacher_steps} steps of cross-entropy)")
+  banner(f"3/6 pretrain the demo teacher ({args.teacher_steps} steps of cross-entropy)")
   t = time.perf_counter()
   teacher_dir = run_dir / "teacher"
   sh([PY, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml", f"run_dir={teacher_dir}",
       f"steps={args.teacher_steps}", f"data.path={data_dir}"])
   timings["teacher"] = time.perf_counter() - t
 
-  banner("4/5 serve the teacher over gRPC on a loopback port")
+  banner("4/6 serve the teacher over gRPC on a loopback port")
+  from distill_core.netutil import free_port
   port = free_port()
   student_dir = run_dir / "student"
   student_dir.mkdir(parents=True, exist_ok=True)
   server = serve_teacher(teacher_dir / "hf", data_dir / "tokenizer.json", port, run_dir / "teacher_server.log")
   try:
-    banner(f"5/5 distil the demo student from the served teacher ({args.student_steps} steps)")
+    banner(f"5/6 distil the demo student from the served teacher ({args.student_steps} steps)")
     t = time.perf_counter()
     sh([PY, "-m", "student_trainer", "--config", "configs/demo/student.yaml", f"run_dir={student_dir}",
         f"steps={args.student_steps}", f"data.path={data_dir}", f"teacher.remote.address=127.0.0.1:{port}"])
@@ -154,17 +180,36 @@ def main(argv: list[str] | None = None) -> int:
     server.terminate()
     server.wait(timeout=60)
 
-  teacher, student = last_metrics(teacher_dir), last_metrics(student_dir)
+  banner(f"6/6 the baseline: the same student on cross-entropy alone ({args.student_steps} steps)")
+  t = time.perf_counter()
+  baseline_dir = run_dir / "student_ce"
+  sh([PY, "-m", "student_trainer", "--config", "configs/demo/student_ce.yaml", f"run_dir={baseline_dir}",
+      f"steps={args.student_steps}", f"data.path={data_dir}"])
+  timings["baseline"] = time.perf_counter() - t
+
+  teacher, student, baseline = last_metrics(teacher_dir), last_metrics(student_dir), last_metrics(baseline_dir)
+  nan = float("nan")
+  teacher_ce, student_ce = teacher.get("eval/ce_loss", nan), student.get("eval/ce_loss", nan)
+  baseline_ce = baseline.get("eval/ce_loss", nan)
+  png = plot_curves({"distilled student": student_dir, "CE-only student": baseline_dir}, teacher_ce,
+                    run_dir / "loss_curves.png")
   banner("summary")
   print(f"  corpus: {data_dir}   untrained CE {facts['untrained_ce']:.3f}")
-  print(f"  teacher ({facts['params/demo_teacher']:,} params): eval CE {teacher.get('eval/ce_loss', float('nan')):.3f}"
-        f" after {args.teacher_steps} steps, {teacher.get('perf/tokens_per_s', 0):,.0f} tokens/s")
-  print(f"  student ({facts['params/demo_student']:,} params): eval CE {student.get('eval/ce_loss', float('nan')):.3f},"
-        f" eval KD {student.get('eval/kd_loss', float('nan')):.3f}, teacher tail mass "
-        f"{student.get('train/teacher_tail_mass', float('nan')):.3f}")
-  print(f"  student throughput {student.get('perf/tokens_per_s', 0):,.0f} tokens/s, teacher wait fraction "
-        f"{student.get('perf/teacher_wait_fraction', float('nan')):.3f}")
-  print(f"  student checkpoint (Hugging Face format): {student_dir / 'hf'}")
+  print(f"  teacher ({facts['params/demo_teacher']:,} params, {args.teacher_steps} steps): held-out CE "
+        f"{teacher_ce:.3f}, {teacher.get('perf/tokens_per_s', 0):,.0f} tokens/s")
+  print(f"  held-out CE after {args.student_steps} student steps ({facts['params/demo_student']:,} params):")
+  print(f"    distilled from the teacher  {student_ce:.3f}   (held-out KD to the teacher "
+        f"{student.get('eval/kd_loss', nan):.3f})")
+  print(f"    CE-only baseline            {baseline_ce:.3f}   (distillation: {baseline_ce - student_ce:+.3f} nats)")
+  print(f"    teacher                     {teacher_ce:.3f}")
+  print(f"  training: teacher tail mass {student.get('train/teacher_tail_mass', nan):.3f}, student "
+        f"{student.get('perf/tokens_per_s', 0):,.0f} tokens/s, teacher wait fraction "
+        f"{student.get('perf/teacher_wait_fraction', nan):.3f}")
+  if student.get("perf/teacher_wait_fraction", 0.0) > 0.1 and shares_cores():
+    print(f"  note: the teacher server and the student share this machine's {os.cpu_count()} CPU cores, so the "
+          "wait fraction measures their contention, not a teacher on its own accelerator")
+  print(f"  loss curves: {png}")
+  print(f"  student checkpoint (Hugging Face format): {student_dir / 'hf'}; everything is under {run_dir}")
   print("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
         + f", total {time.perf_counter() - t0:.0f}s")
   return 0

@@ -22,3 +22,8 @@ def test_demo_runs_end_to_end(tmp_path):
   assert (tmp_path / "runs" / "student" / "hf" / "tokenizer.json").is_file()
   student_log = (tmp_path / "runs" / "student" / "metrics.jsonl").read_text()
   assert '"train/kd_loss"' in student_log and '"teacher/requests_total"' in student_log
+  # The comparison: a CE-only baseline with the same budget, and the curves of both students.
+  baseline_log = (tmp_path / "runs" / "student_ce" / "metrics.jsonl").read_text()
+  assert '"eval/ce_loss"' in baseline_log and '"train/kd_loss"' not in baseline_log
+  assert "CE-only baseline" in out.stdout and "distilled from the teacher" in out.stdout
+  assert (tmp_path / "runs" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,368 @@
+"""Distillation quality report: held-out CE of students distilled in each mode, next to their baselines.
+
+    python -m benchmarks.quality            # the README's report (about an hour on 2 CPU cores)
+    python -m benchmarks.quality --quick    # the same rows at CI size (a few minutes)
+
+On the same prepared data (data/stdlib, prepared when missing) and the same
+student architecture and token budget, it trains one student per row and seed:
+CE only; `kd_dense` with the local teacher; `kd_sparse` `tail`, `renormalize`
+and `topk` at k = 64 through a teacher server; and each further mode the
+trainer offers (offline shards, sampled targets, learn-to-init then KD,
+blockwise then KD). The teacher is trained once with cross-entropy on ten
+times a student's tokens (reused when present), so that the teacher-to-CE-only
+gap is several times the seed spread; otherwise the table would say nothing.
+
+Every student, and the teacher, is then evaluated the same way, in this
+process, on the same held-out tokens: CE on the next token, and the dense
+KL(teacher || student) at T = 1 ("KD to teacher"). The report gives mean and
+spread (max - min) over seeds, the fraction of the dense-KD gain over CE-only
+that each row recovers, and whether each row's difference to CE-only is
+within the seed spread. It writes benchmarks/results/quality.json and a PNG
+of the held-out CE curves (benchmarks/results/quality.png), which
+`python -m benchmarks.report` renders into the README.
+
+Finished runs are reused (each run directory records the settings it was
+trained with), so an interrupted report continues where it stopped and a new
+row trains only that row. Every stage runs the project's own command line,
+printed before it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import hashlib
+import json
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, get_args
+
+from benchmarks.results import RESULTS_DIR, git_commit, invocation, machine
+
+REPO = RESULTS_DIR.parent.parent
+PY = sys.executable
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  teacher_steps: int
+  student_steps: int
+  seeds: tuple[int, ...]
+  eval_every: int
+  eval_batches: int  # held-out batches of the final, uniform evaluation
+  batch: int = 8
+  top_k: int = 64
+  alpha: float = 0.7
+  temperature: float = 1.0
+  student: str = "demo_student"
+  teacher: str = "demo_teacher"
+
+
+DEFAULT = Budget(teacher_steps=1000, student_steps=100, seeds=(0, 1), eval_every=20, eval_batches=16)
+QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1), eval_every=4, eval_batches=2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One line of the report: how a student of this row is trained."""
+  slug: str
+  label: str
+  needs: str | None  # "remote" when the row needs the teacher server
+  overrides: Callable[["Context"], list[str]]
+  available: Callable[[], bool] = lambda: True
+
+
+@dataclasses.dataclass
+class Context:
+  budget: Budget
+  data: Path
+  out: Path
+  teacher_hf: Path
+  address: str | None = None
+
+
+def _kd(ctx: Context) -> list[str]:
+  b = ctx.budget
+  return [f"loss.top_k={b.top_k}", f"loss.alpha={b.alpha}", f"loss.temperature={b.temperature}"]
+
+
+def _remote(ctx: Context) -> list[str]:
+  return ["teacher.source=remote", f"teacher.remote.address={ctx.address}", "teacher.remote.window=4"]
+
+
+def _local(ctx: Context) -> list[str]:
+  return ["teacher.source=local", f"teacher.local.hf_checkpoint={ctx.teacher_hf}"]
+
+
+def _kd_modes() -> tuple[str, ...]:
+  from student_trainer.losses import KDMode
+  return get_args(KDMode)
+
+
+ROWS: tuple[Row, ...] = (
+    Row("ce_only", "CE only", None, lambda ctx: ["teacher.source=none"]),
+    Row("kd_dense", "kd_dense, local teacher", None, lambda ctx: _local(ctx) + _kd(ctx) + ["loss.use_dense=true"]),
+    Row("tail", "tail, k=64, remote", "remote", lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]),
+    Row("renormalize", "renormalize, k=64, remote", "remote",
+        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=renormalize"]),
+    Row("topk", "topk, k=64, remote", "remote", lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=topk"]),
+)
+
+
+def sh(args: list[str], log_path: Path | None = None) -> None:
+  """Runs one of the project's commands, printing it first (its output goes to `log_path` if given)."""
+  print("$ " + shlex.join(str(a) for a in args) + (f"   (log: {log_path})" if log_path else ""), flush=True)
+  if log_path is None:
+    subprocess.run(args, cwd=REPO, check=True)
+    return
+  with open(log_path, "w") as f:
+    if subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode:
+      tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
+      raise RuntimeError(f"{args[2]} failed (full log: {log_path}):\n{tail}")
+
+
+def _digest(settings: object) -> str:
+  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed: int) -> list[str]:
+  return [f"run_dir={run_dir}", f"data.path={data}", f"data.batch_size={budget.batch}", f"steps={steps}",
+          f"seed={seed}", f"eval.every_steps={budget.eval_every}", "eval.batches=4",
+          f"checkpoint.every_steps={max(steps // 2, 1)}", "logging.every_steps=5", "logging.tensorboard=false"]
+
+
+def train_teacher(ctx: Context) -> Path:
+  """Pretrains the report's teacher with CE on 10x a student's tokens, once (reused when its settings match)."""
+  b = ctx.budget
+  run_dir = ctx.out / "teacher"
+  settings = {"steps": b.teacher_steps, "batch": b.batch, "model": b.teacher, "data": str(ctx.data)}
+  stamp = run_dir / "quality_settings.json"
+  if (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+    print(f"teacher: reusing {run_dir / 'hf'} ({b.teacher_steps} steps)", flush=True)
+    return run_dir / "hf"
+  run_dir.mkdir(parents=True, exist_ok=True)
+  sh([PY, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml",
+      *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0), f"model={b.teacher}",
+      f"optim.warmup_steps={max(b.teacher_steps // 20, 1)}", f"eval.every_steps={max(b.teacher_steps // 10, 1)}"],
+     run_dir / "train.log")
+  stamp.write_text(json.dumps(settings))
+  return run_dir / "hf"
+
+
+def train_student(ctx: Context, row: Row, seed: int, teacher_digest: str) -> Path:
+  b = ctx.budget
+  run_dir = ctx.out / row.slug / f"seed{seed}"
+  overrides = [*common_overrides(b, ctx.data, run_dir, b.student_steps, seed), f"model={b.student}",
+               "optim.warmup_steps=10", *row.overrides(ctx)]
+  # The server address changes from run to run; it is not part of what the student learns.
+  settings = {"overrides": [o for o in overrides if not o.startswith("teacher.remote.address=")],
+              "teacher": teacher_digest}
+  stamp = run_dir / "quality_settings.json"
+  if (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+    print(f"{row.slug} seed {seed}: reusing {run_dir}", flush=True)
+    return run_dir
+  if run_dir.exists():  # settings changed, or the run died: start it again from nothing
+    import shutil
+    shutil.rmtree(run_dir)
+  run_dir.mkdir(parents=True)
+  sh([PY, "-m", "student_trainer", *overrides], run_dir / "train.log")
+  stamp.write_text(json.dumps(settings))
+  return run_dir
+
+
+def curve(run_dir: Path, batch_tokens: int) -> list[tuple[int, float]]:
+  """(tokens seen, held-out CE) at every periodic evaluation of a run."""
+  points = []
+  for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    if "eval/ce_loss" in row:
+      points.append((int(row["step"]) * batch_tokens, float(row["eval/ce_loss"])))
+  return points
+
+
+class Evaluator:
+  """Held-out CE and KL(teacher || student) of HF checkpoints, on the same tokens for every model."""
+
+  def __init__(self, data: Path, teacher_hf: Path, batches: int, batch_size: int):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from distill_core.checkpoints import load_model
+    from distill_core.data import DataConfig, make_eval_iterator
+
+    it = make_eval_iterator(DataConfig(path=str(data), batch_size=batch_size))
+    self.batches = []
+    for _ in range(batches):
+      try:
+        self.batches.append(next(it))
+      except StopIteration:
+        break
+    it.close()
+    if not self.batches:
+      raise SystemExit(f"{data}: the eval split has no full batch of {batch_size}")
+    self.tokens = int(sum(np.asarray(b.loss_mask).sum() for b in self.batches))
+    self._load = load_model
+    teacher = load_model(None, hf_checkpoint=str(teacher_hf))
+    self.vocab = teacher.cfg.real_vocab_size
+
+    def log_probs(model, b):
+      out = model(b.tokens, b.positions, b.segment_ids)
+      z = out.logits[..., :self.vocab].astype(jnp.float32)
+      return jax.nn.log_softmax(z, axis=-1)
+
+    self._log_probs = jax.jit(log_probs)
+    self.teacher_log_probs = [self._log_probs(teacher, b) for b in self.batches]
+
+  def evaluate(self, hf_dir: Path | None) -> dict[str, float]:
+    """{"ce", "kd"} of the student at `hf_dir` (None: the teacher itself, whose KD is 0)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    model = None if hf_dir is None else self._load(None, hf_checkpoint=str(hf_dir))
+    ce = kd = 0.0
+    for b, lp_t in zip(self.batches, self.teacher_log_probs):
+      lp = lp_t if model is None else self._log_probs(model, b)
+      mask = jnp.asarray(b.loss_mask, jnp.float32)
+      nll = -jnp.take_along_axis(lp, jnp.asarray(b.targets)[..., None], axis=-1)[..., 0]
+      ce += float((nll * mask).sum())
+      kl = (jnp.exp(lp_t) * (lp_t - lp)).sum(-1)
+      kd += float((kl * mask).sum())
+    return {"ce": ce / self.tokens, "kd": kd / self.tokens if model is not None else 0.0}
+
+
+def serve(ctx: Context, log_path: Path) -> subprocess.Popen:
+  from distill_core.netutil import free_port, wait_serving
+  b = ctx.budget
+  ctx.address = f"127.0.0.1:{free_port()}"
+  args = [PY, "-m", "teacher_server", f"address={ctx.address}", "model.source=hf", f"model.path={ctx.teacher_hf}",
+          f"tokenizer_path={ctx.data / 'tokenizer.json'}", f"batcher.buckets=[[{b.batch},{seq_len(ctx.data)}]]",
+          f"limits.max_k={b.top_k}"]
+  print("$ " + shlex.join(args) + f"   (log: {log_path})", flush=True)
+  proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                          start_new_session=True)
+  wait_serving(proc, ctx.address, timeout=600)
+  return proc
+
+
+def seq_len(data: Path) -> int:
+  from distill_core.data import load_manifest
+  return load_manifest(data).seq_len
+
+
+def summarise(rows: list[dict], teacher_ce: float) -> dict:
+  """Adds the gain recovered and the verdict against CE-only to each row; returns the summary."""
+  by = {r["slug"]: r for r in rows}
+  base, dense = by["ce_only"], by.get("kd_dense")
+  max_spread = max(r["eval_ce_spread"] for r in rows)
+  for r in rows:
+    if dense is not None and r["slug"] not in ("ce_only",):
+      gain = base["eval_ce_mean"] - dense["eval_ce_mean"]
+      r["gain_recovered"] = (base["eval_ce_mean"] - r["eval_ce_mean"]) / gain if gain > 0 else None
+    diff = r["eval_ce_mean"] - base["eval_ce_mean"]
+    noise = max(r["eval_ce_spread"], base["eval_ce_spread"])
+    if r["slug"] == "ce_only":
+      r["verdict"] = "baseline"
+    elif abs(diff) <= noise:
+      r["verdict"] = f"within seed spread ({diff:+.3f})"
+    else:
+      r["verdict"] = f"{'better' if diff < 0 else 'worse'} by {abs(diff):.3f}, beyond the spread"
+  gap = base["eval_ce_mean"] - teacher_ce
+  return {"teacher_eval_ce": teacher_ce, "ce_only_eval_ce": base["eval_ce_mean"], "gap": gap,
+          "max_spread": max_spread, "gap_over_spread": gap / max_spread if max_spread > 0 else float("inf")}
+
+
+def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+  for r in rows:
+    steps = sorted({t for seed in r["curves"] for t, _ in seed})
+    means = [sum(dict(seed)[t] for seed in r["curves"]) / len(r["curves"]) for t in steps
+             if all(t in dict(seed) for seed in r["curves"])]
+    ax.plot([t / 1e3 for t in steps[:len(means)]], means, marker="o", ms=3, label=r["label"])
+  ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher ({teacher_ce:.2f})")
+  ax.set_xlabel("training tokens seen by the student (thousands)")
+  ax.set_ylabel("held-out CE (periodic eval, mean over seeds)")
+  ax.set_title(f"{budget.student} distilled from {budget.teacher}: held-out CE by mode")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--quick", action="store_true", help="CI-sized budgets (a few minutes); writes under "
+                      "--out-dir and --results-dir like the full report, so point those elsewhere.")
+  parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset (prepared when missing).")
+  parser.add_argument("--out-dir", default=None, help="Run directories (default runs/quality, "
+                      "runs/quality_quick with --quick).")
+  parser.add_argument("--results-dir", default=None, help="Where quality.json and quality.png go (default "
+                      "benchmarks/results; with --quick, <out-dir>).")
+  parser.add_argument("--rows", default=None, help="Comma-separated row slugs to run (default: every "
+                      f"available row: {', '.join(r.slug for r in ROWS)}); ce_only is always included.")
+  args = parser.parse_args(argv)
+  budget = QUICK if args.quick else DEFAULT
+  out = REPO / (args.out_dir or ("runs/quality_quick" if args.quick else "runs/quality"))
+  results_dir = Path(args.results_dir) if args.results_dir else (out if args.quick else RESULTS_DIR)
+  data = REPO / args.data_dir
+  started = time.perf_counter()
+  if not (data / "manifest.json").exists():
+    sh([PY, "-m", "distill_core.prepare", f"output_dir={data}"])
+  wanted = set(args.rows.split(",")) | {"ce_only"} if args.rows else None
+  rows = [r for r in ROWS if r.available() and (wanted is None or r.slug in wanted)]
+  skipped = [r.slug for r in ROWS if not r.available()]
+  if skipped:
+    print(f"rows this trainer does not offer, left out: {', '.join(skipped)}", flush=True)
+  ctx = Context(budget, data, out, out / "teacher" / "hf")
+  out.mkdir(parents=True, exist_ok=True)
+  train_teacher(ctx)
+  teacher_digest = _digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.teacher_hf.iterdir())
+                            if p.is_file()])
+  server = serve(ctx, out / "teacher_server.log") if any(r.needs == "remote" for r in rows) else None
+  try:
+    runs = {r.slug: [train_student(ctx, r, s, teacher_digest) for s in budget.seeds] for r in rows}
+  finally:
+    if server is not None:
+      server.terminate()
+      server.wait(60)
+  print("evaluating every student on the same held-out tokens", flush=True)
+  ev = Evaluator(data, ctx.teacher_hf, budget.eval_batches, budget.batch)
+  teacher_ce = ev.evaluate(None)["ce"]
+  batch_tokens = budget.batch * seq_len(data)
+  table = []
+  for r in rows:
+    scores = [ev.evaluate(d / "hf") for d in runs[r.slug]]
+    ces, kds = [s["ce"] for s in scores], [s["kd"] for s in scores]
+    table.append({"slug": r.slug, "label": r.label, "eval_ce": ces, "eval_kd": kds,
+                  "eval_ce_mean": sum(ces) / len(ces), "eval_ce_spread": max(ces) - min(ces),
+                  "eval_kd_mean": sum(kds) / len(kds), "eval_kd_spread": max(kds) - min(kds),
+                  "curves": [curve(d, batch_tokens) for d in runs[r.slug]]})
+  summary = summarise(table, teacher_ce)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  plot(table, teacher_ce, results_dir / "quality.png", budget)
+  report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
+                      "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
+                      "data": args.data_dir},
+            "rows": table, "summary": summary, "command": invocation(), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(), "seconds": time.perf_counter() - started}
+  (results_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+  print(f"\nteacher held-out CE {teacher_ce:.3f} on {ev.tokens:,} tokens")
+  for row in table:
+    print(f"  {row['label']:32s} CE {row['eval_ce_mean']:.3f} (spread {row['eval_ce_spread']:.3f})  "
+          f"KD {row['eval_kd_mean']:.3f}  {row['verdict']}")
+  print(f"gap teacher -> CE only {summary['gap']:.3f} = {summary['gap_over_spread']:.1f}x the largest spread")
+  print(f"wrote {results_dir / 'quality.json'} and {results_dir / 'quality.png'}")
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
