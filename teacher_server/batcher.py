@@ -14,6 +14,11 @@ per-request slicing (k, length, temperatures, layers) and the rare host cast
 
 Backpressure: :meth:`Batcher.submit` waits while the queue is full (a stream's
 reading slows down); :meth:`Batcher.submit_nowait` raises :class:`QueueFullError`.
+
+Abandoned work: a caller that goes away (a cancelled stream or call) cancels its
+futures. Cancelled requests, and the rows of a split request not yet run, are
+dropped before they reach the engine (counted in ``teacher_abandoned_requests``);
+only the live rows of a batch are computed.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ class _Job:
   future: asyncio.Future
   pieces: dict[int, TeacherTargets] = dataclasses.field(default_factory=dict)  # first row -> piece
   rows_done: int = 0
+  dropped: bool = False  # counted as abandoned
 
 
 @dataclasses.dataclass
@@ -161,6 +167,8 @@ class Batcher:
       while not self._queue.empty():
         job = self._queue.get_nowait()
         self._metrics.queue_depth.set(self._queue.qsize())
+        if self._abandoned(job):
+          continue
         try:
           key = (self._length_class(job.req.length), job.req.fetch.state_dtype)
         except RequestError as e:
@@ -182,10 +190,23 @@ class Batcher:
     if self._tasks:
       await asyncio.gather(*self._tasks, return_exceptions=True)
 
+  def _abandoned(self, job: _Job) -> bool:
+    """True when the job's caller went away (its future is done); counts it once."""
+    if not job.future.done():
+      return False
+    if job.future.cancelled() and not job.dropped:
+      job.dropped = True
+      self._metrics.abandoned.inc()
+    return True
+
   async def _flush(self, *, force: bool, full_only: bool) -> None:
     now = asyncio.get_running_loop().time()
     for key in list(self._pending):
       queue = self._pending[key]
+      if any(s.job.future.done() for s in queue):  # drop the rows of callers that went away
+        kept = [s for s in queue if not self._abandoned(s.job)]
+        queue.clear()
+        queue.extend(kept)
       max_rows = self._batches_for[key[0]][-1]
       while queue:
         rows = sum(s.stop - s.start for s in queue)
@@ -208,9 +229,13 @@ class Batcher:
       else:
         taken.append(queue.popleft())
       rows += n
-    if all(s.job.future.done() for s in taken):  # every caller gave up (e.g. cancelled)
-      return
     await self._inflight.acquire()
+    # Callers may have gone away while the engine was busy: run only the rows still wanted.
+    taken = [s for s in taken if not self._abandoned(s.job)]
+    if not taken:
+      self._inflight.release()
+      return
+    rows = sum(s.stop - s.start for s in taken)
     task = asyncio.create_task(self._execute(key, taken, rows))
     self._tasks.add(task)
     task.add_done_callback(self._tasks.discard)

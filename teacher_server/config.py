@@ -60,14 +60,18 @@ class BatcherConfig(ConfigBase):
   """Request batching and backpressure."""
 
   buckets: list[tuple[int, int]] = Field(
-      [(8, 128), (8, 512)], description="Compiled (batch, length) shapes; a request goes to the "
-      "shortest length >= its T, rows of many requests share a batch.")
+      [(8, 128), (8, 256)], description="Compiled (batch, length) shapes; a request goes to the "
+      "shortest length >= its T, rows of many requests share a batch. The longest must not exceed the "
+      "model's max_position_embeddings (the default model, preset tiny, has 256).")
   max_wait_ms: float = Field(5.0, ge=0, description="Flush a partly filled batch after this long.")
   queue_size: int = Field(256, gt=0, description="Requests waiting for the batcher, over all streams. "
                           "When full, streams stop reading and unary calls get RESOURCE_EXHAUSTED.")
   max_inflight_batches: int = Field(2, gt=0, description="Batches handed to the engine but not yet answered.")
   stream_window: int = Field(64, gt=0, description="Requests one stream may have unanswered before the "
                              "server stops reading it.")
+  stream_window_bytes: int = Field(
+      64 << 20, gt=0, description="Estimated answer bytes one stream may hold (requested, being computed "
+      "or waiting for a slow reader) before the server stops reading it; one request is always admitted.")
 
   @pydantic.field_validator("buckets")
   @classmethod
@@ -128,7 +132,14 @@ class ServerConfig(ConfigBase):
   limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits.")
   batcher: BatcherConfig = Field(default_factory=BatcherConfig, description="Batching and backpressure.")
   security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS and authentication.")
-  max_message_bytes: int = Field(256 << 20, gt=0, description="Largest gRPC message received or sent.")
+  max_message_bytes: int = Field(256 << 20, gt=0, description="Largest answer (gRPC message sent). The "
+                                 "largest request accepted is derived from the limits (GetInfo "
+                                 "limits.max_request_bytes).")
+  max_concurrent_rpcs: int = Field(256, gt=0, description="Teacher calls (streams included) open at once; "
+                                   "more get RESOURCE_EXHAUSTED. Health checks and reflection have 16 more.")
+  max_streams_per_connection: int = Field(
+      32, gt=0, description="Teacher calls (HTTP/2 streams) one client connection may have open at once; "
+      "more get RESOURCE_EXHAUSTED.")
   serve_parameters: bool = Field(
       False, description="Answer GetParameters, which hands out the teacher's weights to every caller "
       "that passes authentication (see security.parameters_token to require a separate token). Off: "

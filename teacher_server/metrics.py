@@ -34,6 +34,12 @@ class Metrics:
                                 "host per engine batch (only what its requests asked for).",
                                 buckets=_BYTE_BUCKETS, registry=r)
     self.open_streams = Gauge("teacher_open_streams", "Open Stream calls.", registry=r)
+    self.malformed = Counter("teacher_malformed_requests", "Request messages that did not parse, by method.",
+                             ["method"], registry=r)
+    self.abandoned = Counter("teacher_abandoned_requests", "Requests of cancelled calls (client gone, "
+                             "timed out or reconnecting) dropped before the engine ran them.", registry=r)
+    self.stream_held_bytes = Gauge("teacher_stream_held_bytes", "Estimated answer bytes that open streams "
+                                   "hold: requested, being computed or not yet sent.", registry=r)
     self.compilations = Gauge("teacher_engine_compilations", "Compiled engine variants (constant after "
                               "warm-up; a rise means a recompilation).", registry=r)
 

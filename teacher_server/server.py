@@ -17,16 +17,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from distill_core.proto import teacher_pb2, teacher_pb2_grpc
 from teacher_server.batcher import Batcher
 from teacher_server.config import ServerConfig
 from teacher_server.engine_api import Engine
+from teacher_server.handlers import PROBE_HEADROOM_RPCS, SERVICE_NAME, CallGate, teacher_handler
 from teacher_server.metrics import Metrics
 from teacher_server.security import BearerTokenInterceptor, load_parameters_token, load_token, server_credentials
 from teacher_server.servicer import TeacherServicer
+from teacher_server.validation import max_request_bytes
 
 log = logging.getLogger(__name__)
-SERVICE_NAME = teacher_pb2.DESCRIPTOR.services_by_name["Teacher"].full_name
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -41,10 +41,8 @@ class TeacherServer:
     b = cfg.batcher
     self.batcher = Batcher(engine, max_wait_ms=b.max_wait_ms, queue_size=b.queue_size,
                            max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
-    self.servicer = TeacherServicer(engine, self.batcher, cfg.limits, self.metrics, stream_window=b.stream_window,
-                                    max_message_bytes=cfg.max_message_bytes,
-                                    parameter_chunk_bytes=cfg.parameter_chunk_bytes,
-                                    serve_parameters=cfg.serve_parameters)
+    self.servicer = TeacherServicer(engine, self.batcher, cfg, self.metrics)
+    self.gate = CallGate(cfg.max_concurrent_rpcs, cfg.max_streams_per_connection, self.metrics)
     self.health = health.aio.HealthServicer()
     self.port: int | None = None
     self._server: grpc.aio.Server | None = None
@@ -59,10 +57,12 @@ class TeacherServer:
       interceptors.append(BearerTokenInterceptor(token, parameters_token=parameters_token,
                                                  authenticate_health=cfg.security.authenticate_health))
     options = [("grpc.max_send_message_length", cfg.max_message_bytes),
-               ("grpc.max_receive_message_length", cfg.max_message_bytes),
+               # Requests over this are refused by gRPC before they are parsed.
+               ("grpc.max_receive_message_length", max_request_bytes(cfg.limits)),
                ("grpc.so_reuseport", 0)]
-    server = grpc.aio.server(interceptors=interceptors, options=options)
-    teacher_pb2_grpc.add_TeacherServicer_to_server(self.servicer, server)
+    server = grpc.aio.server(interceptors=interceptors, options=options,
+                             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs + PROBE_HEADROOM_RPCS)
+    server.add_generic_rpc_handlers((teacher_handler(self.servicer, self.gate),))
     health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     creds = server_credentials(cfg.security)

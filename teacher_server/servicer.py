@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import AsyncIterator
@@ -14,20 +15,21 @@ from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
 from teacher_server.batcher import Batcher, QueueFullError, ShuttingDownError, new_future
-from teacher_server.config import LimitsConfig
+from teacher_server.config import ServerConfig
 from teacher_server.engine_api import Engine, EngineInfo
+from teacher_server.handlers import Malformed, MalformedLog
 from teacher_server.metrics import Metrics
 from teacher_server.parameters import chunk_size, compile_name_regex
-from teacher_server.validation import Prepared, RequestError, prepare
+from teacher_server.validation import Prepared, RequestError, max_request_bytes, prepare
 
 log = logging.getLogger(__name__)
 SERVER_VERSION = "0.1.0"
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def info_message(info: EngineInfo, limits: LimitsConfig, max_message_bytes: int, *,
-                 serve_parameters: bool = False) -> pb.GetInfoResponse:
-  """The GetInfo answer for an engine and the configured limits."""
+def info_message(info: EngineInfo, cfg: ServerConfig) -> pb.GetInfoResponse:
+  """The GetInfo answer for an engine and the server's configuration."""
+  limits = cfg.limits
   return pb.GetInfoResponse(
       model_type=info.model_type, vocab_size=info.vocab_size, padded_vocab_size=info.padded_vocab_size,
       num_layers=info.num_layers, hidden_size=info.hidden_size,
@@ -38,10 +40,13 @@ def info_message(info: EngineInfo, limits: LimitsConfig, max_message_bytes: int,
       limits=pb.Limits(max_k=min(info.max_k, info.vocab_size), max_batch=limits.max_batch,
                        max_tokens_per_request=limits.max_tokens_per_request,
                        max_temperatures=info.max_temperatures, max_seq_len=info.max_seq_len,
-                       selectable_layers=list(info.selectable_layers), max_message_bytes=max_message_bytes),
+                       selectable_layers=list(info.selectable_layers), max_message_bytes=cfg.max_message_bytes,
+                       max_request_bytes=max_request_bytes(limits),
+                       max_streams_per_connection=cfg.max_streams_per_connection,
+                       stream_window_bytes=cfg.batcher.stream_window_bytes),
       weights_fingerprint=info.weights_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
       buckets=[pb.Bucket(batch=b, length=t) for b, t in info.buckets], server_version=SERVER_VERSION,
-      packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=serve_parameters)
+      packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=cfg.serve_parameters)
 
 
 def response_bytes(req: Prepared, hidden_size: int) -> int:
@@ -52,22 +57,61 @@ def response_bytes(req: Prepared, hidden_size: int) -> int:
   return size + 1024
 
 
+@dataclasses.dataclass(eq=False)
+class _Entry:
+  """One request of a stream, from reading to its answer being sent."""
+
+  request_id: int
+  prepared: Prepared | None  # None: refused before the batcher (the future holds the error)
+  future: asyncio.Future
+  start: float
+  held: int = 0  # estimated answer bytes counted against the stream's byte budget
+
+
+def _failed(request_id: int, error: Exception, start: float) -> _Entry:
+  future = new_future()
+  future.set_exception(error)
+  return _Entry(request_id, None, future, start)
+
+
+class _ByteBudget:
+  """Answer bytes one stream may hold (requested, computing or unsent); one request always fits."""
+
+  def __init__(self, limit: int, gauge):
+    self.limit = limit
+    self.held = 0
+    self._gauge = gauge
+    self._freed = asyncio.Event()
+
+  async def acquire(self, n: int) -> None:
+    while self.held and self.held + n > self.limit:
+      self._freed.clear()
+      await self._freed.wait()
+    self.held += n
+    self._gauge.inc(n)
+
+  def release(self, n: int) -> None:
+    self.held -= n
+    self._gauge.dec(n)
+    self._freed.set()
+
+
 class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
   """Implements ``distill.teacher.v1.Teacher`` on top of an engine and a batcher."""
 
-  def __init__(self, engine: Engine, batcher: Batcher, limits: LimitsConfig, metrics: Metrics, *,
-               stream_window: int, max_message_bytes: int, parameter_chunk_bytes: int,
-               serve_parameters: bool = False):
+  def __init__(self, engine: Engine, batcher: Batcher, cfg: ServerConfig, metrics: Metrics):
     self._engine = engine
     self._info = engine.info
     self._batcher = batcher
-    self._limits = limits
+    self._limits = cfg.limits
     self._metrics = metrics
-    self._window = stream_window
-    self._max_message_bytes = max_message_bytes
-    self._chunk_bytes = parameter_chunk_bytes
-    self._serve_parameters = serve_parameters
-    self._info_msg = info_message(self._info, limits, max_message_bytes, serve_parameters=serve_parameters)
+    self.malformed = MalformedLog(metrics)
+    self._window = cfg.batcher.stream_window
+    self._window_bytes = cfg.batcher.stream_window_bytes
+    self._max_message_bytes = cfg.max_message_bytes
+    self._chunk_bytes = cfg.parameter_chunk_bytes
+    self._serve_parameters = cfg.serve_parameters
+    self._info_msg = info_message(self._info, cfg)
     self._id_bits = wire.bits_for(self._info.vocab_size)
     self.ready = False  # set once the engine is warm
 
@@ -101,50 +145,85 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     self._metrics.record("Forward", "OK", time.perf_counter() - start, prepared.rows * prepared.length)
     return response
 
-  async def Stream(self, request_iterator: AsyncIterator[pb.ForwardRequest],
+  async def Stream(self, request_iterator: AsyncIterator[pb.ForwardRequest | Malformed],
                    context) -> AsyncIterator[pb.ForwardResponse]:
+    """Answers in request order. When the call ends early (client cancelled, deadline, reconnect), every
+    request still queued is cancelled, so the batcher drops it before the engine runs it."""
     window: asyncio.Queue = asyncio.Queue(self._window)
-    reader = asyncio.create_task(self._read_stream(request_iterator, window))
+    budget = _ByteBudget(self._window_bytes, self._metrics.stream_held_bytes)
+    reader = asyncio.create_task(self._read_stream(request_iterator, window, budget, context))
     self._metrics.open_streams.inc()
+    entry = None
     try:
       while (entry := await window.get()) is not None:
         if isinstance(entry, BaseException):
           raise entry
-        yield await self._answer(*entry)
+        response = await self._answer(entry)
+        yield response
+        budget.release(entry.held)
+      entry = None
     finally:
       reader.cancel()
+      left = [entry] if isinstance(entry, _Entry) else []
+      while not window.empty():
+        left.append(window.get_nowait())
+      for e in left:
+        if isinstance(e, _Entry):
+          e.future.cancel()
+          budget.release(e.held)
       self._metrics.open_streams.dec()
 
-  async def _read_stream(self, request_iterator: AsyncIterator[pb.ForwardRequest], window: asyncio.Queue) -> None:
-    """Validates and queues every request in arrival order; waits while the window or queue is full."""
+  async def _read_stream(self, request_iterator, window: asyncio.Queue, budget: _ByteBudget, context) -> None:
+    """Validates and queues every request in arrival order; waits while the window, the byte budget or
+    the batcher queue is full."""
+    entry = None
     try:
       async for req in request_iterator:
-        start = time.perf_counter()
-        prepared = None
-        try:
-          prepared = self._prepare(req)
-          future = await self._batcher.submit(prepared)
-        except (RequestError, ShuttingDownError) as e:
-          future = new_future()
-          future.set_exception(e)
-        await window.put((req.request_id, prepared, future, start))
+        entry = await self._admit(req, budget, context)
+        await window.put(entry)
+        entry = None
     except asyncio.CancelledError:
+      if entry is not None:
+        entry.future.cancel()
+        budget.release(entry.held)
       raise
     except Exception as e:  # noqa: BLE001 - handed to the writer, which fails the call
       await window.put(e)
     else:
       await window.put(None)
 
-  async def _answer(self, request_id: int, prepared: Prepared | None, future: asyncio.Future,
-                    start: float) -> pb.ForwardResponse:
+  async def _admit(self, req: pb.ForwardRequest | Malformed, budget: _ByteBudget, context) -> _Entry:
+    start = time.perf_counter()
+    if isinstance(req, Malformed):
+      self.malformed("Stream", req, context)
+      return _failed(req.request_id, RequestError(grpc.StatusCode.INVALID_ARGUMENT, req.message,
+                                                  req.describe()), start)
     try:
-      targets = await future
+      prepared = self._prepare(req)
+    except RequestError as e:
+      return _failed(req.request_id, e, start)
+    held = response_bytes(prepared, self._info.hidden_size)
+    await budget.acquire(held)
+    try:
+      future = await self._batcher.submit(prepared)
+    except ShuttingDownError as e:
+      budget.release(held)
+      return _failed(req.request_id, e, start)
+    except BaseException:
+      budget.release(held)
+      raise
+    return _Entry(req.request_id, prepared, future, start, held)
+
+  async def _answer(self, entry: _Entry) -> pb.ForwardResponse:
+    try:
+      targets = await entry.future
     except (RequestError, ShuttingDownError) as e:
       code, message = _status_of(e)
-      self._metrics.record("Stream", code.name, time.perf_counter() - start)
-      return wire.error_response(request_id, code.value[0], message, getattr(e, "field", ""))
-    response = self._encode(request_id, prepared, targets)
-    self._metrics.record("Stream", "OK", time.perf_counter() - start, prepared.rows * prepared.length)
+      self._metrics.record("Stream", code.name, time.perf_counter() - entry.start)
+      return wire.error_response(entry.request_id, code.value[0], message, getattr(e, "field", ""))
+    prepared = entry.prepared
+    response = self._encode(entry.request_id, prepared, targets)
+    self._metrics.record("Stream", "OK", time.perf_counter() - entry.start, prepared.rows * prepared.length)
     return response
 
   async def GetParameters(self, request: pb.GetParametersRequest, context) -> AsyncIterator[pb.ParameterChunk]:

@@ -97,7 +97,7 @@ def _check_range(values: np.ndarray, field: str, low: int, high: int, what: str)
 
 def _check_sizes(shape: tuple[int, ...], info: EngineInfo, limits: LimitsConfig) -> None:
   if len(shape) != 2:
-    raise RequestError(_INVALID, "tokens", f"expected shape [B, T], got {list(shape)}")
+    raise RequestError(_INVALID, "tokens", f"expected shape [B, T], got {wire.echo(shape)}")
   b, t = shape
   if b < 1 or t < 1:
     raise RequestError(_INVALID, "tokens", f"empty batch, shape {list(shape)}")
@@ -132,7 +132,7 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
   layers = tuple(int(x) for x in spec.layers)
   states = tuple(spec.states)
   _check_choices(layers, info.selectable_layers, "spec.layers", "layer {} is not selectable")
-  _check_choices(states, info.state_names, "spec.states", "unknown state {!r}")
+  _check_choices(states, info.state_names, "spec.states", "unknown state {}")
   if states and not layers:
     raise RequestError(_INVALID, "spec.layers", "states requested without any layers")
   if layers and not states:
@@ -147,13 +147,24 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
 def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
   for value in values:
     if value not in allowed:
-      raise RequestError(_INVALID, field, f"{unknown.format(value)} (offered: {list(allowed)})")
+      raise RequestError(_INVALID, field, f"{unknown.format(wire.echo(value))} (offered: {list(allowed)})")
   if len(set(values)) != len(values):
-    raise RequestError(_INVALID, field, f"duplicate entries in {list(values)}")
+    raise RequestError(_INVALID, field, f"duplicate entries in {wire.echo(values)}")
 
 
 def _enum_name(value: int) -> str:
   return pb.DType.Name(value).removeprefix("DTYPE_") if value in pb.DType.values() else str(value)
+
+
+# Room in a request for everything but the three [B, T] tensors: spec, shapes, field tags, and
+# wrong values (a long state name, many layers) that must still parse to be named in an error.
+REQUEST_SLACK_BYTES = 64 << 10
+
+
+def max_request_bytes(limits: LimitsConfig) -> int:
+  """The largest request message accepted: tokens, segment_ids and positions (int32) at
+  max_tokens_per_request, plus :data:`REQUEST_SLACK_BYTES`."""
+  return 3 * 4 * limits.max_tokens_per_request + REQUEST_SLACK_BYTES
 
 
 def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> Prepared:

@@ -114,7 +114,7 @@ class Bucket(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes")
+    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes", "max_request_bytes", "max_streams_per_connection", "stream_window_bytes")
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +122,9 @@ class Limits(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     SELECTABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_k: int
     max_batch: int
     max_tokens_per_request: int
@@ -129,7 +132,10 @@ class Limits(_message.Message):
     max_seq_len: int
     selectable_layers: _containers.RepeatedScalarFieldContainer[int]
     max_message_bytes: int
-    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    max_request_bytes: int
+    max_streams_per_connection: int
+    stream_window_bytes: int
+    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_connection: _Optional[int] = ..., stream_window_bytes: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()
