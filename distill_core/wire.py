@@ -5,7 +5,9 @@ zero-copy over the message's bytes (``np.frombuffer``), so decoded arrays are
 read-only views. Every check names the field at fault, so a server can turn a
 :class:`WireError` straight into an INVALID_ARGUMENT status. Integer tensors may
 be bit-packed losslessly (``Tensor.packed_bits``; 17 bits per id for vocabularies
-up to 131072).
+up to 131072), and sorted top-k values may be delta-coded losslessly
+(``Tensor.coding = TENSOR_CODING_SORTED_DELTA``, see ``sorted_delta.py``). The
+offline shards store the same messages, so one codec serves the wire and the disk.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 import ml_dtypes
 import numpy as np
 
+from distill_core import sorted_delta
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.targets import TeacherTargets
 
@@ -143,12 +146,19 @@ def le_bytes(array: np.ndarray) -> bytes:
   return np.ascontiguousarray(array, dtype=_DTYPES[dtype_enum(array.dtype)]).tobytes()
 
 
-def encode_tensor(array: np.ndarray, *, packed_bits: int = 0) -> pb.Tensor:
-  """A numpy array as a ``Tensor`` (little-endian bytes; integers bit-packed if asked)."""
+def encode_tensor(array: np.ndarray, *, packed_bits: int = 0, sorted_delta_coding: bool = False) -> pb.Tensor:
+  """A numpy array as a ``Tensor`` (little-endian bytes; integers bit-packed if asked).
+
+  ``sorted_delta_coding``: delta-code the rows of a float tensor whose rows are sorted
+  descending and <= 0 (``sorted_delta.py``); any other tensor is stored raw.
+  """
   array = np.asarray(array)
   enum = dtype_enum(array.dtype)
   msg = pb.Tensor(dtype=enum, shape=array.shape)
-  if packed_bits:
+  if sorted_delta_coding and sorted_delta.applicable(array):
+    msg.coding = pb.TENSOR_CODING_SORTED_DELTA
+    msg.data = sorted_delta.encode(array)
+  elif packed_bits:
     if array.dtype.kind not in "iu":
       raise ValueError(f"only integer tensors can be packed, got {array.dtype}")
     if array.size and int(array.min()) < 0:
@@ -184,6 +194,12 @@ def decode_tensor(msg: pb.Tensor, field: str, *, dtypes: Sequence[int] | None = 
   count = math.prod(shape)
   if max_elements is not None and count > max_elements:
     raise WireError(field, f"{count} elements exceed the limit of {max_elements}")
+  if msg.coding == pb.TENSOR_CODING_SORTED_DELTA:
+    if msg.packed_bits:
+      raise WireError(f"{field}.packed_bits", "not allowed with sorted-delta coding")
+    return sorted_delta.decode(msg.data, dtype, shape, field)
+  if msg.coding != pb.TENSOR_CODING_RAW:
+    raise WireError(f"{field}.coding", f"unknown tensor coding {msg.coding}")
   if msg.packed_bits:
     if dtype.kind not in "iu":
       raise WireError(f"{field}.packed_bits", f"only integer tensors can be packed, not {dtype.name}")
@@ -232,13 +248,14 @@ def error_response(request_id: int, code: int, message: str, field: str = "") ->
                             error=pb.Error(code=int(code), message=message, field=field))
 
 
-def targets_to_response(request_id: int, targets: TeacherTargets, *,
-                        packed_id_bits: int = 0) -> pb.ForwardResponse:
-  """Encodes numpy ``TeacherTargets`` (ids bit-packed when ``packed_id_bits`` > 0)."""
+def targets_to_response(request_id: int, targets: TeacherTargets, *, packed_id_bits: int = 0,
+                        sorted_delta_values: bool = False) -> pb.ForwardResponse:
+  """Encodes numpy ``TeacherTargets`` (ids bit-packed when ``packed_id_bits`` > 0, top-k values
+  delta-coded when ``sorted_delta_values``)."""
   resp = pb.ForwardResponse(request_id=request_id, temperatures=list(targets.temperatures),
                             state_layers=list(targets.state_layers))
   resp.topk_ids.CopyFrom(encode_tensor(np.asarray(targets.topk_ids, np.int32), packed_bits=packed_id_bits))
-  resp.topk_logits.CopyFrom(encode_tensor(targets.topk_logits))
+  resp.topk_logits.CopyFrom(encode_tensor(targets.topk_logits, sorted_delta_coding=sorted_delta_values))
   resp.logsumexp.CopyFrom(encode_tensor(np.asarray(targets.logsumexp, np.float32)))
   for name, value in targets.layer_states.items():
     resp.layer_states[name].CopyFrom(encode_tensor(value))

@@ -16,6 +16,11 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_FLOAT16: _ClassVar[DType]
     DTYPE_BFLOAT16: _ClassVar[DType]
     DTYPE_UINT8: _ClassVar[DType]
+
+class TensorCoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_CODING_RAW: _ClassVar[TensorCoding]
+    TENSOR_CODING_SORTED_DELTA: _ClassVar[TensorCoding]
 DTYPE_UNSPECIFIED: DType
 DTYPE_INT32: DType
 DTYPE_INT64: DType
@@ -23,18 +28,22 @@ DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
 DTYPE_BFLOAT16: DType
 DTYPE_UINT8: DType
+TENSOR_CODING_RAW: TensorCoding
+TENSOR_CODING_SORTED_DELTA: TensorCoding
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data", "packed_bits")
+    __slots__ = ("dtype", "shape", "data", "packed_bits", "coding")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     PACKED_BITS_FIELD_NUMBER: _ClassVar[int]
+    CODING_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
     packed_bits: int
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., packed_bits: _Optional[int] = ...) -> None: ...
+    coding: TensorCoding
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., packed_bits: _Optional[int] = ..., coding: _Optional[_Union[TensorCoding, str]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
     __slots__ = ("k", "temperatures", "value_dtype", "layers", "states", "state_dtype", "pack_ids")
