@@ -1,0 +1,480 @@
+"""``python -m teacher_server.dump``: answer every example of a prepared dataset once, into shards.
+
+    python -m teacher_server.dump data=data/stdlib output=runs/answers model-or-remote-options...
+
+The teacher is either loaded in this process (the server's own engine and
+batcher, so the answers are the server's) or asked over gRPC (``--remote``).
+Writer i of N (``--process-index/--process-count``, default: the JAX process)
+answers the i-th contiguous block of the example ids, in shards of
+``records_per_shard``. Three stages overlap: the teacher (event loop, ``window``
+requests in flight), an encoder thread (one record per example, ``shards.py``)
+and a writer thread (ArrayRecord files, sha256, progress file, manifest merge),
+joined by bounded queues. Finished shards are listed in the writer's progress
+file, so a dump that is interrupted and started again keeps them (after
+checking their sha256) and rewrites only the rest. Format: ``docs/offline.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Awaitable
+
+import numpy as np
+
+from distill_core import shards, wire
+from distill_core.config import ConfigError, describe, load_config
+from distill_core.data import DataConfig, open_split
+from distill_core.proto import teacher_pb2 as pb
+from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
+from distill_core.shards_io import ShardWriter, file_sha256
+from distill_core.targets import TeacherTargets, slice_batch
+from teacher_server.dump_config import DumpConfig
+
+log = logging.getLogger("teacher_server.dump")
+_DONE = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One teacher request: examples of one shard."""
+
+  shard: int
+  ids: np.ndarray  # (B,) int64
+  tokens: np.ndarray  # (B, T) int32
+  segment_ids: np.ndarray
+  positions: np.ndarray
+  last_of_shard: bool
+
+
+@dataclasses.dataclass
+class DumpSummary:
+  """What one writer did (also printed as the final line)."""
+
+  writer: str
+  records: int  # written by this run
+  kept_shards: int  # finished by an earlier run and kept
+  written_shards: int
+  positions: int
+  tokens: int
+  bytes: int
+  k: int
+  wall_s: float
+  teacher_busy_fraction: float | None  # in process: engine time / wall time
+  manifest: shards.Manifest | None
+
+  @property
+  def bytes_per_position(self) -> float:
+    return self.bytes / max(self.positions, 1)
+
+  @property
+  def bytes_per_entry(self) -> float:
+    return self.bytes / max(self.positions * self.k, 1)
+
+  def line(self) -> str:
+    busy = "n/a (remote)" if self.teacher_busy_fraction is None else f"{self.teacher_busy_fraction:.2f}"
+    return (f"dump {self.writer}: {self.records} examples in {self.written_shards} new shards "
+            f"({self.kept_shards} kept), {self.positions / max(self.wall_s, 1e-9):.0f} tokens/s, "
+            f"{self.bytes_per_position:.1f} bytes/token, {self.bytes_per_entry:.3f} bytes per top-k entry, "
+            f"teacher busy {busy}, {self.wall_s:.1f} s")
+
+
+def writer_name(index: int, count: int) -> str:
+  return f"p{index:05d}-of-{count:05d}"
+
+
+def shard_name(writer: str, index: int) -> str:
+  return f"answers-{writer}-{index:05d}{shards.SHARD_SUFFIX}"
+
+
+class _Examples:
+  """Random access over the answered splits' examples, in split order."""
+
+  def __init__(self, cfg: DumpConfig):
+    data_cfg = DataConfig(path=cfg.data, verify_shards=cfg.verify_data)
+    self.sources = []
+    for split in cfg.splits:
+      self.manifest, source = open_split(data_cfg, split)
+      self.sources.append(source)
+    self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+    self.dataset = DatasetInfo(
+        path=str(cfg.data), dataset_fingerprint=self.manifest.dataset_fingerprint,
+        tokenizer_fingerprint=self.manifest.tokenizer_fingerprint, seq_len=self.manifest.seq_len,
+        splits={split: len(s) for split, s in zip(cfg.splits, self.sources)})
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+    split = int(np.searchsorted(self.starts, index, side="right")) - 1
+    return self.sources[split][int(index - self.starts[split])]
+
+
+def plan(total: int, index: int, count: int, per_shard: int) -> list[np.ndarray]:
+  """Example positions of writer `index` of `count`, cut into shards (deterministic)."""
+  block = np.array_split(np.arange(total, dtype=np.int64), count)[index]
+  return [block[i:i + per_shard] for i in range(0, len(block), per_shard)]
+
+
+def _check_same(old: Progress, new: Progress, path) -> None:
+  for field in ("teacher", "dataset", "spec"):
+    a, b = getattr(old, field), getattr(new, field)
+    if a != b:
+      diff = [f"{key}: stored {value!r}, now {getattr(b, key)!r}" for key, value in a
+              if value != getattr(b, key)]
+      raise ShardError(f"{path}: this output holds answers with another {field} ({'; '.join(diff)}); "
+                       "dump into a new output directory")
+
+
+def kept_shards(root, progress: Progress, planned: list[list[int]]) -> list[shards.ShardInfo]:
+  """The finished shards of an earlier run that are intact and match the plan (a prefix)."""
+  kept = []
+  for index, info in enumerate(progress.shards):
+    path = root / info.file
+    if (index >= len(planned) or info.file != shard_name(progress.writer, index)
+        or shards.expand_runs(info.ids).tolist() != planned[index]):
+      break
+    if not path.exists() or file_sha256(path) != info.sha256:
+      log.warning("%s: missing or its sha256 differs from the progress file; rewriting it", path)
+      break
+    kept.append(info)
+  return kept
+
+
+# -- the teacher ---------------------------------------------------------------------------------
+
+class _InProcess:
+  """The server's engine and batcher in this process."""
+
+  def __init__(self, cfg: DumpConfig, seq_len: int):
+    from teacher_server.batcher import Batcher
+    from teacher_server.engine import JaxEngine
+    from teacher_server.metrics import Metrics
+    from teacher_server.servicer import info_message
+    server = cfg.teacher
+    if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
+      server = server.model_copy(update={"batcher": server.batcher.model_copy(
+          update={"buckets": [(cfg.rows_per_request, seq_len)]})})
+    limits = {key: value for key, value in (("max_k", cfg.k), ("selectable_layers", list(cfg.layers)))
+              if key not in server.limits.model_fields_set}  # compute and move only what is stored
+    server = server.model_copy(update={"limits": server.limits.model_copy(update=limits)})
+    self.engine = JaxEngine.from_config(server)
+    log.info("warm-up: %s", self.engine.warmup())
+    self.metrics = Metrics()
+    b = server.batcher
+    self.batcher = Batcher(self.engine, max_wait_ms=b.max_wait_ms, queue_size=b.queue_size,
+                           max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
+    self.limits = server.limits
+    self.info = info_message(self.engine.info, server.limits, server.max_message_bytes)
+
+  async def __aenter__(self):
+    await self.batcher.start()
+    return self
+
+  async def __aexit__(self, *exc):
+    await self.batcher.close()
+
+  async def submit(self, req: pb.ForwardRequest) -> Awaitable[TeacherTargets]:
+    from teacher_server.validation import prepare
+    return await self.batcher.submit(prepare(req, self.engine.info, self.limits))
+
+  def busy_seconds(self) -> float:
+    return float(self.metrics.registry.get_sample_value("teacher_engine_seconds_sum") or 0.0)
+
+
+class _Remote:
+  """A teacher server over one gRPC stream."""
+
+  def __init__(self, cfg: DumpConfig):
+    from distill_core.client import TeacherClient
+    r = cfg.remote
+    token = Path(r.token_file).read_text().strip() if r.token_file else r.token
+    self.client = TeacherClient(r.address, token=token, tls=r.tls, root_certificates=r.root_certificates,
+                                client_cert=r.client_cert, client_key=r.client_key,
+                                server_name_override=r.server_name_override,
+                                max_message_bytes=r.max_message_mb << 20)
+    self.timeout = r.connect_timeout_s
+    self.info = None
+
+  async def __aenter__(self):
+    await self.client.wait_until_serving(self.timeout)
+    self.info = await self.client.info(timeout=self.timeout)
+    self.stream = await self.client.stream().__aenter__()
+    return self
+
+  async def __aexit__(self, *exc):
+    await self.stream.close()
+    await self.client.close()
+
+  async def submit(self, req: pb.ForwardRequest) -> Awaitable[TeacherTargets]:
+    return await self.stream.submit_request(req)
+
+  def busy_seconds(self) -> None:
+    return None
+
+
+def stored_spec(cfg: DumpConfig, info) -> StoredSpec:
+  spec = wire.OutputSpec(k=cfg.k, temperatures=tuple(cfg.temperatures), value_dtype=cfg.value_dtype,
+                         layers=tuple(cfg.layers), states=tuple(cfg.states), state_dtype=cfg.state_dtype,
+                         pack_ids=cfg.pack_ids)
+  return StoredSpec.build(spec, id_bits=wire.bits_for(info.vocab_size) if cfg.pack_ids else 0,
+                          value_coding=cfg.value_coding, zstd_level=cfg.zstd_level)
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+
+class _Progress:
+  """A rich bar (examples, tokens/s, ETA) on a terminal; a log line every 10 s otherwise."""
+
+  def __init__(self, total: int, done: int, enabled: bool, writer: str):
+    from rich.console import Console
+    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                               TimeRemainingColumn)
+    self._total, self._done, self._writer = total, done, writer
+    self._start, self._last_log, self._tokens = time.monotonic(), time.monotonic(), 0
+    console = Console(stderr=True)
+    self._bar = None
+    self._enabled = enabled
+    if enabled and console.is_terminal:
+      self._bar = Progress(TextColumn(f"[bold]dump {writer}"), BarColumn(), MofNCompleteColumn(),
+                           TextColumn("{task.fields[rate]} tokens/s"), TimeElapsedColumn(), TextColumn("ETA"),
+                           TimeRemainingColumn(), console=console)
+      self._task = self._bar.add_task("dump", total=total, completed=done, rate="-")
+      self._bar.start()
+
+  def advance(self, examples: int, positions: int) -> None:
+    self._done += examples
+    self._tokens += positions
+    now = time.monotonic()
+    rate = self._tokens / max(now - self._start, 1e-9)
+    if self._bar is not None:
+      self._bar.update(self._task, completed=self._done, rate=f"{rate:.0f}")
+    elif self._enabled and (now - self._last_log >= 10 or self._done == self._total):
+      self._last_log = now
+      eta = (self._total - self._done) * (now - self._start) / max(self._done, 1)
+      log.info("dump %s: %d/%d examples, %.0f tokens/s, ETA %.0f s", self._writer, self._done, self._total,
+               rate, eta)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.stop()
+
+
+def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, errors: list) -> None:
+  """Encoder thread: one answer of B rows -> B records."""
+  try:
+    while (item := inbox.get()) is not _DONE:
+      request, targets = item
+      records = []
+      for row, example_id in enumerate(request.ids.tolist()):
+        one = slice_batch(targets, row, row + 1)
+        records.append((example_id, shards.encode_record(example_id, one, spec),
+                        int(np.count_nonzero(request.segment_ids[row]))))
+      outbox.put((request, records, tuple(float(t) for t in np.asarray(targets.temperatures))))
+  except BaseException as e:  # noqa: BLE001 - reported by the main thread
+    errors.append(e)
+  finally:
+    outbox.put(_DONE)
+
+
+def _write_loop(inbox: queue.Queue, writer: ShardWriter, bar: _Progress, seq_len: int, errors: list,
+                totals: dict) -> None:
+  """Writer thread: records -> shard files; finishes a shard at its planned end."""
+  try:
+    while (item := inbox.get()) is not _DONE:
+      request, records, temps = item
+      for example_id, record, tokens in records:
+        writer.add(example_id, record, positions=seq_len, tokens=tokens, temperatures=temps)
+        totals["records"] += 1
+        totals["tokens"] += tokens
+      if request.last_of_shard:
+        info = writer.finish_shard()
+        totals["bytes"] += info.bytes
+        totals["shards"] += 1
+      bar.advance(len(records), len(records) * seq_len)
+  except BaseException as e:  # noqa: BLE001 - reported by the main thread
+    errors.append(e)
+    while inbox.get() is not _DONE:  # keep draining so the encoder never blocks
+      pass
+
+
+async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
+  from etils import epath
+  examples = _Examples(cfg)
+  seq_len = examples.dataset.seq_len
+  teacher = _Remote(cfg) if cfg.remote.address else _InProcess(cfg, seq_len)
+  async with teacher:
+    info = teacher.info
+    name = writer_name(index, count)
+    root = epath.Path(cfg.output)
+    root.mkdir(parents=True, exist_ok=True)
+    header = Progress(teacher=TeacherInfo.from_info(info), dataset=examples.dataset,
+                      spec=stored_spec(cfg, info), writer=name)
+    if info.tokenizer_fingerprint and info.tokenizer_fingerprint != examples.dataset.tokenizer_fingerprint:
+      raise ShardError(f"tokenizer: the teacher's fingerprint {info.tokenizer_fingerprint[:16]}... differs from "
+                       f"the dataset's {examples.dataset.tokenizer_fingerprint[:16]}...")
+    shard_plan = plan(len(examples), index, count, cfg.records_per_shard)
+    id_of = np.asarray([int(examples[int(i)]["example_ids"]) for i in np.concatenate(shard_plan)] if shard_plan
+                       else [], np.int64)
+    planned_ids, offset = [], 0
+    for positions in shard_plan:
+      planned_ids.append(id_of[offset:offset + len(positions)].tolist())
+      offset += len(positions)
+    old = shards.read_progress(root, name)
+    kept: list[shards.ShardInfo] = []
+    if old is not None:
+      _check_same(old, header, shards.progress_path(root, name))
+      kept = kept_shards(root, old, planned_ids)
+      if kept:
+        log.info("resuming: %d of %d shards are finished and intact", len(kept), len(shard_plan))
+    progress = header.model_copy(update={"shards": kept})
+    shards.write_progress(root, progress)
+    writer = ShardWriter(root, progress, name_of=lambda i: shard_name(name, i), next_index=len(kept),
+                         records_per_shard=cfg.records_per_shard + 1)  # shards end where planned
+    todo = shard_plan[len(kept):]
+    done_examples = sum(len(p) for p in shard_plan[:len(kept)])
+    bar = _Progress(sum(len(p) for p in shard_plan), done_examples, cfg.progress, name)
+    to_encode: queue.Queue = queue.Queue(cfg.queue_size)
+    to_write: queue.Queue = queue.Queue(cfg.queue_size)
+    errors: list[BaseException] = []
+    totals = dict(records=0, tokens=0, bytes=0, shards=0)
+    threads = [threading.Thread(target=_encode_loop, args=(to_encode, to_write, header.spec, errors),
+                                name="dump-encode", daemon=True),
+               threading.Thread(target=_write_loop, args=(to_write, writer, bar, seq_len, errors, totals),
+                                name="dump-write", daemon=True)]
+    for thread in threads:
+      thread.start()
+    start = time.monotonic()
+    busy0 = teacher.busy_seconds()
+    try:
+      await _produce(cfg, examples, todo, len(kept), teacher, to_encode, errors)
+    finally:
+      await asyncio.to_thread(to_encode.put, _DONE)
+      for thread in threads:
+        await asyncio.to_thread(thread.join)
+      bar.close()
+      writer.close(keep_partial=False)
+    if errors:
+      raise errors[0]
+    wall = time.monotonic() - start
+    busy = teacher.busy_seconds()
+    manifest = shards.write_manifest(root)
+  return DumpSummary(writer=name, records=totals["records"], kept_shards=len(kept), written_shards=totals["shards"],
+                     positions=totals["records"] * seq_len, tokens=totals["tokens"], bytes=totals["bytes"], k=cfg.k,
+                     wall_s=wall, teacher_busy_fraction=None if busy is None else (busy - busy0) / max(wall, 1e-9),
+                     manifest=manifest)
+
+
+async def _produce(cfg: DumpConfig, examples: _Examples, todo: list[np.ndarray], first_shard: int, teacher,
+                   to_encode: queue.Queue, errors: list) -> None:
+  """Sends every request (``window`` in flight) and hands the answers, in order, to the encoder."""
+  spec = wire.OutputSpec(k=cfg.k, temperatures=tuple(cfg.temperatures), value_dtype=cfg.value_dtype,
+                         layers=tuple(cfg.layers), states=tuple(cfg.states), state_dtype=cfg.state_dtype,
+                         pack_ids=cfg.pack_ids)
+  inflight: list[tuple[Request, Awaitable]] = []
+  request_id = 0
+
+  async def settle(request: Request, future) -> None:
+    targets = await future
+    await asyncio.to_thread(to_encode.put, (request, targets))
+
+  for shard, positions in enumerate(todo, start=first_shard):
+    for lo in range(0, len(positions), cfg.rows_per_request):
+      if errors:
+        return
+      rows = [examples[int(i)] for i in positions[lo:lo + cfg.rows_per_request]]
+      request = Request(shard=shard, ids=np.asarray([r["example_ids"] for r in rows], np.int64),
+                        tokens=np.stack([r["tokens"] for r in rows]),
+                        segment_ids=np.stack([r["segment_ids"] for r in rows]),
+                        positions=np.stack([r["positions"] for r in rows]),
+                        last_of_shard=lo + cfg.rows_per_request >= len(positions))
+      request_id += 1
+      msg = wire.make_request(request_id, request.tokens, spec, request.segment_ids, request.positions)
+      inflight.append((request, await teacher.submit(msg)))
+      if len(inflight) >= cfg.window:
+        await settle(*inflight.pop(0))
+  for request, future in inflight:
+    await settle(request, future)
+
+
+def dump(cfg: DumpConfig) -> DumpSummary:
+  """Runs one writer of the dump described by `cfg` (see the module docstring)."""
+  index, count = cfg.process_index, cfg.process_count
+  if index is None or count is None:
+    import jax
+    from distill_core.sharding import maybe_initialize_distributed
+    maybe_initialize_distributed()
+    index = jax.process_index() if index is None else index
+    count = jax.process_count() if count is None else count
+  if index >= count:
+    raise ValueError(f"process_index {index} must be < process_count {count}")
+  import uvloop
+  with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+    return runner.run(_run(cfg, index, count))
+
+
+# -- command line --------------------------------------------------------------------------------
+
+_EPILOG = """\
+Examples:
+  python -m teacher_server.dump teacher.model.source=hf teacher.model.path=runs/demo/teacher/hf
+  python -m teacher_server.dump --remote 127.0.0.1:50051 k=128 zstd_level=3
+  python -m teacher_server.dump --process-index 1 --process-count 4 ...   # writer 1 of 4
+
+Options (key=value, nested keys with dots):
+"""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      prog="python -m teacher_server.dump", add_help=False, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Answer every example of a prepared dataset with a teacher, once, into ArrayRecord shards "
+                  "that the `offline` teacher source reads (docs/offline.md).",
+      epilog=_EPILOG + "\n".join("  " + line for line in describe(DumpConfig)))
+  parser.add_argument("-h", "--help", action="help", help="show this help (every option) and exit")
+  parser.add_argument("--config", help="YAML config file (may name a `base:` file)")
+  parser.add_argument("--remote", metavar="ADDRESS", help="ask the teacher server at ADDRESS (= remote.address)")
+  parser.add_argument("--process-index", type=int, help="this writer's index (= process_index)")
+  parser.add_argument("--process-count", type=int, help="number of writers (= process_count)")
+  parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+  return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  overrides = list(args.overrides)
+  if args.remote:
+    overrides.append(f"remote.address={args.remote}")
+  if args.process_index is not None:
+    overrides.append(f"process_index={args.process_index}")
+  if args.process_count is not None:
+    overrides.append(f"process_count={args.process_count}")
+  try:
+    cfg = load_config(DumpConfig, args.config, overrides)
+  except ConfigError as e:
+    print(f"dump: {e}", file=sys.stderr)
+    return 2
+  from teacher_server.logs import setup_logging
+  setup_logging(cfg.teacher.log_format, cfg.teacher.log_level)
+  try:
+    summary = dump(cfg)
+  except (ShardError, ValueError, OSError) as e:
+    print(f"dump: {e}", file=sys.stderr)
+    return 1
+  print(summary.line(), flush=True)
+  if summary.manifest is not None:
+    m = summary.manifest
+    print(f"manifest {Path(cfg.output) / shards.MANIFEST_NAME}: {m.records} records in {len(m.shards)} shards from "
+          f"{len(m.writers)} writers, complete={m.complete}", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,85 @@
+"""Configuration of ``python -m teacher_server.dump`` (YAML + ``key=value`` overrides)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import Field
+
+from distill_core.config import ConfigBase
+from distill_core.targets import STATE_NAMES
+from teacher_server.config import ServerConfig
+
+
+class RemoteConfig(ConfigBase):
+  """A running teacher server to ask instead of loading the teacher in this process."""
+
+  address: str | None = Field(None, description="host:port or a gRPC target (dns:///name:port) of the "
+                              "teacher server; null = run the teacher in this process (see `teacher`).")
+  token: str | None = Field(None, description="Bearer token (prefer token_file).")
+  token_file: str | None = Field(None, description="File holding the bearer token (one line).")
+  tls: bool = Field(False, description="Use TLS with the system roots (implied by root_certificates).")
+  root_certificates: str | None = Field(None, description="PEM CA file the server certificate must chain to.")
+  client_cert: str | None = Field(None, description="PEM client certificate (mutual TLS).")
+  client_key: str | None = Field(None, description="PEM key of client_cert.")
+  server_name_override: str | None = Field(None, description="TLS name to verify instead of the address host.")
+  max_message_mb: int = Field(256, ge=1, description="Largest gRPC message sent or received, in MiB.")
+  connect_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the server to be SERVING.")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "RemoteConfig":
+    if self.token and self.token_file:
+      raise ValueError("give remote.token or remote.token_file, not both")
+    if bool(self.client_cert) != bool(self.client_key):
+      raise ValueError("remote.client_cert and remote.client_key must be given together")
+    return self
+
+
+class DumpConfig(ConfigBase):
+  """Dump a teacher's answers for a prepared dataset into shards (docs/offline.md)."""
+
+  data: str = Field("data/stdlib", description="Prepared dataset directory (has manifest.json).")
+  splits: list[str] = Field(["train", "eval"], min_length=1, description="Splits to answer (every example).")
+  output: str = Field("runs/answers", description="Answers directory (local path or an etils.epath URL "
+                      "such as gs://bucket/answers); an interrupted dump into it resumes.")
+  k: int = Field(64, ge=1, description="Top-k entries stored per position (students may use any k up to it).")
+  temperatures: list[float] = Field([1.0], min_length=1, description="Temperatures whose logsumexp is "
+                                    "stored (students must train at one of them exactly).")
+  value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+      "float16", description="dtype of the top-k values (f16 recommended).")
+  layers: list[int] = Field([], description="Teacher layers whose states are stored ([] = none).")
+  states: list[Literal["attn_in", "attn_out"]] = Field(
+      [], description=f"State names stored for `layers` ({', '.join(STATE_NAMES)}; [] with layers = attn_out).")
+  state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored layer states.")
+  pack_ids: bool = Field(True, description="Bit-pack the top-k ids in the fewest bits the vocabulary needs.")
+  value_coding: Literal["sorted_delta", "raw"] = Field(
+      "sorted_delta", description="'sorted_delta': code the sorted values as packed differences of their "
+      "bit patterns (lossless, smaller); 'raw': plain little-endian values.")
+  zstd_level: int = Field(0, ge=0, le=22, description="zstd level applied to every record (0 = off).")
+  rows_per_request: int = Field(8, ge=1, description="Examples per teacher request.")
+  window: int = Field(4, ge=1, description="Requests in flight to the teacher.")
+  records_per_shard: int = Field(1024, ge=1, description="Examples per shard file (a multiple of "
+                                 "rows_per_request keeps the batches identical when a dump resumes).")
+  queue_size: int = Field(8, ge=1, description="Answers buffered between the teacher, the encoder thread "
+                          "and the writer thread (bounds memory; the teacher waits only when both are full).")
+  process_index: int | None = Field(None, ge=0, description="This writer's index (null = jax.process_index()).")
+  process_count: int | None = Field(None, ge=1, description="Number of writers (null = jax.process_count()); "
+                                    "writer i answers the i-th contiguous block of example ids.")
+  verify_data: bool = Field(True, description="Check the prepared dataset's shard hashes first.")
+  progress: bool = Field(True, description="Progress bar (timestamped log lines when not a terminal).")
+  teacher: ServerConfig = Field(default_factory=ServerConfig, description="In-process teacher: model, "
+                                "tokenizer_path, mesh, limits and batcher as for the server (buckets default "
+                                "to [[rows_per_request, seq_len]]); ignored with remote.address.")
+  remote: RemoteConfig = Field(default_factory=RemoteConfig, description="Ask a running teacher server.")
+
+  @pydantic.model_validator(mode="after")
+  def _check(self) -> "DumpConfig":
+    if self.process_index is not None and self.process_count is not None and \
+        self.process_index >= self.process_count:
+      raise ValueError(f"process_index {self.process_index} must be < process_count {self.process_count}")
+    if any(t <= 0 for t in self.temperatures) or len(set(self.temperatures)) != len(self.temperatures):
+      raise ValueError(f"temperatures {self.temperatures} must be distinct and > 0")
+    if self.states and not self.layers:
+      raise ValueError("states given without layers")
+    return self
