@@ -175,13 +175,28 @@ def make_dataset(cfg: DataConfig, split: str = "train", *, training: bool | None
       ``batch_size // shard_count`` rows of every global batch, and global batch
       i holds the same examples whatever the process count.
   """
+  _, source = open_split(cfg, split)
+  ds = ordered_batches(grain.MapDataset.source(source), cfg, split, training=training, shard_index=shard_index,
+                       shard_count=shard_count).map(Batch.from_examples)
+  return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=cfg.prefetch_buffer_size))
+
+
+def ordered_batches(ds: grain.MapDataset, cfg: DataConfig, split: str = "train", *, training: bool | None = None,
+                    shard_index: int = 0, shard_count: int = 1) -> grain.MapDataset:
+  """The order and batching of :func:`make_dataset` applied to any dataset of the split's length.
+
+  Element i of `ds` stands for record i of the split; the result's element n is
+  this process's rows of global batch n, stacked (a dict of arrays). The shuffle
+  depends only on the seed and the length, so a dataset of the split's example
+  ids yields exactly the ids of the batches :func:`make_dataset` yields (the
+  ``offline`` teacher source reads its answers in that order).
+  """
   if not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index {shard_index} outside [0, {shard_count})")
   training = split == "train" if training is None else training
   global_batch = _global_batch_size(cfg, training)
   local_batch = _local_batch_size(global_batch, shard_count)
-  _, source = open_split(cfg, split)
-  ds = grain.MapDataset.source(source)
   if training:
     ds = ds.seed(cfg.seed)
     if cfg.shuffle:
@@ -197,9 +212,7 @@ def make_dataset(cfg: DataConfig, split: str = "train", *, training: bool | None
   ds = ds[:usable]
   if shard_count > 1:
     ds = ds[shard_index::shard_count]
-  ds = ds.batch(local_batch, drop_remainder=True).map(Batch.from_examples)
-  return ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
-                                              prefetch_buffer_size=cfg.prefetch_buffer_size))
+  return ds.batch(local_batch, drop_remainder=True)
 
 
 def num_batches(cfg: DataConfig, split: str = "train", *, training: bool | None = None) -> int:

@@ -117,17 +117,57 @@ class RemoteTeacherConfig(ConfigBase):
     return [self.address] if isinstance(self.address, str) else list(self.address)
 
 
+class OfflineTeacherConfig(ConfigBase):
+  """Answers dumped once by `python -m teacher_server.dump`, read by example id (docs/offline.md)."""
+
+  path: str | None = Field(None, description="Answers directory (has manifest.json); local path or etils.epath URL.")
+  read_threads: int = Field(2, ge=1, description="grain threads reading and decoding answer records.")
+  prefetch: int = Field(4, ge=0, description="Batches of answers grain reads ahead.")
+  lookahead: int = Field(2, ge=0, description="Batches submitted ahead of the one being trained on.")
+  verify_shards: bool = Field(True, description="Check every shard's sha256 against the manifest when opened.")
+  on_missing: Literal["error", "ce_only"] = Field(
+      "error", description="An example id with no stored answer: 'error' stops naming it; 'ce_only' trains "
+      "that batch on cross-entropy alone (logged and counted).")
+  follow: bool = Field(False, description="Train from a dump still being written: on ids not yet stored, "
+                       "re-read the manifest every follow_poll_s and wait (logged) instead of failing.")
+  follow_poll_s: float = Field(2.0, gt=0, description="How often a following reader re-reads the manifest.")
+  follow_timeout_s: float | None = Field(
+      None, gt=0, description="Give up (on_missing applies) after waiting this long for an id (null: never).")
+  weights_fingerprint: str | None = Field(
+      None, description="Refuse answers from any other teacher (its weights fingerprint, from GetInfo or a "
+      "manifest); null: accept the stored teacher.")
+  allow_teacher_change: bool = Field(False, description="Resume from a checkpoint trained on answers of "
+                                     "different teacher weights (refused by default).")
+
+
+class CachedTeacherConfig(ConfigBase):
+  """The remote teacher with a disk cache of its answers (docs/offline.md)."""
+
+  path: str | None = Field(None, description="Cache directory (the answers format; created when missing).")
+  records_per_shard: int = Field(256, ge=1, description="Answers per cache shard; a crash loses at most the "
+                                 "unfinished shard.")
+  secondary: Literal["wait", "ce_only"] = Field(
+      "ce_only", description="With on_timeout=cached_shards: what overdue batches the cache cannot serve get.")
+  verify_shards: bool = Field(True, description="Check every cache shard's sha256 when opened.")
+
+
 class TeacherConfig(ConfigBase):
   """Where teacher targets come from."""
 
-  source: Literal["none", "local", "remote"] = Field(
+  source: Literal["none", "local", "remote", "offline", "cached"] = Field(
       "none", description="'none': plain CE training; 'local': teacher forward in this process; "
-      "'remote': stream batches to a teacher server (see teacher.remote).")
+      "'remote': stream batches to a teacher server (see teacher.remote); 'offline': answers dumped to "
+      "shards (teacher.offline); 'cached': remote, with every answer kept in teacher.cached.path and cached "
+      "example ids read from disk.")
   value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
       "float16", description="dtype of the top-k logit values (f16 recommended, see DESIGN 'Precision').")
   local: LocalTeacherConfig = Field(default_factory=LocalTeacherConfig, description="Options of the local source.")
   remote: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig,
-                                      description="Options of the remote source.")
+                                      description="Options of the remote source (and of cached).")
+  offline: OfflineTeacherConfig = Field(default_factory=OfflineTeacherConfig,
+                                        description="Options of the offline source.")
+  cached: CachedTeacherConfig = Field(default_factory=CachedTeacherConfig,
+                                      description="Options of the cached source and the cached_shards policy.")
 
 
 class CheckpointConfig(ConfigBase):
@@ -182,4 +222,9 @@ class TrainConfig(ConfigBase):
                        f"optim.grad_accum ({self.optim.grad_accum})")
     if self.teacher.source == "local" and not (self.teacher.local.model or self.teacher.local.hf_checkpoint):
       raise ValueError("teacher.local: set model (a preset) or hf_checkpoint for the local teacher")
+    if self.teacher.source == "offline" and not self.teacher.offline.path:
+      raise ValueError("teacher.offline.path: required when teacher.source is offline")
+    if (self.teacher.source == "cached" or self.teacher.remote.on_timeout == "cached_shards") \
+        and not self.teacher.cached.path:
+      raise ValueError("teacher.cached.path: required by the cached source and the cached_shards policy")
     return self

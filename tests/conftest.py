@@ -20,3 +20,14 @@ def tiny_dataset(tmp_path_factory):
   cfg = PrepareConfig(max_files=150, vocab_size=384, seq_len=32, output_dir=str(out), records_per_shard=2048)
   prepare(cfg, show_progress=False)
   return out
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+  """A prepared corpus small enough to dump whole (8 files: ~800 train and ~50 eval rows, vocab 384, seq_len 32)."""
+  from distill_core.prepare import PrepareConfig, prepare
+  out = tmp_path_factory.mktemp("small_dataset")
+  cfg = PrepareConfig(max_files=8, vocab_size=384, seq_len=32, output_dir=str(out), records_per_shard=256,
+                      eval_fraction=0.25)
+  prepare(cfg, show_progress=False)
+  return out

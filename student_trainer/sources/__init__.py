@@ -37,4 +37,8 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
   if kind == "remote":
     from student_trainer.sources.remote import RemoteTeacher
     return RemoteTeacher.from_train_config(cfg, mesh)
+  if kind == "offline":
+    import jax
+    from student_trainer.sources.offline import OfflineTeacher
+    return OfflineTeacher(cfg, mesh, shard_index=jax.process_index(), shard_count=jax.process_count())
   raise ValueError(f"teacher.source: unknown source {kind!r}")
