@@ -172,7 +172,7 @@ class _InProcess:
     self.batcher = Batcher(self.engine, max_wait_ms=b.max_wait_ms, queue_size=b.queue_size,
                            max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
     self.limits = server.limits
-    self.info = info_message(self.engine.info, server.limits, server.max_message_bytes)
+    self.info = info_message(self.engine.info, server)
 
   async def __aenter__(self):
     await self.batcher.start()
