@@ -8,11 +8,14 @@ through `load_model`, so every model source behaves the same on both sides.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -86,3 +89,17 @@ def abstract_model(cfg: ModelConfig) -> Transformer:
   """The model's structure with `jax.ShapeDtypeStruct` leaves: nothing is allocated."""
   return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
+
+
+def arrays_fingerprint(items: Iterable[tuple[str, object]]) -> str:
+  """sha256 over each (name, array)'s name, dtype, shape and little-endian bytes, in the order given.
+
+  The teacher's weights fingerprint is this over every parameter sorted by name;
+  learn-to-init records it over the teacher kernels it uses.
+  """
+  digest = hashlib.sha256()
+  for name, value in items:
+    value = np.asarray(jax.device_get(value))
+    digest.update(f"{name}|{value.dtype.name}|{list(value.shape)}\n".encode())
+    digest.update(np.ascontiguousarray(value).tobytes())  # little-endian hosts (x86, ARM)
+  return digest.hexdigest()

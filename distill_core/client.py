@@ -194,30 +194,80 @@ class TeacherClient:
       raise TeacherError.from_rpc(e, rid) from None
     return wire.response_to_targets(resp)
 
-  async def get_parameters(self, name_regex: str, chunk_bytes: int = 0,
-                           timeout: float | None = None) -> dict[str, np.ndarray]:
-    """Parameters whose names match the RE2 pattern ``name_regex`` (searched), reassembled from chunks."""
-    out: dict[str, tuple[pb.ParameterChunk, bytearray]] = {}
-    call = self.stub.GetParameters(pb.GetParametersRequest(name_regex=name_regex, chunk_bytes=chunk_bytes),
+  async def list_parameters(self, name_regex: str, timeout: float | None = None
+                            ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """``{name: (dtype, shape)}`` of the parameters matching the RE2 pattern ``name_regex``, no bytes."""
+    call = self.stub.GetParameters(pb.GetParametersRequest(name_regex=name_regex, names_only=True),
                                    metadata=self.metadata, timeout=timeout)
+    out = {}
     try:
       async for chunk in call:
-        head, buf = out.setdefault(chunk.name, (chunk, bytearray()))
-        if chunk.offset != len(buf):
-          raise TeacherError(grpc.StatusCode.DATA_LOSS, f"{chunk.name}: chunk at offset {chunk.offset}, "
-                                                        f"expected {len(buf)}")
-        buf += chunk.data
+        out[chunk.name] = (wire.numpy_dtype(chunk.dtype), tuple(int(d) for d in chunk.shape))
     except grpc.aio.AioRpcError as e:
       raise TeacherError.from_rpc(e) from None
-    params = {}
-    for name, (head, buf) in out.items():
-      msg = pb.Tensor(dtype=head.dtype, shape=head.shape, data=bytes(buf))
-      params[name] = wire.decode_tensor(msg, name)
-    return params
+    return out
+
+  async def get_parameters(self, name_regex: str, chunk_bytes: int = 0, timeout: float | None = None, *,
+                           download: "ParameterDownload | None" = None) -> dict[str, np.ndarray]:
+    """Parameters whose names match the RE2 pattern ``name_regex`` (searched), reassembled from chunks.
+
+    Pass a :class:`ParameterDownload` to make the download resumable: after a
+    failed call, calling again with the same object asks the server to start
+    where the received bytes end.
+    """
+    download = download if download is not None else ParameterDownload()
+    start_name, start_offset = download.resume_point()
+    call = self.stub.GetParameters(pb.GetParametersRequest(
+        name_regex=name_regex, chunk_bytes=chunk_bytes, start_name=start_name, start_offset=start_offset),
+        metadata=self.metadata, timeout=timeout)
+    try:
+      async for chunk in call:
+        download.add(chunk)
+    except grpc.aio.AioRpcError as e:
+      raise TeacherError.from_rpc(e) from None
+    return download.arrays()
 
   def stream(self, window: int | None = None) -> "TeacherStream":
     """A bidirectional stream; ``window`` bounds the unanswered requests (None = unbounded)."""
     return TeacherStream(self, window)
+
+
+class ParameterDownload:
+  """The bytes of a GetParameters download so far, so an interrupted one can resume.
+
+  The server sends parameters in order of name, each in order of offset, so
+  everything before the last name received is complete and the download resumes
+  at (that name, its received length).
+  """
+
+  def __init__(self):
+    self._parts: dict[str, tuple[pb.ParameterChunk, bytearray]] = {}
+    self.received_bytes = 0
+
+  def add(self, chunk: pb.ParameterChunk) -> None:
+    head, buf = self._parts.setdefault(chunk.name, (chunk, bytearray()))
+    if chunk.offset != len(buf):
+      raise TeacherError(grpc.StatusCode.DATA_LOSS, f"{chunk.name}: chunk at offset {chunk.offset}, "
+                                                    f"expected {len(buf)}")
+    if len(buf) + len(chunk.data) > head.total_bytes:
+      raise TeacherError(grpc.StatusCode.DATA_LOSS, f"{chunk.name}: more than its {head.total_bytes} bytes")
+    buf += chunk.data
+    self.received_bytes += len(chunk.data)
+
+  def resume_point(self) -> tuple[str, int]:
+    """("", 0) for a fresh download, else (last name received, its bytes so far)."""
+    if not self._parts:
+      return "", 0
+    name = max(self._parts)
+    return name, len(self._parts[name][1])
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    out = {}
+    for name, (head, buf) in sorted(self._parts.items()):
+      if len(buf) != head.total_bytes:
+        raise TeacherError(grpc.StatusCode.DATA_LOSS, f"{name}: {len(buf)} of {head.total_bytes} bytes")
+      out[name] = wire.decode_tensor(pb.Tensor(dtype=head.dtype, shape=head.shape, data=bytes(buf)), name)
+    return out
 
 
 class TeacherStream:

@@ -47,6 +47,10 @@ class Checkpointer:
         meta=ocp.args.JsonRestore()))
     return out["state"], out["data"], out["meta"]
 
+  def restore_meta(self, step: int) -> dict:
+    """Only the `meta` item of a checkpoint (no arrays read)."""
+    return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 

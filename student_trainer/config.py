@@ -12,6 +12,7 @@ from distill_core.data import DataConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
 from student_trainer.losses import LossConfig
+from student_trainer.lti.config import LTIConfig
 
 
 class OptimConfig(ConfigBase):
@@ -214,6 +215,7 @@ class TrainConfig(ConfigBase):
   eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
   logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics output.")
   export_hf: bool = Field(True, description="Export the final student to <run_dir>/hf in Hugging Face format.")
+  lti: LTIConfig = Field(default_factory=LTIConfig, description="Learn-to-init (see docs/lti.md).")
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "TrainConfig":

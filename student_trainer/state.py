@@ -15,23 +15,41 @@ from distill_core.checkpoints import load_model
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import state_shardings
 from student_trainer.config import TrainConfig
+from student_trainer.lti.modules import TeacherKernel
 from student_trainer.optim import build_optimizer
 
 
 @dataclasses.dataclass
 class TrainState:
-  """`graphdef` + `params` (the nnx.State of `(model, optimizer)`) + their shardings."""
+  """`graphdef` + `params` (the nnx.State of `(model, optimizer)`) + their shardings.
+
+  With learn-to-init, `params` also holds the frozen teacher kernels; they are
+  not checkpointed (`saved()`), and `lti` records where they came from.
+  """
 
   graphdef: nnx.GraphDef
   params: nnx.State
   shardings: Any
+  lti: dict[str, Any] | None = None
+
+  def _split(self, tree):
+    if self.lti is None:
+      return tree, None
+    return nnx.split_state(tree, nnx.Not(TeacherKernel), TeacherKernel)
+
+  def saved(self) -> nnx.State:
+    """What a checkpoint holds: everything except the teacher kernels."""
+    return self._split(self.params)[0]
 
   def abstract(self) -> Any:
-    """ShapeDtypeStructs with shardings: the restore target for checkpoints."""
+    """ShapeDtypeStructs with shardings of `saved()`: the restore target for checkpoints."""
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                        self.params, self.shardings)
+                        self.saved(), self._split(self.shardings)[0])
 
   def replace(self, params: nnx.State) -> "TrainState":
+    """This state with `params` (a restored `saved()` tree; the teacher kernels are kept)."""
+    if self.lti is not None:
+      params = nnx.merge_state(params, self._split(self.params)[1])
     return dataclasses.replace(self, params=params)
 
   def model(self) -> Transformer:
@@ -47,6 +65,12 @@ class TrainState:
 def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
   """Initialises model and optimizer directly into their shardings (no host copy)."""
   tx = build_optimizer(cfg.optim, cfg.steps)
+  if cfg.lti.enabled:
+    from student_trainer.lti.build import build_lti_model
+    model, wrt, record = build_lti_model(cfg)
+    graphdef, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=wrt)))
+    shardings = state_shardings(params, mesh, rules)
+    return TrainState(graphdef, jax.device_put(params, shardings), shardings, lti=record)
 
   def fresh():
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
@@ -67,10 +91,14 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
 
 
 def export_student(state: TrainState, path: str | Path, tokenizer_file: str | Path | None = None) -> Path:
-  """Writes the student as a Hugging Face checkpoint directory (with its tokenizer.json, if given)."""
+  """Writes the student as a Hugging Face checkpoint directory (with its tokenizer.json, if given).
+
+  A learn-to-init student is collapsed first (plain kernels, no LTI parameters).
+  """
   from distill_core.model.hf import save_hf_checkpoint
+  from student_trainer.collapse import collapse_model
   path = Path(path)
-  save_hf_checkpoint(state.model(), path, overwrite=True)
+  save_hf_checkpoint(collapse_model(state.model()), path, overwrite=True)
   if tokenizer_file is not None and Path(tokenizer_file).is_file():
     shutil.copyfile(tokenizer_file, path / "tokenizer.json")
   return path

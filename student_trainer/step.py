@@ -96,7 +96,8 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
 
   def train_step(params, batch: Batch, targets: TeacherTargets | None, hyper):
     model, optimizer = nnx.merge(graphdef, params)
-    model_def, trainable, rest = nnx.split(model, nnx.Param, ...)
+    # The optimizer's `wrt` (nnx.Param, or the parameters learn-to-init trains): the rest gets no gradient.
+    model_def, trainable, rest = nnx.split(model, optimizer.wrt, ...)
     num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
 
     def micro_loss(trainable, micro_batch, micro_targets):

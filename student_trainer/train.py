@@ -18,7 +18,9 @@ from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_ite
 from distill_core.sharding import (make_mesh, maybe_initialize_distributed, rules_table, shard_batch)
 from student_trainer import step as step_lib
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag
+from student_trainer.collapse import save_collapsed
 from student_trainer.config import TrainConfig
+from student_trainer.lti.build import check_restored
 from student_trainer.metrics import MetricsWriter, ProgressDisplay
 from student_trainer.sources import make_source
 from student_trainer.sources.base import TeacherSource
@@ -98,6 +100,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     latest = ckpt.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
       restored, data_state, meta = ckpt.restore(latest, state.abstract())
+      check_restored(meta.get("lti"), state.lti, f"checkpoint {ckpt.directory} step {latest}")
       state = state.replace(restored)
       data.set_state(data_state)
       start = int(meta["step"])
@@ -147,6 +150,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       last.update(_evaluate(cfg, state, eval_fn, source, mesh, writer, step))
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
+    if step == cfg.steps and cfg.lti.enabled and cfg.lti.collapse_at_end and jax.process_index() == 0:
+      save_collapsed(state, run_dir / "collapsed")
     if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
@@ -156,7 +161,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
           cfg: TrainConfig) -> int:
   meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump()}
-  ckpt.save(step, state.params, feeder.position(), json.loads(json.dumps(meta)))
+  if state.lti is not None:
+    meta["lti"] = state.lti  # where the (unsaved) teacher kernels come from, and their fingerprint
+  ckpt.save(step, state.saved(), feeder.position(), json.loads(json.dumps(meta)))
   return step
 
 

@@ -29,7 +29,6 @@ e.g. ``layers.0.self_attn.q_proj.kernel`` with shape (E, H, D); with
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from pathlib import Path
@@ -81,12 +80,7 @@ def parameter_items(model: Transformer) -> Iterator[tuple[str, nnx.Variable]]:
 
 def weights_fingerprint(model: Transformer) -> str:
   """sha256 over every parameter's name, dtype, shape and little-endian bytes."""
-  digest = hashlib.sha256()
-  for name, var in parameter_items(model):
-    value = np.asarray(jax.device_get(var[...]))
-    digest.update(f"{name}|{value.dtype.name}|{list(value.shape)}\n".encode())
-    digest.update(np.ascontiguousarray(value).tobytes())
-  return digest.hexdigest()
+  return checkpoints.arrays_fingerprint((name, var[...]) for name, var in parameter_items(model))
 
 
 def tokenizer_fingerprint(path: str | None) -> str:
@@ -220,7 +214,7 @@ class JaxEngine(Engine):
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, var in parameter_items(nnx.merge(self._graphdef, self._state)):
       if pattern.search(name):
-        yield name, np.asarray(jax.device_get(var[...]))
+        yield name, var[...]  # a device array: the servicer copies it to the host only if it sends the bytes
 
   def compilations(self) -> int:
     return self._fn._cache_size()  # noqa: SLF001 - jitted-function cache: one entry per compiled variant

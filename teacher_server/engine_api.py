@@ -162,7 +162,8 @@ class Engine(abc.ABC):
 
   @abc.abstractmethod
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
-    """Yields ``(name, host array)`` for every parameter whose name matches ``pattern.search``."""
+    """Yields ``(name, array)`` for every parameter whose name matches ``pattern.search``, in order of
+    name (resumed downloads rely on it); the array may live on a device (it has shape and dtype)."""
 
   def compilations(self) -> int:
     """Number of compilations so far (constant after warm-up)."""

@@ -93,6 +93,6 @@ class FakeEngine(Engine):
                         logsumexp=lse.astype(np.float32), states=states)
 
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
-    for name, value in self._params.items():
+    for name, value in sorted(self._params.items()):
       if pattern.search(name):
         yield name, value

@@ -235,16 +235,28 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
       chunk = chunk_size(request.chunk_bytes, self._chunk_bytes, self._max_message_bytes)
     except RequestError as e:
       await context.abort(e.code, str(e))
+    if request.start_offset < 0:
+      await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "start_offset: must be >= 0")
     params = self._engine.parameters(pattern)
     found = 0
     while (item := await asyncio.to_thread(next, params, None)) is not None:
       name, value = item
-      value = np.asarray(value)
-      data = wire.le_bytes(value)
-      meta = dict(name=name, dtype=wire.dtype_enum(value.dtype), shape=value.shape, total_bytes=len(data))
-      for offset in range(0, max(len(data), 1), chunk):
-        yield pb.ParameterChunk(offset=offset, data=data[offset:offset + chunk], **meta)
       found += 1
+      if request.start_name and name < request.start_name:
+        continue  # already received by the interrupted download this one resumes
+      dtype = np.dtype(value.dtype)
+      meta = dict(name=name, dtype=wire.dtype_enum(dtype), shape=value.shape)
+      if request.names_only:
+        yield pb.ParameterChunk(offset=0, total_bytes=int(np.prod(value.shape, dtype=np.int64)) * dtype.itemsize,
+                                **meta)
+        continue
+      data = await asyncio.to_thread(lambda v=value: wire.le_bytes(np.asarray(v)))  # device -> host off the loop
+      start = request.start_offset if name == request.start_name else 0
+      if start > len(data):
+        await context.abort(grpc.StatusCode.OUT_OF_RANGE, f"start_offset {start} is beyond the {len(data)} "
+                                                          f"bytes of {name}")
+      for offset in range(start, max(len(data), start + 1), chunk):
+        yield pb.ParameterChunk(offset=offset, data=data[offset:offset + chunk], total_bytes=len(data), **meta)
     if not found:
       await context.abort(grpc.StatusCode.NOT_FOUND, f"name_regex: no parameter matches {wire.echo(request.name_regex)}")
 

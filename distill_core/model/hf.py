@@ -357,3 +357,31 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (root / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
   (root / CONFIG_FILE).write_text(json.dumps(config_to_hf(model.cfg), indent=2) + "\n")
+
+
+def read_hf_parameters(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
+  """Only the named parameters (unrolled paths such as `layers.0.self_attn.q_proj.kernel`) of a
+  Hugging Face checkpoint, in our layout and the checkpoint's dtype; nothing else is read."""
+  root = Path(path)
+  cfg = config_from_hf(json.loads((root / CONFIG_FILE).read_text()))
+  table = {ours: (hf, kind) for ours, hf, kind in name_table(cfg)}
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    raise KeyError(f"{root}: no parameters {unknown[:8]} in a {cfg.model_type} checkpoint")
+  shapes = hf_parameter_shapes(cfg)
+  out = {}
+  with ExitStack() as stack:
+    reader = _Reader(root, stack)
+    for name in names:
+      hf, kind = table[name]
+      try:
+        out[name] = from_hf_layout(kind, reader.get(hf), shapes[name])
+      except KeyError:
+        raise ValueError(f"{root}: tensor {hf} is missing (needed for {name})") from None
+  return out
+
+
+def hf_parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """Unrolled parameter path -> shape, for every tensor of `name_table(cfg)` (nothing allocated)."""
+  abstract = nnx.eval_shape(lambda: Transformer(cfg.model_copy(update={"scan_layers": False}), rngs=nnx.Rngs(0)))
+  return {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

@@ -193,12 +193,18 @@ class GetInfoResponse(_message.Message):
     def __init__(self, model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., server_version: _Optional[str] = ..., packed_id_bits: _Optional[int] = ..., serves_parameters: _Optional[bool] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
-    __slots__ = ("name_regex", "chunk_bytes")
+    __slots__ = ("name_regex", "chunk_bytes", "names_only", "start_name", "start_offset")
     NAME_REGEX_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
+    START_NAME_FIELD_NUMBER: _ClassVar[int]
+    START_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name_regex: str
     chunk_bytes: int
-    def __init__(self, name_regex: _Optional[str] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+    names_only: bool
+    start_name: str
+    start_offset: int
+    def __init__(self, name_regex: _Optional[str] = ..., chunk_bytes: _Optional[int] = ..., names_only: _Optional[bool] = ..., start_name: _Optional[str] = ..., start_offset: _Optional[int] = ...) -> None: ...
 
 class ParameterChunk(_message.Message):
     __slots__ = ("name", "dtype", "shape", "offset", "total_bytes", "data")
