@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -121,3 +123,55 @@ def wait_for(predicate, timeout: float, what: str) -> None:
       return
     time.sleep(0.1)
   raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class CuttingProxy:
+  """A loopback TCP proxy to `target` that drops its first connection once `cut_after` bytes of
+  server-to-client traffic passed through it (a connection lost mid-download); later connections pass."""
+
+  def __init__(self, target: str, cut_after: int):
+    host, _, port = target.rpartition(":")
+    self._target = (host, int(port))
+    self.cut_after = cut_after
+    self.cuts = 0
+    self._listener = socket.socket()
+    self._listener.bind(("127.0.0.1", 0))
+    self._listener.listen()
+    self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+    self._closed = False
+    self._thread = threading.Thread(target=self._accept, daemon=True)
+    self._thread.start()
+
+  def _accept(self) -> None:
+    while not self._closed:
+      try:
+        client, _ = self._listener.accept()
+      except OSError:
+        return
+      server = socket.create_connection(self._target)
+      cut = self.cuts == 0
+      threading.Thread(target=self._pump, args=(client, server, None), daemon=True).start()
+      threading.Thread(target=self._pump, args=(server, client, self.cut_after if cut else None),
+                       daemon=True).start()
+
+  def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None) -> None:
+    sent = 0
+    try:
+      while data := src.recv(16384):
+        if limit is not None and sent + len(data) > limit and self.cuts == 0:
+          self.cuts += 1
+          break
+        dst.sendall(data)
+        sent += len(data)
+    except OSError:
+      pass
+    for s in (src, dst):
+      try:
+        s.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+      s.close()
+
+  def close(self) -> None:
+    self._closed = True
+    self._listener.close()

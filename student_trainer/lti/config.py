@@ -65,6 +65,9 @@ class LTIConfig(ConfigBase):
       "checkpoint (kernels_path), or the teacher server's GetParameters (teacher.remote's address and "
       "credentials; the server must run with serve_parameters=true).")
   kernels_path: str | None = Field(None, description="Teacher checkpoint directory for kernels_from hf/orbax.")
+  parameters_token_file: str | None = Field(
+      None, description="kernels_from remote: file holding the server's GetParameters token (its "
+      "security.parameters_token); null = teacher.remote's token.")
   map: Literal["factorised", "general"] = Field(
       "factorised", description="Learnable map: factorised A (Ht,Hs) and B (Dt,Ds), or a general W (Ht,Dt,Hs,Ds).")
   a_init: Literal["select", "average"] = Field(

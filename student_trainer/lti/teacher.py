@@ -100,8 +100,10 @@ class RemoteTeacherParams(TeacherParams):
   """
 
   def __init__(self, cfg, *, expected_fingerprint: str | None = None, attempts: int = 8,
-               chunk_bytes: int = 0):
+               chunk_bytes: int = 0, token_file: str | None = None):
     self.cfg = cfg
+    self.token_file = token_file or cfg.token_file
+    self.last_download = None
     self.address = cfg.addresses[0]
     self.attempts = attempts
     self.chunk_bytes = chunk_bytes
@@ -122,7 +124,7 @@ class RemoteTeacherParams(TeacherParams):
   def _client(self):
     from distill_core.client import TeacherClient
     cfg = self.cfg
-    token = Path(cfg.token_file).read_text().strip() if cfg.token_file else cfg.token
+    token = Path(self.token_file).read_text().strip() if self.token_file else cfg.token
     return TeacherClient(self.address, token=token, tls=cfg.tls, root_certificates=cfg.root_certificates,
                          client_cert=cfg.client_cert, client_key=cfg.client_key,
                          server_name_override=cfg.server_name_override,
@@ -174,15 +176,16 @@ class RemoteTeacherParams(TeacherParams):
   def fetch(self, names: list[str]) -> dict[str, np.ndarray]:
     from distill_core.client import ParameterDownload
     wanted = self._server_names(names)
-    regex = "^(" + "|".join(re.escape(n) for n in wanted) + ")$"
-    download = ParameterDownload()
+    arrays: dict[str, np.ndarray] = {}
+    for group in _regex_groups(wanted):
+      regex = "^(" + "|".join(re.escape(n) for n in group) + ")$"
+      download = self.last_download = ParameterDownload()
 
-    async def call(client):
-      self.calls += 1
-      return await client.get_parameters(regex, self.chunk_bytes, timeout=self.cfg.request_timeout_s,
-                                         download=download)
+      async def call(client, regex=regex, download=download):
+        self.calls += 1
+        return await client.get_parameters(regex, self.chunk_bytes, download=download)
 
-    arrays = self._run(self._retrying(f"GetParameters ({len(wanted)} tensors)", call))
+      arrays.update(self._run(self._retrying(f"GetParameters ({len(group)} tensors)", call)))
     out = {}
     for name in names:
       if self._stacked and (m := re.match(r"^layers\.(\d+)\.(.*)$", name)):
@@ -195,6 +198,19 @@ class RemoteTeacherParams(TeacherParams):
     return {"kernels_from": "remote", "address": self.address, "weights_fingerprint": self.weights_fingerprint}
 
 
+def _regex_groups(names: list[str], limit: int = 1000) -> list[list[str]]:
+  """Names split so each `^(a|b|...)$` stays under the server's 1024-character pattern limit."""
+  groups, current, size = [], [], 4
+  for name in names:
+    cost = len(re.escape(name)) + 1
+    if current and size + cost > limit:
+      groups.append(current)
+      current, size = [], 4
+    current.append(name)
+    size += cost
+  return groups + ([current] if current else [])
+
+
 def open_teacher(lti_cfg, remote_cfg, expected: dict[str, Any] | None = None) -> TeacherParams:
   """The teacher-parameter source the config names (`expected`: a recorded source to match)."""
   if lti_cfg.kernels_from == "hf":
@@ -202,4 +218,4 @@ def open_teacher(lti_cfg, remote_cfg, expected: dict[str, Any] | None = None) ->
   if lti_cfg.kernels_from == "orbax":
     return OrbaxTeacherParams(lti_cfg.kernels_path)
   fingerprint = (expected or {}).get("weights_fingerprint")
-  return RemoteTeacherParams(remote_cfg, expected_fingerprint=fingerprint)
+  return RemoteTeacherParams(remote_cfg, expected_fingerprint=fingerprint, token_file=lti_cfg.parameters_token_file)
