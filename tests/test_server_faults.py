@@ -1,19 +1,26 @@
-"""Faults against the real server (`python -m teacher_server`, tiny random model) in a child process.
+"""Faults and a second-language client against the real server (`python -m teacher_server`, tiny
+random model) in a child process.
 
-Abandoned work of a cancelled stream, over-long echoed values, and a fuzz run of
+Abandoned work of a cancelled stream, over-long echoed values, a fuzz run of
 malformed requests (every field, garbage bytes on Forward and Stream, with and
-without the token) interleaved with valid requests whose answers must not change.
+without the token) interleaved with valid requests whose answers must not change,
+and a Node.js client written from protos/ alone (tests/node/).
 """
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import re
+import shutil
+import subprocess
 import urllib.request
 
 import grpc
 import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server_utils import ServerProcess, wait_for
+from server_utils import REPO, ServerProcess, wait_for
 
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
@@ -26,6 +33,7 @@ MAX_TOKENS = 4096
 OVERRIDES = ["model.source=preset", "model.preset=tiny", "model.seed=1", "batcher.buckets=[[8,64]]",
              "limits.max_k=16", "limits.max_batch=64", f"limits.max_tokens_per_request={MAX_TOKENS}",
              "batcher.max_inflight_batches=1", "batcher.max_wait_ms=2", f"security.auth_token={TOKEN}"]
+NODE_DIR = REPO / "tests" / "node"
 FORWARD = "/distill.teacher.v1.Teacher/Forward"
 STREAM = "/distill.teacher.v1.Teacher/Stream"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -277,3 +285,53 @@ async def test_fuzz_malformed_requests(server):
   logs = server.logs()
   assert "Traceback" not in logs
   assert 1 <= logs.count("malformed request") <= 10  # rate-limited: one line per 10 s
+
+
+# ---- a second language ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def node():
+  """`node`, with tests/node's pinned packages installed (`npm ci`, from package-lock.json)."""
+  node, npm = shutil.which("node"), shutil.which("npm")
+  if not node or not npm:
+    pytest.skip("node and npm are not installed: the Node.js client test needs them (e.g. apt-get install nodejs npm)")
+  lock = hashlib.sha256((NODE_DIR / "package-lock.json").read_bytes()).hexdigest()
+  stamp = NODE_DIR / "node_modules" / ".installed-lock"
+  if not stamp.is_file() or stamp.read_text() != lock:
+    subprocess.run([npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"], cwd=NODE_DIR, check=True,
+                   timeout=600)
+    stamp.write_text(lock)
+  return node
+
+
+async def test_node_client_decodes_answers_from_the_protos_alone(server, node, tmp_path):
+  tokens = np.random.default_rng(5).integers(0, VOCAB, (3, 12), dtype=np.int32)
+  request = {"tokens": tokens.tolist(), "k": 5, "layers": [1], "request_id": str(2**64 - 1)}
+  (tmp_path / "request.json").write_text(json.dumps(request))
+  out = await asyncio.to_thread(subprocess.run, [node, str(NODE_DIR / "client.mjs"), server.address, TOKEN,
+                                                 str(tmp_path / "request.json")],
+                                capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-4000:]
+  got = json.loads(out.stdout)
+  assert got["health"] == "SERVING" and got["vocab_size"] == VOCAB and got["packed_id_bits"] == 9
+  spec = OutputSpec(k=5, temperatures=(1.0, 2.0), value_dtype="bfloat16", pack_ids=True, layers=(1,),
+                    states=("attn_out",), state_dtype="bfloat16")
+  async with TeacherClient(server.address, token=TOKEN) as client:
+    ref = await client.forward(tokens, spec, timeout=60)
+    ref16 = await client.forward(tokens, dataclasses.replace(spec, value_dtype="float16"), timeout=60)
+  fwd = got["forward"]
+  assert fwd["request_id"] == str(2**64 - 1)  # uint64 kept exact
+  assert fwd["shape"] == [3, 12, 5] and fwd["state_layers"] == [1]
+  np.testing.assert_array_equal(np.array(fwd["ids"]).reshape(3, 12, 5), ref.topk_ids)
+  np.testing.assert_array_equal(np.array(fwd["logits"], np.float32).reshape(3, 12, 5),
+                                ref.topk_logits.astype(np.float32))
+  np.testing.assert_array_equal(np.array(fwd["lse"], np.float32).reshape(3, 12, 2), ref.logsumexp)
+  np.testing.assert_array_equal(np.array(fwd["states"]["attn_out"], np.float32).reshape(1, 3, 12, -1),
+                                ref.layer_states["attn_out"].astype(np.float32))
+  first, bad, f16 = got["streamed"]
+  assert (first["request_id"], bad["request_id"], f16["request_id"]) == ("7", "8", "9")
+  assert first["ids"] == fwd["ids"] and first["logits"] == fwd["logits"]
+  assert bad["error"]["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0] and bad["error"]["field"] == "spec.k"
+  assert f16["logits_dtype"] == "DTYPE_FLOAT16"
+  np.testing.assert_array_equal(np.array(f16["logits"], np.float32).reshape(3, 12, 5),
+                                ref16.topk_logits.astype(np.float32))
