@@ -71,15 +71,23 @@ class TeacherServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Stream(self, request_iterator, context):
-        """Many requests over one stream; every request_id is answered exactly once
+        """Many requests over one stream; every request is answered exactly once
         (tensors or an Error), in request order, while the stream stays open.
+        The server reads at most limits.stream_window_bytes of estimated answers
+        (and a configured number of requests) ahead of what the client has read,
+        so a slow reader slows its own stream only. Cancelling the call drops its
+        queued requests before the engine runs them; re-send unanswered ones. A
+        message over limits.max_request_bytes ends the whole call
+        (RESOURCE_EXHAUSTED), so stay under it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """One request; a bad request fails the call with its status code.
+        """One request; a bad request fails the call with its status code (and the
+        same "<field>: <why>" message). RESOURCE_EXHAUSTED "request queue full"
+        means retry later; Stream waits instead.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
