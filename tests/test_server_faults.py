@@ -265,14 +265,13 @@ async def test_fuzz_malformed_requests(server):
         await raw_forward(data, metadata=metadata, timeout=30)
       assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in e.value.details()
       sent["no token"] += 1
-    for _ in range(5):
-      call = channel.stream_stream(STREAM)(timeout=30)
-      try:
-        await call.write(garbage[0])
-      except grpc.aio.AioRpcError:  # the server may refuse the call before the message goes out
-        pass
+    malformed_streams = metrics(server).get("teacher_malformed_requests_total{method=Stream}", 0)
+    for _ in range(5):  # refused at once, before any message is read (so none is written here:
+      call = channel.stream_stream(STREAM)(timeout=30)  # a write racing the refusal fails client-side)
       assert await call.code() == grpc.StatusCode.UNAUTHENTICATED
       sent["no token"] += 1
+    # Nothing above was parsed: the malformed-request count of Stream did not move.
+    assert metrics(server).get("teacher_malformed_requests_total{method=Stream}", 0) == malformed_streams
     # One message over the receive limit: gRPC refuses it before parsing.
     info = await client.info()
     with pytest.raises(grpc.aio.AioRpcError) as e:
