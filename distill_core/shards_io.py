@@ -80,7 +80,9 @@ class ShardWriter:
     if self._open is None:
       path = self._staging / self._name_of(self._index)
       path.unlink(missing_ok=True)
-      self._open = (path, self._writer_cls(str(path), "group_size:1"))
+      # One record per chunk (random access); no ArrayRecord compression: records are compact already and
+      # zstd, when asked for, is applied per record (StoredSpec.zstd_level), so sizes are what the format says.
+      self._open = (path, self._writer_cls(str(path), "group_size:1,uncompressed"))
     self._open[1].write(record)
     self._ids.append(int(example_id))
     self._positions += positions
@@ -151,6 +153,7 @@ class AnswerStore:
     self._lock = threading.Lock()
     self._sources: list = []
     self._paths: list[str] = []
+    self._temps: list[set[float]] = []  # per shard: the temperatures its records store
     self._index: dict[int, tuple[int, int]] = {}
     self._opened: set[str] = set()
     self.manifest: shards.Manifest | None = None
@@ -188,6 +191,7 @@ class AnswerStore:
         shard = len(self._sources)
         self._sources.append(source)
         self._paths.append(str(path))
+        self._temps.append({float(np.float32(t)) for t in info.temperatures})
         for record, example_id in enumerate(ids.tolist()):
           if self._index.setdefault(example_id, (shard, record)) == (shard, record):
             added += 1
@@ -195,9 +199,12 @@ class AnswerStore:
     self.manifest = manifest
     return added
 
-  def missing(self, ids: Sequence[int]) -> list[int]:
+  def missing(self, ids: Sequence[int], temperature: float | None = None) -> list[int]:
+    """The ids with no stored answer (at `temperature`, when given)."""
+    want = None if temperature is None else float(np.float32(temperature))
     with self._lock:
-      return [int(i) for i in ids if int(i) not in self._index]
+      return [int(i) for i in ids if (where := self._index.get(int(i))) is None
+              or (want is not None and want not in self._temps[where[0]])]
 
   def read(self, example_id: int) -> TeacherTargets:
     """The stored answer of one example (B = 1, numpy)."""

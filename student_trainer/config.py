@@ -51,8 +51,10 @@ class RemoteTeacherConfig(ConfigBase):
                       "being trained on.")
   timeout_s: float = Field(120.0, gt=0, description="After this long without teacher progress on an unanswered "
                            "batch, on_timeout applies (and `wait` warns again at this interval).")
-  on_timeout: str = Field("wait", description="Fallback policy: 'wait' (keep waiting, warn loudly) or "
-                          "'ce_only' (overdue batches train on cross-entropy alone, counted and logged).")
+  on_timeout: str = Field("wait", description="Fallback policy: 'wait' (keep waiting, warn loudly), "
+                          "'ce_only' (overdue batches train on cross-entropy alone, counted and logged) or "
+                          "'cached_shards' (overdue batches found in teacher.cached.path are served from it, "
+                          "the rest get teacher.cached.secondary).")
   request_timeout_s: float | None = Field(
       60.0, gt=0, description="A request unanswered this long marks its replica hung: the stream is "
       "dropped and its requests are re-sent elsewhere (null: never).")

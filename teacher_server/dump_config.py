@@ -51,7 +51,8 @@ class DumpConfig(ConfigBase):
   layers: list[int] = Field([], description="Teacher layers whose states are stored ([] = none).")
   states: list[Literal["attn_in", "attn_out"]] = Field(
       [], description=f"State names stored for `layers` ({', '.join(STATE_NAMES)}; [] with layers = attn_out).")
-  state_dtype: Literal["float32", "bfloat16"] = Field("float32", description="dtype of stored layer states.")
+  state_dtype: Literal["float32", "bfloat16"] = Field("bfloat16", description="dtype of stored layer states "
+                                                      "(float32 doubles their bytes).")
   pack_ids: bool = Field(True, description="Bit-pack the top-k ids in the fewest bits the vocabulary needs.")
   value_coding: Literal["sorted_delta", "raw"] = Field(
       "sorted_delta", description="'sorted_delta': code the sorted values as packed differences of their "

@@ -26,7 +26,7 @@ def teacher_overrides(dataset) -> list[str]:
 def dump_args(dataset, output, *extra: str) -> list[str]:
   """`python -m teacher_server.dump` arguments storing k=16 at T=1 and 2 and attn_out of both layers."""
   teacher = [f"teacher.{o}" for o in teacher_overrides(dataset)]
-  return [f"data={dataset}", f"output={output}", f"k={K_STORED}", "temperatures=[1.0,2.0]", "layers=[0,1]",
+  return [f"data={dataset}", f"output={output}", f"k={K_STORED}", "temperatures=[1.0,2.0]", "layers=[0,1]", "state_dtype=float32",
           "states=[attn_out]", "records_per_shard=64", "rows_per_request=8", "progress=false", *teacher, *extra]
 
 

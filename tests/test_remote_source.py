@@ -124,7 +124,7 @@ def test_config_validates_policy_and_addresses():
   cfg = remote_cfg(["10.0.0.1:50051", "10.0.0.2:50051"], on_timeout="ce_only")
   assert cfg.addresses == ["10.0.0.1:50051", "10.0.0.2:50051"]
   assert remote_cfg("dns:///teacher.ns.svc:50051").addresses == ["dns:///teacher.ns.svc:50051"]
-  with pytest.raises(ConfigError, match="unknown policy 'retry' \\(known: ce_only, wait\\)"):
+  with pytest.raises(ConfigError, match="unknown policy 'retry' \\(known: cached_shards, ce_only, wait\\)"):
     remote_cfg("h:1", on_timeout="retry")
   with pytest.raises(ConfigError, match="not host:port"):
     remote_cfg("teacher")

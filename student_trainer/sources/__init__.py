@@ -41,4 +41,8 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
     import jax
     from student_trainer.sources.offline import OfflineTeacher
     return OfflineTeacher(cfg, mesh, shard_index=jax.process_index(), shard_count=jax.process_count())
+  if kind == "cached":
+    import jax
+    from student_trainer.sources.cached import CachedTeacher
+    return CachedTeacher(cfg, mesh, process_index=jax.process_index())
   raise ValueError(f"teacher.source: unknown source {kind!r}")

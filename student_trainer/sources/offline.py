@@ -46,8 +46,12 @@ class AnswersMismatch(ValueError):
   """Stored answers that cannot train this student; the message names each field and both values."""
 
 
-def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[int, ...]) -> None:
-  """Raises AnswersMismatch listing every field where `manifest` does not fit the TrainConfig `cfg`."""
+def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[int, ...],
+                  temperatures: bool = True) -> None:
+  """Raises AnswersMismatch listing every field where `manifest` does not fit the TrainConfig `cfg`.
+
+  `temperatures`: require a constant loss temperature to be stored (a cache fills in what is missing).
+  """
   data = load_manifest(cfg.data.path)
   spec = manifest.spec
   problems = []
@@ -70,7 +74,7 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
   differ("spec.value_dtype", spec.value_dtype, cfg.teacher.value_dtype, "teacher.value_dtype is")
   low, high = cfg.loss.temperature.bounds()
   stored_temps = [float(np.float32(t)) for t in manifest.temperatures]
-  if low == high and float(np.float32(low)) not in stored_temps:
+  if temperatures and low == high and float(np.float32(low)) not in stored_temps:
     problems.append(f"temperatures: stored {stored_temps}, loss.temperature needs {float(np.float32(low))} "
                     "(an exact match)")
   if layers:
@@ -80,7 +84,7 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
     if "attn_out" not in spec.states:
       problems.append(f"spec.states: stored {list(spec.states)}, the feature loss needs 'attn_out'")
     differ("teacher.hidden_size", manifest.teacher.hidden_size, cfg.model.hidden_size)
-  expected = cfg.teacher.offline.weights_fingerprint
+  expected = cfg.teacher.offline.weights_fingerprint if cfg.teacher.source == "offline" else None
   if expected:
     differ("teacher.weights_fingerprint", manifest.teacher.weights_fingerprint, expected,
            "teacher.offline.weights_fingerprint is")

@@ -13,7 +13,8 @@ source:
     def _make(context: PolicyContext) -> FallbackPolicy:
       return MyPolicy(context.cfg.teacher...)
 
-Built in: `wait` (keep waiting, warn at every interval) and `ce_only`.
+Built in: `wait` (keep waiting, warn at every interval), `ce_only`, and `cached_shards`
+(`cached.py`: serve overdue batches from cached answer shards, the rest by a secondary policy).
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ _FACTORIES: dict[str, PolicyFactory] = {
     "ce_only": lambda context: CEOnlyPolicy(),
 }
 # Policies defined in modules imported only when used: name -> "module:factory".
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {"cached_shards": "student_trainer.sources.cached:make_cached_shards_policy"}
 
 
 def register_policy(name: str, factory: PolicyFactory | None = None):

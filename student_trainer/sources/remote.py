@@ -69,15 +69,19 @@ class RemoteTeacher(TeacherSource):
     need: what the student needs (checked against every replica's GetInfo).
     mesh: the trainer's mesh; targets are placed on it split along B.
     policy: what to do with overdue batches.
+    place: host targets -> what `next` returns (default: placed on `mesh`; the cached source keeps
+      them on the host to merge them with answers read from disk).
   """
 
-  def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy):
+  def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
+               place: Callable[[TeacherTargets], TeacherTargets] | None = None):
     self.cfg = cfg
     self.lookahead = cfg.window
     self._policy = policy
     self._mesh = mesh
     self._stats = StreamStats()
-    self._core = StreamCore(cfg, need, functools.partial(place_targets, mesh=mesh), self._stats)
+    self._place = place or functools.partial(place_targets, mesh=mesh)
+    self._core = StreamCore(cfg, need, self._place, self._stats)
     self._queue: collections.deque[Item] = collections.deque()
     self._seq = itertools.count()
     self._consumed = 0
@@ -99,7 +103,7 @@ class RemoteTeacher(TeacherSource):
       self._raise_if_fatal()
 
   @classmethod
-  def from_train_config(cls, cfg, mesh: Mesh) -> "RemoteTeacher":
+  def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
     """The source for a `TrainConfig` whose teacher.source is remote."""
     from distill_core.data import load_manifest
     from student_trainer.sources import feature_teacher_layers
@@ -112,7 +116,7 @@ class RemoteTeacher(TeacherSource):
         tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,
         feature_layers=functools.partial(feature_teacher_layers, cfg))
     policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
-    return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy)
+    return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy, **kwargs)
 
   # -- the loop thread ------------------------------------------------------------------------------
 
@@ -239,7 +243,7 @@ class RemoteTeacher(TeacherSource):
                   self._core.describe())
       if decision.targets is None:
         return None
-      return place_targets(decision.targets, self._mesh)
+      return self._place(decision.targets)
     if item.error is not None:
       raise RemoteTeacherError(f"batch {self._consumed}: {item.error}") from item.error
     return item.targets
@@ -251,6 +255,11 @@ class RemoteTeacher(TeacherSource):
     from jax.experimental import multihost_utils
     everyone = multihost_utils.process_allgather(np.int32(targets is not None))
     return targets if bool(np.all(everyone)) else None
+
+  @property
+  def teacher_info(self):
+    """The first replica's GetInfo answer (None before any replica answered)."""
+    return self._core.info
 
   def state(self) -> dict[str, Any]:
     info = self._core.info
