@@ -20,6 +20,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
              + "\n  ".join(describe(TrainConfig)))
   parser.add_argument("--config", help="YAML run configuration (see configs/).")
   parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO).")
+  parser.add_argument("--lti-plan", action="store_true",
+                      help="Dry run of learn-to-init (lti.*): print what every projection/share/copy/train "
+                           "pattern matches, from parameter shapes only (no model is allocated, no teacher "
+                           "weights are read), then exit.")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="Overrides applied on top of the file.")
   return parser.parse_args(argv), []
 
@@ -32,12 +36,34 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  from student_trainer.lti.surgery import LTIPlanError
+  if args.lti_plan:
+    return _print_lti_plan(cfg)
   from student_trainer.train import run  # heavy imports only after the config is valid
-  result = run(cfg)
+  try:
+    result = run(cfg)
+  except LTIPlanError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   status = "stopped early (preempted)" if result.preempted else "finished"
   print(f"{status} at step {result.step}; run directory: {result.run_dir}")
   for key, value in sorted(result.last_metrics.items()):
     print(f"  {key} = {value:.5g}")
+  return 0
+
+
+def _print_lti_plan(cfg: TrainConfig) -> int:
+  from student_trainer.lti.build import plan_for
+  from student_trainer.lti.surgery import LTIPlanError
+  if not cfg.lti.enabled:
+    print("error: --lti-plan needs lti.enabled=true (and lti.kernels_from)", file=sys.stderr)
+    return 2
+  try:
+    plan, _ = plan_for(cfg)
+  except (LTIPlanError, FileNotFoundError, ConnectionError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(plan.describe())
   return 0
 
 

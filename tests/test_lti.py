@@ -220,3 +220,16 @@ def test_width_mismatch_is_refused(tmp_path):
   save_hf_checkpoint(create_model(teacher_cfg(hidden_size=64, intermediate_size=64), seed=1), tmp_path)
   with pytest.raises(LTIPlanError, match="needs equal embedding widths"):
     make_plan(student_cfg(), lti_cfg(tmp_path), HFTeacherParams(tmp_path))
+
+
+def test_lti_plan_dry_run_prints_every_match(teacher_dir, capsys):
+  from student_trainer.__main__ import main
+  args = ["--config", "configs/tiny_ce.yaml", "--lti-plan", "lti.enabled=true", "lti.kernels_from=hf",
+          f"lti.kernels_path={teacher_dir}", "lti.layer_map=[0,2]", "model.model_type=qwen2",
+          "model.attention_bias=true", r"lti.copy_from_teacher=[{student: '^norm\.scale$'}]"]
+  assert main(args) == 0
+  out = capsys.readouterr().out
+  assert "layers.1.self_attn.o_proj.kernel <- C = teacher layers.2.self_attn.o_proj.kernel (4, 8, 32)" in out
+  assert "lti.copy_from_teacher[0] '^norm\\\\.scale$': 1 copied" in out and "train  layers.0.self_attn.q_proj.a" in out
+  assert main(args + ["model.scan_layers=true", r"lti.train=['layers\.0\.']"]) == 2
+  assert "names single layers, but the student's layers are scanned" in capsys.readouterr().err
