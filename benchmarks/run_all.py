@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming")
+BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming", "benchmarks.bench_lti")
 
 
 def main() -> int:

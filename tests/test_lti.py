@@ -194,6 +194,8 @@ def test_plan_share_copy_train(teacher_dir):
     (True, dict(projections=[{"student": r"layers\.1\.self_attn\.q_proj\.kernel"}]),
      r"names single layers, but the student's layers are scanned"),
     (True, dict(train=[r"layers\.0\."]), r"lti.train\[0\] .* names single layers"),
+    (True, dict(share=[{"param": r"layers\.1\.self_attn\.k_proj\.a$", "to": "layers.self_attn.v_proj.a"}]),
+     r"lti.share\[0\].param .* names single layers"),
     (False, dict(projections=[{"student": r"mlp\.up_proj\.kernel"}]), r"not an attention projection kernel"),
     (False, dict(projections=[{"student": r"q_proj\.kernel"}, {"student": r"layers\.0\.self_attn\.q_proj\.kernel"}]),
      r"matched by lti.projections\[0\] and \[1\]"),
@@ -214,6 +216,11 @@ def test_rule_errors_name_the_rule_and_paths(teacher_dir, scan, kw, message):
   cfg = lti_cfg(teacher_dir, **kw)
   with pytest.raises(LTIPlanError, match=message):
     make_plan(student_cfg(scan_layers=scan), cfg, HFTeacherParams(teacher_dir))
+
+
+def test_wider_student_heads_are_refused(teacher_dir):
+  with pytest.raises(LTIPlanError, match="has head dim 10, its teacher kernel layers.0.self_attn.k_proj.kernel 8"):
+    make_plan(student_cfg(head_dim=10), lti_cfg(teacher_dir), HFTeacherParams(teacher_dir))
 
 
 def test_width_mismatch_is_refused(tmp_path):

@@ -226,12 +226,18 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
     else:
       ht, dt = c_shape[len(lead) + 1], c_shape[len(lead) + 2]
       hs, ds = shapes[p.path][len(lead) + 1], shapes[p.path][len(lead) + 2]
+    if ds > dt or ds % 2 or dt % 2:
+      raise LTIPlanError(f"lti.projections[{p.rule}]: {p.path} has head dim {ds}, its teacher kernel {p.teacher[0]} "
+                         f"{dt}; the initial maps need even head dims with the student's <= the teacher's")
     if cfg.map == "general":
       after[prefix + "w"] = lead + (ht, dt, hs, ds)
     else:
       after[prefix + "a"] = lead + (ht, hs)
       after[prefix + "b"] = lead + ((ds, dt) if p.kind == "o" else (dt, ds))
 
+  if scanned:  # for "names single layers" errors: the per-layer names the stacks would have unrolled
+    unrolled = list(unrolled) + [f"layers.{j}.{p[len('layers.'):]}" for p in after if p.startswith("layers.")
+                                 for j in range(student.num_hidden_layers)]
   share, aliases = [], {}
   for i, rule in enumerate(cfg.share):
     section = f"lti.share[{i}]"
