@@ -231,4 +231,24 @@ class TrainConfig(ConfigBase):
     if (self.teacher.source == "cached" or self.teacher.remote.on_timeout == "cached_shards") \
         and not self.teacher.cached.path:
       raise ValueError("teacher.cached.path: required by the cached source and the cached_shards policy")
+    if self.loss.ever_blockwise:
+      self._check_blockwise()
     return self
+
+  def _check_blockwise(self) -> None:
+    """What can be known before any teacher is loaded or reached (sources check the rest when they start)."""
+    from student_trainer.blockwise import check_blockwise
+    if self.teacher.source == "none":
+      raise ValueError("loss.blockwise: needs a teacher's layer states, but teacher.source is 'none'")
+    local = self.teacher.local
+    if self.teacher.source == "local" and local.model is not None and not local.hf_checkpoint:
+      check_blockwise(self.loss, student_layers=self.model.num_hidden_layers, student_width=self.model.hidden_size,
+                      teacher_layers=local.model.num_hidden_layers, teacher_width=local.model.hidden_size,
+                      where="teacher.local.model")
+    else:  # the teacher's depth is not known yet: check what the student side alone decides
+      try:
+        self.loss.layer_pairs(self.model.num_hidden_layers, max(self.loss.layer_map or [0]) + 1
+                              if self.loss.layer_map is not None else self.model.num_hidden_layers)
+      except ValueError as e:
+        raise ValueError(f"loss.blockwise: loss.layer_map {self.loss.layer_map} does not fit model."
+                         f"num_hidden_layers {self.model.num_hidden_layers}: {e}") from None

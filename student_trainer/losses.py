@@ -33,6 +33,7 @@ _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay 
 
 KDMode = Literal["tail", "renormalize", "topk"]
 FeatureKind = Literal["cosine", "l2"]
+Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
 
 
 @flax.struct.dataclass
@@ -329,6 +330,13 @@ class LossConfig(ConfigBase):
                                                        "None = identity.")
   feature_layers: list[int] | None = Field(None, description="Student layers with a feature loss; "
                                                             "None = all.")
+  blockwise: bool = Field(False, description="Blockwise parallel distillation (docs/blockwise.md): the "
+                          "student's attention at layer j reads the teacher's attn_in[layer_map[j]] instead "
+                          "of its own input, and the optimised loss is the feature loss on attn_out at the "
+                          "mapped layers alone (CE and KD are logged, not optimised). Needs equal widths.")
+  blockwise_steps: int | None = Field(None, ge=0, description="With blockwise: train blockwise for the first "
+                                      "N optimizer steps, then ordinary KD in the same run (0 = never, "
+                                      "null = the whole run).")
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "LossConfig":
@@ -342,7 +350,20 @@ class LossConfig(ConfigBase):
                          f"to {getattr(self, name).final})")
     if self.layer_map is not None and min(self.layer_map, default=0) < 0:
       raise ValueError(f"layer_map entries must be >= 0, got {self.layer_map}")
+    if self.blockwise_steps is not None and not self.blockwise:
+      raise ValueError(f"loss.blockwise_steps is {self.blockwise_steps} but loss.blockwise is false; "
+                       "set loss.blockwise=true to schedule blockwise steps")
     return self
+
+  def phase_at(self, step: int) -> Phase:
+    """The objective of optimizer `step`: `blockwise` for the first blockwise_steps steps, else `kd`."""
+    if self.blockwise and (self.blockwise_steps is None or step < self.blockwise_steps):
+      return "blockwise"
+    return "kd"
+
+  @property
+  def ever_blockwise(self) -> bool:
+    return self.blockwise and self.blockwise_steps != 0
 
   @property
   def top_p_cut(self) -> float | None:

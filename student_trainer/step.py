@@ -1,5 +1,12 @@
 """The pure train and eval steps, jitted once with the state donated.
 
+Each optimizer step has an objective (`LossConfig.phase_at`): `kd` (the ordinary
+CE + KD + feature mix, `_LossFn`) or `blockwise` (`blockwise.BlockwiseLoss`).
+One jitted program exists per objective, built by `make_train_step(..., phase)`,
+so a run that switches objectives compiles exactly one new program. An
+objective may name parameters it never changes (`frozen`); they are restored
+after the optimizer update, so weight decay does not move them either.
+
 Gradient accumulation splits the global batch into `grad_accum` micro-batches
 and scans over them. Every micro-batch loss is divided by the token count of
 the WHOLE batch, so the summed losses and gradients equal the full-batch
@@ -20,6 +27,7 @@ from flax import nnx
 from distill_core.data import Batch
 from distill_core.targets import TeacherTargets
 from student_trainer import losses
+from student_trainer.blockwise import BlockwiseLoss
 from student_trainer.config import TrainConfig
 
 Metrics = dict[str, jax.Array]
@@ -32,6 +40,8 @@ def hyperparameters(cfg: TrainConfig, step: int) -> dict[str, np.ndarray]:
 
 class _LossFn:
   """Student forward + every loss term for one (micro-)batch; returns (total, metric sums)."""
+
+  frozen = None  # every parameter trains
 
   def __init__(self, cfg: TrainConfig):
     self.loss_cfg = cfg.loss
@@ -72,6 +82,19 @@ class _LossFn:
     sums["tokens"] = ce.count
     return total, sums
 
+  def evaluate(self, model, batch: Batch, targets: TeacherTargets | None, hyper, num_tokens):
+    return self(model, batch, targets, hyper, num_tokens)[1]
+
+
+OBJECTIVES = {"kd": _LossFn, "blockwise": BlockwiseLoss}
+
+
+def objective(cfg: TrainConfig, phase: losses.Phase):
+  """The loss object of `phase` (`kd` or `blockwise`)."""
+  if phase not in OBJECTIVES:
+    raise ValueError(f"phase: {phase!r} not in {', '.join(OBJECTIVES)}")
+  return OBJECTIVES[phase](cfg)
+
 
 def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):
   """Rows [index*size, (index+1)*size) of the batch and its targets (states are (L, B, T, E))."""
@@ -89,9 +112,16 @@ def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):
       dense_logits=None if targets.dense_logits is None else rows(targets.dense_logits))
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
-  """Returns `step(params, batch, targets, hyper) -> (params, metrics)`, jitted, params donated."""
-  loss_fn = _LossFn(cfg)
+def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd", shardings=None):
+  """Returns `step(params, batch, targets, hyper) -> (params, metrics)`, jitted, params donated.
+
+  `shardings` (of params) pins the returned params to the same layout as the given ones, so the
+  first step's inputs and every later step's match and the program is not compiled twice.
+
+  A `blockwise` step needs targets with `attn_in` and `attn_out` states (use the `kd` step
+  for a batch without an answer).
+  """
+  loss_fn = objective(cfg, phase)
   accum = cfg.optim.grad_accum
 
   def train_step(params, batch: Batch, targets: TeacherTargets | None, hyper):
@@ -116,23 +146,53 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
       shapes = jax.eval_shape(lambda: grad_fn(trainable, *_micro(batch, targets, 0, size)))
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
+    kept = None if loss_fn.frozen is None else jax.tree.map(lambda x: x, nnx.state(model, loss_fn.frozen))
     optimizer.update(model, grads)
+    if kept is not None:
+      nnx.update(model, kept)
     metrics = dict(sums, grad_norm=optax.global_norm(grads))
     if targets is not None:  # the schedules only matter when there is a teacher
       metrics.update({name: jnp.asarray(value) for name, value in hyper.items()})
     return nnx.state((model, optimizer)), metrics
 
-  return jax.jit(train_step, donate_argnums=0)
+  out = None if shardings is None else (shardings, None)  # None: metrics placed as XLA likes
+  return jax.jit(train_step, donate_argnums=0, out_shardings=out)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig):
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd"):
   """Returns `eval_step(params, batch, targets, hyper) -> metric sums` (ce, kd, tokens...)."""
-  loss_fn = _LossFn(cfg)
+  loss_fn = objective(cfg, phase)
 
   def eval_step(params, batch: Batch, targets: TeacherTargets | None, hyper) -> Metrics:
     model, _ = nnx.merge(graphdef, params)
     num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
-    _, sums = loss_fn(model, batch, targets, hyper, num_tokens)
-    return sums
+    return loss_fn.evaluate(model, batch, targets, hyper, num_tokens)
 
   return jax.jit(eval_step)
+
+
+class Programs:
+  """The jitted train and eval step of each objective, built on first use (each compiles once)."""
+
+  def __init__(self, graphdef: nnx.GraphDef, cfg: TrainConfig, shardings=None):
+    self._graphdef, self._cfg, self._shardings = graphdef, cfg, shardings
+    self._train: dict[str, object] = {}
+    self._eval: dict[str, object] = {}
+
+  def phase(self, step: int, targets: TeacherTargets | None) -> losses.Phase:
+    """The objective of `step`; a batch without teacher targets always trains on CE (the kd program)."""
+    return self._cfg.loss.phase_at(step) if targets is not None else "kd"
+
+  def train(self, phase: losses.Phase):
+    if phase not in self._train:
+      self._train[phase] = make_train_step(self._graphdef, self._cfg, phase, self._shardings)
+    return self._train[phase]
+
+  def eval(self, phase: losses.Phase):
+    if phase not in self._eval:
+      self._eval[phase] = make_eval_step(self._graphdef, self._cfg, phase)
+    return self._eval[phase]
+
+  def compilations(self) -> dict[str, int]:
+    """Compiled train-step programs so far, per objective (one per targets structure)."""
+    return {phase: fn._cache_size() for phase, fn in self._train.items()}  # noqa: SLF001 - jit cache size

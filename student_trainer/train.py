@@ -39,6 +39,7 @@ class TrainResult:
   trained_example_ids: list[list[int]]
   run_dir: Path
   state: TrainState | None = None
+  compilations: dict[str, int] = dataclasses.field(default_factory=dict)  # train-step programs per objective
 
 
 class _Feeder:
@@ -107,8 +108,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       source.restore(meta.get("teacher", {}))
       log.info("resumed from step %d (%s)", start, ckpt.directory)
 
-    step_fn = step_lib.make_train_step(state.graphdef, cfg)
-    eval_fn = step_lib.make_eval_step(state.graphdef, cfg)
+    programs = step_lib.Programs(state.graphdef, cfg, state.shardings)
     writer = None
     if jax.process_index() == 0:
       writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
@@ -130,7 +130,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       targets = source.next()
       waited = time.perf_counter() - t_wait
       hyper = step_lib.hyperparameters(cfg, step)
-      state.params, metrics = step_fn(state.params, shard_batch(batch, mesh), targets, hyper)
+      phase = programs.phase(step, targets)
+      state.params, metrics = programs.train(phase)(state.params, shard_batch(batch, mesh), targets, hyper)
+      if cfg.loss.ever_blockwise:
+        metrics = dict(metrics, blockwise=float(phase == "blockwise"))
       trained_ids.append(np.asarray(batch.example_ids).tolist())
       step += 1
       window.add(metrics, tokens=batch.tokens.size, waited=waited,
@@ -143,11 +146,11 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       else:
         progress.update(step)
       if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
-        _evaluate(cfg, state, eval_fn, source, mesh, writer, step)
+        _evaluate(cfg, state, programs, source, mesh, writer, step)
       if step % cfg.checkpoint.every_steps == 0 or preempt:
         saved = _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps:
-      last.update(_evaluate(cfg, state, eval_fn, source, mesh, writer, step))
+      last.update(_evaluate(cfg, state, programs, source, mesh, writer, step))
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
     if step == cfg.steps and cfg.lti.enabled and cfg.lti.collapse_at_end and jax.process_index() == 0:
@@ -155,7 +158,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
-                     run_dir=run_dir, state=state if keep_state else None)
+                     run_dir=run_dir, state=state if keep_state else None, compilations=programs.compilations())
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
@@ -167,14 +170,15 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, sou
   return step
 
 
-def _evaluate(cfg: TrainConfig, state: TrainState, eval_fn, source: TeacherSource, mesh, writer,
-              step: int) -> dict[str, float]:
+def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, source: TeacherSource, mesh,
+              writer, step: int) -> dict[str, float]:
   it = make_eval_iterator(cfg.data, shard_index=jax.process_index(), shard_count=jax.process_count())
   temperature = cfg.loss.temperature.value(step)
   sums: collections.Counter = collections.Counter()
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
       targets = source.compute(batch, temperature)
+      eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       sums.update({k: float(v) for k, v in jax.device_get(out).items()})
   finally:

@@ -11,11 +11,17 @@ if TYPE_CHECKING:
 
 
 def feature_teacher_layers(cfg: "TrainConfig", teacher_layers: int) -> tuple[int, ...]:
-  """Teacher layers whose `attn_out` the feature loss needs (empty when beta is always 0)."""
-  if cfg.loss.beta.bounds()[1] <= 0:
+  """Teacher layers whose states the losses read (the mapped layers; empty when no loss reads states)."""
+  if not teacher_state_names(cfg):
     return ()
   _, layers = cfg.loss.layer_pairs(cfg.model.num_hidden_layers, teacher_layers)
   return tuple(sorted(set(layers)))
+
+
+def teacher_state_names(cfg: "TrainConfig") -> tuple[str, ...]:
+  """State names the losses read at those layers: attn_in and attn_out for blockwise, attn_out for beta > 0."""
+  from student_trainer.blockwise import state_names_needed
+  return state_names_needed(cfg.loss)
 
 
 def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
@@ -30,10 +36,16 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
     local = cfg.teacher.local
     model = load_model(local.model, hf_checkpoint=local.hf_checkpoint, orbax_checkpoint=local.orbax_checkpoint,
                        seed=local.seed)
+    if cfg.loss.ever_blockwise:
+      from student_trainer.blockwise import check_blockwise
+      check_blockwise(cfg.loss, student_layers=cfg.model.num_hidden_layers, student_width=cfg.model.hidden_size,
+                      teacher_layers=model.cfg.num_hidden_layers, teacher_width=model.cfg.hidden_size,
+                      where="the local teacher")
     layers = feature_teacher_layers(cfg, model.cfg.num_hidden_layers)
     return LocalTeacher(model, k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh, rules=rules,
                         dense_logits=cfg.loss.use_dense, state_layers=layers,
-                        state_names=("attn_out",) if layers else (), student_vocab_size=cfg.model.vocab_size)
+                        state_names=teacher_state_names(cfg) if layers else (),
+                        student_vocab_size=cfg.model.vocab_size)
   if kind == "remote":
     from student_trainer.sources.remote import RemoteTeacher
     return RemoteTeacher.from_train_config(cfg, mesh)
