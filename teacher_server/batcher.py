@@ -265,6 +265,7 @@ class Batcher:
     pieces, row = [], 0
     for s in taken:
       pieces.append(extract(out, row, s.job.req, s.start, s.stop))
+      self._metrics.count_states(s.job.req.states, s.job.req.layers, (s.stop - s.start) * s.job.req.length)
       row += s.stop - s.start
     self._metrics.engine_seconds.observe(time.perf_counter() - start)
     self._metrics.host_bytes.observe(out.nbytes)

@@ -33,6 +33,8 @@ class Metrics:
     self.host_bytes = Histogram("teacher_engine_host_bytes", "Bytes copied from the accelerator to the "
                                 "host per engine batch (only what its requests asked for).",
                                 buckets=_BYTE_BUCKETS, registry=r)
+    self.state_tokens = Counter("teacher_state_tokens", "Tokens whose layer states were sent, by state "
+                                "name and layer.", ["state", "layer"], registry=r)
     self.open_streams = Gauge("teacher_open_streams", "Open Stream calls.", registry=r)
     self.malformed = Counter("teacher_malformed_requests", "Request messages that did not parse, by method.",
                              ["method"], registry=r)
@@ -51,6 +53,12 @@ class Metrics:
       self.tokens.inc(tokens)
     else:
       self.errors.labels(code).inc()
+
+  def count_states(self, names, layers, tokens: int) -> None:
+    """Counts `tokens` positions answered with each (state, layer) pair."""
+    for name in names:
+      for layer in layers:
+        self.state_tokens.labels(name, str(layer)).inc(tokens)
 
   def serve(self, address: str):
     """Starts the /metrics HTTP endpoint on ``host:port``; returns (server, thread)."""

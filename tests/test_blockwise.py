@@ -294,3 +294,44 @@ def test_blockwise_steps_leave_everything_but_attention_unchanged(tiny_dataset, 
   assert len(moved) == len(attention(before))
   last = read_jsonl(tmp_path / "run" / "metrics.jsonl")[-1]
   assert {"eval/feature_loss", "eval/chained_feature_loss", "eval/ce_loss", "eval/kd_loss"} <= set(last)
+
+
+# ---------------------------------------------------------------- end to end: a real teacher server process
+
+
+def served_state_tokens(metrics_url: str) -> dict[tuple[str, str], float]:
+  import re
+  import urllib.request
+  text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+  found = re.findall(r'^teacher_state_tokens_total\{layer="(\d+)",state="(\w+)"\} (\S+)$', text, re.MULTILINE)
+  return {(state, layer): float(value) for layer, state, value in found}
+
+
+def test_blockwise_against_a_teacher_server_then_kd(tiny_dataset, tmp_path):
+  """A 1-layer student reads teacher layer 1 only; blockwise for 6 steps, then KD in the same run."""
+  from server_utils import ServerProcess
+  from test_remote_source import wait_serving
+  from test_trainer import make_cfg, read_jsonl
+  from student_trainer.train import run
+  server = ServerProcess(["model.source=preset", "model.preset=tiny", "model.seed=3", "batcher.buckets=[[8,32]]",
+                          "limits.max_k=16", "batcher.max_wait_ms=2", f"tokenizer_path={tiny_dataset}/tokenizer.json"],
+                         tmp_path / "teacher.log")
+  try:
+    wait_serving(server)
+    cfg = make_cfg(tiny_dataset, tmp_path / "run", "teacher.source=remote", f"teacher.remote.address={server.address}",
+                   "teacher.remote.window=2", "teacher.remote.timeout_s=120", "model={preset: tiny, num_hidden_layers: 1}",
+                   "loss.layer_map=[1]", "loss.blockwise=true", "loss.blockwise_steps=6", "loss.beta=0.5",
+                   "loss.top_k=8", "steps=9", "logging.every_steps=1", "optim.learning_rate=1e-2",
+                   "optim.warmup_steps=0", "eval.batches=1")
+    result = run(cfg)
+    served = served_state_tokens(server.metrics_url)
+  finally:
+    server.stop()
+  rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/total_loss" in r]
+  assert [r["train/blockwise"] for r in rows] == [1.0] * 6 + [0.0] * 3
+  assert rows[5]["train/feature_loss"] < 0.9 * rows[0]["train/feature_loss"]  # the block learns
+  assert all(np.isfinite(r["train/kd_loss"]) for r in rows) and result.compilations == {"blockwise": 1, "kd": 1}
+  assert set(served) == {("attn_in", "1"), ("attn_out", "1")}  # the mapped layer only, both states
+  tokens = (9 + 1) * 8 * 32  # nine training batches and one evaluation batch
+  assert served[("attn_out", "1")] == tokens
+  assert "eval/ce_loss" in result.last_metrics

@@ -106,7 +106,7 @@ class RemoteTeacher(TeacherSource):
   def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
     """The source for a `TrainConfig` whose teacher.source is remote."""
     from distill_core.data import load_manifest
-    from student_trainer.sources import feature_teacher_layers
+    from student_trainer.sources import feature_teacher_layers, teacher_state_names
     from student_trainer.sources.policy import PolicyContext, make_policy
     manifest = load_manifest(cfg.data.path)
     need = Requirements(
@@ -114,7 +114,7 @@ class RemoteTeacher(TeacherSource):
         data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
         batch_rows=cfg.data.batch_size // jax.process_count(),
         tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,
-        feature_layers=functools.partial(feature_teacher_layers, cfg))
+        feature_layers=functools.partial(feature_teacher_layers, cfg), state_names=teacher_state_names(cfg))
     policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
     return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy, **kwargs)
 

@@ -34,7 +34,8 @@ class Requirements:
   batch_rows: int  # rows of this process's batches
   tokenizer_fingerprint: str  # of the prepared dataset ("" = unknown)
   hidden_size: int  # student width (states are compared with it)
-  feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose attn_out is needed
+  feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose states are needed
+  state_names: tuple[str, ...] = ("attn_out",)  # states needed at those layers (attn_in too for blockwise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,17 +106,20 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
   if layers:
     missing = [layer for layer in layers if layer not in limits.selectable_layers]
     if missing:
-      problems.append(f"layers: the feature loss needs teacher layers {missing}, not selectable "
+      problems.append(f"layers: the losses need teacher layers {missing}, not selectable "
                       f"(selectable: {list(limits.selectable_layers)})")
-    if "attn_out" not in info.state_names:
-      problems.append(f"layers: the teacher does not offer attn_out states (offered: {list(info.state_names)})")
+    absent = [name for name in need.state_names if name not in info.state_names]
+    if absent:
+      problems.append(f"layers: the teacher does not offer {', '.join(absent)} states (offered: "
+                      f"{list(info.state_names)})")
     if info.hidden_size != need.hidden_size:
       problems.append(f"layers: teacher width {info.hidden_size} != student width {need.hidden_size} "
-                      "(the feature loss compares attn_out)")
+                      f"(the losses compare {' and '.join(need.state_names)} states; model.hidden_size "
+                      "must equal the teacher's)")
     if state_dtype not in _dtype_names(info.state_dtypes):
       problems.append(f"state_dtype: {state_dtype} not offered (offered: {sorted(_dtype_names(info.state_dtypes))})")
   plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
-                     states=("attn_out",) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
+                     states=tuple(need.state_names) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
                      rows_per_request=1)
   message_cap = min(max_message_bytes, limits.max_message_bytes or max_message_bytes) - 4096
   caps = {"the batch": need.batch_rows, "max_batch": limits.max_batch,

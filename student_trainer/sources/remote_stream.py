@@ -245,9 +245,10 @@ class StreamCore:
         self.fail(e)
         return [str(e)]
       self.plan, self.info = plan, info
+      states = f", {'+'.join(plan.states)} of layers {list(plan.layers)}" if plan.layers else ""
       log.info("teacher %s accepted: %s, %d layers, vocab %d, weights %s; %d rows per request, k=%d%s",
                lane.name, info.model_type, info.num_layers, info.vocab_size, info.weights_fingerprint[:16],
-               plan.rows_per_request, plan.k, f", attn_out of layers {list(plan.layers)}" if plan.layers else "")
+               plan.rows_per_request, plan.k, states)
       for item in self._unplanned:
         self._split(item)
       self._unplanned.clear()
