@@ -24,10 +24,12 @@ def teacher_overrides(dataset) -> list[str]:
 
 
 def dump_args(dataset, output, *extra: str) -> list[str]:
-  """`python -m teacher_server.dump` arguments storing k=16 at T=1 and 2 and attn_out of both layers."""
+  """`python -m teacher_server.dump` arguments storing k=16 at T=1 and 2 and float32 attn_out of both layers
+  (float32, so that training from them matches the in-process teacher bit for bit)."""
   teacher = [f"teacher.{o}" for o in teacher_overrides(dataset)]
-  return [f"data={dataset}", f"output={output}", f"k={K_STORED}", "temperatures=[1.0,2.0]", "layers=[0,1]", "state_dtype=float32",
-          "states=[attn_out]", "records_per_shard=64", "rows_per_request=8", "progress=false", *teacher, *extra]
+  return [f"data={dataset}", f"output={output}", f"k={K_STORED}", "temperatures=[1.0,2.0]", "layers=[0,1]",
+          "states=[attn_out]", "state_dtype=float32", "records_per_shard=64", "rows_per_request=8", "progress=false",
+          *teacher, *extra]
 
 
 def dump_env() -> dict[str, str]:

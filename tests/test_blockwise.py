@@ -335,3 +335,40 @@ def test_blockwise_against_a_teacher_server_then_kd(tiny_dataset, tmp_path):
   tokens = (9 + 1) * 8 * 32  # nine training batches and one evaluation batch
   assert served[("attn_out", "1")] == tokens
   assert "eval/ce_loss" in result.last_metrics
+
+
+# ---------------------------------------------------------------- offline shards with layer states
+
+
+def test_blockwise_from_offline_shards_matches_the_local_teacher(small_dataset, tmp_path):
+  import shutil
+  from offline_utils import edit_manifest, jsonl, local_cfg, run_dump, train_cfg as offline_train_cfg
+  from distill_core.sharding import make_mesh, rules_table
+  from student_trainer.sources import make_source
+  from student_trainer.sources.offline import AnswersMismatch
+  from student_trainer.train import run
+  dump = tmp_path / "dump"
+  run_dump(small_dataset, dump, "states=[attn_in,attn_out]", "temperatures=[1.0]", log_path=tmp_path / "dump.log")
+  schedule = ("loss.blockwise=true", "loss.blockwise_steps=2")
+  offline = run(offline_train_cfg(small_dataset, tmp_path / "offline", "teacher.source=offline",
+                                  f"teacher.offline.path={dump}", *schedule, steps=4))
+  local = run(local_cfg(small_dataset, tmp_path / "local", *schedule, steps=4))
+  rows = [[r for r in jsonl(res.run_dir / "metrics.jsonl") if "train/total_loss" in r] for res in (offline, local)]
+  assert [r["train/blockwise"] for r in rows[0]] == [1.0, 1.0, 0.0, 0.0]
+  for a, b in zip(*rows, strict=True):
+    for key in ("train/feature_loss", "train/kd_loss", "train/ce_loss", "train/total_loss"):
+      assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-5), (key, a["step"])
+  cfg = offline_train_cfg(small_dataset, tmp_path / "bad", "teacher.source=offline", f"teacher.offline.path={dump}",
+                          *schedule)
+  mesh = make_mesh(cfg.mesh)
+  for change, message in ((dict(spec__request__states=["attn_out"]),
+                           r"spec.states: stored \['attn_out'\], the losses need \['attn_in', 'attn_out'\]"),
+                          (dict(teacher__hidden_size=64), r"model.hidden_size is 32 and teacher.offline.path=.*"
+                                                          r"teacher.hidden_size is 64")):
+    shutil.rmtree(tmp_path / "edited", ignore_errors=True)
+    shutil.copytree(dump, tmp_path / "edited")
+    edit_manifest(tmp_path / "edited", **change)
+    with pytest.raises(ValueError, match=message):
+      make_source(cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={
+          "offline": cfg.teacher.offline.model_copy(update={"path": str(tmp_path / "edited")})})}),
+          mesh, rules_table(cfg.mesh))

@@ -189,7 +189,7 @@ def test_manifest_mismatches_name_field_and_values(dumps, small_dataset, tmp_pat
 def test_feature_loss_needs_stored_states(dumps, small_dataset, tmp_path):
   path = copy_dump(dumps, tmp_path)
   edit_manifest(path, spec__request__layers=[0])
-  with pytest.raises(AnswersMismatch, match=r"spec.layers: stored \[0\], the feature loss needs teacher layers \[0, 1\]"):
+  with pytest.raises(AnswersMismatch, match=r"spec.layers: stored \[0\], the losses need teacher layers \[0, 1\]"):
     open_sources(offline_cfg(small_dataset, path, tmp_path))
 
 

@@ -52,17 +52,18 @@ _DONE = object()
 
 def _needs(cfg, num_layers: int) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
   """(k, teacher layers, state names) the student's steps ask for."""
-  from student_trainer.sources import feature_teacher_layers
+  from student_trainer.sources import feature_teacher_layers, teacher_state_names
   layers = feature_teacher_layers(cfg, num_layers)
-  return cfg.loss.top_k, layers, ("attn_out",) if layers else ()
+  return cfg.loss.top_k, layers, teacher_state_names(cfg) if layers else ()
 
 
 def _open_cache(cfg) -> AnswerStore:
   ccfg = cfg.teacher.cached
   store = AnswerStore(ccfg.path, verify=ccfg.verify_shards, must_exist=False)
   if store.manifest is not None:
-    _, layers, _ = _needs(cfg, store.manifest.teacher.num_layers)
-    check_answers(store.manifest, cfg, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False)
+    _, layers, states = _needs(cfg, store.manifest.teacher.num_layers)
+    check_answers(store.manifest, cfg, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
+                  states=states)
   return store
 
 

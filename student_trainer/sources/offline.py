@@ -47,10 +47,11 @@ class AnswersMismatch(ValueError):
 
 
 def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[int, ...],
-                  temperatures: bool = True) -> None:
+                  temperatures: bool = True, states: tuple[str, ...] = ("attn_out",)) -> None:
   """Raises AnswersMismatch listing every field where `manifest` does not fit the TrainConfig `cfg`.
 
   `temperatures`: require a constant loss temperature to be stored (a cache fills in what is missing).
+  `states`: the state names the losses read at `layers`.
   """
   data = load_manifest(cfg.data.path)
   spec = manifest.spec
@@ -80,9 +81,11 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
   if layers:
     missing = [layer for layer in layers if layer not in spec.layers]
     if missing:
-      problems.append(f"spec.layers: stored {list(spec.layers)}, the feature loss needs teacher layers {list(layers)}")
-    if "attn_out" not in spec.states:
-      problems.append(f"spec.states: stored {list(spec.states)}, the feature loss needs 'attn_out'")
+      problems.append(f"spec.layers: stored {list(spec.layers)}, the losses need teacher layers {list(layers)}")
+    absent = [name for name in states if name not in spec.states]
+    if absent:
+      problems.append(f"spec.states: stored {list(spec.states)}, the losses need {list(states)} "
+                      "(blockwise reads attn_in and attn_out)")
     differ("teacher.hidden_size", manifest.teacher.hidden_size, cfg.model.hidden_size)
   expected = cfg.teacher.offline.weights_fingerprint if cfg.teacher.source == "offline" else None
   if expected:
@@ -149,7 +152,7 @@ class OfflineTeacher(TeacherSource):
   """Serves dumped answers in the student's batch order; see the module docstring."""
 
   def __init__(self, cfg, mesh: Mesh, *, shard_index: int = 0, shard_count: int = 1):
-    from student_trainer.sources import feature_teacher_layers
+    from student_trainer.sources import feature_teacher_layers, teacher_state_names
     ocfg = cfg.teacher.offline
     self.cfg = ocfg
     self.lookahead = ocfg.lookahead
@@ -157,8 +160,15 @@ class OfflineTeacher(TeacherSource):
     self._k = cfg.loss.top_k
     self.store = _open_store(ocfg)
     manifest = self.store.manifest
+    where = f"teacher.offline.path={ocfg.path}"
+    if cfg.loss.ever_blockwise:
+      from student_trainer.blockwise import check_blockwise
+      check_blockwise(cfg.loss, student_layers=cfg.model.num_hidden_layers, student_width=cfg.model.hidden_size,
+                      teacher_layers=manifest.teacher.num_layers, teacher_width=manifest.teacher.hidden_size,
+                      where=f"{where}: teacher")
     self._layers = feature_teacher_layers(cfg, manifest.teacher.num_layers)
-    check_answers(manifest, cfg, where=f"teacher.offline.path={ocfg.path}", layers=self._layers)
+    self._states = teacher_state_names(cfg) if self._layers else ()
+    check_answers(manifest, cfg, where=where, layers=self._layers, states=self._states)
     if not manifest.complete and not ocfg.follow:
       log.warning("offline teacher: %s holds %d of %d examples (an unfinished dump?); missing ids are %s",
                   ocfg.path, manifest.records, sum(manifest.dataset.splits.values()),
@@ -185,8 +195,8 @@ class OfflineTeacher(TeacherSource):
       log.warning("offline teacher: %s; training this batch on CE only (%d such batches)", found, self._ce_only)
       return None
     where = f"teacher.offline.path={self.cfg.path} (example ids {ids[:4].tolist()}...)"
-    picked = shards.select(found, temperature=temperature, k=self._k, layers=self._layers,
-                           states=("attn_out",) if self._layers else (), where=where)
+    picked = shards.select(found, temperature=temperature, k=self._k, layers=self._layers, states=self._states,
+                           where=where)
     return place_on(picked, self._mesh)
 
   def submit(self, batch: Batch, temperature: float) -> None:
