@@ -11,7 +11,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming", "benchmarks.bench_lti")
+BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming", "benchmarks.bench_lti",
+              "benchmarks.bench_faults")
 
 
 def main() -> int:

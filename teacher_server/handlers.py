@@ -16,7 +16,9 @@ probes and reflection still get through when the Teacher calls are at the cap.
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -29,6 +31,7 @@ from teacher_server.metrics import Metrics
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Teacher"].full_name
 PROBE_HEADROOM_RPCS = 16  # calls beyond max_concurrent_rpcs that gRPC admits, for health and reflection
+_CLOSE_WAIT_S = 5.0  # after a failed write, how long to wait for gRPC to report the client's close
 log = logging.getLogger(__name__)
 
 
@@ -136,8 +139,17 @@ def _streaming(method: str, fn, gate: CallGate, malformed: MalformedLog, *, per_
         malformed(method, request, context)
         malformed.metrics.record(method, "INVALID_ARGUMENT", 0.0)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.message}: {request.describe()}")
-      async for response in fn(request, context):
-        yield response
+      async with contextlib.aclosing(fn(request, context)) as responses:
+        async for response in responses:
+          try:
+            await context.write(response)
+          except Exception:
+            # The client went away during the write (cancelled, deadline, reconnect). gRPC cancels
+            # this task once the transport reports the close, and then ends the call quietly; a
+            # failure it has not yet seen as a close would be logged with a traceback.
+            log.debug("%s: a write failed; waiting for the client's close", method)
+            await asyncio.sleep(_CLOSE_WAIT_S)
+            raise
     finally:
       gate.leave(peer)
   return call

@@ -11,20 +11,17 @@ import asyncio
 import dataclasses
 import hashlib
 import json
-import re
 import shutil
 import subprocess
-import urllib.request
 
 import grpc
 import numpy as np
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from server_utils import REPO, ServerProcess, wait_for
 
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
-from distill_core.netutil import serving
+from distill_core.netutil import rss_bytes, scrape_metrics, serving
 from distill_core.proto import teacher_pb2 as pb
 
 TOKEN = "faults-test-token"
@@ -54,19 +51,7 @@ def server(tmp_path_factory):
 
 
 def metrics(proc) -> dict[str, float]:
-  """Every sample of the server's /metrics, keyed by name (labels joined in)."""
-  text = urllib.request.urlopen(proc.metrics_url, timeout=10).read().decode()
-  out = {}
-  for family in text_string_to_metric_families(text):
-    for s in family.samples:
-      labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
-      out[s.name + (f"{{{labels}}}" if labels else "")] = s.value
-  return out
-
-
-def rss_bytes(pid: int) -> int:
-  with open(f"/proc/{pid}/status") as f:
-    return int(re.search(r"VmRSS:\s+(\d+) kB", f.read()).group(1)) * 1024
+  return scrape_metrics(proc.metrics_url)
 
 
 async def test_cancelled_stream_drops_its_queued_work(server):
@@ -94,6 +79,24 @@ async def test_cancelled_stream_drops_its_queued_work(server):
   abandoned = after["teacher_abandoned_requests_total"] - before.get("teacher_abandoned_requests_total", 0)
   assert abandoned >= n // 2, (abandoned, batches)
   assert batches <= n * 8 // 2, (abandoned, batches)  # without dropping: all 320 (+1) batches run
+
+
+async def test_slow_reader_cancelled_mid_write_is_quiet(server):
+  """A client that stops reading and then cancels (a student timing out) frees what its stream held,
+  with no traceback in the server's log."""
+  tokens = np.random.default_rng(1).integers(0, VOCAB, (64, 64), dtype=np.int32)
+  spec = OutputSpec(k=16, value_dtype="float32", layers=(0, 1), states=("attn_in", "attn_out"),
+                    state_dtype="float32")  # ~2.6 MB answers: writes block on flow control
+  async with TeacherClient(server.address, token=TOKEN) as client:
+    call = client.stub.Stream(metadata=client.metadata)
+    for i in range(12):
+      await call.write(wire.make_request(i, tokens, spec))
+    wait_for(lambda: metrics(server).get("teacher_stream_held_bytes", 0) > 0, 60, "answers held for the reader")
+    await asyncio.sleep(0.5)  # the server is blocked writing to a client that does not read
+    call.cancel()
+  wait_for(lambda: metrics(server).get("teacher_stream_held_bytes") == 0, 30, "the stream's bytes to be freed")
+  await asyncio.sleep(1.0)  # a failed write would have been logged by now
+  assert "Traceback" not in server.logs()
 
 
 async def test_long_values_get_invalid_argument_naming_the_field(server):
