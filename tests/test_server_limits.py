@@ -179,3 +179,28 @@ def test_leading_request_id():
     data = pb.ForwardRequest(request_id=rid).SerializeToString() + b"\xff"
     assert leading_request_id(data) == rid
   assert leading_request_id(b"") == leading_request_id(b"\x12\x00") == leading_request_id(b"\x08" + b"\xff" * 12) == 0
+
+
+async def test_cancelled_stream_rows_leave_shared_batches():
+  """Rows of a cancelled stream that share batches with a live one are dropped, not computed."""
+  engine = FakeEngine(delay_s=0.03)
+  overrides = ("batcher.max_inflight_batches=1", "batcher.max_wait_ms=50")
+  async with fake_server(*overrides, engine=engine) as (server, address), \
+      grpc.aio.insecure_channel(address) as channel:
+    stream = channel.stream_stream(STREAM, request_serializer=pb.ForwardRequest.SerializeToString,
+                                   response_deserializer=pb.ForwardResponse.FromString)
+    dead, live = stream(), stream()
+    for i in range(40):  # one row each: batches of 4 rows mix both streams
+      await dead.write(_request(1000 + i))
+      await live.write(_request(i))
+    await live.done_writing()
+    answers = [await live.read()]
+    dead.cancel()
+    while (a := await live.read()) is not grpc.aio.EOF:
+      answers.append(a)
+  assert [a.request_id for a in answers] == list(range(40))
+  for a in answers:
+    assert wire.decode_tensor(a.topk_ids, "ids")[0, 0, 0] == a.request_id % 256
+  # 80 rows would take 20 batches; without the dead stream's rows the live one needs 10 (+ those in flight).
+  assert len(engine.batches) <= 14, engine.batches
+  assert _gauge(server, "teacher_abandoned_requests_total") >= 20
