@@ -103,11 +103,12 @@ class _Examples:
     for split in cfg.splits:
       self.manifest, source = open_split(data_cfg, split)
       self.sources.append(source)
-    self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+    self.counts = [min(len(s), cfg.max_examples or len(s)) for s in self.sources]
+    self.starts = np.cumsum([0] + self.counts)
     self.dataset = DatasetInfo(
         path=str(cfg.data), dataset_fingerprint=self.manifest.dataset_fingerprint,
         tokenizer_fingerprint=self.manifest.tokenizer_fingerprint, seq_len=self.manifest.seq_len,
-        splits={split: len(s) for split, s in zip(cfg.splits, self.sources)})
+        splits={split: n for split, n in zip(cfg.splits, self.counts)})
 
   def __len__(self) -> int:
     return int(self.starts[-1])

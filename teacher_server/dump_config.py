@@ -41,6 +41,8 @@ class DumpConfig(ConfigBase):
 
   data: str = Field("data/stdlib", description="Prepared dataset directory (has manifest.json).")
   splits: list[str] = Field(["train", "eval"], min_length=1, description="Splits to answer (every example).")
+  max_examples: int | None = Field(None, ge=1, description="Answer only the first N examples of each split "
+                                   "(trials and benchmarks; null = all).")
   output: str = Field("runs/answers", description="Answers directory (local path or an etils.epath URL "
                       "such as gs://bucket/answers); an interrupted dump into it resumes.")
   k: int = Field(64, ge=1, description="Top-k entries stored per position (students may use any k up to it).")

@@ -21,6 +21,9 @@ def _config_class(path: Path):
   if path.name.startswith("teacher_server"):
     from teacher_server.config import ServerConfig
     return ServerConfig
+  if path.name.startswith("dump"):
+    from teacher_server.dump_config import DumpConfig
+    return DumpConfig
   return TrainConfig
 
 

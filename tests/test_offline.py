@@ -12,7 +12,6 @@ import hashlib
 import json
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import jax
@@ -223,14 +222,17 @@ def rewrite_shard(path: Path, corrupt_record: int) -> None:
 
 
 def test_flipped_byte_in_a_record_stops_before_training_it(dumps, small_dataset, tmp_path):
-  from student_trainer.train import run
   path = copy_dump(dumps, tmp_path)
   shard = path / "answers-p00000-of-00002-00000.array_record"
   rewrite_shard(shard, corrupt_record=10)  # example 10: in the second batch (no shuffle)
-  with pytest.raises(ShardError, match=rf"{shard} \(record 10\): crc32 mismatch"):
-    run(offline_cfg(small_dataset, path, tmp_path, "teacher.offline.lookahead=0"))
-  rows = jsonl(tmp_path / "run" / "metrics.jsonl") if (tmp_path / "run" / "metrics.jsonl").exists() else []
-  assert [r["step"] for r in rows if "train/total_loss" in r] == [1]  # batch 2 was never trained on
+  cfg = offline_cfg(small_dataset, path, tmp_path, "teacher.offline.lookahead=0")
+  it = make_iterator(cfg.data, "train")
+  with open_sources(cfg) as source:
+    source.submit(next(it), 1.0)
+    assert source.next() is not None
+    with pytest.raises(ShardError, match=rf"{shard} \(record 10\): crc32 mismatch"):
+      source.submit(next(it), 1.0)  # the train loop submits a batch before it trains on it
+  it.close()
 
 
 def test_truncated_shard_is_refused(dumps, small_dataset, tmp_path):
@@ -249,12 +251,37 @@ def test_missing_example_id_is_an_error_or_counted_ce_only(dumps, small_dataset,
   data = json.loads((path / "manifest.json").read_text())
   data["shards"] = [s for s in data["shards"] if s["file"] != "answers-p00000-of-00002-00000.array_record"]
   (path / "manifest.json").write_text(json.dumps(data))
-  with pytest.raises(MissingAnswers, match=r"no stored answer for example id\(s\) 0, 1, 2, 3, 4, 5, 6, 7"):
-    run(offline_cfg(small_dataset, path, tmp_path))
-  result = run(offline_cfg(small_dataset, path, tmp_path / "ce", "teacher.offline.on_missing=ce_only", steps=9))
+  cfg = offline_cfg(small_dataset, path, tmp_path)
+  it = make_iterator(cfg.data, "train")
+  with open_sources(cfg) as source:
+    with pytest.raises(MissingAnswers, match=r"no stored answer for example id\(s\) 0, 1, 2, 3, 4, 5, 6, 7"):
+      source.submit(next(it), 1.0)
+  it.close()
+  result = run(offline_cfg(small_dataset, path, tmp_path / "ce", "teacher.offline.on_missing=ce_only", steps=2))
   rows = [r for r in jsonl(tmp_path / "ce" / "run" / "metrics.jsonl") if "train/ce_loss" in r]
-  assert [("train/kd_loss" in r) for r in rows] == [False] * 8 + [True]  # ids 0..63 are gone, 64.. are not
-  assert result.last_metrics["teacher/ce_only_batches_total"] == 8
+  assert [("train/kd_loss" in r) for r in rows] == [False, False]  # ids 0..63 are gone
+  assert result.last_metrics["teacher/ce_only_batches_total"] == 2
+  assert "eval/kd_loss" in result.last_metrics  # the eval ids are stored
+
+
+def test_follow_trains_from_a_dump_still_being_written(small_dataset, tmp_path, caplog):
+  """The student starts before the dump has written anything; it waits (logged) and trains from it."""
+  import logging
+  from student_trainer.train import run
+  caplog.set_level(logging.INFO, logger="student_trainer.sources.offline")
+  out = tmp_path / "live"
+  proc = start_dump(small_dataset, out, "splits=[train]", "max_examples=48", "records_per_shard=8",
+                    "rows_per_request=2", "window=1", log_path=tmp_path / "dump.log")
+  try:  # eval ids are never dumped: once the dump is complete they are missing, and CE-only by request
+    run(train_cfg(small_dataset, tmp_path / "run", "teacher.source=offline", f"teacher.offline.path={out}",
+                  "teacher.offline.follow=true", "teacher.offline.follow_poll_s=0.2", "data.shuffle=false",
+                  "teacher.offline.on_missing=ce_only", steps=3))
+  finally:
+    assert proc.wait(300) == 0, (tmp_path / "dump.log").read_text()[-2000:]
+  rows = [r for r in jsonl(tmp_path / "run" / "metrics.jsonl") if "train/ce_loss" in r]
+  assert [("train/kd_loss" in r) for r in rows] == [True] * 3
+  messages = [r.getMessage() for r in caplog.records]
+  assert any("following" in m and "waiting" in m for m in messages), messages
 
 
 # -- resumable dump --------------------------------------------------------------------------------
@@ -287,4 +314,3 @@ def test_sigkilled_dump_resumes_to_identical_shards(dumps, small_dataset, tmp_pa
   for mine, ref in zip(resumed, planned):
     assert mine["sha256"] == ref.sha256 == hashlib.sha256((out / mine["file"]).read_bytes()).hexdigest()
   assert not list((out / ".partial").iterdir())
-  time.sleep(0)  # nothing else runs: the writer is done

@@ -137,8 +137,8 @@ class AnswerLookup:
     warned = 0.0
     while missing := self.store.missing(ids):
       waited = time.monotonic() - start
-      if cfg.follow_timeout_s is not None and waited > cfg.follow_timeout_s:
-        raise MissingAnswers(missing, self.store.root)
+      if self.store.manifest.complete or (cfg.follow_timeout_s is not None and waited > cfg.follow_timeout_s):
+        raise MissingAnswers(missing, self.store.root)  # the dump is finished (or the wait is over)
       if waited >= warned:
         log.info("offline teacher: following %s: waiting for example id %d (%d of this batch not written yet; "
                  "%d records stored so far)", self.store.root, missing[0], len(missing), len(self.store))
