@@ -116,15 +116,19 @@ class MalformedLog:
     self.metrics.malformed.labels(method).inc()
     self._log.warning("%s: malformed request from %s: %s", method, context.peer(), bad.describe())
 
+  async def refuse(self, method: str, bad: Malformed, context) -> None:
+    """Logs (rate-limited), counts and fails a call whose only request did not parse."""
+    self(method, bad, context)
+    self.metrics.record(method, "INVALID_ARGUMENT", 0.0)
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{bad.message}: {bad.describe()}")
+
 
 def _unary(method: str, fn, gate: CallGate, malformed: MalformedLog):
   async def call(request, context):
     peer = await gate.enter(method, context)
     try:
       if isinstance(request, Malformed):
-        malformed(method, request, context)
-        malformed.metrics.record(method, "INVALID_ARGUMENT", 0.0)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.message}: {request.describe()}")
+        await malformed.refuse(method, request, context)
       return await fn(request, context)
     finally:
       gate.leave(peer)
@@ -136,9 +140,7 @@ def _streaming(method: str, fn, gate: CallGate, malformed: MalformedLog, *, per_
     peer = await gate.enter(method, context)
     try:
       if not per_request and isinstance(request, Malformed):
-        malformed(method, request, context)
-        malformed.metrics.record(method, "INVALID_ARGUMENT", 0.0)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{request.message}: {request.describe()}")
+        await malformed.refuse(method, request, context)
       async with contextlib.aclosing(fn(request, context)) as responses:
         async for response in responses:
           try:

@@ -153,15 +153,18 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     budget = _ByteBudget(self._window_bytes, self._metrics.stream_held_bytes)
     reader = asyncio.create_task(self._read_stream(request_iterator, window, budget, context))
     self._metrics.open_streams.inc()
-    entry = None
+    entry = None  # the entry being answered, until its bytes are released
     try:
-      while (entry := await window.get()) is not None:
+      while True:
+        entry = await window.get()
+        if entry is None:
+          break
         if isinstance(entry, BaseException):
           raise entry
         response = await self._answer(entry)
         yield response
         budget.release(entry.held)
-      entry = None
+        entry = None
     finally:
       reader.cancel()
       left = [entry] if isinstance(entry, _Entry) else []

@@ -204,3 +204,16 @@ async def test_cancelled_stream_rows_leave_shared_batches():
   # 80 rows would take 20 batches; without the dead stream's rows the live one needs 10 (+ those in flight).
   assert len(engine.batches) <= 14, engine.batches
   assert _gauge(server, "teacher_abandoned_requests_total") >= 20
+
+
+async def test_idle_stream_cancel_leaves_byte_budget_balanced():
+  async with fake_server() as (server, address), grpc.aio.insecure_channel(address) as channel:
+    call = channel.stream_stream(STREAM, request_serializer=pb.ForwardRequest.SerializeToString,
+                                 response_deserializer=pb.ForwardResponse.FromString)()
+    for i in range(3):
+      await call.write(_request(i))
+      assert (await call.read()).request_id == i
+    call.cancel()  # the server is waiting for the next request
+    await asyncio.sleep(0.3)
+    assert _gauge(server, "teacher_stream_held_bytes") == 0
+    assert _gauge(server, "teacher_open_streams") == 0
