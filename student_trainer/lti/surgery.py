@@ -131,6 +131,13 @@ def _no_match(section: str, pattern: str, paths, scanned: bool, unrolled_paths) 
   return LTIPlanError(f"{section} {pattern!r} matches no student parameter (paths look like: {examples}, ...)")
 
 
+def _matches(section: str, pattern: str, paths, scanned: bool, unrolled_paths) -> list[str]:
+  hits = [p for p in paths if re.search(pattern, p)]
+  if not hits:
+    raise _no_match(section, pattern, paths, scanned, unrolled_paths)
+  return hits
+
+
 class _Teacher:
   """Resolves teacher names for student paths (templates, layer map, stacking)."""
 
@@ -187,9 +194,7 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
   claimed: dict[str, int] = {}
   for i, rule in enumerate(cfg.projections):
     section = f"lti.projections[{i}]"
-    hits = [p for p in shapes if re.search(rule.student, p)]
-    if not hits:
-      raise _no_match(f"{section}.student", rule.student, shapes, scanned, unrolled)
+    hits = _matches(f"{section}.student", rule.student, shapes, scanned, unrolled)
     for path in hits:
       m = _PROJ.match(path)
       if not m:
@@ -241,9 +246,7 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
   share, aliases = [], {}
   for i, rule in enumerate(cfg.share):
     section = f"lti.share[{i}]"
-    hits = [p for p in after if re.search(rule.param, p)]
-    if not hits:
-      raise _no_match(f"{section}.param", rule.param, after, scanned, unrolled)
+    hits = _matches(f"{section}.param", rule.param, after, scanned, unrolled)
     for path in hits:
       target = re.search(rule.param, path).expand(rule.to)
       if target not in after:
@@ -258,9 +261,7 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
   copy = []
   for i, rule in enumerate(cfg.copy_from_teacher):
     section = f"lti.copy_from_teacher[{i}]"
-    hits = [p for p in after if re.search(rule.student, p)]
-    if not hits:
-      raise _no_match(f"{section}.student", rule.student, after, scanned, unrolled)
+    hits = _matches(f"{section}.student", rule.student, after, scanned, unrolled)
     for path in hits:
       names = resolve.names(section, path, re.search(rule.student, path), rule.teacher)
       t_shape = resolve.shape(names, section, path)
