@@ -1,6 +1,6 @@
 """Learn-to-init on the demo pair: first-step and step-N loss of a random student vs LTI-initialised ones.
 
-    python -m benchmarks.bench_lti                  # 60 steps per row (a few minutes on 2 CPU cores)
+    python -m benchmarks.bench_lti                  # 40 steps per row (about 15 minutes on 2 CPU cores)
     python -m benchmarks.bench_lti --steps 20       # shorter
 
 The demo student (configs/models/demo_student.yaml) is distilled from the demo
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--data", default="data/stdlib", help="Prepared dataset (prepared here when missing).")
   parser.add_argument("--teacher", default="runs/demo/teacher/hf",
                       help="Demo teacher HF directory (trained with configs/demo/teacher.yaml when missing).")
-  parser.add_argument("--steps", type=int, default=60, help="Optimizer steps per row (N of 'step N').")
+  parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per row (N of 'step N').")
   parser.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows out of {', '.join(ROWS)}.")
   parser.add_argument("--out", default="runs/bench_lti", help="Directory for the runs.")
   args = parser.parse_args(argv)

@@ -240,3 +240,15 @@ def test_lti_plan_dry_run_prints_every_match(teacher_dir, capsys):
   assert "lti.copy_from_teacher[0] '^norm\\\\.scale$': 1 copied" in out and "train  layers.0.self_attn.q_proj.a" in out
   assert main(args + ["model.scan_layers=true", r"lti.train=['layers\.0\.']"]) == 2
   assert "names single layers, but the student's layers are scanned" in capsys.readouterr().err
+
+
+def test_orbax_teacher_gives_the_same_kernels_as_hf(teacher_dir, tmp_path):
+  from distill_core.checkpoints import load_model, save_model_orbax
+  from student_trainer.lti.teacher import OrbaxTeacherParams
+  save_model_orbax(load_model(hf_checkpoint=str(teacher_dir), scan_layers=True), tmp_path / "orbax")
+  hf, orbax = HFTeacherParams(teacher_dir), OrbaxTeacherParams(tmp_path / "orbax")
+  assert orbax.shapes == hf.shapes and orbax.num_layers == hf.num_layers == 3
+  names = make_plan(student_cfg(), lti_cfg(teacher_dir), hf).teacher_names()
+  for name, value in hf.fetch(names).items():
+    np.testing.assert_array_equal(orbax.fetch([name])[name], value)
+  assert orbax.record() == {"kernels_from": "orbax", "kernels_path": str((tmp_path / "orbax").resolve())}
