@@ -11,14 +11,14 @@ class InMemorySource(TeacherSource):
   def __init__(self, targets):
     self._targets = list(targets)
 
-  def submit(self, batch, temperature):
-    del batch, temperature
+  def submit(self, batch, temperature, states=None):
+    del batch, temperature, states
 
   def next(self):
     return self._targets.pop(0)
 
-  def compute(self, batch, temperature):
-    del batch, temperature
+  def compute(self, batch, temperature, states=None):
+    del batch, temperature, states
 
   def close(self):
     self._targets = []

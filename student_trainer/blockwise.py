@@ -56,6 +56,22 @@ def state_names_needed(loss_cfg: losses.LossConfig) -> tuple[str, ...]:
   return FEATURE_STATES if loss_cfg.beta.bounds()[1] > 0 else ()
 
 
+def state_names_at(loss_cfg: losses.LossConfig, step: int) -> tuple[str, ...]:
+  """Teacher state names the objective of optimizer `step` reads."""
+  if loss_cfg.phase_at(step) == "blockwise":
+    return BLOCKWISE_STATES
+  return FEATURE_STATES if loss_cfg.beta.bounds()[1] > 0 else ()
+
+
+def keep_states(targets: TeacherTargets | None, names: tuple[str, ...]) -> TeacherTargets | None:
+  """`targets` with only the layer states `names` (a source may send more), so every step of one
+  objective sees the same targets structure and its program is never compiled twice."""
+  if targets is None or tuple(sorted(targets.layer_states)) == tuple(sorted(names)):
+    return targets
+  states = {name: value for name, value in targets.layer_states.items() if name in names}
+  return targets.replace(layer_states=states, state_layers=targets.state_layers if states else ())
+
+
 class BlockwiseLoss:
   """The blockwise objective for one (micro-)batch; returns (total, metric sums) like the KD objective."""
 

@@ -17,6 +17,7 @@ import numpy as np
 from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_iterator, make_iterator
 from distill_core.sharding import (make_mesh, maybe_initialize_distributed, rules_table, shard_batch)
 from student_trainer import step as step_lib
+from student_trainer.blockwise import keep_states, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag
 from student_trainer.collapse import save_collapsed
 from student_trainer.config import TrainConfig
@@ -60,7 +61,7 @@ class _Feeder:
       state_before = self._data.get_state()
       batch = next(self._data)
       temperature = self._cfg.loss.temperature.value(self._next_step)
-      self._source.submit(batch, temperature)
+      self._source.submit(batch, temperature, **_states_kwarg(self._cfg, self._next_step))
       self._queue.append((self._next_step, batch, state_before))
       self._next_step += 1
 
@@ -127,7 +128,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     while step < end and not preempt:
       batch = feeder.pop(step)
       t_wait = time.perf_counter()
-      targets = source.next()
+      targets = _trimmed(cfg, source.next(), step)
       waited = time.perf_counter() - t_wait
       hyper = step_lib.hyperparameters(cfg, step)
       phase = programs.phase(step, targets)
@@ -161,6 +162,16 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
                      run_dir=run_dir, state=state if keep_state else None, compilations=programs.compilations())
 
 
+def _states_kwarg(cfg: TrainConfig, step: int) -> dict:
+  """`{"states": names}` for a source when the run's objectives read different teacher states, else {}."""
+  return {"states": state_names_at(cfg.loss, step)} if cfg.loss.ever_blockwise else {}
+
+
+def _trimmed(cfg: TrainConfig, targets, step: int):
+  """Targets holding only the states the objective of `step` reads (sources may send more)."""
+  return keep_states(targets, state_names_at(cfg.loss, step)) if cfg.loss.ever_blockwise else targets
+
+
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
           cfg: TrainConfig) -> int:
   meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump()}
@@ -177,7 +188,7 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
   sums: collections.Counter = collections.Counter()
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = source.compute(batch, temperature)
+      targets = _trimmed(cfg, source.compute(batch, temperature, **_states_kwarg(cfg, step)), step)
       eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       sums.update({k: float(v) for k, v in jax.device_get(out).items()})

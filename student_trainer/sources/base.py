@@ -6,6 +6,13 @@ produces it (up to `lookahead` batches before it is trained on), and `next`
 returns the targets of the oldest submitted batch, in submission order.
 A source that has no answer for a batch (no teacher, or a fallback policy)
 returns None and the step trains on cross-entropy alone for that batch.
+
+`states` (optional on `submit` and `compute`) names the layer states the
+batch's loss reads, when a run's objectives differ in that (a blockwise phase
+reads `attn_in` and `attn_out`, a later KD phase `attn_out` or nothing): a
+source that can fetch less should; None means every state it was built for.
+The train loop drops whatever states a step does not read, so a source may
+always return more.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ class TeacherSource(abc.ABC):
   lookahead: int = 0
 
   @abc.abstractmethod
-  def submit(self, batch: Batch, temperature: float) -> None:
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
     """Announces an upcoming batch; `temperature` is the schedule's value at its step."""
 
   @abc.abstractmethod
@@ -32,7 +39,8 @@ class TeacherSource(abc.ABC):
     """Targets of the oldest submitted batch not yet returned (blocks until available)."""
 
   @abc.abstractmethod
-  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
+  def compute(self, batch: Batch, temperature: float,
+              states: tuple[str, ...] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the training stream (evaluation).
 
     Must not disturb the stream: batches already submitted keep their order

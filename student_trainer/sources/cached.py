@@ -50,11 +50,13 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
-def _needs(cfg, num_layers: int) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
-  """(k, teacher layers, state names) the student's steps ask for."""
+def _needs(cfg, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
+  """(k, teacher layers, state names) the student's steps ask for (`states` narrows the names)."""
   from student_trainer.sources import feature_teacher_layers, teacher_state_names
   layers = feature_teacher_layers(cfg, num_layers)
-  return cfg.loss.top_k, layers, teacher_state_names(cfg) if layers else ()
+  names = teacher_state_names(cfg) if layers else ()
+  names = names if states is None else tuple(name for name in names if name in states)
+  return cfg.loss.top_k, layers if names else (), names
 
 
 def _open_cache(cfg) -> AnswerStore:
@@ -67,9 +69,9 @@ def _open_cache(cfg) -> AnswerStore:
   return store
 
 
-def _served(store: AnswerStore, cfg, ids: np.ndarray, temperature: float) -> TeacherTargets:
+def _served(store: AnswerStore, cfg, ids: np.ndarray, temperature: float, names=None) -> TeacherTargets:
   """Host targets of `ids` from the cache, trimmed like a remote answer."""
-  k, layers, states = _needs(cfg, store.manifest.teacher.num_layers)
+  k, layers, states = _needs(cfg, store.manifest.teacher.num_layers, names)
   return shards.select(store.batch(ids), temperature=temperature, k=k, layers=layers, states=states,
                        where=f"teacher.cached.path={store.root}")
 
@@ -185,12 +187,12 @@ class CachedTeacher(TeacherSource):
       self._header = header
     return self._header
 
-  def _split(self, batch: Batch, temperature: float) -> _Item:
+  def _split(self, batch: Batch, temperature: float, states=None) -> _Item:
     ids = np.asarray(batch.example_ids, np.int64)
     missing = set(self.store.missing(ids, temperature))
     missing_rows = [r for r, i in enumerate(ids.tolist()) if i in missing]
     cached_rows = [r for r in range(len(ids)) if r not in set(missing_rows)]
-    cached = _served(self.store, self._cfg, ids[cached_rows], temperature) if cached_rows else None
+    cached = _served(self.store, self._cfg, ids[cached_rows], temperature, states) if cached_rows else None
     self._count("rows_from_cache", len(cached_rows))
     self._count("rows_requested", len(missing_rows))
     return _Item(batch, float(temperature), cached_rows, missing_rows, cached)
@@ -215,10 +217,10 @@ class CachedTeacher(TeacherSource):
     merged = parts[0] if len(parts) == 1 else concat([parts[r] for r in sorted(parts)])
     return place_on(merged, self._mesh)
 
-  def submit(self, batch: Batch, temperature: float) -> None:
-    item = self._split(batch, temperature)
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
+    item = self._split(batch, temperature, states)
     if item.missing_rows:
-      self.remote.submit(rows_of(batch, item.missing_rows), temperature)
+      self.remote.submit(rows_of(batch, item.missing_rows), temperature, states)
     self._pending.append(item)
 
   def next(self) -> TeacherTargets | None:
@@ -227,9 +229,11 @@ class CachedTeacher(TeacherSource):
     item = self._pending.popleft()
     return self._merge(item, self.remote.next() if item.missing_rows else None)
 
-  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
-    item = self._split(batch, temperature)
-    fetched = self.remote.compute(rows_of(batch, item.missing_rows), temperature) if item.missing_rows else None
+  def compute(self, batch: Batch, temperature: float,
+              states: tuple[str, ...] | None = None) -> TeacherTargets | None:
+    item = self._split(batch, temperature, states)
+    fetched = (self.remote.compute(rows_of(batch, item.missing_rows), temperature, states) if item.missing_rows
+               else None)
     return self._merge(item, fetched)
 
   def state(self) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -43,17 +44,21 @@ class LocalTeacher(TeacherSource):
     self._state = jax.device_put(state, shardings)
     self._mesh = mesh
     self._pending: collections.deque[TeacherTargets] = collections.deque()
-    self._fn = jax.jit(functools.partial(
-        _teacher_targets, graphdef, k=k, value_dtype=value_dtype,
-        true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
-        state_layers=tuple(state_layers), state_names=tuple(state_names)))
+    self._layers, self._names = tuple(state_layers), tuple(state_names)
+    self._forward = functools.partial(_teacher_targets, graphdef, k=k, value_dtype=value_dtype,
+                                      true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits)
+    self._fns: dict[tuple[str, ...], Callable] = {}  # state names -> jitted forward (one per objective of a run)
 
-  def compute(self, batch: Batch, temperature: float) -> TeacherTargets:
+  def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets:
+    names = self._names if states is None else tuple(n for n in self._names if n in states)
+    if names not in self._fns:
+      self._fns[names] = jax.jit(functools.partial(self._forward, state_layers=self._layers if names else (),
+                                                   state_names=names))
     inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids), self._mesh)
-    return self._fn(self._state, *inputs, jnp.asarray([temperature], jnp.float32))
+    return self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32))
 
-  def submit(self, batch: Batch, temperature: float) -> None:
-    self._pending.append(self.compute(batch, temperature))  # dispatched now, runs asynchronously
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
+    self._pending.append(self.compute(batch, temperature, states))  # dispatched now, runs asynchronously
 
   def next(self) -> TeacherTargets:
     if not self._pending:

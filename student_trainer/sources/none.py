@@ -14,12 +14,12 @@ class NoTeacher(TeacherSource):
   def __init__(self):
     self._pending: collections.deque[None] = collections.deque()
 
-  def submit(self, batch: Batch, temperature: float) -> None:
-    del batch, temperature
+  def submit(self, batch: Batch, temperature: float, states=None) -> None:
+    del batch, temperature, states
     self._pending.append(None)
 
-  def compute(self, batch: Batch, temperature: float) -> None:
-    del batch, temperature
+  def compute(self, batch: Batch, temperature: float, states=None) -> None:
+    del batch, temperature, states
 
   def next(self) -> None:
     if not self._pending:

@@ -188,18 +188,19 @@ class OfflineTeacher(TeacherSource):
     self._ce_only_window = 0
     self._reordered = False
 
-  def _targets(self, ids: np.ndarray, found, temperature: float) -> TeacherTargets | None:
+  def _targets(self, ids: np.ndarray, found, temperature: float, states=None) -> TeacherTargets | None:
     if isinstance(found, MissingAnswers):
       self._ce_only += 1
       self._ce_only_window += 1
       log.warning("offline teacher: %s; training this batch on CE only (%d such batches)", found, self._ce_only)
       return None
     where = f"teacher.offline.path={self.cfg.path} (example ids {ids[:4].tolist()}...)"
-    picked = shards.select(found, temperature=temperature, k=self._k, layers=self._layers, states=self._states,
-                           where=where)
+    names = self._states if states is None else tuple(n for n in self._states if n in states)
+    picked = shards.select(found, temperature=temperature, k=self._k, layers=self._layers if names else (),
+                           states=names, where=where)
     return place_on(picked, self._mesh)
 
-  def submit(self, batch: Batch, temperature: float) -> None:
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
     state = self._it.get_state()
     ids, found = next(self._it)
     want = np.asarray(batch.example_ids, np.int64)
@@ -209,7 +210,7 @@ class OfflineTeacher(TeacherSource):
                     "directly", want[:4].tolist(), ids[:4].tolist())
         self._reordered = True
       ids, found = want, self._lookup(want)
-    self._pending.append((state, self._targets(ids, found, temperature)))
+    self._pending.append((state, self._targets(ids, found, temperature, states)))
 
   def next(self) -> TeacherTargets | None:
     if not self._pending:
@@ -217,9 +218,10 @@ class OfflineTeacher(TeacherSource):
     self._batches += 1
     return self._pending.popleft()[1]
 
-  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
+  def compute(self, batch: Batch, temperature: float,
+              states: tuple[str, ...] | None = None) -> TeacherTargets | None:
     ids = np.asarray(batch.example_ids, np.int64)
-    return self._targets(ids, self._lookup(ids), temperature)
+    return self._targets(ids, self._lookup(ids), temperature, states)
 
   def state(self) -> dict[str, Any]:
     grain_state = self._pending[0][0] if self._pending else self._it.get_state()

@@ -188,16 +188,17 @@ class RemoteTeacher(TeacherSource):
 
   # -- the TeacherSource interface (train-loop thread) ---------------------------------------------
 
-  def _enqueue(self, batch: Batch, temperature: float, priority: int) -> Item:
+  def _enqueue(self, batch: Batch, temperature: float, priority: int, states: tuple[str, ...] | None) -> Item:
     if self._closed:
       raise RuntimeError("the remote teacher source is closed")
     self._raise_if_fatal()
-    item = Item(seq=next(self._seq), priority=priority, batch=batch, temperature=float(temperature))
+    item = Item(seq=next(self._seq), priority=priority, batch=batch, temperature=float(temperature),
+                states=None if states is None else tuple(states))
     self._loop.call_soon_threadsafe(self._core.add, item)
     return item
 
-  def submit(self, batch: Batch, temperature: float) -> None:
-    self._queue.append(self._enqueue(batch, temperature, priority=1))
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
+    self._queue.append(self._enqueue(batch, temperature, priority=1, states=states))
 
   def next(self) -> TeacherTargets | None:
     if not self._queue:
@@ -209,9 +210,9 @@ class RemoteTeacher(TeacherSource):
     self._last_ids = np.asarray(item.batch.example_ids).tolist()
     return targets
 
-  def compute(self, batch: Batch, temperature: float) -> TeacherTargets | None:
+  def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the stream (evaluation): sent ahead of the queued batches."""
-    return self._agree(self._await(self._enqueue(batch, temperature, priority=0)))
+    return self._agree(self._await(self._enqueue(batch, temperature, priority=0, states=states)))
 
   def _await(self, item: Item) -> TeacherTargets | None:
     timeout = self.cfg.timeout_s

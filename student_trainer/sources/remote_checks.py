@@ -50,9 +50,15 @@ class RequestPlan:
   pack_ids: bool
   rows_per_request: int
 
-  def spec(self, temperature: float) -> OutputSpec:
+  def names(self, states: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The planned state names a batch asking for `states` gets (None: all planned)."""
+    return self.states if states is None else tuple(name for name in self.states if name in states)
+
+  def spec(self, temperature: float, states: tuple[str, ...] | None = None) -> OutputSpec:
+    """The request spec; `states` narrows the planned state names for one batch (None: all of them)."""
+    names = self.names(states)
     return OutputSpec(k=self.k, temperatures=(float(temperature),), value_dtype=self.value_dtype,
-                      layers=self.layers, states=self.states, state_dtype=self.state_dtype,
+                      layers=self.layers if names else (), states=names, state_dtype=self.state_dtype,
                       pack_ids=self.pack_ids)
 
   def row_bytes(self, seq_len: int, hidden_size: int) -> int:

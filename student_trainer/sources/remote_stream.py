@@ -61,6 +61,7 @@ class Item:
   priority: int  # 0: out of band (evaluation), 1: training stream
   batch: Batch
   temperature: float
+  states: tuple[str, ...] | None = None  # state names this batch needs (None: every planned one)
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   targets: TeacherTargets | None = None  # on the mesh, once done
   error: BaseException | None = None
@@ -329,7 +330,7 @@ class StreamCore:
       item = chunk.item
       b = item.batch
       rows = slice(chunk.start, chunk.stop)
-      request = wire.make_request(next(self._request_ids), b.tokens[rows], self.plan.spec(item.temperature),
+      request = wire.make_request(next(self._request_ids), b.tokens[rows], self.plan.spec(item.temperature, item.states),
                                   b.segment_ids[rows], b.positions[rows])
       if chunk.sends:
         self.stats.count("retries")
@@ -365,8 +366,9 @@ class StreamCore:
     try:
       targets = wire.response_to_targets(resp)
       plan = self.plan
+      names = plan.names(chunk.item.states)
       targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1],
-                       k=plan.k, n_temps=1, state_names=plan.states, state_layers=plan.layers)
+                       k=plan.k, n_temps=1, state_names=names, state_layers=plan.layers if names else ())
     except ValueError as e:  # a malformed answer: treat like an engine failure
       self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")
       return
