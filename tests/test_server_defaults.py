@@ -107,3 +107,30 @@ def test_default_buckets_fit_default_preset():
   cfg = ServerConfig()
   model = build(ModelConfig, resolve_preset(cfg.model.preset))
   assert max(t for _, t in cfg.batcher.buckets) <= model.max_position_embeddings
+
+
+def test_vendored_health_proto_is_the_one_served(tmp_path):
+  """protos/grpc/health/v1/health.proto declares exactly the messages and service the server implements."""
+  from google.protobuf import descriptor_pb2
+  from grpc_health.v1 import health_pb2
+  from grpc_tools import protoc
+  out = tmp_path / "health.pb"
+  assert protoc.main(["grpc_tools.protoc", f"-I{REPO / 'protos'}", f"--descriptor_set_out={out}",
+                      str(REPO / "protos" / "grpc" / "health" / "v1" / "health.proto")]) == 0
+  vendored = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+  served = descriptor_pb2.FileDescriptorProto()
+  health_pb2.DESCRIPTOR.CopyToProto(served)
+  assert vendored.package == served.package == "grpc.health.v1"
+  def strip_json_names(messages):  # protoc fills json_name, the runtime descriptor does not
+    for message in messages:
+      for field in message.field:
+        field.ClearField("json_name")
+      strip_json_names(message.nested_type)
+  strip_json_names(vendored.message_type)
+  strip_json_names(served.message_type)
+  by_name = lambda msgs: {m.name: m for m in msgs}  # noqa: E731
+  for name, message in by_name(served.message_type).items():
+    assert by_name(vendored.message_type)[name] == message, name
+  served_methods = {(m.name, m.input_type, m.output_type, m.server_streaming) for m in served.service[0].method}
+  vendored_methods = {(m.name, m.input_type, m.output_type, m.server_streaming) for m in vendored.service[0].method}
+  assert served_methods <= vendored_methods and {"Check", "Watch"} <= {m[0] for m in served_methods}
