@@ -12,13 +12,22 @@ student's logits at t) a teacher answers with
 | `layer_states` | name -> (L, B, T, E) | bf16 / f32     | optional `attn_in` / `attn_out` per layer     |
 | `state_layers` | static tuple       |                  | teacher layer of each row of the states       |
 | `dense_logits` | (B, T, V) or None  | f32              | full logits, only from an in-process teacher  |
+| `sample_ids`   | (B, T, S) or None  | int32            | distinct ids drawn from softmax(z / tau)      |
+| `sample_counts`| (B, T, S) or None  | int32            | draws of each; 0 marks a padding slot         |
+| `sample_logits`| (B, T, S) or None  | like topk_logits | the shifted logits z at those ids             |
+| `sample_logsumexp` | (B, T) or None | f32              | log sum over the proposal's support of exp(z/tau) |
+| `sample_temperature` | () or None   | f32              | tau of the proposal                           |
+| `sample_skip`  | static int         |                  | leading top-k ids the proposal left out       |
 
-`compute_targets` builds it on the device inside the teacher's jitted forward;
-`to_numpy` / `from_numpy` give the flat dict used by the wire codec and shards.
+`compute_targets` builds it on the device inside the teacher's jitted forward
+(samples with `distill_core.sampling`); `to_numpy` / `from_numpy` give the flat
+dict used by the wire codec and shards.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Any, Mapping, Sequence
 
 import flax.struct
@@ -26,12 +35,40 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from distill_core import sampling
+
 Array = Any  # jax.Array or np.ndarray (host side)
 
 VALUE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp.float32}
 STATE_NAMES = ("attn_in", "attn_out")
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in VALUE_DTYPES.values())
 _STATES_PREFIX = "layer_states."
+# The optional sampled-target fields (all present or all absent) and their ranks.
+SAMPLE_FIELDS = {"sample_ids": 3, "sample_counts": 3, "sample_logits": 3, "sample_logsumexp": 2,
+                 "sample_temperature": 0}
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleRequest:
+  """Which samples to draw: N per position from softmax(z / temperature), keyed by `seed`.
+
+  `exclude` leading top-k ids are left out of the proposal (0: the whole real vocabulary).
+  """
+
+  num_samples: int
+  temperature: float = 1.0
+  seed: int = 0
+  exclude: int = 0
+
+  def __post_init__(self):
+    if self.num_samples < 1:
+      raise ValueError(f"num_samples: {self.num_samples} must be >= 1")
+    if not (math.isfinite(self.temperature) and self.temperature > 0):
+      raise ValueError(f"sample_temperature: {self.temperature} must be finite and > 0")
+    if not 0 <= self.seed < 2**64:
+      raise ValueError(f"sample_seed: {self.seed} not in [0, 2**64)")
+    if self.exclude < 0:
+      raise ValueError(f"sample_exclude: {self.exclude} must be >= 0")
 
 
 @flax.struct.dataclass
@@ -49,6 +86,12 @@ class TeacherTargets:
   layer_states: dict[str, Array] = flax.struct.field(default_factory=dict)  # name -> (L, B, T, E)
   state_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   dense_logits: Array | None = None  # (B, T, V) f32, in-process teacher only
+  sample_ids: Array | None = None  # (B, T, S) int32, distinct sampled ids (padding: id 0, count 0)
+  sample_counts: Array | None = None  # (B, T, S) int32, draws per id; sum = N at every position
+  sample_logits: Array | None = None  # (B, T, S) f16/bf16/f32, shifted logits z at sample_ids
+  sample_logsumexp: Array | None = None  # (B, T) f32, log sum_{v in support} exp(z_v / tau)
+  sample_temperature: Array | None = None  # () f32, the proposal's tau
+  sample_skip: int = flax.struct.field(pytree_node=False, default=0)  # top-k ids left out of the proposal
 
   def __post_init__(self):
     temps = self.temperatures
@@ -57,6 +100,10 @@ class TeacherTargets:
       object.__setattr__(self, "temperatures", np.asarray(temps, np.float32).reshape(-1))
     if not isinstance(self.state_layers, tuple):
       object.__setattr__(self, "state_layers", tuple(int(x) for x in self.state_layers))
+    tau = self.sample_temperature
+    if isinstance(tau, (float, int)) or (isinstance(tau, np.ndarray) and tau.dtype != np.float32):
+      object.__setattr__(self, "sample_temperature", np.asarray(tau, np.float32).reshape(()))
+    object.__setattr__(self, "sample_skip", int(self.sample_skip))
 
   @property
   def batch_size(self) -> int:
@@ -73,6 +120,20 @@ class TeacherTargets:
   @property
   def n_temps(self) -> int:
     return self.logsumexp.shape[2]
+
+  @property
+  def has_samples(self) -> bool:
+    return self.sample_ids is not None
+
+  def map_rows(self, fn) -> "TeacherTargets":
+    """Applies `fn(array, axis)` to every array indexed by the batch row (B is axis 1 of the states)."""
+    opt = lambda x: None if x is None else fn(x, 0)  # noqa: E731
+    return self.replace(
+        topk_ids=fn(self.topk_ids, 0), topk_logits=fn(self.topk_logits, 0), logsumexp=fn(self.logsumexp, 0),
+        layer_states={name: fn(value, 1) for name, value in self.layer_states.items()},
+        dense_logits=opt(self.dense_logits), sample_ids=opt(self.sample_ids),
+        sample_counts=opt(self.sample_counts), sample_logits=opt(self.sample_logits),
+        sample_logsumexp=opt(self.sample_logsumexp))
 
   def validate(self, *, batch_size: int | None = None, seq_len: int | None = None,
                k: int | None = None, n_temps: int | None = None, hidden_size: int | None = None,
@@ -101,6 +162,7 @@ class TeacherTargets:
       raise ValueError(f"temperatures: {self.temperatures.shape[0]} values for "
                        f"{self.logsumexp.shape[2]} logsumexp columns")
     self._validate_states(hidden_size, state_names, state_layers)
+    self._validate_samples()
     if self.dense_logits is not None:
       _check(self.dense_logits, "dense_logits", 3, (np.dtype(np.float32),))
       if tuple(self.dense_logits.shape[:2]) != (b, t):
@@ -126,6 +188,29 @@ class TeacherTargets:
         raise ValueError(f"{field}: shape {tuple(value.shape)} does not match [{want[0]} layers, B, T, E]")
       if hidden_size is not None and value.shape[3] != hidden_size:
         raise ValueError(f"{field}: width {value.shape[3]} != hidden_size {hidden_size}")
+
+  def _validate_samples(self) -> None:
+    present = [name for name in SAMPLE_FIELDS if getattr(self, name) is not None]
+    if not present:
+      if self.sample_skip:
+        raise ValueError(f"sample_skip: {self.sample_skip} without sampled targets")
+      return
+    if len(present) != len(SAMPLE_FIELDS):
+      missing = [name for name in SAMPLE_FIELDS if name not in present]
+      raise ValueError(f"{missing[0]}: missing although {present[0]} is present")
+    int32, f32 = (np.dtype(np.int32),), (np.dtype(np.float32),)
+    for name, ndim in SAMPLE_FIELDS.items():
+      dtypes = {"sample_ids": int32, "sample_counts": int32, "sample_logits": _FLOAT_DTYPES}.get(name, f32)
+      _check(getattr(self, name), name, ndim, dtypes)
+    b, t = self.batch_size, self.seq_len
+    slots = self.sample_ids.shape[2]
+    for name in ("sample_ids", "sample_counts", "sample_logits"):
+      if tuple(getattr(self, name).shape) != (b, t, slots):
+        raise ValueError(f"{name}: shape {tuple(getattr(self, name).shape)} != {(b, t, slots)} ([B, T, slots])")
+    if tuple(self.sample_logsumexp.shape) != (b, t):
+      raise ValueError(f"sample_logsumexp: shape {tuple(self.sample_logsumexp.shape)} != {(b, t)}")
+    if not 0 <= self.sample_skip <= self.k:
+      raise ValueError(f"sample_skip: {self.sample_skip} not in [0, k={self.k}]")
 
   def temperature_index(self, temperature: float, *, rtol: float = 1e-5) -> int:
     """The column of `logsumexp` computed at `temperature` (host-side lookup).
@@ -174,8 +259,11 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
                     true_vocab_size: int, value_dtype: str | np.dtype = "float16",
                     states: Mapping[str, jax.Array] | None = None,
                     state_layers: Sequence[int] = (),
-                    state_dtype: str | np.dtype | None = None) -> TeacherTargets:
-  """Top-k and per-temperature logsumexp of teacher logits; pure jnp, meant to run under jit.
+                    state_dtype: str | np.dtype | None = None, num_samples: int = 0,
+                    sample_temperature: Array | float = 1.0, sample_seed: Array | int = 0,
+                    example_ids: Array | None = None, sample_exclude: Array | int = 0,
+                    sample_counts: Array | None = None) -> TeacherTargets:
+  """Top-k, per-temperature logsumexp and optional samples of teacher logits; pure jnp, under jit.
 
   Args:
     logits: (B, T, V) teacher logits (any float dtype; computed in f32).
@@ -186,6 +274,14 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
     states: optional name -> (L_sel, B, T, E) teacher layer states.
     state_layers: the teacher layer of each row of `states`.
     state_dtype: optional cast for the states (default: unchanged).
+    num_samples: draw slots per position (static; 0 = no samples). See `distill_core.sampling`.
+    sample_temperature: the proposal's tau > 0 (scalar or per row).
+    sample_seed: the request seed: a Python int < 2**64, or its (2,) / (B, 2) uint32 words.
+    example_ids: (B, 2) uint32 words of each row's example id (`sampling.split_u64`); required
+      with samples.
+    sample_exclude: leading top-k ids the proposal leaves out: a static int <= k (recorded as
+      `sample_skip`) or a traced per-row array (then the caller records it).
+    sample_counts: draws per row (<= num_samples; default num_samples).
   """
   if logits.ndim != 3:
     raise ValueError(f"logits: expected rank 3 (B, T, V), got shape {tuple(logits.shape)}")
@@ -213,9 +309,28 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
       if name not in STATE_NAMES:
         raise ValueError(f"states: unknown state {name!r} (known: {', '.join(STATE_NAMES)})")
       layer_states[name] = value if state_dtype is None else value.astype(value_dtype_of(state_dtype))
-  return TeacherTargets(topk_ids=ids.astype(jnp.int32), topk_logits=vals.astype(dtype),
-                        logsumexp=lse, temperatures=temps, layer_states=layer_states,
-                        state_layers=tuple(int(x) for x in state_layers) if layer_states else ())
+  targets = TeacherTargets(topk_ids=ids.astype(jnp.int32), topk_logits=vals.astype(dtype),
+                           logsumexp=lse, temperatures=temps, layer_states=layer_states,
+                           state_layers=tuple(int(x) for x in state_layers) if layer_states else ())
+  if not num_samples:
+    return targets
+  if example_ids is None:
+    raise ValueError("example_ids: required with num_samples > 0 (the draws are keyed by example id)")
+  static_skip = isinstance(sample_exclude, (int, np.integer))
+  if static_skip and not 0 <= sample_exclude <= min(k, true_vocab_size - 1):
+    raise ValueError(f"sample_exclude: {sample_exclude} not in [0, min(k={k}, true_vocab_size - 1)]")
+  if isinstance(sample_seed, (int, np.integer)):
+    sample_seed = sampling.split_u64(np.asarray(sample_seed))
+  b = z.shape[0]
+  sids, counts, slogits, slse = sampling.draw_samples(
+      z, targets.topk_ids, num_draws=num_samples,
+      num_samples=num_samples if sample_counts is None else sample_counts, temperature=sample_temperature,
+      exclude=sample_exclude, seeds=jnp.reshape(jnp.asarray(sample_seed, jnp.uint32), (-1, 2)),
+      example_ids=jnp.reshape(jnp.asarray(example_ids, jnp.uint32), (b, 2)))
+  tau = jnp.reshape(jnp.asarray(sample_temperature, jnp.float32), (-1,))[0]
+  return targets.replace(sample_ids=sids, sample_counts=counts, sample_logits=slogits.astype(dtype),
+                         sample_logsumexp=slse, sample_temperature=tau,
+                         sample_skip=int(sample_exclude) if static_skip else 0)
 
 
 def to_numpy(targets: TeacherTargets) -> dict[str, np.ndarray]:
@@ -227,6 +342,9 @@ def to_numpy(targets: TeacherTargets) -> dict[str, np.ndarray]:
     out[_STATES_PREFIX + name] = np.asarray(value)
   if targets.dense_logits is not None:
     out["dense_logits"] = np.asarray(targets.dense_logits)
+  if targets.has_samples:
+    out.update({name: np.asarray(getattr(targets, name)) for name in SAMPLE_FIELDS})
+    out["sample_skip"] = np.asarray(targets.sample_skip, np.int32)
   return out
 
 
@@ -236,7 +354,7 @@ def from_numpy(arrays: Mapping[str, np.ndarray], *, validate: bool = True) -> Te
   missing = [key for key in required if key not in arrays]
   if missing:
     raise ValueError(f"teacher targets: missing {', '.join(missing)}")
-  known = set(required) | {"state_layers", "dense_logits"}
+  known = set(required) | {"state_layers", "dense_logits", "sample_skip"} | set(SAMPLE_FIELDS)
   states = {}
   for key, value in arrays.items():
     if key.startswith(_STATES_PREFIX):
@@ -247,22 +365,18 @@ def from_numpy(arrays: Mapping[str, np.ndarray], *, validate: bool = True) -> Te
   targets = TeacherTargets(
       topk_ids=arrays["topk_ids"], topk_logits=arrays["topk_logits"], logsumexp=arrays["logsumexp"],
       temperatures=arrays["temperatures"], layer_states=states, state_layers=layers,
-      dense_logits=arrays.get("dense_logits"))
+      dense_logits=arrays.get("dense_logits"), sample_skip=int(arrays.get("sample_skip", 0)),
+      **{name: arrays.get(name) for name in SAMPLE_FIELDS})
   return targets.validate() if validate else targets
 
 
 def slice_batch(targets: TeacherTargets, start: int, stop: int) -> TeacherTargets:
   """Rows [start, stop) of the batch (states are sliced on their B axis, axis 1)."""
-  rows = slice(start, stop)
-  return targets.replace(
-      topk_ids=targets.topk_ids[rows], topk_logits=targets.topk_logits[rows],
-      logsumexp=targets.logsumexp[rows],
-      layer_states={name: value[:, rows] for name, value in targets.layer_states.items()},
-      dense_logits=None if targets.dense_logits is None else targets.dense_logits[rows])
+  return targets.map_rows(lambda x, axis: x[(slice(None),) * axis + (slice(start, stop),)])
 
 
 def concat(parts: Sequence[TeacherTargets]) -> TeacherTargets:
-  """Concatenates along B; parts must agree on k, temperatures, states and layers."""
+  """Concatenates along B; parts must agree on k, temperatures, states, layers and sampling."""
   if not parts:
     raise ValueError("concat: no targets given")
   first = parts[0]
@@ -275,13 +389,16 @@ def concat(parts: Sequence[TeacherTargets]) -> TeacherTargets:
       raise ValueError(f"concat: part {i} temperatures differ from part 0")
     if (part.dense_logits is None) != (first.dense_logits is None):
       raise ValueError(f"concat: part {i} disagrees with part 0 on dense_logits")
+    if part.has_samples != first.has_samples or part.sample_skip != first.sample_skip or (
+        first.has_samples and not np.array_equal(np.asarray(part.sample_temperature),
+                                                 np.asarray(first.sample_temperature))):
+      raise ValueError(f"concat: part {i} disagrees with part 0 on the sampled targets")
   xp = np if all(isinstance(p.topk_ids, np.ndarray) for p in parts) else jnp
-
-  def cat(get, axis=0):
-    return xp.concatenate([get(p) for p in parts], axis=axis)
-
-  return first.replace(
-      topk_ids=cat(lambda p: p.topk_ids), topk_logits=cat(lambda p: p.topk_logits),
-      logsumexp=cat(lambda p: p.logsumexp),
-      layer_states={name: cat(lambda p, n=name: p.layer_states[n], axis=1) for name in first.layer_states},
-      dense_logits=None if first.dense_logits is None else cat(lambda p: p.dense_logits))
+  per_part = []
+  for part in parts:  # map_rows visits the arrays in a fixed order
+    arrays: list = []
+    part.map_rows(lambda x, axis, arrays=arrays: arrays.append((x, axis)) or x)
+    per_part.append(arrays)
+  it = iter([xp.concatenate([arrays[j][0] for arrays in per_part], axis=per_part[0][j][1])
+             for j in range(len(per_part[0]))])
+  return first.map_rows(lambda x, axis: next(it))

@@ -24,14 +24,14 @@ import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
-from distill_core.targets import TeacherTargets
+from distill_core.targets import SampleRequest, TeacherTargets
 from student_trainer.schedules import Schedule, constant
 
 Array = jax.Array
 _EPS = 1e-8  # smallest vector norm in the cosine distance
 _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
 
-KDMode = Literal["tail", "renormalize", "topk"]
+KDMode = Literal["tail", "renormalize", "topk", "sampled"]
 FeatureKind = Literal["cosine", "l2"]
 Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
 
@@ -182,6 +182,80 @@ def _column(targets: TeacherTargets, temperature: Any) -> tuple[Array, Array]:
   return idx, gaps[idx]
 
 
+def kd_sampled(student_logits: Array, targets: TeacherTargets, loss_mask: Array, *,
+               temperature: Any = None, k: int | None = None, true_vocab_size: int | None = None,
+               ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """T^2 * an unbiased estimate of KL(teacher || student) from exact top-k ids plus teacher samples.
+
+  The exact set E is the first `k` top-k ids (all `targets.sample_skip` of them when the
+  samples were drawn outside the top-k; None: the same, or none). Every other id enters
+  through the samples, each weighted by p / pi, the teacher's probability at the loss
+  temperature over the proposal's (see docs/losses.md, "Sampled KD"):
+
+    kl = sum_{i in E} p_i (log p_i - log q_i)
+         + (1 / N) sum_j c_j [u_j not in E] (p_j / pi_j) (log p_j - log q_j)
+
+  Returns:
+    (loss, metrics): `teacher_tail_mass` (exact 1 - sum_E p), `sampled_tail_mass` (its
+    estimate from the samples, (1/N) sum_j c_j [u_j not in E] p_j / pi_j), `kd_support`
+    (exact ids plus distinct samples used) and `temperature_gap`.
+  """
+  if not targets.has_samples:
+    raise ValueError("sample_ids: kd_mode 'sampled' needs sampled teacher targets (loss.num_samples > 0)")
+  skip = targets.sample_skip
+  if skip and k is not None and k != skip:
+    raise ValueError(f"k: the samples were drawn outside the first {skip} top-k ids, so the loss must use "
+                     f"exactly those {skip} exactly (got k={k})")
+  n_exact = skip or (k or 0)
+  if n_exact > targets.k:
+    raise ValueError(f"k: {n_exact} exact ids wanted, the teacher sent {targets.k}")
+  col, gap = _column(targets, temperature)
+  temp = jnp.asarray(targets.temperatures, jnp.float32)[col]
+  inv_t = 1.0 / temp
+  inv_tau = 1.0 / jnp.asarray(targets.sample_temperature, jnp.float32)
+  stop = jax.lax.stop_gradient
+  counted = loss_mask > 0
+  lse_t = jnp.where(counted, stop(jnp.take(targets.logsumexp, col, axis=-1)), 0.0)  # (B, T)
+  s = _mask_padded(student_logits.astype(jnp.float32), true_vocab_size)
+  m, lse_s = _normaliser(s, inv_t)
+
+  def log_q(ids):
+    return (jnp.take_along_axis(s, ids, axis=-1) - m) * inv_t - lse_s[..., None]
+
+  # Exact part over E (like `topk`), neutralised at masked positions.
+  ids_e = jnp.where(counted[..., None], targets.topk_ids[..., :n_exact], 0)
+  z_e = stop(targets.topk_logits[..., :n_exact].astype(jnp.float32))
+  valid_e = jnp.isfinite(z_e) & counted[..., None]
+  log_p_e = jnp.where(valid_e, z_e * inv_t - lse_t[..., None], 0.0)
+  p_e = jnp.where(valid_e, jnp.exp(log_p_e), 0.0)
+  exact = jnp.sum(jnp.where(valid_e, p_e * (log_p_e - log_q(ids_e)), 0.0), axis=-1)
+  # Sampled part: distinct ids u_j drawn c_j times out of N.
+  counts = jnp.where(counted[..., None], stop(targets.sample_counts), 0).astype(jnp.float32)
+  ids_s = jnp.where(counts > 0, targets.sample_ids, 0)
+  if n_exact > skip:  # a proposal over the whole vocabulary: drop the draws that landed in E
+    in_e = jnp.any((ids_s[..., :, None] == ids_e[..., None, :]) & valid_e[..., None, :], axis=-1)
+    counts = jnp.where(in_e, 0.0, counts)
+  used = counts > 0
+  n = jnp.sum(jnp.where(counted[..., None], stop(targets.sample_counts), 0), axis=-1).astype(jnp.float32)
+  z_s = jnp.where(used, stop(targets.sample_logits.astype(jnp.float32)), 0.0)
+  lse_pi = jnp.where(counted, stop(targets.sample_logsumexp), 0.0)
+  log_p_s = z_s * inv_t - lse_t[..., None]
+  log_w = log_p_s - (z_s * inv_tau - lse_pi[..., None])  # log p / pi
+  frac = jnp.where(used, counts * jnp.exp(log_w), 0.0) / jnp.maximum(n, 1.0)[..., None]  # (B, T, S)
+  sampled = jnp.sum(jnp.where(used, frac * (log_p_s - log_q(ids_s)), 0.0), axis=-1)
+  kl = exact + sampled
+  if n_exact:
+    tail = _teacher_tail(jnp.where(valid_e, z_e * inv_t, 0.0), valid_e, lse_t)
+  else:
+    tail = jnp.ones_like(kl)
+  metrics = {"teacher_tail_mass": masked_sum(tail, loss_mask),
+             "sampled_tail_mass": masked_sum(jnp.sum(frac, axis=-1), loss_mask),
+             "kd_support": masked_sum((jnp.sum(valid_e, axis=-1) + jnp.sum(used, axis=-1)).astype(jnp.float32),
+                                      loss_mask),
+             "temperature_gap": masked_sum(jnp.broadcast_to(gap, kl.shape), loss_mask)}
+  return masked_sum(kl * (temp * temp), loss_mask), metrics
+
+
 def kd_sparse(student_logits: Array, targets: TeacherTargets, loss_mask: Array, *,
               mode: KDMode = "tail", temperature: Any = None, top_p: float | None = None,
               k: int | None = None, true_vocab_size: int | None = None,
@@ -192,7 +266,7 @@ def kd_sparse(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
     student_logits: (B, T, V) student logits.
     targets: the teacher's top-k ids, shifted logits and logsumexp.
     loss_mask: (B, T); positions with 0 are ignored.
-    mode: `tail`, `renormalize` or `topk`.
+    mode: `tail`, `renormalize`, `topk` or `sampled` (`kd_sampled`; top_p is not used).
     temperature: the temperature in use; the loss takes the logsumexp column
       whose temperature is nearest and uses that column's temperature on both
       sides (`temperature_gap` reports the distance; concrete values that match
@@ -207,8 +281,11 @@ def kd_sparse(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
     top-k probabilities), `kd_support` (ids kept per position) and
     `temperature_gap`.
   """
+  if mode == "sampled":
+    return kd_sampled(student_logits, targets, loss_mask, temperature=temperature, k=k,
+                      true_vocab_size=true_vocab_size)
   if mode not in SPARSE_MODES:
-    raise ValueError(f"mode: {mode!r} not in {', '.join(SPARSE_MODES)}")
+    raise ValueError(f"mode: {mode!r} not in {', '.join(SPARSE_MODES)}, sampled")
   if top_p is not None and not 0.0 <= top_p <= 1.0:
     raise ValueError(f"top_p: {top_p} not in [0, 1]")
   if k is not None and not 0 < k <= targets.k:
@@ -312,9 +389,21 @@ class LossConfig(ConfigBase):
   """Which losses, their weights and the sparse-KD variant."""
 
   kd_mode: KDMode = Field("tail", description="Sparse KD variant: tail (top-k + exact tail bucket), "
-                                              "renormalize (both sides over the top-k), topk (no tail term).")
-  top_k: int = Field(64, gt=0, description="Teacher ids per position (requested from the teacher; "
-                                           "targets with more use the first top_k).")
+                                              "renormalize (both sides over the top-k), topk (no tail term), "
+                                              "sampled (exact top_k + importance-weighted teacher samples, unbiased).")
+  top_k: int = Field(64, ge=0, description="Teacher ids per position (requested from the teacher; "
+                                           "targets with more use the first top_k). With kd_mode sampled: "
+                                           "the ids treated exactly; 0 = samples only.")
+  num_samples: int = Field(0, ge=0, description="kd_mode sampled: draws per position from the teacher's "
+                                                "softmax(z / sample_temperature) (N); required > 0 there.")
+  sample_temperature: float = Field(1.0, gt=0, allow_inf_nan=False,
+                                    description="kd_mode sampled: tau of the proposal softmax(z / tau); "
+                                                "tau = temperature gives every draw weight 1.")
+  sample_seed: int = Field(0, ge=0, lt=2**64, description="kd_mode sampled: the request seed; the draws are "
+                                                         "fixed by (seed, example id, position).")
+  sample_tail: bool = Field(True, description="kd_mode sampled: draw only outside the exact top_k (every draw "
+                                              "informs the tail); false: from the whole vocabulary (draws that "
+                                              "land in the top_k are dropped; samples reusable for any top_k).")
   top_p: float | None = Field(None, ge=0.0, le=1.0, description="Nucleus cut of the top-k by exact teacher "
                                                                "probability; None or 0 disables.")
   use_dense: bool = Field(False, description="Use kd_dense on full teacher logits when an in-process teacher "
@@ -348,6 +437,10 @@ class LossConfig(ConfigBase):
       if not ok:
         raise ValueError(f"{name} {what} (schedule goes from {getattr(self, name).start} "
                          f"to {getattr(self, name).final})")
+    if self.kd_mode == "sampled" and self.num_samples < 1:
+      raise ValueError("num_samples: kd_mode sampled needs num_samples >= 1 draws per position")
+    if self.kd_mode != "sampled" and self.top_k < 1:
+      raise ValueError(f"top_k must be >= 1 for kd_mode {self.kd_mode} (0 is only for kd_mode sampled)")
     if self.layer_map is not None and min(self.layer_map, default=0) < 0:
       raise ValueError(f"layer_map entries must be >= 0, got {self.layer_map}")
     if self.blockwise_steps is not None and not self.blockwise:
@@ -368,6 +461,19 @@ class LossConfig(ConfigBase):
   @property
   def top_p_cut(self) -> float | None:
     return self.top_p if self.top_p else None
+
+  @property
+  def request_k(self) -> int:
+    """Top-k ids to ask the teacher for (at least 1: every answer carries a top-k)."""
+    return max(self.top_k, 1)
+
+  @property
+  def sampling(self) -> "SampleRequest | None":
+    """The samples to ask the teacher for (None unless kd_mode is sampled)."""
+    if self.kd_mode != "sampled":
+      return None
+    return SampleRequest(num_samples=self.num_samples, temperature=self.sample_temperature,
+                         seed=self.sample_seed, exclude=self.top_k if self.sample_tail else 0)
 
   def layer_pairs(self, num_student_layers: int,
                   num_teacher_layers: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -398,6 +504,9 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
     temp = targets.temperatures[0] if temperature is None else temperature
     return kd_dense(student_logits, targets.dense_logits, loss_mask, temperature=temp,
                     true_vocab_size=true_vocab_size)
+  if cfg.kd_mode == "sampled":
+    return kd_sampled(student_logits, targets, loss_mask, temperature=temperature, k=cfg.top_k,
+                      true_vocab_size=true_vocab_size)
   if targets.k < cfg.top_k:
     raise ValueError(f"top_k: loss wants {cfg.top_k} teacher ids, the targets carry {targets.k}")
   return kd_sparse(student_logits, targets, loss_mask, mode=cfg.kd_mode, temperature=temperature,
