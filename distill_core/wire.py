@@ -21,7 +21,7 @@ import numpy as np
 
 from distill_core import sorted_delta
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import TeacherTargets
+from distill_core.targets import SampleRequest, TeacherTargets
 
 _DTYPES: dict[int, np.dtype] = {
     pb.DTYPE_INT32: np.dtype("<i4"),
@@ -222,24 +222,37 @@ class OutputSpec:
   states: tuple[str, ...] = ()
   state_dtype: str = "bfloat16"
   pack_ids: bool = False
+  samples: SampleRequest | None = None  # sampled targets; `exclude` > 0 asks for sample_tail (= k)
 
   def to_proto(self) -> pb.OutputSpec:
-    return pb.OutputSpec(
+    spec = pb.OutputSpec(
         k=self.k, temperatures=list(self.temperatures), value_dtype=dtype_enum(self.value_dtype),
         layers=list(self.layers), states=list(self.states), state_dtype=dtype_enum(self.state_dtype),
         pack_ids=self.pack_ids)
+    if self.samples is not None:
+      if self.samples.exclude not in (0, self.k):
+        raise ValueError(f"samples.exclude: {self.samples.exclude} must be 0 or k={self.k} on the wire")
+      spec.num_samples = self.samples.num_samples
+      spec.sample_temperature = self.samples.temperature
+      spec.sample_seed = self.samples.seed
+      spec.sample_tail = self.samples.exclude > 0
+    return spec
 
 
 def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
-                 segment_ids: np.ndarray | None = None,
-                 positions: np.ndarray | None = None) -> pb.ForwardRequest:
-  """Builds a ``ForwardRequest``; arrays are sent as int32 [B, T]."""
+                 segment_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
+                 example_ids: np.ndarray | None = None) -> pb.ForwardRequest:
+  """Builds a ``ForwardRequest``; arrays are sent as int32 [B, T], example ids as int64 [B]."""
   req = pb.ForwardRequest(request_id=request_id, spec=spec.to_proto())
   req.tokens.CopyFrom(encode_tensor(np.asarray(tokens, np.int32)))
   if segment_ids is not None:
     req.segment_ids.CopyFrom(encode_tensor(np.asarray(segment_ids, np.int32)))
   if positions is not None:
     req.positions.CopyFrom(encode_tensor(np.asarray(positions, np.int32)))
+  if example_ids is not None:
+    req.example_ids.CopyFrom(encode_tensor(np.asarray(example_ids, np.int64).reshape(-1)))
+  if spec.samples is not None and example_ids is None:
+    raise ValueError("example_ids: required with sampled targets (they key the draws)")
   return req
 
 
@@ -259,7 +272,53 @@ def targets_to_response(request_id: int, targets: TeacherTargets, *, packed_id_b
   resp.logsumexp.CopyFrom(encode_tensor(np.asarray(targets.logsumexp, np.float32)))
   for name, value in targets.layer_states.items():
     resp.layer_states[name].CopyFrom(encode_tensor(value))
+  if targets.has_samples:
+    _encode_samples(resp, targets, packed_id_bits)
   return resp
+
+
+def _encode_samples(resp: pb.ForwardResponse, targets: TeacherTargets, packed_id_bits: int) -> None:
+  """Counts as [B, T, S]; ids and logits of the non-empty slots only, flat (see teacher.proto)."""
+  counts = np.asarray(targets.sample_counts, np.int32)
+  used = counts > 0
+  count_bits = bits_for(int(counts.max()) + 1) if packed_id_bits and counts.size else 0
+  resp.sample_counts.CopyFrom(encode_tensor(counts, packed_bits=count_bits))
+  resp.sample_ids.CopyFrom(encode_tensor(np.asarray(targets.sample_ids, np.int32)[used],
+                                         packed_bits=packed_id_bits))
+  resp.sample_logits.CopyFrom(encode_tensor(np.asarray(targets.sample_logits)[used]))
+  resp.sample_logsumexp.CopyFrom(encode_tensor(np.asarray(targets.sample_logsumexp, np.float32)))
+  resp.sample_temperature = float(np.asarray(targets.sample_temperature))
+  resp.sample_skip = int(targets.sample_skip)
+
+
+def _decode_samples(resp: pb.ForwardResponse, bt: tuple[int, int]) -> dict:
+  if not resp.HasField("sample_counts"):
+    return {}
+  counts = decode_tensor(resp.sample_counts, "sample_counts", dtypes=(pb.DTYPE_INT32,), ndim=3)
+  if counts.shape[:2] != bt:
+    raise WireError("sample_counts", f"shape {list(counts.shape)} does not match [B, T, slots] with "
+                                     f"[B, T] = {list(bt)}")
+  if counts.size and int(counts.min()) < 0:
+    raise WireError("sample_counts", "negative count")
+  used = counts > 0
+  n = int(used.sum())
+  flat_ids = decode_tensor(resp.sample_ids, "sample_ids", dtypes=(pb.DTYPE_INT32,), ndim=1)
+  flat_logits = decode_tensor(resp.sample_logits, "sample_logits",
+                              dtypes=(pb.DTYPE_FLOAT16, pb.DTYPE_BFLOAT16, pb.DTYPE_FLOAT32), ndim=1)
+  for field, flat in (("sample_ids", flat_ids), ("sample_logits", flat_logits)):
+    if flat.shape[0] != n:
+      raise WireError(field, f"{flat.shape[0]} entries for {n} non-empty sample slots")
+  ids = np.zeros(counts.shape, np.int32)
+  ids[used] = flat_ids
+  logits = np.zeros(counts.shape, flat_logits.dtype)
+  logits[used] = flat_logits
+  lse = decode_tensor(resp.sample_logsumexp, "sample_logsumexp", dtypes=(pb.DTYPE_FLOAT32,), ndim=2)
+  if lse.shape != bt:
+    raise WireError("sample_logsumexp", f"shape {list(lse.shape)} != [B, T] = {list(bt)}")
+  if not (math.isfinite(resp.sample_temperature) and resp.sample_temperature > 0):
+    raise WireError("sample_temperature", f"{resp.sample_temperature} must be finite and > 0")
+  return dict(sample_ids=ids, sample_counts=np.asarray(counts, np.int32), sample_logits=logits,
+              sample_logsumexp=lse, sample_temperature=resp.sample_temperature, sample_skip=resp.sample_skip)
 
 
 def response_to_targets(resp: pb.ForwardResponse) -> TeacherTargets:
@@ -284,6 +343,9 @@ def response_to_targets(resp: pb.ForwardResponse) -> TeacherTargets:
     states[name] = value
   if layers and not states:
     raise WireError("layer_states", f"state_layers {list(layers)} given without any states")
+  samples = _decode_samples(resp, ids.shape[:2])
+  if samples and not 0 <= samples["sample_skip"] <= ids.shape[2]:
+    raise WireError("sample_skip", f"{samples['sample_skip']} not in [0, k={ids.shape[2]}]")
   return TeacherTargets(topk_ids=ids, topk_logits=logits, logsumexp=lse, temperatures=temps,
-                        layer_states=states, state_layers=layers if states else ())
+                        layer_states=states, state_layers=layers if states else (), **samples)
 

@@ -105,11 +105,7 @@ def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):
   micro_batch = jax.tree.map(rows, batch)
   if targets is None:
     return micro_batch, None
-  return micro_batch, targets.replace(
-      topk_ids=rows(targets.topk_ids), topk_logits=rows(targets.topk_logits),
-      logsumexp=rows(targets.logsumexp),
-      layer_states={name: rows(value, axis=1) for name, value in targets.layer_states.items()},
-      dense_logits=None if targets.dense_logits is None else rows(targets.dense_logits))
+  return micro_batch, targets.map_rows(rows)
 
 
 def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd", shardings=None):

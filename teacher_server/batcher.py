@@ -1,7 +1,7 @@
 """Packs requests from every stream and client into the engine's bucket shapes.
 
 One bounded asyncio queue takes validated requests from all calls. A loop moves
-them into per-(length, state dtype or none) groups (one compiled engine program each), splitting requests along B: a
+them into per-(length, state dtype or none, with samples) groups (one compiled engine program each), splitting requests along B: a
 request whose batch exceeds the largest bucket batch of its length is spread
 over several engine batches and reassembled. A group is flushed when it fills
 its largest bucket batch or when its oldest row has waited ``max_wait_ms``;
@@ -34,7 +34,8 @@ import grpc
 import numpy as np
 
 from distill_core.targets import TeacherTargets, concat
-from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch
+from distill_core.sampling import split_u64
+from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch, SampleBatch
 from teacher_server.metrics import Metrics
 from teacher_server.validation import Prepared, RequestError
 
@@ -81,11 +82,21 @@ def extract(out: EngineOutput, row: int, req: Prepared, start: int, stop: int) -
     for name in req.states:
       states[name] = np.stack([out.states[name][layer][rows, :t] for layer in req.layers]).astype(
           req.state_dtype, copy=False)
+  samples = {}
+  if req.samples is not None:
+    n = req.samples.num_samples  # the distinct ids of N draws fit in the first N slots
+    samples = dict(
+        sample_ids=np.ascontiguousarray(out.sample_ids[rows, :t, :n]),
+        sample_counts=np.ascontiguousarray(out.sample_counts[rows, :t, :n]),
+        sample_logits=np.ascontiguousarray(out.sample_logits[rows, :t, :n], dtype=req.value_dtype),
+        sample_logsumexp=np.ascontiguousarray(out.sample_logsumexp[rows, :t]),
+        sample_temperature=req.samples.temperature, sample_skip=req.samples.exclude)
   return TeacherTargets(
       topk_ids=np.ascontiguousarray(out.topk_ids[rows, :t, :req.k]),
       topk_logits=np.ascontiguousarray(out.topk_logits[rows, :t, :req.k], dtype=req.value_dtype),
       logsumexp=np.ascontiguousarray(out.logsumexp[rows, :t, :len(req.temperatures)]),
-      temperatures=req.temperatures, layer_states=states, state_layers=req.layers if states else ())
+      temperatures=req.temperatures, layer_states=states, state_layers=req.layers if states else (),
+      **samples)
 
 
 class Batcher:
@@ -106,7 +117,7 @@ class Batcher:
       sizes.sort()
     self._lengths = sorted(self._batches_for)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
-    self._pending: dict[tuple[int, np.dtype | None], collections.deque[_Slice]] = {}
+    self._pending: dict[tuple[int, np.dtype | None, bool], collections.deque[_Slice]] = {}
     self._tasks: set[asyncio.Task] = set()
     self._closing = False
     self._loop_task: asyncio.Task | None = None
@@ -170,7 +181,7 @@ class Batcher:
         if self._abandoned(job):
           continue
         try:
-          key = (self._length_class(job.req.length), job.req.fetch.state_dtype)
+          key = (self._length_class(job.req.length), job.req.fetch.state_dtype, job.req.samples is not None)
         except RequestError as e:
           job.future.done() or job.future.set_exception(e)
           continue
@@ -217,7 +228,7 @@ class Batcher:
       if not queue:
         del self._pending[key]
 
-  async def _dispatch(self, key: tuple[int, np.dtype | None], queue: collections.deque[_Slice], max_rows: int) -> None:
+  async def _dispatch(self, key: tuple[int, np.dtype | None, bool], queue: collections.deque[_Slice], max_rows: int) -> None:
     taken: list[_Slice] = []
     rows = 0
     while queue and rows < max_rows:
@@ -240,13 +251,14 @@ class Batcher:
     self._tasks.add(task)
     task.add_done_callback(self._tasks.discard)
 
-  def _build(self, key: tuple[int, np.dtype | None], taken: list[_Slice], rows: int) -> EngineBatch:
-    length = key[0]
+  def _build(self, key: tuple[int, np.dtype | None, bool], taken: list[_Slice], rows: int) -> EngineBatch:
+    length, _, with_samples = key
     bb = next(b for b in self._batches_for[length] if b >= rows)
     tokens = np.zeros((bb, length), np.int32)
     segments = np.zeros((bb, length), np.int32)
     positions = np.zeros((bb, length), np.int32)
     temps = np.ones((bb, self._info.max_temperatures), np.float32)
+    draws = SampleBatch.empty(bb) if with_samples else None
     row = 0
     for s in taken:
       req, n = s.job.req, s.stop - s.start
@@ -254,9 +266,16 @@ class Batcher:
       segments[row:row + n, :req.length] = req.segment_ids[s.start:s.stop]
       positions[row:row + n, :req.length] = req.positions[s.start:s.stop]
       temps[row:row + n, :len(req.temperatures)] = req.temperatures
+      if draws is not None:
+        spec = req.samples
+        draws.num_samples[row:row + n] = spec.num_samples
+        draws.temperatures[row:row + n] = spec.temperature
+        draws.seeds[row:row + n] = split_u64(np.asarray(spec.seed))
+        draws.example_ids[row:row + n] = split_u64(req.example_ids[s.start:s.stop])
+        draws.exclude[row:row + n] = spec.exclude
       row += n
     fetch = Fetch.union([s.job.req.fetch for s in taken], self._info.selectable_layers)
-    return EngineBatch(tokens, segments, positions, temps, fetch)
+    return EngineBatch(tokens, segments, positions, temps, fetch, draws)
 
   def _run_engine(self, batch: EngineBatch, taken: list[_Slice]) -> list[TeacherTargets]:
     """Worker thread: one forward, then every slice's trimmed, cast piece."""
@@ -272,7 +291,7 @@ class Batcher:
     self._metrics.compilations.set(self._engine.compilations())
     return pieces
 
-  async def _execute(self, key: tuple[int, np.dtype | None], taken: list[_Slice], rows: int) -> None:
+  async def _execute(self, key: tuple[int, np.dtype | None, bool], taken: list[_Slice], rows: int) -> None:
     try:
       batch = self._build(key, taken, rows)
       real = sum((s.stop - s.start) * s.job.req.length for s in taken)

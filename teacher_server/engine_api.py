@@ -40,6 +40,7 @@ class EngineInfo:
   state_names: tuple[str, ...]
   weights_fingerprint: str
   tokenizer_fingerprint: str
+  max_samples: int = 0  # draw slots per position of a sampling batch; 0 = sampling not offered
 
   @property
   def max_seq_len(self) -> int:
@@ -76,6 +77,7 @@ class Fetch:
   layers: tuple[int, ...] = ()  # teacher layers whose states are copied
   states: tuple[str, ...] = ()  # state names copied for every layer above
   state_dtype: np.dtype | None = None  # dtype of the states; None when no states are wanted
+  samples: int = 0  # sample slots per position (the engine copies fetched_k(samples, max_samples)); 0: none
 
   def __post_init__(self):
     object.__setattr__(self, "value_dtype", np.dtype(self.value_dtype))
@@ -103,7 +105,7 @@ class Fetch:
     states = {name for f in fetches for name in f.states}
     return Fetch(k=max(f.k for f in fetches), value_dtype=values.pop() if len(values) == 1 else np.dtype(np.float32),
                  layers=tuple(layer for layer in order if layer in layers),
-                 states=tuple(sorted(states)), state_dtype=dtypes.pop())
+                 states=tuple(sorted(states)), state_dtype=dtypes.pop(), samples=max(f.samples for f in fetches))
 
 
 @dataclasses.dataclass
@@ -115,10 +117,27 @@ class EngineBatch:
   positions: np.ndarray  # (Bb, Tb) int32
   temperatures: np.ndarray  # (Bb, max_temperatures) float32, padded with 1.0
   fetch: Fetch  # what to copy to the host
+  samples: "SampleBatch | None" = None  # per-row sampling parameters (None: no row samples)
 
   @property
   def with_states(self) -> bool:
     return self.fetch.with_states
+
+
+@dataclasses.dataclass
+class SampleBatch:
+  """Per-row sampling parameters of an engine batch (rows that do not sample have num_samples 0)."""
+
+  num_samples: np.ndarray  # (Bb,) int32, <= info.max_samples
+  temperatures: np.ndarray  # (Bb,) float32 tau, 1.0 where unused
+  seeds: np.ndarray  # (Bb, 2) uint32 words of each row's request seed
+  example_ids: np.ndarray  # (Bb, 2) uint32 words of each row's example id
+  exclude: np.ndarray  # (Bb,) int32 leading top-k ids left out of the proposal
+
+  @classmethod
+  def empty(cls, rows: int) -> "SampleBatch":
+    return cls(np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
+               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
 
 
 @dataclasses.dataclass
@@ -129,12 +148,19 @@ class EngineOutput:
   topk_logits: np.ndarray  # (Bb, Tb, fetched_k) fetch.value_dtype, minus the row max (first entry 0)
   logsumexp: np.ndarray  # (Bb, Tb, max_temperatures) float32
   states: dict[str, dict[int, np.ndarray]]  # name -> layer -> (Bb, Tb, E) in fetch.state_dtype; {} without
+  # With samples (see distill_core.sampling), each (Bb, Tb, fetched_k(fetch.samples, max_samples)):
+  sample_ids: np.ndarray | None = None  # int32 distinct ids, ascending, then empty slots (id 0)
+  sample_counts: np.ndarray | None = None  # int32, 0 = empty slot
+  sample_logits: np.ndarray | None = None  # fetch.value_dtype shifted logits at sample_ids
+  sample_logsumexp: np.ndarray | None = None  # (Bb, Tb) float32 proposal log-normaliser
 
   @property
   def nbytes(self) -> int:
     """Bytes of every array (what was copied from the device)."""
     arrays = [self.topk_ids, self.topk_logits, self.logsumexp]
     arrays += [value for layers in self.states.values() for value in layers.values()]
+    arrays += [a for a in (self.sample_ids, self.sample_counts, self.sample_logits, self.sample_logsumexp)
+               if a is not None]
     return int(sum(a.nbytes for a in arrays))
 
 
@@ -187,4 +213,13 @@ def check_batch_shape(info: EngineInfo, batch: EngineBatch) -> tuple[int, int]:
   if unknown or any(name not in info.state_names for name in fetch.states):
     raise ValueError(f"fetch: layers {list(fetch.layers)} / states {list(fetch.states)} not offered "
                      f"(layers {list(info.selectable_layers)}, states {list(info.state_names)})")
+  if (batch.samples is None) != (fetch.samples == 0):
+    raise ValueError(f"fetch.samples {fetch.samples} disagrees with the batch's sampling parameters")
+  if batch.samples is not None:
+    if not 1 <= fetch.samples <= info.max_samples:
+      raise ValueError(f"fetch.samples {fetch.samples} not in [1, max_samples {info.max_samples}]")
+    if batch.samples.num_samples.shape != (shape[0],) or batch.samples.example_ids.shape != (shape[0], 2):
+      raise ValueError(f"samples: per-row arrays do not match {shape[0]} rows")
+    if int(batch.samples.num_samples.max(initial=0)) > fetch.samples:
+      raise ValueError(f"samples: a row asks for more than fetch.samples {fetch.samples} draws")
   return shape

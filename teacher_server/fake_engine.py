@@ -7,9 +7,12 @@ row reached the right request and stream without running a model:
 * ``topk_logits[b, t, i] = -0.5 * i``
 * ``logsumexp[b, t, j] = temperatures[b, j] + positions[b, t] / 1000``
 * ``states[name][layer][b, t, :] = tokens[b, t] + 1000 * layer + (0.5 if name == "attn_out" else 0)``
+* samples of a row with N draws: two distinct ids ``(example_id + seed + t + exclude + j) % vocab_size``
+  for j = 0, 1 (sorted), drawn N - N // 2 and N // 2 times (one id when N = 1), logits ``-1 - j``,
+  ``sample_logsumexp[b, t] = tau + 0.25``
 
 Like the JAX engine it returns only what the batch's ``Fetch`` names (k rounded
-up to the ladder, the value dtype, the layers and states asked for).
+up to the ladder, the value dtype, the layers and states asked for, the sample slots).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOu
 def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 8,
               buckets: tuple[tuple[int, int], ...] = ((4, 16), (4, 32)), max_k: int = 8,
               max_temperatures: int = 4, selectable_layers: tuple[int, ...] | None = None,
-              state_names: tuple[str, ...] = ("attn_in", "attn_out")) -> EngineInfo:
+              state_names: tuple[str, ...] = ("attn_in", "attn_out"), max_samples: int = 8) -> EngineInfo:
   """An :class:`EngineInfo` for a small fake model."""
   return EngineInfo(
       model_type="fake", vocab_size=vocab_size, padded_vocab_size=vocab_size, num_layers=num_layers,
@@ -36,7 +39,8 @@ def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 
       buckets=tuple(sorted(buckets, key=lambda bt: (bt[1], bt[0]))), max_k=max_k,
       max_temperatures=max_temperatures,
       selectable_layers=tuple(range(num_layers)) if selectable_layers is None else selectable_layers,
-      state_names=state_names, weights_fingerprint="fake-weights", tokenizer_fingerprint="")
+      state_names=state_names, weights_fingerprint="fake-weights", tokenizer_fingerprint="",
+      max_samples=max_samples)
 
 
 class FakeEngine(Engine):
@@ -89,8 +93,29 @@ class FakeEngine(Engine):
         value = batch.tokens[:, :, None] + 1000.0 * layer + (0.5 if name == "attn_out" else 0.0)  # (B, T, 1)
         shape = value.shape[:2] + (info.hidden_size,)
         states[name][layer] = np.broadcast_to(value, shape).astype(fetch.state_dtype)
-    return EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
-                        logsumexp=lse.astype(np.float32), states=states)
+    out = EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
+                       logsumexp=lse.astype(np.float32), states=states)
+    if batch.samples is not None:
+      self._samples(batch, out)
+    return out
+
+  def _samples(self, batch: EngineBatch, out: EngineOutput) -> None:
+    info, draws = self._info, batch.samples
+    bb, tb = batch.tokens.shape
+    eid = draws.example_ids[:, 0].astype(np.int64) + (draws.example_ids[:, 1].astype(np.int64) << 32)
+    seed = draws.seeds[:, 0].astype(np.int64) + (draws.seeds[:, 1].astype(np.int64) << 32)
+    base = (eid + seed + draws.exclude)[:, None] + np.arange(tb)[None, :]  # (B, T)
+    pair = np.sort(np.stack([base % info.vocab_size, (base + 1) % info.vocab_size], -1), -1)  # (B, T, 2)
+    n = np.broadcast_to(draws.num_samples[:, None], (bb, tb))
+    counts = np.stack([n - n // 2, n // 2], -1)  # (B, T, 2)
+    shape = (bb, tb, fetched_k(batch.fetch.samples, info.max_samples))
+    out.sample_ids = np.zeros(shape, np.int32)
+    out.sample_counts = np.zeros(shape, np.int32)
+    out.sample_logits = np.zeros(shape, batch.fetch.value_dtype)
+    out.sample_ids[..., :2] = np.where(counts > 0, pair, 0)
+    out.sample_counts[..., :2] = counts
+    out.sample_logits[..., :2] = np.where(counts > 0, -1.0 - np.arange(2), 0.0)
+    out.sample_logsumexp = np.broadcast_to(draws.temperatures[:, None] + 0.25, (bb, tb)).astype(np.float32)
 
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, value in sorted(self._params.items()):

@@ -43,7 +43,7 @@ def info_message(info: EngineInfo, cfg: ServerConfig) -> pb.GetInfoResponse:
                        selectable_layers=list(info.selectable_layers), max_message_bytes=cfg.max_message_bytes,
                        max_request_bytes=max_request_bytes(limits),
                        max_streams_per_connection=cfg.max_streams_per_connection,
-                       stream_window_bytes=cfg.batcher.stream_window_bytes),
+                       stream_window_bytes=cfg.batcher.stream_window_bytes, max_samples=info.max_samples),
       weights_fingerprint=info.weights_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
       buckets=[pb.Bucket(batch=b, length=t) for b, t in info.buckets], server_version=SERVER_VERSION,
       packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=cfg.serve_parameters)
@@ -54,6 +54,7 @@ def response_bytes(req: Prepared, hidden_size: int) -> int:
   bt = req.rows * req.length
   size = bt * req.k * (4 + req.value_dtype.itemsize) + bt * len(req.temperatures) * 4
   size += len(req.states) * len(req.layers) * bt * hidden_size * req.state_dtype.itemsize
+  size += bt * (req.num_samples * (4 + 4 + req.value_dtype.itemsize) + 4) if req.samples else 0
   return size + 1024
 
 

@@ -3,7 +3,8 @@
 Status codes: sizes over the limits (rows, tokens, sequence length) are
 RESOURCE_EXHAUSTED; everything else that is wrong with a request (missing or
 malformed tensors, wrong dtypes or shapes, ids outside the vocabulary, k, the
-temperatures, unknown layers or state names) is INVALID_ARGUMENT.
+temperatures, unknown layers or state names, the sampling spec and example ids)
+is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
+from distill_core.targets import SampleRequest
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import EngineInfo, Fetch
 
@@ -49,6 +51,8 @@ class Prepared:
   states: tuple[str, ...]
   state_dtype: np.dtype
   pack_ids: bool
+  samples: SampleRequest | None = None  # exclude = k with sample_tail
+  example_ids: np.ndarray | None = None  # (B,) int64, with samples
 
   @property
   def rows(self) -> int:
@@ -65,10 +69,12 @@ class Prepared:
   @property
   def fetch(self) -> Fetch:
     """What the engine must copy to the host for this request alone."""
-    if not self.with_states:
-      return Fetch(k=self.k, value_dtype=self.value_dtype)
-    return Fetch(k=self.k, value_dtype=self.value_dtype, layers=self.layers, states=self.states,
-                 state_dtype=self.state_dtype)
+    states = dict(layers=self.layers, states=self.states, state_dtype=self.state_dtype) if self.with_states else {}
+    return Fetch(k=self.k, value_dtype=self.value_dtype, samples=self.num_samples, **states)
+
+  @property
+  def num_samples(self) -> int:
+    return self.samples.num_samples if self.samples else 0
 
 
 def default_positions(segment_ids: np.ndarray) -> np.ndarray:
@@ -141,7 +147,42 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
     states = ("attn_out",)
   return dict(k=int(spec.k), temperatures=temps, value_dtype=wire.numpy_dtype(value_dtype),
               layers=layers, states=states, state_dtype=wire.numpy_dtype(state_dtype),
-              pack_ids=bool(spec.pack_ids))
+              pack_ids=bool(spec.pack_ids), samples=_check_samples(spec, info))
+
+
+def _check_samples(spec: pb.OutputSpec, info: EngineInfo) -> SampleRequest | None:
+  if not spec.HasField("num_samples"):
+    if spec.HasField("sample_temperature") or spec.sample_tail or spec.sample_seed:
+      raise RequestError(_INVALID, "spec.num_samples", "sample_temperature, sample_seed or sample_tail "
+                                                       "given without num_samples")
+    return None
+  n = int(spec.num_samples)
+  if not info.max_samples:
+    raise RequestError(_INVALID, "spec.num_samples", "this server does not offer sampled targets "
+                                                     "(limits.max_samples is 0)")
+  if not 1 <= n <= info.max_samples:
+    raise RequestError(_INVALID, "spec.num_samples", f"num_samples = {n} must be in [1, {info.max_samples}]")
+  tau = float(spec.sample_temperature) if spec.HasField("sample_temperature") else 1.0
+  if not (math.isfinite(tau) and tau > 0):
+    raise RequestError(_INVALID, "spec.sample_temperature", f"sample_temperature {tau} must be finite and > 0")
+  if spec.sample_tail and spec.k >= info.vocab_size:
+    raise RequestError(_INVALID, "spec.sample_tail", f"k = {spec.k} leaves no tail of the {info.vocab_size}-id "
+                                                     "vocabulary to sample from")
+  return SampleRequest(num_samples=n, temperature=tau, seed=int(spec.sample_seed),
+                       exclude=int(spec.k) if spec.sample_tail else 0)
+
+
+def _example_ids(req: pb.ForwardRequest, rows: int) -> np.ndarray:
+  if not req.HasField("example_ids"):
+    raise RequestError(_INVALID, "example_ids", "required with spec.num_samples (they key the draws)")
+  try:
+    ids = wire.decode_tensor(req.example_ids, "example_ids", dtypes=(pb.DTYPE_INT64,), ndim=1, max_elements=rows)
+  except wire.WireError as e:
+    raise RequestError(_INVALID, e.field, e.detail) from None
+  if ids.shape != (rows,):
+    raise RequestError(_INVALID, "example_ids", f"{ids.shape[0]} ids for {rows} rows")
+  _check_range(ids, "example_ids", 0, 2**63 - 1, "example id")
+  return ids
 
 
 def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
@@ -191,5 +232,7 @@ def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> P
     _check_range(positions, "positions", 0, info.max_position_embeddings, "position")
   else:
     positions = default_positions(segment_ids)
+  spec = _check_spec(req.spec, info)
+  example_ids = _example_ids(req, tokens.shape[0]) if spec["samples"] else None
   return Prepared(request_id=int(req.request_id), tokens=tokens, segment_ids=segment_ids,
-                  positions=positions, **_check_spec(req.spec, info))
+                  positions=positions, example_ids=example_ids, **spec)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n distill/teacher/v1/teacher.proto\x12\x12\x64istill.teacher.v1\"\x96\x01\n\x06Tensor\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bpacked_bits\x18\x04 \x01(\r\x12\x30\n\x06\x63oding\x18\x05 \x01(\x0e\x32 .distill.teacher.v1.TensorCoding\"\xbf\x01\n\nOutputSpec\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x14\n\x0ctemperatures\x18\x02 \x03(\x02\x12.\n\x0bvalue_dtype\x18\x03 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12\x0e\n\x06states\x18\x05 \x03(\t\x12.\n\x0bstate_dtype\x18\x06 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\x10\n\x08pack_ids\x18\x07 \x01(\x08\"\xde\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x06tokens\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12/\n\x0bsegment_ids\x18\x03 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12-\n\tpositions\x18\x04 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12,\n\x04spec\x18\x05 \x01(\x0b\x32\x1e.distill.teacher.v1.OutputSpec\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xa5\x03\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12,\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12/\n\x0btopk_logits\x18\x03 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12-\n\tlogsumexp\x18\x04 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12\x14\n\x0ctemperatures\x18\x05 \x03(\x02\x12\x14\n\x0cstate_layers\x18\x06 \x03(\x05\x12J\n\x0clayer_states\x18\x07 \x03(\x0b\x32\x34.distill.teacher.v1.ForwardResponse.LayerStatesEntry\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.distill.teacher.v1.Error\x1aN\n\x10LayerStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor:\x02\x38\x01\"\'\n\x06\x42ucket\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x05\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\x8b\x02\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x11\n\tmax_batch\x18\x02 \x01(\x05\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\x03\x12\x18\n\x10max_temperatures\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\x05\x12\x19\n\x11selectable_layers\x18\x06 \x03(\x05\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x19\n\x11max_request_bytes\x18\t \x01(\x03\x12\"\n\x1amax_streams_per_connection\x18\n \x01(\x05\x12\x1b\n\x13stream_window_bytes\x18\x0b \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xc1\x04\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x19\n\x11padded_vocab_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x07 \x01(\x05\x12\x10\n\x08head_dim\x18\x08 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12/\n\x0cvalue_dtypes\x18\n \x03(\x0e\x32\x19.distill.teacher.v1.DType\x12/\n\x0cstate_dtypes\x18\x0b \x03(\x0e\x32\x19.distill.teacher.v1.DType\x12\x13\n\x0bstate_names\x18\x0c \x03(\t\x12*\n\x06limits\x18\r \x01(\x0b\x32\x1a.distill.teacher.v1.Limits\x12\x1b\n\x13weights_fingerprint\x18\x0e \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x0f \x01(\t\x12+\n\x07\x62uckets\x18\x10 \x03(\x0b\x32\x1a.distill.teacher.v1.Bucket\x12\x16\n\x0eserver_version\x18\x11 \x01(\t\x12\x16\n\x0epacked_id_bits\x18\x12 \x01(\x05\x12\x19\n\x11serves_parameters\x18\x13 \x01(\x08\"}\n\x14GetParametersRequest\x12\x12\n\nname_regex\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x12\x12\n\nnames_only\x18\x03 \x01(\x08\x12\x12\n\nstart_name\x18\x04 \x01(\t\x12\x14\n\x0cstart_offset\x18\x05 \x01(\x03\"\x8a\x01\n\x0eParameterChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06*E\n\x0cTensorCoding\x12\x15\n\x11TENSOR_CODING_RAW\x10\x00\x12\x1e\n\x1aTENSOR_CODING_SORTED_DELTA\x10\x01\x32\xe9\x02\n\x07Teacher\x12R\n\x07GetInfo\x12\".distill.teacher.v1.GetInfoRequest\x1a#.distill.teacher.v1.GetInfoResponse\x12U\n\x06Stream\x12\".distill.teacher.v1.ForwardRequest\x1a#.distill.teacher.v1.ForwardResponse(\x01\x30\x01\x12R\n\x07\x46orward\x12\".distill.teacher.v1.ForwardRequest\x1a#.distill.teacher.v1.ForwardResponse\x12_\n\rGetParameters\x12(.distill.teacher.v1.GetParametersRequest\x1a\".distill.teacher.v1.ParameterChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n distill/teacher/v1/teacher.proto\x12\x12\x64istill.teacher.v1\"\x96\x01\n\x06Tensor\x12(\n\x05\x64type\x18\x01 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x13\n\x0bpacked_bits\x18\x04 \x01(\r\x12\x30\n\x06\x63oding\x18\x05 \x01(\x0e\x32 .distill.teacher.v1.TensorCoding\"\xcb\x02\n\nOutputSpec\x12\t\n\x01k\x18\x01 \x01(\x05\x12\x14\n\x0ctemperatures\x18\x02 \x03(\x02\x12.\n\x0bvalue_dtype\x18\x03 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\x0e\n\x06layers\x18\x04 \x03(\x05\x12\x0e\n\x06states\x18\x05 \x03(\t\x12.\n\x0bstate_dtype\x18\x06 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\x10\n\x08pack_ids\x18\x07 \x01(\x08\x12\x18\n\x0bnum_samples\x18\x08 \x01(\x05H\x00\x88\x01\x01\x12\x1f\n\x12sample_temperature\x18\t \x01(\x02H\x01\x88\x01\x01\x12\x13\n\x0bsample_seed\x18\n \x01(\x04\x12\x13\n\x0bsample_tail\x18\x0b \x01(\x08\x42\x0e\n\x0c_num_samplesB\x15\n\x13_sample_temperature\"\x8f\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x06tokens\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12/\n\x0bsegment_ids\x18\x03 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12-\n\tpositions\x18\x04 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12,\n\x04spec\x18\x05 \x01(\x0b\x32\x1e.distill.teacher.v1.OutputSpec\x12/\n\x0b\x65xample_ids\x18\x06 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\"5\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"\xa2\x05\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12,\n\x08topk_ids\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12/\n\x0btopk_logits\x18\x03 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12-\n\tlogsumexp\x18\x04 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12\x14\n\x0ctemperatures\x18\x05 \x03(\x02\x12\x14\n\x0cstate_layers\x18\x06 \x03(\x05\x12J\n\x0clayer_states\x18\x07 \x03(\x0b\x32\x34.distill.teacher.v1.ForwardResponse.LayerStatesEntry\x12(\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x19.distill.teacher.v1.Error\x12\x31\n\rsample_counts\x18\n \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12.\n\nsample_ids\x18\x0b \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12\x31\n\rsample_logits\x18\x0c \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12\x34\n\x10sample_logsumexp\x18\r \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor\x12\x1a\n\x12sample_temperature\x18\x0e \x01(\x02\x12\x13\n\x0bsample_skip\x18\x0f \x01(\x05\x1aN\n\x10LayerStatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.distill.teacher.v1.Tensor:\x02\x38\x01\"\'\n\x06\x42ucket\x12\r\n\x05\x62\x61tch\x18\x01 \x01(\x05\x12\x0e\n\x06length\x18\x02 \x01(\x05\"\xa0\x02\n\x06Limits\x12\r\n\x05max_k\x18\x01 \x01(\x05\x12\x11\n\tmax_batch\x18\x02 \x01(\x05\x12\x1e\n\x16max_tokens_per_request\x18\x03 \x01(\x03\x12\x18\n\x10max_temperatures\x18\x04 \x01(\x05\x12\x13\n\x0bmax_seq_len\x18\x05 \x01(\x05\x12\x19\n\x11selectable_layers\x18\x06 \x03(\x05\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x03\x12\x13\n\x0bmax_samples\x18\x08 \x01(\x05\x12\x19\n\x11max_request_bytes\x18\t \x01(\x03\x12\"\n\x1amax_streams_per_connection\x18\n \x01(\x05\x12\x1b\n\x13stream_window_bytes\x18\x0b \x01(\x03\"\x10\n\x0eGetInfoRequest\"\xc1\x04\n\x0fGetInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x19\n\x11padded_vocab_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x05 \x01(\x05\x12\x1b\n\x13num_attention_heads\x18\x06 \x01(\x05\x12\x1b\n\x13num_key_value_heads\x18\x07 \x01(\x05\x12\x10\n\x08head_dim\x18\x08 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12/\n\x0cvalue_dtypes\x18\n \x03(\x0e\x32\x19.distill.teacher.v1.DType\x12/\n\x0cstate_dtypes\x18\x0b \x03(\x0e\x32\x19.distill.teacher.v1.DType\x12\x13\n\x0bstate_names\x18\x0c \x03(\t\x12*\n\x06limits\x18\r \x01(\x0b\x32\x1a.distill.teacher.v1.Limits\x12\x1b\n\x13weights_fingerprint\x18\x0e \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x0f \x01(\t\x12+\n\x07\x62uckets\x18\x10 \x03(\x0b\x32\x1a.distill.teacher.v1.Bucket\x12\x16\n\x0eserver_version\x18\x11 \x01(\t\x12\x16\n\x0epacked_id_bits\x18\x12 \x01(\x05\x12\x19\n\x11serves_parameters\x18\x13 \x01(\x08\"}\n\x14GetParametersRequest\x12\x12\n\nname_regex\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_bytes\x18\x02 \x01(\x03\x12\x12\n\nnames_only\x18\x03 \x01(\x08\x12\x12\n\nstart_name\x18\x04 \x01(\t\x12\x14\n\x0cstart_offset\x18\x05 \x01(\x03\"\x8a\x01\n\x0eParameterChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.distill.teacher.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c*\x8b\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_INT32\x10\x01\x12\x0f\n\x0b\x44TYPE_INT64\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x12\x11\n\rDTYPE_FLOAT16\x10\x04\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x05\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x06*E\n\x0cTensorCoding\x12\x15\n\x11TENSOR_CODING_RAW\x10\x00\x12\x1e\n\x1aTENSOR_CODING_SORTED_DELTA\x10\x01\x32\xe9\x02\n\x07Teacher\x12R\n\x07GetInfo\x12\".distill.teacher.v1.GetInfoRequest\x1a#.distill.teacher.v1.GetInfoResponse\x12U\n\x06Stream\x12\".distill.teacher.v1.ForwardRequest\x1a#.distill.teacher.v1.ForwardResponse(\x01\x30\x01\x12R\n\x07\x46orward\x12\".distill.teacher.v1.ForwardRequest\x1a#.distill.teacher.v1.ForwardResponse\x12_\n\rGetParameters\x12(.distill.teacher.v1.GetParametersRequest\x1a\".distill.teacher.v1.ParameterChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,34 +33,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._loaded_options = None
   _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2285
-  _globals['_DTYPE']._serialized_end=2424
-  _globals['_TENSORCODING']._serialized_start=2426
-  _globals['_TENSORCODING']._serialized_end=2495
+  _globals['_DTYPE']._serialized_start=2748
+  _globals['_DTYPE']._serialized_end=2887
+  _globals['_TENSORCODING']._serialized_start=2889
+  _globals['_TENSORCODING']._serialized_end=2958
   _globals['_TENSOR']._serialized_start=57
   _globals['_TENSOR']._serialized_end=207
   _globals['_OUTPUTSPEC']._serialized_start=210
-  _globals['_OUTPUTSPEC']._serialized_end=401
-  _globals['_FORWARDREQUEST']._serialized_start=404
-  _globals['_FORWARDREQUEST']._serialized_end=626
-  _globals['_ERROR']._serialized_start=628
-  _globals['_ERROR']._serialized_end=681
-  _globals['_FORWARDRESPONSE']._serialized_start=684
-  _globals['_FORWARDRESPONSE']._serialized_end=1105
-  _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._serialized_start=1027
-  _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._serialized_end=1105
-  _globals['_BUCKET']._serialized_start=1107
-  _globals['_BUCKET']._serialized_end=1146
-  _globals['_LIMITS']._serialized_start=1149
-  _globals['_LIMITS']._serialized_end=1416
-  _globals['_GETINFOREQUEST']._serialized_start=1418
-  _globals['_GETINFOREQUEST']._serialized_end=1434
-  _globals['_GETINFORESPONSE']._serialized_start=1437
-  _globals['_GETINFORESPONSE']._serialized_end=2014
-  _globals['_GETPARAMETERSREQUEST']._serialized_start=2016
-  _globals['_GETPARAMETERSREQUEST']._serialized_end=2141
-  _globals['_PARAMETERCHUNK']._serialized_start=2144
-  _globals['_PARAMETERCHUNK']._serialized_end=2282
-  _globals['_TEACHER']._serialized_start=2498
-  _globals['_TEACHER']._serialized_end=2859
+  _globals['_OUTPUTSPEC']._serialized_end=541
+  _globals['_FORWARDREQUEST']._serialized_start=544
+  _globals['_FORWARDREQUEST']._serialized_end=815
+  _globals['_ERROR']._serialized_start=817
+  _globals['_ERROR']._serialized_end=870
+  _globals['_FORWARDRESPONSE']._serialized_start=873
+  _globals['_FORWARDRESPONSE']._serialized_end=1547
+  _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._serialized_start=1469
+  _globals['_FORWARDRESPONSE_LAYERSTATESENTRY']._serialized_end=1547
+  _globals['_BUCKET']._serialized_start=1549
+  _globals['_BUCKET']._serialized_end=1588
+  _globals['_LIMITS']._serialized_start=1591
+  _globals['_LIMITS']._serialized_end=1879
+  _globals['_GETINFOREQUEST']._serialized_start=1881
+  _globals['_GETINFOREQUEST']._serialized_end=1897
+  _globals['_GETINFORESPONSE']._serialized_start=1900
+  _globals['_GETINFORESPONSE']._serialized_end=2477
+  _globals['_GETPARAMETERSREQUEST']._serialized_start=2479
+  _globals['_GETPARAMETERSREQUEST']._serialized_end=2604
+  _globals['_PARAMETERCHUNK']._serialized_start=2607
+  _globals['_PARAMETERCHUNK']._serialized_end=2745
+  _globals['_TEACHER']._serialized_start=2961
+  _globals['_TEACHER']._serialized_end=3322
 # @@protoc_insertion_point(module_scope)

@@ -46,7 +46,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., packed_bits: _Optional[int] = ..., coding: _Optional[_Union[TensorCoding, str]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("k", "temperatures", "value_dtype", "layers", "states", "state_dtype", "pack_ids")
+    __slots__ = ("k", "temperatures", "value_dtype", "layers", "states", "state_dtype", "pack_ids", "num_samples", "sample_temperature", "sample_seed", "sample_tail")
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURES_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,10 @@ class OutputSpec(_message.Message):
     STATES_FIELD_NUMBER: _ClassVar[int]
     STATE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PACK_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TAIL_FIELD_NUMBER: _ClassVar[int]
     k: int
     temperatures: _containers.RepeatedScalarFieldContainer[float]
     value_dtype: DType
@@ -61,21 +65,27 @@ class OutputSpec(_message.Message):
     states: _containers.RepeatedScalarFieldContainer[str]
     state_dtype: DType
     pack_ids: bool
-    def __init__(self, k: _Optional[int] = ..., temperatures: _Optional[_Iterable[float]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., layers: _Optional[_Iterable[int]] = ..., states: _Optional[_Iterable[str]] = ..., state_dtype: _Optional[_Union[DType, str]] = ..., pack_ids: _Optional[bool] = ...) -> None: ...
+    num_samples: int
+    sample_temperature: float
+    sample_seed: int
+    sample_tail: bool
+    def __init__(self, k: _Optional[int] = ..., temperatures: _Optional[_Iterable[float]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., layers: _Optional[_Iterable[int]] = ..., states: _Optional[_Iterable[str]] = ..., state_dtype: _Optional[_Union[DType, str]] = ..., pack_ids: _Optional[bool] = ..., num_samples: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_seed: _Optional[int] = ..., sample_tail: _Optional[bool] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "segment_ids", "positions", "spec")
+    __slots__ = ("request_id", "tokens", "segment_ids", "positions", "spec", "example_ids")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    EXAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     tokens: Tensor
     segment_ids: Tensor
     positions: Tensor
     spec: OutputSpec
-    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., segment_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[OutputSpec, _Mapping]] = ...) -> None: ...
+    example_ids: Tensor
+    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., segment_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[OutputSpec, _Mapping]] = ..., example_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -88,7 +98,7 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error")
+    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error", "sample_counts", "sample_ids", "sample_logits", "sample_logsumexp", "sample_temperature", "sample_skip")
     class LayerStatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +114,12 @@ class ForwardResponse(_message.Message):
     STATE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_STATES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LOGITS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_SKIP_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     topk_ids: Tensor
     topk_logits: Tensor
@@ -112,7 +128,13 @@ class ForwardResponse(_message.Message):
     state_layers: _containers.RepeatedScalarFieldContainer[int]
     layer_states: _containers.MessageMap[str, Tensor]
     error: Error
-    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    sample_counts: Tensor
+    sample_ids: Tensor
+    sample_logits: Tensor
+    sample_logsumexp: Tensor
+    sample_temperature: float
+    sample_skip: int
+    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sample_counts: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logits: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., sample_temperature: _Optional[float] = ..., sample_skip: _Optional[int] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("batch", "length")
@@ -123,7 +145,7 @@ class Bucket(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes", "max_request_bytes", "max_streams_per_connection", "stream_window_bytes")
+    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes", "max_samples", "max_request_bytes", "max_streams_per_connection", "stream_window_bytes")
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +153,7 @@ class Limits(_message.Message):
     MAX_SEQ_LEN_FIELD_NUMBER: _ClassVar[int]
     SELECTABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     STREAM_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -141,10 +164,11 @@ class Limits(_message.Message):
     max_seq_len: int
     selectable_layers: _containers.RepeatedScalarFieldContainer[int]
     max_message_bytes: int
+    max_samples: int
     max_request_bytes: int
     max_streams_per_connection: int
     stream_window_bytes: int
-    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_connection: _Optional[int] = ..., stream_window_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_connection: _Optional[int] = ..., stream_window_bytes: _Optional[int] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -42,10 +42,10 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
                       teacher_layers=model.cfg.num_hidden_layers, teacher_width=model.cfg.hidden_size,
                       where="the local teacher")
     layers = feature_teacher_layers(cfg, model.cfg.num_hidden_layers)
-    return LocalTeacher(model, k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh, rules=rules,
-                        dense_logits=cfg.loss.use_dense, state_layers=layers,
+    return LocalTeacher(model, k=cfg.loss.request_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh,
+                        rules=rules, dense_logits=cfg.loss.use_dense, state_layers=layers,
                         state_names=teacher_state_names(cfg) if layers else (),
-                        student_vocab_size=cfg.model.vocab_size)
+                        student_vocab_size=cfg.model.vocab_size, samples=cfg.loss.sampling)
   if kind == "remote":
     from student_trainer.sources.remote import RemoteTeacher
     return RemoteTeacher.from_train_config(cfg, mesh)

@@ -1,7 +1,7 @@
 """The teacher in the student's own process: the co-located (MaxText-style) baseline.
 
-The teacher forward, top-k and logsumexp run in one jitted function under
-`stop_gradient`; only the targets stay on the device. `submit` dispatches the
+The teacher forward, top-k, logsumexp and (for kd_mode sampled) the samples run
+in one jitted function under `stop_gradient`; only the targets stay on the device. `submit` dispatches the
 forward for an upcoming batch right away (JAX dispatch is asynchronous), so it
 overlaps with the previous train step where the device allows.
 """
@@ -20,7 +20,8 @@ from jax.sharding import Mesh
 from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import shard_batch, state_shardings
-from distill_core.targets import TeacherTargets, compute_targets
+from distill_core.sampling import split_u64
+from distill_core.targets import SampleRequest, TeacherTargets, compute_targets
 from student_trainer.sources.base import TeacherSource
 
 
@@ -31,7 +32,8 @@ class LocalTeacher(TeacherSource):
 
   def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
                dense_logits: bool = False, state_layers: tuple[int, ...] = (),
-               state_names: tuple[str, ...] = (), student_vocab_size: int | None = None):
+               state_names: tuple[str, ...] = (), student_vocab_size: int | None = None,
+               samples: SampleRequest | None = None):
     if student_vocab_size is not None and model.cfg.real_vocab_size > student_vocab_size:
       raise ValueError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
                        f"the student's ({student_vocab_size}); they must share a tokenizer")
@@ -46,7 +48,8 @@ class LocalTeacher(TeacherSource):
     self._pending: collections.deque[TeacherTargets] = collections.deque()
     self._layers, self._names = tuple(state_layers), tuple(state_names)
     self._forward = functools.partial(_teacher_targets, graphdef, k=k, value_dtype=value_dtype,
-                                      true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits)
+                                      true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
+                                      samples=samples)
     self._fns: dict[tuple[str, ...], Callable] = {}  # state names -> jitted forward (one per objective of a run)
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets:
@@ -54,7 +57,8 @@ class LocalTeacher(TeacherSource):
     if names not in self._fns:
       self._fns[names] = jax.jit(functools.partial(self._forward, state_layers=self._layers if names else (),
                                                    state_names=names))
-    inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids), self._mesh)
+    inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids, split_u64(batch.example_ids)),
+                         self._mesh)
     return self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32))
 
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
@@ -66,13 +70,18 @@ class LocalTeacher(TeacherSource):
     return self._pending.popleft()
 
 
-def _teacher_targets(graphdef, state, tokens, positions, segment_ids, temperatures, *, k, value_dtype,
-                     true_vocab_size, dense_logits, state_layers, state_names) -> TeacherTargets:
+def _teacher_targets(graphdef, state, tokens, positions, segment_ids, example_ids, temperatures, *, k,
+                     value_dtype, true_vocab_size, dense_logits, state_layers, state_names,
+                     samples: SampleRequest | None) -> TeacherTargets:
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   out = model(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
+  sampling = {} if samples is None else dict(
+      num_samples=samples.num_samples, sample_temperature=samples.temperature, sample_seed=samples.seed,
+      example_ids=example_ids, sample_exclude=samples.exclude)
   targets = compute_targets(
       out.logits, k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
-      value_dtype=value_dtype, states=out.states if state_layers else None, state_layers=state_layers)
+      value_dtype=value_dtype, states=out.states if state_layers else None, state_layers=state_layers,
+      **sampling)
   if dense_logits:
     targets = targets.replace(dense_logits=out.logits)
   return targets

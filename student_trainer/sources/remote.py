@@ -49,16 +49,15 @@ _CLOSE_TIMEOUT_S = 30.0
 def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
   """Host targets -> global arrays on `mesh`, split along B (axis 1 of the (L, B, T, E) states)."""
   states = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None, None))
+  replicated = NamedSharding(mesh, PartitionSpec())
 
   def put(sharding, x):
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
-  return targets.replace(
-      topk_ids=put(batch_sharding(mesh, 3), targets.topk_ids),
-      topk_logits=put(batch_sharding(mesh, 3), targets.topk_logits),
-      logsumexp=put(batch_sharding(mesh, 3), targets.logsumexp),
-      temperatures=put(NamedSharding(mesh, PartitionSpec()), targets.temperatures),
-      layer_states={name: put(states, value) for name, value in targets.layer_states.items()})
+  placed = targets.map_rows(lambda x, axis: put(states if axis else batch_sharding(mesh, np.ndim(x)), x))
+  tau = targets.sample_temperature
+  return placed.replace(temperatures=put(replicated, targets.temperatures),
+                        sample_temperature=None if tau is None else put(replicated, tau))
 
 
 class RemoteTeacher(TeacherSource):
@@ -110,7 +109,7 @@ class RemoteTeacher(TeacherSource):
     from student_trainer.sources.policy import PolicyContext, make_policy
     manifest = load_manifest(cfg.data.path)
     need = Requirements(
-        k=cfg.loss.top_k, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
+        k=cfg.loss.request_k, samples=cfg.loss.sampling, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
         data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
         batch_rows=cfg.data.batch_size // jax.process_count(),
         tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,

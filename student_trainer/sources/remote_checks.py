@@ -15,6 +15,7 @@ import numpy as np
 
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
+from distill_core.targets import SampleRequest
 from distill_core.wire import OutputSpec
 
 
@@ -36,6 +37,7 @@ class Requirements:
   hidden_size: int  # student width (states are compared with it)
   feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose states are needed
   state_names: tuple[str, ...] = ("attn_out",)  # states needed at those layers (attn_in too for blockwise)
+  samples: SampleRequest | None = None  # sampled targets the loss needs (kd_mode sampled)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,7 @@ class RequestPlan:
   state_dtype: str
   pack_ids: bool
   rows_per_request: int
+  samples: SampleRequest | None = None
 
   def names(self, states: tuple[str, ...] | None) -> tuple[str, ...]:
     """The planned state names a batch asking for `states` gets (None: all planned)."""
@@ -59,11 +62,13 @@ class RequestPlan:
     names = self.names(states)
     return OutputSpec(k=self.k, temperatures=(float(temperature),), value_dtype=self.value_dtype,
                       layers=self.layers if names else (), states=names, state_dtype=self.state_dtype,
-                      pack_ids=self.pack_ids)
+                      pack_ids=self.pack_ids, samples=self.samples)
 
   def row_bytes(self, seq_len: int, hidden_size: int) -> int:
     """Approximate answer bytes per row (what the server checks against its message limit)."""
     per_position = self.k * (4 + np.dtype(self.value_dtype).itemsize) + 4
+    if self.samples is not None:
+      per_position += self.samples.num_samples * (8 + np.dtype(self.value_dtype).itemsize) + 4
     states = len(self.states) * len(self.layers) * hidden_size * np.dtype(self.state_dtype).itemsize
     return seq_len * (per_position + states)
 
@@ -104,6 +109,13 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
     problems.append(f"top_k: the loss needs k={need.k}, the teacher serves at most {limits.max_k}")
   if need.value_dtype not in _dtype_names(info.value_dtypes):
     problems.append(f"value_dtype: {need.value_dtype} not offered (offered: {sorted(_dtype_names(info.value_dtypes))})")
+  if need.samples is not None:
+    if need.samples.num_samples > limits.max_samples:
+      offered = f"at most {limits.max_samples}" if limits.max_samples else "no sampled targets"
+      problems.append(f"num_samples: the loss needs {need.samples.num_samples} draws per position, the "
+                      f"teacher serves {offered}")
+    if need.samples.exclude and need.k >= info.vocab_size:
+      problems.append(f"sample_tail: top_k={need.k} leaves no tail of the teacher's {info.vocab_size} ids")
   layers: tuple[int, ...] = ()
   try:
     layers = tuple(need.feature_layers(info.num_layers))
@@ -126,7 +138,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
       problems.append(f"state_dtype: {state_dtype} not offered (offered: {sorted(_dtype_names(info.state_dtypes))})")
   plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
                      states=tuple(need.state_names) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
-                     rows_per_request=1)
+                     rows_per_request=1, samples=need.samples)
   message_cap = min(max_message_bytes, limits.max_message_bytes or max_message_bytes) - 4096
   caps = {"the batch": need.batch_rows, "max_batch": limits.max_batch,
           "max_tokens_per_request": limits.max_tokens_per_request // max(need.seq_len, 1),
@@ -157,4 +169,6 @@ def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirem
   missing = [layer for layer in plan.layers if layer not in limits.selectable_layers]
   if missing:
     problems.append(f"layers {missing} not selectable")
+  if plan.samples is not None and plan.samples.num_samples > limits.max_samples:
+    problems.append(f"max_samples {limits.max_samples} < num_samples={plan.samples.num_samples}")
   return problems

@@ -27,6 +27,7 @@ import time
 from typing import Any, Callable
 
 import grpc
+import numpy as np
 
 from distill_core import wire
 from distill_core.client import TeacherClient, TeacherError
@@ -331,7 +332,7 @@ class StreamCore:
       b = item.batch
       rows = slice(chunk.start, chunk.stop)
       request = wire.make_request(next(self._request_ids), b.tokens[rows], self.plan.spec(item.temperature, item.states),
-                                  b.segment_ids[rows], b.positions[rows])
+                                  b.segment_ids[rows], b.positions[rows], np.asarray(b.example_ids)[rows])
       if chunk.sends:
         self.stats.count("retries")
       chunk.sends += 1
