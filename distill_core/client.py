@@ -183,11 +183,11 @@ class TeacherClient:
     raise TimeoutError(f"teacher at {self.target} not SERVING after {timeout} s (last: {last})")
 
   async def forward(self, tokens: np.ndarray, spec: OutputSpec, segment_ids: np.ndarray | None = None,
-                    positions: np.ndarray | None = None, *, request_id: int | None = None,
-                    timeout: float | None = None) -> TeacherTargets:
-    """One unary request; returns numpy ``TeacherTargets``."""
+                    positions: np.ndarray | None = None, *, example_ids: np.ndarray | None = None,
+                    request_id: int | None = None, timeout: float | None = None) -> TeacherTargets:
+    """One unary request; returns numpy ``TeacherTargets`` (``example_ids`` [B]: required with samples)."""
     rid = self.next_request_id() if request_id is None else request_id
-    req = wire.make_request(rid, tokens, spec, segment_ids, positions)
+    req = wire.make_request(rid, tokens, spec, segment_ids, positions, example_ids)
     try:
       resp = await self.stub.Forward(req, metadata=self.metadata, timeout=timeout)
     except grpc.aio.AioRpcError as e:
@@ -307,11 +307,12 @@ class TeacherStream:
     return len(self._pending)
 
   async def submit(self, tokens: np.ndarray, spec: OutputSpec, segment_ids: np.ndarray | None = None,
-                   positions: np.ndarray | None = None, *, request_id: int | None = None) -> asyncio.Future:
+                   positions: np.ndarray | None = None, *, example_ids: np.ndarray | None = None,
+                   request_id: int | None = None) -> asyncio.Future:
     """Sends one request (waiting while the window is full); returns its future."""
     return await self.submit_request(wire.make_request(
         self._client.next_request_id() if request_id is None else request_id, tokens, spec, segment_ids,
-        positions))
+        positions, example_ids))
 
   async def submit_request(self, req: pb.ForwardRequest) -> asyncio.Future:
     """Sends a prepared ``ForwardRequest``; returns its future."""

@@ -8,8 +8,8 @@ p / pi, an unbiased estimate of the dense KD loss and gradient (see
 docs/losses.md, "Sampled KD").
 
 The draws are a pure function of (seed, example id, position, draw index) and
-the logits: a uniform per draw from a threefry key folded from those integers,
-mapped through the proposal's CDF. The same example therefore gets the same
+the logits: two uniforms per draw from a threefry-2x32 hash of those integers
+(fixed, whatever JAX's default PRNG), mapped through the proposal's CDF. The same example therefore gets the same
 samples from a local teacher, a remote server (whatever bucket or row it lands
 in) and an offline dump, and a resumed run sees the same draws again.
 
@@ -30,12 +30,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.extend.random as jax_random
 import jax.numpy as jnp
 import numpy as np
 
 Array = Any
 
-_PRNG_IMPL = "threefry2x32"  # fixed, so a changed JAX default cannot change the draws
 _BLOCK = 128  # ids per block of the two-level inverse CDF
 
 
@@ -48,28 +48,36 @@ def split_u64(values: Array) -> np.ndarray:
   return np.stack([(v & np.uint64(0xFFFFFFFF)).astype(np.uint32), (v >> np.uint64(32)).astype(np.uint32)], -1)
 
 
+def _hash(key: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
+  """Threefry-2x32 of the word pairs (x0[i], x1[i]) under `key` (2,) -> (..., 2) uint32, pair by pair."""
+  shape = x0.shape
+  out = jax_random.threefry_2x32(key, jnp.concatenate([x0.reshape(-1), x1.reshape(-1)]))
+  return jnp.stack([out[:x0.size], out[x0.size:]], axis=-1).reshape(shape + (2,))
+
+
 def uniforms(seeds: Array, example_ids: Array, seq_len: int, num_draws: int) -> jax.Array:
-  """(B, T, num_draws, 2) float32 uniforms in [0, 1), one threefry key per (seed, example id, t, draw).
+  """(B, T, num_draws, 2) float32 uniforms in [0, 1), from one threefry hash per (seed, example id, t, draw).
+
+  The row key is threefry(seed, example id); draw n at position t takes the two words of
+  threefry(row key, (t, n)). Every draw is hashed on its own, so draw n does not depend on
+  num_draws, the batch, or the row's place in it.
 
   Args:
-    seeds: (B, 2) uint32 (low, high) words of each row's 64-bit request seed.
+    seeds: (B, 2) uint32 (low, high) words of each row's 64-bit request seed (the threefry key).
     example_ids: (B, 2) uint32 words of each row's example id.
     seq_len: T; position t is the column index in the row.
-    num_draws: draws per position. Draw n does not depend on num_draws (its own key).
+    num_draws: draws per position.
   """
+  t = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.uint32)[:, None], (seq_len, num_draws))
+  n = jnp.broadcast_to(jnp.arange(num_draws, dtype=jnp.uint32)[None, :], (seq_len, num_draws))
+
   def row(seed, eid):
-    key = jax.random.key(0, impl=_PRNG_IMPL)
-    for word in (seed[0], seed[1], eid[0], eid[1]):
-      key = jax.random.fold_in(key, word)
+    key = _hash(seed, eid[:1], eid[1:])[0]  # (2,)
+    return _hash(key, t, n)  # (T, M, 2)
 
-    def position(t):
-      kt = jax.random.fold_in(key, t)
-      return jax.vmap(lambda n: jax.random.uniform(jax.random.fold_in(kt, n), (2,), jnp.float32))(
-          jnp.arange(num_draws, dtype=jnp.uint32))
-
-    return jax.vmap(position)(jnp.arange(seq_len, dtype=jnp.uint32))
-
-  return jax.vmap(row)(jnp.asarray(seeds, jnp.uint32), jnp.asarray(example_ids, jnp.uint32))
+  bits = jax.vmap(row)(jnp.asarray(seeds, jnp.uint32), jnp.asarray(example_ids, jnp.uint32))
+  # 23 random mantissa bits under the exponent of 1.0: a float in [1, 2), minus 1.
+  return jax.lax.bitcast_convert_type((bits >> 9) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
 
 
 def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
@@ -78,12 +86,13 @@ def _inverse_cdf(weights: jax.Array, u: jax.Array) -> jax.Array:
   Index i is picked with probability weights_i / sum(weights); an index of zero weight never
   (a target rounded up to the sum gets the last index of positive weight).
   """
-  lead, c, m = weights.shape[:-1], weights.shape[-1], u.shape[-1]
-  cdf = jnp.cumsum(weights, axis=-1).reshape(-1, c)
-  target = u.reshape(-1, m) * cdf[:, -1:]
-  idx = jax.vmap(lambda row, x: jnp.searchsorted(row, x, side="right"))(cdf, target)
-  last = c - 1 - jnp.argmax((weights > 0).reshape(-1, c)[:, ::-1], axis=-1)
-  return jnp.minimum(idx, last[:, None]).astype(jnp.int32).reshape(lead + (m,))
+  c = weights.shape[-1]
+  cdf = jnp.cumsum(weights, axis=-1)
+  target = u * cdf[..., -1:]  # (R..., M)
+  # searchsorted(side="right") as one fused compare-and-count: no loop, no (M, C) buffer kept.
+  idx = jnp.sum(cdf[..., None, :] <= target[..., :, None], axis=-1, dtype=jnp.int32)
+  last = c - 1 - jnp.argmax((weights > 0)[..., ::-1], axis=-1)  # (R...,)
+  return jnp.minimum(idx, last[..., None].astype(jnp.int32))
 
 
 def _per_row(value: Array, batch: int, dtype) -> jax.Array:

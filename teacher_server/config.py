@@ -47,9 +47,10 @@ class LimitsConfig(ConfigBase):
   max_tokens_per_request: int = Field(65536, gt=0, description="Most tokens (B * T) in one request.")
   max_temperatures: int = Field(2, gt=0, description="Most temperatures in one request (each costs one "
                                 "pass over the vocabulary for every position, requested or not).")
-  max_samples: int = Field(64, ge=0, description="Most sampled-target draws per position (OutputSpec."
-                           "num_samples); a batch with any sampling row makes this many draw slots per "
-                           "position. 0 disables sampling.")
+  max_samples: int = Field(0, ge=0, description="Most sampled-target draws per position (OutputSpec."
+                           "num_samples; e.g. 64); a batch with a sampling request makes this many draw slots "
+                           "per position. > 0 compiles a sampling program per bucket and state dtype at "
+                           "warm-up (twice the programs); 0 (default) offers no sampling.")
   selectable_layers: list[int] | Literal["all"] = Field(
       "all", description="Layers whose states may be requested. Only the layers a batch asks for are "
       "copied off the device, but a batch with states keeps all of these in device memory while it runs, so "

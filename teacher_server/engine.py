@@ -15,8 +15,14 @@ nothing else:
 The host then copies the first chunks up to ``fetched_k(k)`` in one value dtype
 and only the (state, layer) arrays asked for; the rest is freed on the device.
 
-Compiled programs are bounded: one per (bucket, state dtype or none), i.e. at
-most ``len(buckets) * (1 + len(STATE_DTYPES))``, all compiled at warm-up. k,
+Batches whose requests ask for sampled targets (``distill_core.sampling``) also
+draw ``max_samples`` slots per position in the same program, with each row's own
+count, tau, seed, example ids and tail exclusion as traced inputs; the sample
+outputs are split along a ladder of their own, so only the slots the batch's
+largest N needs leave the device.
+
+Compiled programs are bounded: one per (bucket, state dtype or none, sampling or
+not), i.e. at most ``len(buckets) * (1 + len(STATE_DTYPES)) * 2``, all compiled at warm-up. k,
 value dtype, layers, state names and temperatures of a request never cause a
 recompilation: k and the value dtype only choose which outputs are copied,
 layers and names too, and temperatures are a traced ``(B, max_temperatures)``
@@ -49,7 +55,7 @@ from distill_core.targets import compute_targets
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
 from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOutput, Fetch, NamePattern,
-                                       check_batch_shape, fetched_k, k_ladder)
+                                       SampleBatch, check_batch_shape, fetched_k, k_ladder)
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +94,24 @@ def tokenizer_fingerprint(path: str | None) -> str:
   return fingerprint_of(tokenizers.Tokenizer.from_file(str(path))) if path else ""
 
 
-def row_targets(logits: jax.Array, temperatures: jax.Array, *, k: int, true_vocab_size: int):
-  """Targets for one row: logits (T, V), temperatures (n,) -> ids, values (T, k), lse (T, n)."""
+def row_targets(logits: jax.Array, temperatures: jax.Array, draws=None, *, k: int, true_vocab_size: int,
+                num_draws: int = 0):
+  """Targets for one row: logits (T, V), temperatures (n,) -> ids, values (T, k), lse (T, n).
+
+  With `draws` (this row's (num_samples, tau, seed words, example id words, exclude)) and
+  `num_draws` slots, also the row's sample ids, counts, logits (T, num_draws) and lse (T,).
+  """
+  sampling = {}
+  if num_draws:
+    n, tau, seed, eid, exclude = draws
+    sampling = dict(num_samples=num_draws, sample_counts=n, sample_temperature=tau, sample_seed=seed,
+                    example_ids=eid[None], sample_exclude=exclude)
   t = compute_targets(logits[None], k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
-                      value_dtype="float32")
-  return t.topk_ids[0], t.topk_logits[0], t.logsumexp[0]
+                      value_dtype="float32", **sampling)
+  out = (t.topk_ids[0], t.topk_logits[0], t.logsumexp[0])
+  if num_draws:
+    out += (t.sample_ids[0], t.sample_counts[0], t.sample_logits[0], t.sample_logsumexp[0])
+  return out
 
 
 class JaxEngine(Engine):
@@ -107,10 +126,12 @@ class JaxEngine(Engine):
     state_names: states offered ("attn_in", "attn_out").
     mesh: device mesh config (default: all devices, data parallel).
     tokenizer_fingerprint: reported by GetInfo.
+    max_samples: sample draw slots per position in a batch that samples (0: no sampling).
   """
 
   def __init__(self, model: Transformer, *, buckets, max_k: int, max_temperatures: int,
-               selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = ""):
+               selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = "",
+               max_samples: int = 0):
     cfg: ModelConfig = model.cfg
     selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
     bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
@@ -134,12 +155,14 @@ class JaxEngine(Engine):
         buckets=tuple(sorted(buckets, key=lambda bt: (bt[1], bt[0]))),
         max_k=min(max_k, cfg.real_vocab_size), max_temperatures=max_temperatures,
         selectable_layers=selectable, state_names=tuple(state_names),
-        weights_fingerprint=weights_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint)
+        weights_fingerprint=weights_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint,
+        max_samples=max_samples)
     log.info("weights fingerprint %s (%.1f s)", self._info.weights_fingerprint[:16], time.perf_counter() - start)
     graphdef, state = nnx.split(model)
     self._graphdef = graphdef
     self._state = jax.device_put(state, state_shardings(state, self._mesh, rules_table(mesh or MeshConfig())))
     self._chunks = _chunks(k_ladder(self._info.max_k))
+    self._sample_chunks = _chunks(k_ladder(max_samples)) if max_samples else ()
     self._fn = jax.jit(self._forward, static_argnames=("state_dtype",))
     self.last_host_bytes = 0  # bytes copied to the host by the latest forward
 
@@ -156,58 +179,85 @@ class JaxEngine(Engine):
     lim = cfg.limits
     return cls(model, buckets=cfg.batcher.buckets, max_k=lim.max_k, max_temperatures=lim.max_temperatures,
                selectable_layers=lim.selectable_layers, state_names=lim.state_names, mesh=cfg.mesh,
-               tokenizer_fingerprint=tokenizer_fingerprint(tok_path))
+               tokenizer_fingerprint=tokenizer_fingerprint(tok_path), max_samples=lim.max_samples)
 
   @property
   def info(self) -> EngineInfo:
     return self._info
 
-  def _forward(self, state, tokens, segment_ids, positions, temperatures, *, state_dtype: str | None):
-    """Device outputs: id chunks, {value dtype: value chunks}, lse, {state: per-layer arrays}."""
+  def _forward(self, state, tokens, segment_ids, positions, temperatures, draws, *, state_dtype: str | None):
+    """Device outputs: id chunks, {value dtype: value chunks}, lse, {state: per-layer arrays} and, when
+    `draws` (the per-row sampling parameters) are given, the sample outputs split the same way."""
     model = nnx.merge(self._graphdef, state)
     info = self._info
     layers = info.selectable_layers if state_dtype else ()
     out = model(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
-    per_row = jax.vmap(lambda lg, tp: row_targets(lg, tp, k=info.max_k, true_vocab_size=info.vocab_size))
-    ids, values, lse = per_row(out.logits, temperatures)  # (B, T, K), (B, T, K), (B, T, n)
+    num_draws = info.max_samples if draws is not None else 0
+    per_row = jax.vmap(lambda lg, tp, dr: row_targets(lg, tp, dr, k=info.max_k, true_vocab_size=info.vocab_size,
+                                                      num_draws=num_draws))
+    ids, values, lse, *samples = per_row(out.logits, temperatures, draws)  # (B, T, K), (B, T, K), (B, T, n)
     id_chunks = tuple(ids[..., a:b] for a, b in self._chunks)
     value_chunks = {name: tuple(values[..., a:b].astype(name) for a, b in self._chunks)
                     for name in wire.VALUE_DTYPES}
     states = {name: tuple(v[i].astype(state_dtype) for i in range(len(layers))) for name, v in out.states.items()}
-    return id_chunks, value_chunks, lse, states
+    if not samples:
+      return id_chunks, value_chunks, lse, states, None
+    sids, counts, slogits, slse = samples  # (B, T, max_samples) x 3, (B, T)
+    split = lambda x: tuple(x[..., a:b] for a, b in self._sample_chunks)  # noqa: E731
+    sampled = (split(sids), split(counts), {name: split(slogits.astype(name)) for name in wire.VALUE_DTYPES}, slse)
+    return id_chunks, value_chunks, lse, states, sampled
 
-  def _variants(self) -> list[tuple[int, int, str | None]]:
+  def _variants(self) -> list[tuple[int, int, str | None, bool]]:
     offered = self._info.selectable_layers and self._info.state_names
     state_dtypes = (None, *wire.STATE_DTYPES) if offered else (None,)
-    return [(b, t, d) for b, t in self._info.buckets for d in state_dtypes]
+    sampling = (False, True) if self._info.max_samples else (False,)
+    return [(b, t, d, smp) for b, t in self._info.buckets for d in state_dtypes for smp in sampling]
 
   def warmup(self) -> dict[str, float]:
     timings = {}
     info = self._info
-    for b, t, state_dtype in self._variants():
+    for b, t, state_dtype, with_samples in self._variants():
       start = time.perf_counter()
       ones = np.ones((b, t), np.int32)
       states = dict(layers=info.selectable_layers[:1], states=info.state_names[:1],
                     state_dtype=state_dtype) if state_dtype else {}
+      draws = SampleBatch.empty(b) if with_samples else None
+      if draws is not None:
+        draws.num_samples[:] = 1
       batch = EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
-                          np.ones((b, info.max_temperatures), np.float32), Fetch(k=info.max_k, **states))
+                          np.ones((b, info.max_temperatures), np.float32),
+                          Fetch(k=info.max_k, samples=1 if with_samples else 0, **states), draws)
       self.forward(batch)
-      timings[f"{b}x{t}{'+' + state_dtype if state_dtype else ''}"] = time.perf_counter() - start
+      name = f"{b}x{t}{'+' + state_dtype if state_dtype else ''}{'+samples' if with_samples else ''}"
+      timings[name] = time.perf_counter() - start
     return timings
 
   def forward(self, batch: EngineBatch) -> EngineOutput:
     check_batch_shape(self._info, batch)
-    fetch = batch.fetch
+    fetch, info = batch.fetch, self._info
     inputs = shard_batch((batch.tokens, batch.segment_ids, batch.positions, batch.temperatures), self._mesh)
+    draws = None
+    if batch.samples is not None:
+      d = batch.samples
+      draws = shard_batch((d.num_samples, d.temperatures, d.seeds, d.example_ids, d.exclude), self._mesh)
     state_dtype = fetch.state_dtype.name if fetch.with_states else None
-    id_chunks, value_chunks, lse, states = self._fn(self._state, *inputs, state_dtype=state_dtype)
-    n = k_ladder(self._info.max_k).index(fetched_k(fetch.k, self._info.max_k)) + 1  # chunks to copy
-    rows = {layer: self._info.selectable_layers.index(layer) for layer in fetch.layers}
+    id_chunks, value_chunks, lse, states, sampled = self._fn(self._state, *inputs, draws, state_dtype=state_dtype)
+    n = k_ladder(info.max_k).index(fetched_k(fetch.k, info.max_k)) + 1  # chunks to copy
+    rows = {layer: info.selectable_layers.index(layer) for layer in fetch.layers}
     wanted = (id_chunks[:n], value_chunks[fetch.value_dtype.name][:n], lse,
               {name: {layer: states[name][i] for layer, i in rows.items()} for name in fetch.states})
-    ids, values, lse, states = jax.device_get(wanted)  # the only device -> host copy
+    if sampled is not None:
+      m = k_ladder(info.max_samples).index(fetched_k(fetch.samples, info.max_samples)) + 1
+      sids, counts, slogits, slse = sampled
+      wanted += (sids[:m], counts[:m], slogits[fetch.value_dtype.name][:m], slse)
+    host = jax.device_get(wanted)  # the only device -> host copy
+    ids, values, lse, states = host[:4]
     out = EngineOutput(topk_ids=np.concatenate(ids, axis=-1), topk_logits=np.concatenate(values, axis=-1),
                        logsumexp=np.asarray(lse), states=states)
+    if sampled is not None:
+      sids, counts, slogits, slse = host[4:]
+      out.sample_ids, out.sample_counts = np.concatenate(sids, axis=-1), np.concatenate(counts, axis=-1)
+      out.sample_logits, out.sample_logsumexp = np.concatenate(slogits, axis=-1), np.asarray(slse)
     self.last_host_bytes = out.nbytes
     return out
 

@@ -204,8 +204,8 @@ REQUEST_SLACK_BYTES = 64 << 10
 
 def max_request_bytes(limits: LimitsConfig) -> int:
   """The largest request message accepted: tokens, segment_ids and positions (int32) at
-  max_tokens_per_request, plus :data:`REQUEST_SLACK_BYTES`."""
-  return 3 * 4 * limits.max_tokens_per_request + REQUEST_SLACK_BYTES
+  max_tokens_per_request, example_ids (int64) at max_batch, plus :data:`REQUEST_SLACK_BYTES`."""
+  return 3 * 4 * limits.max_tokens_per_request + 8 * limits.max_batch + REQUEST_SLACK_BYTES
 
 
 def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> Prepared:
