@@ -1,0 +1,74 @@
+"""kd_mode sampled end to end: a real teacher-server process, the remote and local sources, training."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+from remote_utils import TeacherProcess, fake_batch
+from server_utils import free_port
+from test_remote_source import TEACHER_SEED, jsonl, remote_train_cfg, server_overrides, train_cfg, wait_serving
+
+from distill_core.sharding import make_mesh, rules_table
+from student_trainer.sources import make_source
+
+STEPS = 4
+SAMPLED = ["loss.kd_mode=sampled", "loss.top_k=4", "loss.num_samples=12", "loss.sample_temperature=1.5",
+           "loss.sample_seed=77", "loss.temperature=1.5", f"steps={STEPS}", f"checkpoint.every_steps={STEPS}"]
+LOCAL = ["teacher.source=local", "teacher.local.model=tiny", f"teacher.local.seed={TEACHER_SEED}"]
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_dataset, tmp_path_factory):
+  """A teacher server offering up to 16 samples per position."""
+  server = TeacherProcess(free_port(), server_overrides(tiny_dataset) + ["limits.max_samples=16"],
+                          tmp_path_factory.mktemp("sampled_teacher") / "log")
+  yield server
+  server.stop()
+
+
+def test_remote_and_local_sources_draw_the_same_samples(teacher, tiny_dataset, tmp_path):
+  """Same seed and example ids: the same sample ids and counts from the server and the in-process teacher;
+  another seed draws others."""
+  wait_serving(teacher)
+  batch = fake_batch(5, rows=8, length=32, vocab=384)
+  targets = {}
+  for name, extra in (("local", LOCAL), ("remote", ())):
+    cfg = (train_cfg(tiny_dataset, tmp_path / name, *LOCAL, *SAMPLED) if name == "local" else
+           remote_train_cfg(tiny_dataset, tmp_path / name, [teacher.address], *SAMPLED))
+    with make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh)) as source:
+      targets[name] = jax.tree.map(np.asarray, source.compute(batch, 1.5))
+  local, remote = targets["local"], targets["remote"]
+  assert remote.sample_skip == local.sample_skip == 4 and remote.sample_ids.shape == (8, 32, 12)
+  np.testing.assert_array_equal(remote.sample_ids, local.sample_ids)
+  np.testing.assert_array_equal(remote.sample_counts, local.sample_counts)
+  np.testing.assert_allclose(remote.sample_logits.astype(np.float32), local.sample_logits.astype(np.float32),
+                             atol=2e-2)
+  np.testing.assert_allclose(remote.sample_logsumexp, local.sample_logsumexp, rtol=1e-4, atol=1e-4)
+  assert np.all(remote.sample_counts.sum(-1) == 12)
+  # The drawn ids lie outside the exact top-4 (sample_tail) and inside the real vocabulary.
+  assert not np.any((remote.sample_ids[..., :, None] == remote.topk_ids[..., None, :4])
+                    & (remote.sample_counts[..., :, None] > 0))
+  cfg = remote_train_cfg(tiny_dataset, tmp_path / "other", [teacher.address], *SAMPLED, "loss.sample_seed=78")
+  with make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh)) as source:
+    other = jax.tree.map(np.asarray, source.compute(batch, 1.5))
+  assert not np.array_equal(other.sample_ids, remote.sample_ids)
+
+
+def test_training_against_a_teacher_server_with_sampled_kd(teacher, tiny_dataset, tmp_path):
+  """kd_mode sampled against the real server trains, and its losses equal the in-process teacher's."""
+  from student_trainer.train import run
+  wait_serving(teacher)
+  remote = run(remote_train_cfg(tiny_dataset, tmp_path / "remote", [teacher.address], *SAMPLED))
+  local = run(train_cfg(tiny_dataset, tmp_path / "local", *LOCAL, *SAMPLED))
+  assert remote.step == local.step == STEPS and remote.trained_example_ids == local.trained_example_ids
+  rows = {name: [r for r in jsonl(res.run_dir / "metrics.jsonl") if "train/kd_loss" in r]
+          for name, res in (("remote", remote), ("local", local))}
+  assert len(rows["remote"]) == STEPS
+  for a, b in zip(rows["remote"], rows["local"], strict=True):
+    for key in ("train/kd_loss", "train/total_loss", "train/teacher_tail_mass", "train/sampled_tail_mass"):
+      assert np.isfinite(a[key]) and a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-3), (key, a["step"])
+  first, last = rows["remote"][0], rows["remote"][-1]
+  assert 0 < first["train/sampled_tail_mass"] and 4 < first["train/kd_support"] <= 4 + 12
+  assert last["train/total_loss"] < first["train/total_loss"]
+  assert remote.last_metrics["teacher/fallbacks_total"] == 0
