@@ -40,7 +40,7 @@ from google.protobuf import json_format
 
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import TeacherTargets
+from distill_core.targets import SampleRequest, TeacherTargets
 
 FORMAT = "distill-teacher-answers"
 FORMAT_VERSION = 1
@@ -128,6 +128,16 @@ class StoredSpec(_Strict):
   def states(self) -> tuple[str, ...]:
     proto = self.proto
     return tuple(proto.states) or (("attn_out",) if proto.layers else ())
+
+  @property
+  def samples(self) -> SampleRequest | None:
+    """The sampled targets every record holds (None: none)."""
+    proto = self.proto
+    if not proto.HasField("num_samples"):
+      return None
+    return SampleRequest(num_samples=proto.num_samples,
+                         temperature=proto.sample_temperature if proto.HasField("sample_temperature") else 1.0,
+                         seed=proto.sample_seed, exclude=proto.k if proto.sample_tail else 0)
 
 
 class ShardInfo(_Strict):
@@ -344,6 +354,9 @@ def select(targets: TeacherTargets, *, temperature: float, k: int, layers: Seque
                      f"(stored: {[float(t) for t in temps]})")
   if k > targets.k:
     raise ShardError(f"{where}: k: {k} needed, {targets.k} stored")
+  if targets.sample_skip and k != targets.sample_skip:
+    raise ShardError(f"{where}: k: the samples were drawn outside the stored top-{targets.sample_skip}, "
+                     f"so exactly k = {targets.sample_skip} must be used (asked {k})")
   column = int(hits[0])
   picked = {}
   if layers:

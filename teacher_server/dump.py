@@ -163,7 +163,8 @@ class _InProcess:
     if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
       server = server.model_copy(update={"batcher": server.batcher.model_copy(
           update={"buckets": [(cfg.rows_per_request, seq_len)]})})
-    limits = {key: value for key, value in (("max_k", cfg.k), ("selectable_layers", list(cfg.layers)))
+    limits = {key: value for key, value in (("max_k", cfg.k), ("selectable_layers", list(cfg.layers)),
+                                            ("max_samples", cfg.num_samples))
               if key not in server.limits.model_fields_set}  # compute and move only what is stored
     server = server.model_copy(update={"limits": server.limits.model_copy(update=limits)})
     self.engine = JaxEngine.from_config(server)
@@ -222,10 +223,7 @@ class _Remote:
 
 
 def stored_spec(cfg: DumpConfig, info) -> StoredSpec:
-  spec = wire.OutputSpec(k=cfg.k, temperatures=tuple(cfg.temperatures), value_dtype=cfg.value_dtype,
-                         layers=tuple(cfg.layers), states=tuple(cfg.states), state_dtype=cfg.state_dtype,
-                         pack_ids=cfg.pack_ids)
-  return StoredSpec.build(spec, id_bits=wire.bits_for(info.vocab_size) if cfg.pack_ids else 0,
+  return StoredSpec.build(cfg.output_spec(), id_bits=wire.bits_for(info.vocab_size) if cfg.pack_ids else 0,
                           value_coding=cfg.value_coding, zstd_level=cfg.zstd_level)
 
 
@@ -376,9 +374,7 @@ async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
 async def _produce(cfg: DumpConfig, examples: _Examples, todo: list[np.ndarray], first_shard: int, teacher,
                    to_encode: queue.Queue, errors: list) -> None:
   """Sends every request (``window`` in flight) and hands the answers, in order, to the encoder."""
-  spec = wire.OutputSpec(k=cfg.k, temperatures=tuple(cfg.temperatures), value_dtype=cfg.value_dtype,
-                         layers=tuple(cfg.layers), states=tuple(cfg.states), state_dtype=cfg.state_dtype,
-                         pack_ids=cfg.pack_ids)
+  spec = cfg.output_spec()
   inflight: list[tuple[Request, Awaitable]] = []
   request_id = 0
 
@@ -397,7 +393,8 @@ async def _produce(cfg: DumpConfig, examples: _Examples, todo: list[np.ndarray],
                         positions=np.stack([r["positions"] for r in rows]),
                         last_of_shard=lo + cfg.rows_per_request >= len(positions))
       request_id += 1
-      msg = wire.make_request(request_id, request.tokens, spec, request.segment_ids, request.positions)
+      msg = wire.make_request(request_id, request.tokens, spec, request.segment_ids, request.positions,
+                              request.ids)
       inflight.append((request, await teacher.submit(msg)))
       if len(inflight) >= cfg.window:
         await settle(*inflight.pop(0))

@@ -7,8 +7,9 @@ from typing import Literal
 import pydantic
 from pydantic import Field
 
+from distill_core import wire
 from distill_core.config import ConfigBase
-from distill_core.targets import STATE_NAMES
+from distill_core.targets import STATE_NAMES, SampleRequest
 from teacher_server.config import ServerConfig
 
 
@@ -60,6 +61,12 @@ class DumpConfig(ConfigBase):
       "sorted_delta", description="'sorted_delta': code the sorted values as packed differences of their "
       "bit patterns (lossless, smaller); 'raw': plain little-endian values.")
   zstd_level: int = Field(0, ge=0, le=22, description="zstd level applied to every record (0 = off).")
+  num_samples: int = Field(0, ge=0, description="Sampled targets stored per position: N draws from "
+                           "softmax(z / sample_temperature) (0 = none; for loss.kd_mode sampled, docs/losses.md).")
+  sample_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="tau of the sampling proposal.")
+  sample_seed: int = Field(0, ge=0, lt=2**64, description="Seed of the draws (with the example id and position).")
+  sample_tail: bool = Field(False, description="Draw only outside the stored top-k (students must then use "
+                            "exactly loss.top_k = k); false: from the whole vocabulary.")
   rows_per_request: int = Field(8, ge=1, description="Examples per teacher request.")
   window: int = Field(4, ge=1, description="Requests in flight to the teacher.")
   records_per_shard: int = Field(1024, ge=1, description="Examples per shard file (a multiple of "
@@ -86,3 +93,16 @@ class DumpConfig(ConfigBase):
     if self.states and not self.layers:
       raise ValueError("states given without layers")
     return self
+
+  @property
+  def samples(self) -> SampleRequest | None:
+    if not self.num_samples:
+      return None
+    return SampleRequest(num_samples=self.num_samples, temperature=self.sample_temperature, seed=self.sample_seed,
+                         exclude=self.k if self.sample_tail else 0)
+
+  def output_spec(self) -> wire.OutputSpec:
+    """What every request asks for (and every record stores)."""
+    return wire.OutputSpec(k=self.k, temperatures=tuple(self.temperatures), value_dtype=self.value_dtype,
+                           layers=tuple(self.layers), states=tuple(self.states), state_dtype=self.state_dtype,
+                           pack_ids=self.pack_ids, samples=self.samples)

@@ -55,6 +55,44 @@ def test_remote_and_local_sources_draw_the_same_samples(teacher, tiny_dataset, t
   assert not np.array_equal(other.sample_ids, remote.sample_ids)
 
 
+def test_offline_dump_holds_the_same_samples(teacher, tiny_dataset, tmp_path):
+  """A dump through the server stores the samples; the offline source serves exactly the local teacher's,
+  and refuses a student whose sampling differs, naming each field."""
+  from distill_core.config import load_config
+  from distill_core.data import make_iterator
+  from student_trainer.sources.offline import AnswersMismatch
+  from teacher_server.dump import dump
+  from teacher_server.dump_config import DumpConfig
+  wait_serving(teacher)
+  answers = tmp_path / "answers"
+  summary = dump(load_config(DumpConfig, None, [
+      f"data={tiny_dataset}", f"output={answers}", "splits=[eval]", "k=4", "temperatures=[1.5]", "num_samples=12",
+      "sample_temperature=1.5", "sample_seed=77", "sample_tail=true", "layers=[0,1]", "states=[attn_out]",
+      "records_per_shard=64", "progress=false",
+      f"remote.address={teacher.address}"]))
+  assert summary.manifest is not None and summary.manifest.spec.samples.num_samples == 12
+  local_cfg = train_cfg(tiny_dataset, tmp_path / "local", *LOCAL, *SAMPLED)
+  offline_cfg = train_cfg(tiny_dataset, tmp_path / "off", "teacher.source=offline",
+                          f"teacher.offline.path={answers}", *SAMPLED)
+  batch = next(iter(make_iterator(local_cfg.data, "eval")))
+  got = {}
+  for name, cfg in (("local", local_cfg), ("offline", offline_cfg)):
+    with make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh)) as source:
+      got[name] = jax.tree.map(np.asarray, source.compute(batch, 1.5))
+  for field in ("sample_ids", "sample_counts", "topk_ids"):
+    np.testing.assert_array_equal(got["offline"].__getattribute__(field), got["local"].__getattribute__(field),
+                                  err_msg=field)
+  np.testing.assert_array_equal(got["offline"].sample_logits, got["local"].sample_logits)
+  np.testing.assert_allclose(got["offline"].sample_logsumexp, got["local"].sample_logsumexp, rtol=1e-6)
+  assert got["offline"].sample_skip == 4
+  other = train_cfg(tiny_dataset, tmp_path / "bad", "teacher.source=offline", f"teacher.offline.path={answers}",
+                    *SAMPLED, "loss.num_samples=8", "loss.sample_seed=1")
+  with pytest.raises(AnswersMismatch) as e:
+    make_source(other, make_mesh(other.mesh), rules_table(other.mesh))
+  assert "spec.num_samples: stored 12, loss.num_samples is 8" in str(e.value)
+  assert "spec.sample_seed: stored 77, loss.sample_seed is 1" in str(e.value)
+
+
 def test_training_against_a_teacher_server_with_sampled_kd(teacher, tiny_dataset, tmp_path):
   """kd_mode sampled against the real server trains, and its losses equal the in-process teacher's."""
   from student_trainer.train import run

@@ -72,6 +72,7 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
   differ("teacher.vocab_size", manifest.teacher.vocab_size, cfg.model.real_vocab_size)
   if spec.k < cfg.loss.top_k:
     problems.append(f"spec.k: stored {spec.k}, loss.top_k needs {cfg.loss.top_k}")
+  _check_samples(spec.samples, cfg.loss, problems)
   differ("spec.value_dtype", spec.value_dtype, cfg.teacher.value_dtype, "teacher.value_dtype is")
   low, high = cfg.loss.temperature.bounds()
   stored_temps = [float(np.float32(t)) for t in manifest.temperatures]
@@ -93,6 +94,28 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
            "teacher.offline.weights_fingerprint is")
   if problems:
     raise AnswersMismatch(f"{where}: the stored answers do not fit this student:\n  " + "\n  ".join(problems))
+
+
+def _check_samples(stored, loss, problems: list[str]) -> None:
+  """kd_mode sampled needs the very samples it would request: same N, tau, seed and tail exclusion."""
+  want = loss.sampling
+  if want is None:
+    return
+  if stored is None:
+    problems.append("spec.num_samples: stored no sampled targets, loss.kd_mode sampled needs "
+                    f"{want.num_samples} per position (dump with num_samples={want.num_samples})")
+    return
+  fields = (("spec.num_samples", stored.num_samples, "loss.num_samples", want.num_samples),
+            ("spec.sample_temperature", float(np.float32(stored.temperature)), "loss.sample_temperature",
+             float(np.float32(want.temperature))),
+            ("spec.sample_seed", stored.seed, "loss.sample_seed", want.seed),
+            ("spec.sample_tail", stored.exclude > 0, "loss.sample_tail", want.exclude > 0))
+  for field, have, name, need in fields:
+    if have != need:
+      problems.append(f"{field}: stored {have!r}, {name} is {need!r}")
+  if stored.exclude and want.exclude and stored.exclude != want.exclude:
+    problems.append(f"spec.k: the samples were drawn outside the stored top-{stored.exclude}, loss.top_k is "
+                    f"{want.exclude} (with sample_tail they must be equal)")
 
 
 class _SplitIds:
@@ -157,7 +180,7 @@ class OfflineTeacher(TeacherSource):
     self.cfg = ocfg
     self.lookahead = ocfg.lookahead
     self._mesh = mesh
-    self._k = cfg.loss.top_k
+    self._k = cfg.loss.request_k
     self.store = _open_store(ocfg)
     manifest = self.store.manifest
     where = f"teacher.offline.path={ocfg.path}"
