@@ -12,7 +12,8 @@ import subprocess
 import sys
 
 BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming", "benchmarks.bench_lti",
-              "benchmarks.bench_faults", "benchmarks.bench_offline", "benchmarks.bench_blockwise")
+              "benchmarks.bench_faults", "benchmarks.bench_offline", "benchmarks.bench_blockwise",
+              "benchmarks.bench_sampled")
 
 
 def main() -> int:
