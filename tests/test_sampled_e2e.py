@@ -9,6 +9,7 @@ from remote_utils import TeacherProcess, fake_batch
 from server_utils import free_port
 from test_remote_source import TEACHER_SEED, jsonl, remote_train_cfg, server_overrides, train_cfg, wait_serving
 
+from distill_core import shards
 from distill_core.sharding import make_mesh, rules_table
 from student_trainer.sources import make_source
 
@@ -91,6 +92,31 @@ def test_offline_dump_holds_the_same_samples(teacher, tiny_dataset, tmp_path):
     make_source(other, make_mesh(other.mesh), rules_table(other.mesh))
   assert "spec.num_samples: stored 12, loss.num_samples is 8" in str(e.value)
   assert "spec.sample_seed: stored 77, loss.sample_seed is 1" in str(e.value)
+
+
+def test_cached_source_stores_and_serves_the_samples(teacher, tiny_dataset, tmp_path):
+  """A cached run asks the server and keeps its samples; a second run with no teacher at all trains on the
+  very same samples from disk (identical losses)."""
+  from student_trainer.train import run
+  wait_serving(teacher)
+  cache = tmp_path / "cache"
+
+  def cached(run_dir, address, timeout_s):
+    return remote_train_cfg(tiny_dataset, run_dir, [address], *SAMPLED, "teacher.source=cached",
+                            f"teacher.cached.path={cache}", "teacher.cached.records_per_shard=8", "steps=2",
+                            f"teacher.remote.timeout_s={timeout_s}", "teacher.remote.on_timeout=cached_shards",
+                            "teacher.cached.secondary=ce_only", "teacher.remote.connect_timeout_s=2")
+
+  first = run(cached(tmp_path / "fill", teacher.address, 60))
+  assert first.last_metrics["teacher/rows_requested_total"] == 16
+  assert shards.read_manifest(cache).spec.samples.num_samples == 12
+  second = run(cached(tmp_path / "disk", f"127.0.0.1:{free_port()}", 1))
+  assert second.last_metrics["teacher/batches_from_cache_total"] == 2
+  assert second.last_metrics["teacher/rows_requested_total"] == 0
+  rows = [[r for r in jsonl(res.run_dir / "metrics.jsonl") if "train/kd_loss" in r] for res in (first, second)]
+  assert len(rows[1]) == 2
+  for a, b in zip(*rows, strict=True):
+    assert a["train/kd_loss"] == b["train/kd_loss"] and a["train/sampled_tail_mass"] == b["train/sampled_tail_mass"]
 
 
 def test_training_against_a_teacher_server_with_sampled_kd(teacher, tiny_dataset, tmp_path):

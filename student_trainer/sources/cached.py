@@ -56,7 +56,7 @@ def _needs(cfg, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tup
   layers = feature_teacher_layers(cfg, num_layers)
   names = teacher_state_names(cfg) if layers else ()
   names = names if states is None else tuple(name for name in names if name in states)
-  return cfg.loss.top_k, layers if names else (), names
+  return cfg.loss.request_k, layers if names else (), names
 
 
 def _open_cache(cfg) -> AnswerStore:
@@ -174,7 +174,8 @@ class CachedTeacher(TeacherSource):
     if self._header is None and info is not None:
       k, layers, states = _needs(self._cfg, info.num_layers)
       plan = wire.OutputSpec(k=k, temperatures=(), value_dtype=self._cfg.teacher.value_dtype, layers=layers,
-                             states=states, state_dtype=self.remote.cfg.state_dtype, pack_ids=self.remote.cfg.pack_ids)
+                             states=states, state_dtype=self.remote.cfg.state_dtype, pack_ids=self.remote.cfg.pack_ids,
+                             samples=self._cfg.loss.sampling)
       header = self._writer.header(info, plan)
       stored = self.store.manifest
       if stored is not None:
