@@ -204,8 +204,8 @@ def kd_sampled(student_logits: Array, targets: TeacherTargets, loss_mask: Array,
     raise ValueError("sample_ids: kd_mode 'sampled' needs sampled teacher targets (loss.num_samples > 0)")
   skip = targets.sample_skip
   if skip and k is not None and k != skip:
-    raise ValueError(f"k: the samples were drawn outside the first {skip} top-k ids, so the loss must use "
-                     f"exactly those {skip} exactly (got k={k})")
+    raise ValueError(f"k: the samples were drawn outside the first {skip} top-k ids, so the loss must treat "
+                     f"exactly those {skip} ids exactly (got k={k})")
   n_exact = skip or (k or 0)
   if n_exact > targets.k:
     raise ValueError(f"k: {n_exact} exact ids wanted, the teacher sent {targets.k}")

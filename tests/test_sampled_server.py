@@ -193,3 +193,24 @@ def test_engine_draws_match_the_local_computation_whatever_the_row():
   assert np.all(out.sample_counts[3:] == 0)
   plain = eng.forward(EngineBatch(tokens, seg, positions, np.ones((8, 2), np.float32), Fetch(k=6)))
   assert plain.sample_ids is None and eng.compilations() == 2
+
+
+async def test_student_plan_checks_the_server_sampling_limit():
+  from remote_utils import fake_requirements
+
+  from student_trainer.sources.remote_checks import TeacherMismatch, plan_requests
+  need = fake_requirements(samples=SampleRequest(12, 1.0, 3, exclude=4))
+  async with fake_server(engine=FakeEngine(fake_info(max_samples=0))) as (_, address), TeacherClient(address) as c:
+    with pytest.raises(TeacherMismatch, match=r"num_samples: .* 12 draws .* no sampled targets .*max_samples >= 12"):
+      plan_requests(await c.info(), need, state_dtype="bfloat16", pack_ids=True, rows_per_request=None,
+                    max_message_bytes=1 << 26)
+  async with fake_server("limits.max_samples=16", engine=FakeEngine(fake_info(max_samples=16))) as (_, address), \
+      TeacherClient(address) as c:
+    info = await c.info()
+    plan = plan_requests(info, need, state_dtype="bfloat16", pack_ids=True, rows_per_request=None,
+                         max_message_bytes=1 << 26)
+    plain = plan_requests(info, fake_requirements(), state_dtype="bfloat16", pack_ids=True, rows_per_request=None,
+                          max_message_bytes=1 << 26)
+  spec = plan.spec(1.0).to_proto()
+  assert spec.num_samples == 12 and spec.sample_tail and spec.sample_seed == 3
+  assert plan.row_bytes(16, 8) > plain.row_bytes(16, 8)

@@ -113,7 +113,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
     if need.samples.num_samples > limits.max_samples:
       offered = f"at most {limits.max_samples}" if limits.max_samples else "no sampled targets"
       problems.append(f"num_samples: the loss needs {need.samples.num_samples} draws per position, the "
-                      f"teacher serves {offered}")
+                      f"teacher serves {offered} (start it with limits.max_samples >= {need.samples.num_samples})")
     if need.samples.exclude and need.k >= info.vocab_size:
       problems.append(f"sample_tail: top_k={need.k} leaves no tail of the teacher's {info.vocab_size} ids")
   layers: tuple[int, ...] = ()
