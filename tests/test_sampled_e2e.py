@@ -94,6 +94,7 @@ def test_offline_dump_holds_the_same_samples(teacher, tiny_dataset, tmp_path):
   assert "spec.sample_seed: stored 77, loss.sample_seed is 1" in str(e.value)
 
 
+@pytest.mark.slow
 def test_cached_source_stores_and_serves_the_samples(teacher, tiny_dataset, tmp_path):
   """A cached run asks the server and keeps its samples; a second run with no teacher at all trains on the
   very same samples from disk (identical losses)."""
