@@ -20,7 +20,6 @@ Figures go to the benchmark results file (benchmarks/results.py); keys in benchm
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -105,15 +104,6 @@ def big_vocab_figures(examples: int, seq_len: int, out: Path) -> dict:
   return figures
 
 
-def throughput(run_dir: Path) -> float:
-  import json
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # the first holds compilation
-  if not rates:
-    raise SystemExit("too few steps for a throughput sample: raise --steps")
-  return statistics.median(rates)
-
-
 def train_cfg(args, answers: Path, run_dir: Path, *extra: str):
   from distill_core.config import load_config
   from student_trainer.config import TrainConfig
@@ -161,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch-size", type=int, default=8, help="Student batch size.")
   parser.add_argument("--steps", type=int, default=24, help="Student training steps (the first 4 hold compilation).")
   args = parser.parse_args(argv)
-  from benchmarks.bench_train import ensure_data
+  from benchmarks.bench_train import ensure_data, throughput
   from benchmarks.results import record
   from distill_core.config import load_config
   from distill_core.data import load_manifest, make_iterator
@@ -194,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
       figures[f"shard_read_tokens_per_s_{threads}_thread{'s' if threads > 1 else ''}"] = (
           read_throughput(cfg, batches, threads), "tokens/s")
     run(cfg)
-    student = throughput(out / "student")
+    student = throughput(out / "student", "offline student")
   figures["offline_student_tokens_per_s"] = (student, "tokens/s")
   figures["shard_read_speedup_over_student"] = (figures["shard_read_tokens_per_s_2_threads"][0] / student, "ratio")
   width = max(map(len, figures))

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 import pydantic
 from pydantic import Field
 
+from distill_core.client_config import ClientSecurityConfig
 from distill_core.config import ConfigBase
 from distill_core.data import DataConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
@@ -40,8 +41,8 @@ class LocalTeacherConfig(ConfigBase):
   seed: int = Field(0, description="Seed of a randomly initialised teacher (tests only).")
 
 
-class RemoteTeacherConfig(ConfigBase):
-  """A teacher server (one or several replicas) answering over gRPC streams."""
+class RemoteTeacherConfig(ClientSecurityConfig):
+  """A teacher server (one or several replicas) answering over gRPC streams (TLS/token options inherited)."""
 
   address: str | list[str] = Field(
       "127.0.0.1:50051", description="Teacher server as host:port, a list of host:port replicas (one "
@@ -74,15 +75,6 @@ class RemoteTeacherConfig(ConfigBase):
                                   "tolerated for one batch before training stops with the error.")
   allow_teacher_change: bool = Field(False, description="Resume from a checkpoint whose teacher stream came "
                                      "from different teacher weights (refused by default).")
-  token: str | None = Field(None, description="Bearer token (prefer token_file).")
-  token_file: str | None = Field(None, description="File holding the bearer token (one line).")
-  tls: bool = Field(False, description="Use TLS with the system roots (implied by root_certificates).")
-  root_certificates: str | None = Field(None, description="PEM CA file the server certificate must chain to.")
-  client_cert: str | None = Field(None, description="PEM client certificate (mutual TLS).")
-  client_key: str | None = Field(None, description="PEM key of client_cert.")
-  server_name_override: str | None = Field(None, description="TLS name to verify instead of the address host.")
-  max_message_mb: int = Field(256, ge=1, description="Largest gRPC message sent or received, in MiB.")
-
   @pydantic.field_validator("address")
   @classmethod
   def _check_address(cls, value: str | list[str]) -> str | list[str]:
@@ -107,10 +99,6 @@ class RemoteTeacherConfig(ConfigBase):
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "RemoteTeacherConfig":
-    if self.token and self.token_file:
-      raise ValueError("give token or token_file, not both")
-    if bool(self.client_cert) != bool(self.client_key):
-      raise ValueError("client_cert and client_key must be given together")
     if self.backoff_max_s < self.backoff_initial_s:
       raise ValueError(f"backoff_max_s ({self.backoff_max_s}) < backoff_initial_s ({self.backoff_initial_s})")
     return self

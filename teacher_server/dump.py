@@ -105,6 +105,7 @@ class _Examples:
       self.sources.append(source)
     self.counts = [min(len(s), cfg.max_examples or len(s)) for s in self.sources]
     self.starts = np.cumsum([0] + self.counts)
+    self._first_ids = [self.manifest.splits[split].first_example_id for split in cfg.splits]
     self.dataset = DatasetInfo(
         path=str(cfg.data), dataset_fingerprint=self.manifest.dataset_fingerprint,
         tokenizer_fingerprint=self.manifest.tokenizer_fingerprint, seq_len=self.manifest.seq_len,
@@ -113,9 +114,21 @@ class _Examples:
   def __len__(self) -> int:
     return int(self.starts[-1])
 
+  def _split_of(self, index: int) -> int:
+    return int(np.searchsorted(self.starts, index, side="right")) - 1
+
+  def example_id(self, index: int) -> int:
+    """The id of example `index` without reading it (record i of a prepared split has id first + i)."""
+    split = self._split_of(index)
+    return self._first_ids[split] + int(index - self.starts[split])
+
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-    split = int(np.searchsorted(self.starts, index, side="right")) - 1
-    return self.sources[split][int(index - self.starts[split])]
+    split = self._split_of(index)
+    row = self.sources[split][int(index - self.starts[split])]
+    if int(row["example_ids"]) != self.example_id(index):
+      raise ShardError(f"{self.dataset.path}: example {index} of the answered splits has id {row['example_ids']}, "
+                       f"expected {self.example_id(index)} (ids of a prepared split are consecutive)")
+    return row
 
 
 def plan(total: int, index: int, count: int, per_shard: int) -> list[np.ndarray]:
@@ -195,14 +208,8 @@ class _Remote:
   """A teacher server over one gRPC stream."""
 
   def __init__(self, cfg: DumpConfig):
-    from distill_core.client import TeacherClient
-    r = cfg.remote
-    token = Path(r.token_file).read_text().strip() if r.token_file else r.token
-    self.client = TeacherClient(r.address, token=token, tls=r.tls, root_certificates=r.root_certificates,
-                                client_cert=r.client_cert, client_key=r.client_key,
-                                server_name_override=r.server_name_override,
-                                max_message_bytes=r.max_message_mb << 20)
-    self.timeout = r.connect_timeout_s
+    self.client = cfg.remote.make_client(cfg.remote.address)
+    self.timeout = cfg.remote.connect_timeout_s
     self.info = None
 
   async def __aenter__(self):
@@ -320,12 +327,7 @@ async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
       raise ShardError(f"tokenizer: the teacher's fingerprint {info.tokenizer_fingerprint[:16]}... differs from "
                        f"the dataset's {examples.dataset.tokenizer_fingerprint[:16]}...")
     shard_plan = plan(len(examples), index, count, cfg.records_per_shard)
-    id_of = np.asarray([int(examples[int(i)]["example_ids"]) for i in np.concatenate(shard_plan)] if shard_plan
-                       else [], np.int64)
-    planned_ids, offset = [], 0
-    for positions in shard_plan:
-      planned_ids.append(id_of[offset:offset + len(positions)].tolist())
-      offset += len(positions)
+    planned_ids = [[examples.example_id(int(i)) for i in positions] for positions in shard_plan]
     old = shards.read_progress(root, name)
     kept: list[shards.ShardInfo] = []
     if old is not None:
@@ -461,9 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   from teacher_server.logs import setup_logging
   setup_logging(cfg.teacher.log_format, cfg.teacher.log_level)
+  from distill_core.client import TeacherError
   try:
     summary = dump(cfg)
-  except (ShardError, ValueError, OSError) as e:
+  except (ShardError, ValueError, OSError, TeacherError) as e:
     print(f"dump: {e}", file=sys.stderr)
     return 1
   print(summary.line(), flush=True)

@@ -8,33 +8,19 @@ import pydantic
 from pydantic import Field
 
 from distill_core import wire
+from distill_core.client_config import ClientSecurityConfig
 from distill_core.config import ConfigBase
 from distill_core.targets import STATE_NAMES, SampleRequest
 from teacher_server.config import ServerConfig
 
 
-class RemoteConfig(ConfigBase):
-  """A running teacher server to ask instead of loading the teacher in this process."""
+class RemoteConfig(ClientSecurityConfig):
+  """A running teacher server to ask instead of loading the teacher in this process (TLS/token options
+  as for the trainer's teacher.remote)."""
 
   address: str | None = Field(None, description="host:port or a gRPC target (dns:///name:port) of the "
                               "teacher server; null = run the teacher in this process (see `teacher`).")
-  token: str | None = Field(None, description="Bearer token (prefer token_file).")
-  token_file: str | None = Field(None, description="File holding the bearer token (one line).")
-  tls: bool = Field(False, description="Use TLS with the system roots (implied by root_certificates).")
-  root_certificates: str | None = Field(None, description="PEM CA file the server certificate must chain to.")
-  client_cert: str | None = Field(None, description="PEM client certificate (mutual TLS).")
-  client_key: str | None = Field(None, description="PEM key of client_cert.")
-  server_name_override: str | None = Field(None, description="TLS name to verify instead of the address host.")
-  max_message_mb: int = Field(256, ge=1, description="Largest gRPC message sent or received, in MiB.")
   connect_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the server to be SERVING.")
-
-  @pydantic.model_validator(mode="after")
-  def _check(self) -> "RemoteConfig":
-    if self.token and self.token_file:
-      raise ValueError("give remote.token or remote.token_file, not both")
-    if bool(self.client_cert) != bool(self.client_key):
-      raise ValueError("remote.client_cert and remote.client_key must be given together")
-    return self
 
 
 class DumpConfig(ConfigBase):

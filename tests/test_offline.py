@@ -34,19 +34,19 @@ TRAIN, EVAL = "train", "eval"
 
 @pytest.fixture(scope="module")
 def dumps(small_dataset, tmp_path_factory):
-  """Two in-process writers and one dump through a server process, all running at once."""
+  """Two writer processes with the teacher in process, two asking a server process, all running at once."""
   root = tmp_path_factory.mktemp("dumps")
   server = ServerProcess(teacher_overrides(small_dataset), root / "server.log")
   try:
-    writers = [start_dump(small_dataset, root / "two", "--process-index", str(i), "--process-count", "2",
-                          log_path=root / f"writer{i}.log") for i in range(2)]
-    remote_log = run_dump(small_dataset, root / "remote", "--remote", server.address, log_path=root / "remote.log")
-    for i, proc in enumerate(writers):
-      assert proc.wait(300) == 0, (root / f"writer{i}.log").read_text()[-3000:]
+    writers = {(name, i): start_dump(small_dataset, root / name, "--process-index", str(i), "--process-count", "2",
+                                     *remote, log_path=root / f"{name}{i}.log")
+               for name, remote in (("two", ()), ("remote", ("--remote", server.address))) for i in range(2)}
+    for (name, i), proc in writers.items():
+      assert proc.wait(300) == 0, (root / f"{name}{i}.log").read_text()[-3000:]
   finally:
     server.stop()
-  return {"two": root / "two", "remote": root / "remote", "remote_log": remote_log,
-          "writer_log": (root / "writer0.log").read_text()}
+  return {"two": root / "two", "remote": root / "remote", "remote_log": (root / "remote1.log").read_text(),
+          "writer_log": (root / "two0.log").read_text()}
 
 
 def test_dumps_are_complete_and_identical(dumps, small_dataset):
@@ -54,7 +54,7 @@ def test_dumps_are_complete_and_identical(dumps, small_dataset):
   total = sum(s["examples"] for s in data["splits"].values())
   two, remote = shards.read_manifest(dumps["two"]), shards.read_manifest(dumps["remote"])
   assert two.complete and remote.complete and two.records == remote.records == total
-  assert two.writers == ["p00000-of-00002", "p00001-of-00002"] and remote.writers == ["p00000-of-00001"]
+  assert two.writers == remote.writers == ["p00000-of-00002", "p00001-of-00002"]
   assert two.teacher == remote.teacher and two.spec == remote.spec and two.dataset.splits == remote.dataset.splits
   assert two.dataset.dataset_fingerprint == data["dataset_fingerprint"]
   assert two.spec.k == K_STORED and two.temperatures == (1.0, 2.0) and two.spec.layers == (0, 1)
@@ -282,6 +282,37 @@ def test_follow_trains_from_a_dump_still_being_written(small_dataset, tmp_path, 
   assert [("train/kd_loss" in r) for r in rows] == [True] * 3
   messages = [r.getMessage() for r in caplog.records]
   assert any("following" in m and "waiting" in m for m in messages), messages
+
+
+def test_dump_through_a_token_protected_server(small_dataset, tmp_path, capsys):
+  """`remote.*` options as for the trainer: with the token, the fake teacher's closed-form answers are stored;
+  with a wrong one the dump is refused with the server's status."""
+  from remote_utils import ThreadedServer
+  from server_utils import fake_expected
+
+  from distill_core.config import load_config
+  from distill_core.data import DataConfig, open_split
+  from teacher_server.dump import dump, main
+  from teacher_server.dump_config import DumpConfig
+  from teacher_server.fake_engine import FakeEngine, fake_info
+  server = ThreadedServer("security.auth_token=s3cret", engine=FakeEngine(fake_info(vocab_size=384)))
+  args = [f"data={small_dataset}", "splits=[train]", "max_examples=12", "k=4", "rows_per_request=4", "progress=false",
+          f"remote.address={server.address}", "remote.connect_timeout_s=20"]
+  try:
+    summary = dump(load_config(DumpConfig, None, [*args, f"output={tmp_path / 'ok'}", "remote.token=s3cret"]))
+    code = main([*args, f"output={tmp_path / 'refused'}", "remote.token=wrong"])
+  finally:
+    server.kill()
+  assert summary.records == 12 and summary.teacher_busy_fraction is None
+  _, source = open_split(DataConfig(path=str(small_dataset)), "train")
+  rows = [source[i] for i in range(12)]
+  ids, logits, lse = fake_expected(np.stack([r["tokens"] for r in rows]), np.stack([r["positions"] for r in rows]),
+                                   4, (1.0,), vocab=384)
+  got = AnswerStore(tmp_path / "ok").batch([int(r["example_ids"]) for r in rows])
+  np.testing.assert_array_equal(got.topk_ids, ids)
+  np.testing.assert_array_equal(np.asarray(got.topk_logits, np.float32), logits)
+  np.testing.assert_allclose(got.logsumexp, lse, rtol=1e-6)
+  assert code == 1 and "UNAUTHENTICATED" in capsys.readouterr().err
 
 
 # -- resumable dump --------------------------------------------------------------------------------
