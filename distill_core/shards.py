@@ -88,6 +88,10 @@ class DatasetInfo(_Strict):
   seq_len: int = pydantic.Field(description="Tokens per example (T of every record).")
   splits: dict[str, int] = pydantic.Field(description="Splits answered -> their example counts.")
 
+  def identity(self) -> dict[str, Any]:
+    """Everything but the (informational) path: what two writers must agree on."""
+    return self.model_dump(exclude={"path"})
+
 
 class StoredSpec(_Strict):
   """What every record holds: the request's ``OutputSpec`` plus the storage options."""
@@ -298,6 +302,13 @@ def _parse(model, path: epath.Path):
     raise ShardError(f"{path}: invalid {model.__name__.lower()} file: {e}") from e
 
 
+def differs(a, b) -> bool:
+  """Whether two header fields disagree (a dataset's path does not count)."""
+  if isinstance(a, DatasetInfo) and isinstance(b, DatasetInfo):
+    return a.identity() != b.identity()
+  return a != b
+
+
 def merge_progress(root: str | epath.Path) -> Manifest | None:
   """The manifest of every ``progress-*.json`` under `root` (None when there is none).
 
@@ -312,7 +323,7 @@ def merge_progress(root: str | epath.Path) -> Manifest | None:
   first = parts[0]
   for path, part in zip(paths[1:], parts[1:]):
     for field in ("format_version", "record_version", "teacher", "dataset", "spec"):
-      if getattr(part, field) != getattr(first, field):
+      if differs(getattr(part, field), getattr(first, field)):
         raise ShardError(f"{path}: {field} differs from {paths[0].name}: {getattr(part, field)!r} vs "
                          f"{getattr(first, field)!r}")
   shards = [s for part in sorted(parts, key=lambda p: p.writer) for s in part.shards]

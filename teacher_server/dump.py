@@ -140,7 +140,7 @@ def plan(total: int, index: int, count: int, per_shard: int) -> list[np.ndarray]
 def _check_same(old: Progress, new: Progress, path) -> None:
   for field in ("teacher", "dataset", "spec"):
     a, b = getattr(old, field), getattr(new, field)
-    if a != b:
+    if shards.differs(a, b):
       diff = [f"{key}: stored {value!r}, now {getattr(b, key)!r}" for key, value in a
               if value != getattr(b, key)]
       raise ShardError(f"{path}: this output holds answers with another {field} ({'; '.join(diff)}); "
@@ -286,6 +286,8 @@ def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, erro
       outbox.put((request, records, tuple(float(t) for t in np.asarray(targets.temperatures))))
   except BaseException as e:  # noqa: BLE001 - reported by the main thread
     errors.append(e)
+    while inbox.get() is not _DONE:  # keep draining so the teacher side never blocks
+      pass
   finally:
     outbox.put(_DONE)
 

@@ -160,6 +160,9 @@ def test_select_picks_exact_temperature_k_and_layers():
 
 def test_progress_files_must_agree(tmp_path):
   shards.write_progress(tmp_path, header("a"))
+  moved = header("m")  # the same dataset at another path: its path is informational
+  shards.write_progress(tmp_path, moved.model_copy(update={"dataset": moved.dataset.model_copy(update={"path": "e"})}))
+  assert shards.write_manifest(tmp_path).writers == ["a", "m"]
   other = header("b")
   other = other.model_copy(update={"dataset": other.dataset.model_copy(update={"seq_len": 7})})
   shards.write_progress(tmp_path, other)

@@ -129,6 +129,11 @@ class CacheWriter:
       while self._queue.get() is not _DONE:
         pass
 
+  @property
+  def finished_shards(self) -> int:
+    """Shards this writer has finished (and listed) so far."""
+    return len(self._writer.progress.shards) if self._writer is not None else 0
+
   def close(self) -> None:
     """Writes what is queued, finishes the last (partial) shard and lists it."""
     self._queue.put(_DONE)
@@ -160,6 +165,7 @@ class CachedTeacher(TeacherSource):
     self.lookahead = self.remote.lookahead
     self._writer = CacheWriter(cfg, process_index=process_index)
     self._header: Progress | None = None
+    self._seen_shards = 0
     self._pending: collections.deque[_Item] = collections.deque()
     self._counts = collections.Counter()
     self._window = collections.Counter()
@@ -181,7 +187,7 @@ class CachedTeacher(TeacherSource):
       if stored is not None:
         where = f"teacher.cached.path={self._cfg.teacher.cached.path}"
         for field in ("teacher", "dataset", "spec"):
-          if getattr(stored, field) != getattr(header, field):
+          if shards.differs(getattr(stored, field), getattr(header, field)):
             raise ShardError(f"{where}: the cache holds answers with another {field} than this run's "
                              f"(stored {getattr(stored, field)!r}, now {getattr(header, field)!r}); use another "
                              "cache path")
@@ -189,6 +195,9 @@ class CachedTeacher(TeacherSource):
     return self._header
 
   def _split(self, batch: Batch, temperature: float, states=None) -> _Item:
+    if self._writer.finished_shards != self._seen_shards:  # this run's own answers, readable from now on
+      self._seen_shards = self._writer.finished_shards
+      self.store.refresh()
     ids = np.asarray(batch.example_ids, np.int64)
     missing = set(self.store.missing(ids, temperature))
     missing_rows = [r for r, i in enumerate(ids.tolist()) if i in missing]
