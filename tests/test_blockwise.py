@@ -208,15 +208,13 @@ def test_scanned_and_unrolled_give_the_same_loss_and_gradients():
   def loss_and_grads(model, c):
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     fn = lambda p: blockwise_loss(nnx.merge(graphdef, p, rest), batch, targets, c)[0]
-    return jax.value_and_grad(fn)(params)
+    loss, grads = jax.value_and_grad(fn)(params)
+    return loss, nnx.merge(graphdef, grads, rest)  # the gradients as a model, so layouts convert
 
   (loss_u, grads_u), (loss_s, grads_s) = loss_and_grads(unrolled, cfg), loss_and_grads(scanned, scan_cfg)
   np.testing.assert_allclose(float(loss_s), float(loss_u), rtol=LAYOUT_RTOL)
-  as_scanned = nnx.state(convert_layout(nnx.merge(*nnx.split(unrolled, nnx.Param, ...)[:1], grads_u,
-                                                  nnx.split(unrolled, nnx.Param, ...)[2]), scan_layers=True),
-                         nnx.Param)
-  flat_u = dict(nnx.to_flat_state(as_scanned))
-  flat_s = dict(nnx.to_flat_state(grads_s))
+  flat_u = dict(nnx.to_flat_state(nnx.state(convert_layout(grads_u, scan_layers=True), nnx.Param)))
+  flat_s = dict(nnx.to_flat_state(nnx.state(grads_s, nnx.Param)))
   assert flat_u.keys() == flat_s.keys()
   for path in flat_s:
     np.testing.assert_allclose(np.asarray(flat_s[path][...]), np.asarray(flat_u[path][...]),
