@@ -57,6 +57,7 @@ class FakeEngine(Engine):
     self.delay_s = delay_s
     self.fail_token = fail_token
     self.batches: list[tuple[int, int, bool]] = []  # (B, T, with_states) of every forward
+    self.fetches: list = []  # the Fetch of every forward
     self._lock = threading.Lock()
     rng = np.random.default_rng(0)
     self._params = {
@@ -77,6 +78,7 @@ class FakeEngine(Engine):
     bb, tb = check_batch_shape(self._info, batch)
     with self._lock:
       self.batches.append((bb, tb, batch.with_states))
+      self.fetches.append(batch.fetch)
     if self.delay_s:
       time.sleep(self.delay_s)
     if self.fail_token is not None and np.any(batch.tokens == self.fail_token):

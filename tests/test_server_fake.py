@@ -266,3 +266,26 @@ async def test_cancelled_stream_does_not_disturb_others():
       np.testing.assert_array_equal(got.topk_ids[..., 1], np.full((2, 3), 10))
     await asyncio.sleep(0.3)  # the abandoned batches finish
     assert server.metrics.registry.get_sample_value("teacher_open_streams") == 0
+
+
+async def test_requests_sharing_a_batch_each_get_their_own_outputs():
+  """One engine batch copies the union of its requests' outputs; each answer is trimmed to its own spec."""
+  engine = FakeEngine()
+  tokens = [np.full((2, 16), 10 * (i + 1), np.int32) for i in range(2)]
+  specs = [OutputSpec(k=3, value_dtype="float16", layers=(1,), states=("attn_out",), state_dtype="bfloat16"),
+           OutputSpec(k=6, value_dtype="float32", layers=(0,), states=("attn_in",), state_dtype="bfloat16")]
+  async with fake_server("batcher.max_wait_ms=200", engine=engine) as (_, address), TeacherClient(address) as client:
+    got = await asyncio.gather(*(client.forward(t, s) for t, s in zip(tokens, specs)))
+  assert engine.batches == [(4, 16, True)]  # both requests in one full batch
+  fetch = engine.fetches[0]
+  assert (fetch.k, fetch.value_dtype, fetch.layers, fetch.states) == (6, np.float32, (0, 1), ("attn_in", "attn_out"))
+  for answer, spec, t in zip(got, specs, tokens):
+    ids, logits, _ = fake_expected(t, np.tile(np.arange(16, dtype=np.int32), (2, 1)), spec.k, (1.0,))
+    np.testing.assert_array_equal(answer.topk_ids, ids)
+    assert answer.topk_logits.dtype == np.dtype(spec.value_dtype)
+    np.testing.assert_array_equal(answer.topk_logits.astype(np.float32), logits)
+    assert answer.state_layers == spec.layers and set(answer.layer_states) == set(spec.states)
+    (name,), (layer,) = spec.states, spec.layers
+    want = t + 1000.0 * layer + (0.5 if name == "attn_out" else 0.0)
+    np.testing.assert_array_equal(answer.layer_states[name],
+                                  np.broadcast_to(want[None, :, :, None], (1, 2, 16, 8)).astype(np.dtype("bfloat16")))
