@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import grain
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
