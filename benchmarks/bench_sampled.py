@@ -11,11 +11,13 @@ measures, in one run:
 1. variance: the gradient of the KD loss with respect to the student's logits,
    from N samples per position (kd_mode sampled, tau = T, no exact ids), over
    `--seeds` seeds, against the dense gradient: E ||g_N - g_dense||^2 / ||g_dense||^2
-   (unbiased, so this is the variance; it falls as 1/N). Next to it, the same
+   (unbiased, so this is the variance; it falls as 1/N), and the same with the
+   exact top-16 and N samples drawn outside it. Next to them, the same
    relative squared error of the deterministic `tail` estimator at k = 16, 64,
    128 (its bias, which no amount of training averages away).
 2. bytes: the answer message bytes per token on the wire (f16 values, packed
-   ids, one temperature) for N samples and for top-k at k = 16, 64, 128, from
+   ids, one temperature) for N samples (alone and after the exact top-16) and
+   for top-k at k = 16, 64, 128, from
    the real encoding of this teacher's answers (repeated draws of one id
    travel once, so a peaked teacher needs fewer bytes).
 3. engine: teacher engine tokens/s (jitted forward, top-64, transfer) with and
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 TOPK = (16, 64, 128)
+EXACT = 16  # exact top-k ids of the combined variant (samples drawn outside them)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--teacher-hf", help="teacher Hugging Face checkpoint folder (instead of --preset)")
   p.add_argument("--student", default="demo_student", help="student model preset (random weights, seed 1)")
   p.add_argument("--student-hf", help="student Hugging Face checkpoint folder (instead of --student)")
-  p.add_argument("--data", default="data/stdlib", help="prepared dataset (random tokens if it does not exist)")
+  p.add_argument("--data", default="data/stdlib", help="prepared dataset (random tokens if it does not exist or "
+                                                       "is '')")
   p.add_argument("--batch", type=int, default=4, help="rows B of the measured batch")
   p.add_argument("--length", type=int, default=128, help="tokens T per row")
   p.add_argument("--ns", default="4,16,64", help="comma-separated numbers of samples N per position")
@@ -63,9 +67,12 @@ def _load(preset: str, hf: str | None, seed: int):
 
 def _batch(args, vocab: int):
   """(tokens, segment ids, positions, example ids, where from) of one batch."""
-  if (Path(args.data) / "manifest.json").is_file():
+  if args.data and (Path(args.data) / "manifest.json").is_file():
     from distill_core.config import build
-    from distill_core.data import DataConfig, make_iterator
+    from distill_core.data import DataConfig, load_manifest, make_iterator
+    if load_manifest(args.data).vocab_size > vocab:
+      raise SystemExit(f"--data {args.data}: its tokenizer has {load_manifest(args.data).vocab_size} ids, more than "
+                       f"the models' {vocab} (pass models of that vocabulary, or --data '' for random tokens)")
     it = make_iterator(build(DataConfig, {"path": args.data, "batch_size": args.batch, "shuffle": False}), "train")
     try:
       b = next(iter(it))
@@ -92,26 +99,29 @@ def gradient_errors(s, z, mask, true_vocab: int, ns: list[int], seeds: int, temp
   def grad_of(fn):
     return jax.jit(jax.grad(lambda x, *a: fn(x, *a)[0].sum))
 
-  dense = np.asarray(grad_of(lambda x: losses.kd_dense(x, z, mask, temperature=temperature,
-                                                       true_vocab_size=true_vocab))(s), np.float64)
+  dense = np.asarray(grad_of(lambda x, zz, mm: losses.kd_dense(x, zz, mm, temperature=temperature,
+                                                               true_vocab_size=true_vocab))(s, z, mask), np.float64)
   norm = float(np.sum(dense ** 2))
   eids = jnp.asarray(split_u64(example_ids))
   out = {}
   for n in ns:
-    @jax.jit
-    def sampled_grad(x, seed_words, n=n):
-      t = compute_targets(z, k=1, temperatures=(temperature,), true_vocab_size=true_vocab, num_samples=n,
-                          sample_temperature=temperature, sample_seed=seed_words, example_ids=eids)
-      return jax.grad(lambda y: losses.kd_sampled(y, t, mask, k=0, true_vocab_size=true_vocab)[0].sum)(x)
+    for exact, name in ((0, f"sampled_grad_rel_var_n{n}"), (EXACT, f"sampled_top{EXACT}_grad_rel_var_n{n}")):
+      @jax.jit
+      def sampled_grad(x, zz, mm, ee, seed_words, n=n, exact=exact):
+        t = compute_targets(zz, k=max(exact, 1), temperatures=(temperature,), true_vocab_size=true_vocab,
+                            num_samples=n, sample_temperature=temperature, sample_seed=seed_words, example_ids=ee,
+                            sample_exclude=exact)
+        return jax.grad(lambda y: losses.kd_sampled(y, t, mm, k=exact, true_vocab_size=true_vocab)[0].sum)(x)
 
-    errs = [float(np.sum((np.asarray(sampled_grad(s, jnp.asarray(split_u64(np.asarray(i)))), np.float64)
-                          - dense) ** 2)) for i in range(seeds)]
-    out[f"sampled_grad_rel_var_n{n}"] = float(np.mean(errs)) / norm
+      errs = [float(np.sum((np.asarray(sampled_grad(s, z, mask, eids, jnp.asarray(split_u64(np.asarray(i)))),
+                                       np.float64) - dense) ** 2)) for i in range(seeds)]
+      out[name] = float(np.mean(errs)) / norm
   for k in TOPK:
     if k > true_vocab:
       continue
     targets = compute_targets(z, k=k, temperatures=(temperature,), true_vocab_size=true_vocab)
-    g = grad_of(lambda x, tt: losses.kd_sparse(x, tt, mask, mode="tail", true_vocab_size=true_vocab))(s, targets)
+    g = grad_of(lambda x, tt, mm: losses.kd_sparse(x, tt, mm, mode="tail", true_vocab_size=true_vocab))(
+        s, targets, mask)
     out[f"tail_grad_rel_err_k{k}"] = float(np.sum((np.asarray(g, np.float64) - dense) ** 2)) / norm
   return out
 
@@ -131,8 +141,10 @@ def wire_bytes(z, true_vocab: int, ns: list[int], temperature: float, example_id
                                                  value_dtype="float16", **kw))
     return wire.targets_to_response(0, t, packed_id_bits=bits).ByteSize() / tokens
 
-  out = {f"sampled_bytes_per_token_n{n}": size(k=1, num_samples=n, sample_temperature=temperature,
-                                                example_ids=split_u64(example_ids)) for n in ns}
+  draws = dict(sample_temperature=temperature, example_ids=split_u64(example_ids))
+  out = {f"sampled_bytes_per_token_n{n}": size(k=1, num_samples=n, **draws) for n in ns}
+  out.update({f"sampled_top{EXACT}_bytes_per_token_n{n}": size(k=EXACT, num_samples=n, sample_exclude=EXACT, **draws)
+              for n in ns})
   out.update({f"topk_bytes_per_token_k{k}": size(k=k) for k in TOPK if k <= true_vocab})
   return out
 
@@ -186,20 +198,21 @@ def main(argv=None) -> int:
   figures = gradient_errors(s, z, mask, vocab, ns, args.seeds, args.temperature, eids)
   figures.update(wire_bytes(z, vocab, ns, args.temperature, eids))
   figures.update(engine_speed(teacher, tokens, seg, pos, eids, max(ns), args.engine_batches))
-  print(f"  {'N':>5} {'grad var / |g|^2':>17} {'bytes/token':>12}")
+  print(f"  {'N':>5} {'grad var / |g|^2':>17} {'bytes/token':>12}   top-{EXACT} + N tail samples: var, bytes/token")
   for n in ns:
-    print(f"  {n:>5} {figures[f'sampled_grad_rel_var_n{n}']:17.4f} {figures[f'sampled_bytes_per_token_n{n}']:12.1f}")
+    print(f"  {n:>5} {figures[f'sampled_grad_rel_var_n{n}']:17.4f} {figures[f'sampled_bytes_per_token_n{n}']:12.1f}   "
+          f"{figures[f'sampled_top{EXACT}_grad_rel_var_n{n}']:17.4f} "
+          f"{figures[f'sampled_top{EXACT}_bytes_per_token_n{n}']:12.1f}")
   print(f"  {'top-k':>5} {'tail |bias|^2/|g|^2':>17} {'bytes/token':>12}")
   for k in TOPK:
     if f"topk_bytes_per_token_k{k}" in figures:
       print(f"  {k:>5} {figures[f'tail_grad_rel_err_k{k}']:17.4f} {figures[f'topk_bytes_per_token_k{k}']:12.1f}")
   print(f"  engine top-64: {figures['topk_engine_tokens_per_s']:,.0f} tokens/s; with {max(ns)} samples: "
         f"{figures['sampled_engine_tokens_per_s']:,.0f} tokens/s ({figures['sampled_engine_speed_ratio']:.2f}x)")
-  units = {"sampled_grad_rel_var": "ratio", "tail_grad_rel_err": "ratio", "sampled_bytes": "bytes/token",
-           "topk_bytes": "bytes/token", "sampled_engine_tokens": "tokens/s", "topk_engine_tokens": "tokens/s",
-           "sampled_engine_speed": "ratio"}
-  record({key: (value, next(u for prefix, u in units.items() if key.startswith(prefix)))
-          for key, value in figures.items()})
+  def unit(key: str) -> str:
+    return "bytes/token" if "bytes_per_token" in key else "tokens/s" if key.endswith("tokens_per_s") else "ratio"
+
+  record({key: (value, unit(key)) for key, value in figures.items()})
   return 0
 
 
