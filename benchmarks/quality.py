@@ -1,6 +1,6 @@
 """Distillation quality report: held-out CE of students distilled in each mode, next to their baselines.
 
-    python -m benchmarks.quality            # the README's report (about an hour on 2 CPU cores)
+    python -m benchmarks.quality            # the README's report (up to an hour on 2 CPU cores)
     python -m benchmarks.quality --quick    # the same rows at CI size (a few minutes)
 
 On the same prepared data (data/stdlib, prepared when missing) and the same
@@ -9,7 +9,7 @@ CE only; `kd_dense` with the local teacher; `kd_sparse` `tail`, `renormalize`
 and `topk` at k = 64 through a teacher server; and each further mode the
 trainer offers (offline shards, sampled targets, learn-to-init then KD,
 blockwise then KD). The teacher is trained once with cross-entropy on ten
-times a student's tokens (reused when present), so that the teacher-to-CE-only
+times a student's tokens or more (reused when present), so that the teacher-to-CE-only
 gap is several times the seed spread; otherwise the table would say nothing.
 
 Every student, and the teacher, is then evaluated the same way, in this
@@ -60,20 +60,32 @@ class Budget:
   temperature: float = 1.0
   student: str = "demo_student"
   teacher: str = "demo_teacher"
+  data: str = "data/stdlib"
+  prepare: tuple[str, ...] = ()  # `python -m distill_core.prepare` options of `data`
 
 
-DEFAULT = Budget(teacher_steps=1000, student_steps=100, seeds=(0, 1), eval_every=20, eval_batches=16)
-QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1), eval_every=4, eval_batches=2)
+DEFAULT = Budget(teacher_steps=1000, student_steps=60, seeds=(0, 1), eval_every=15, eval_batches=16)
+# A corpus of 40 files, so that the offline row's dump of every example takes seconds.
+QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1), eval_every=4, eval_batches=2,
+               data="data/quality_quick", prepare=("max_files=40", "seq_len=128", "eval_fraction=0.15"))
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-  """One line of the report: how a student of this row is trained."""
+  """One line of the report: how a student of this row is trained.
+
+  `overrides` gives the trainer options of the run. A row with a first phase
+  (`first_phase`, `first_steps`) trains that phase for `first_steps` steps,
+  then continues for the rest of the budget with `overrides`, starting from the
+  first phase's exported student: the same token budget as every other row.
+  """
   slug: str
   label: str
-  needs: str | None  # "remote" when the row needs the teacher server
+  needs: tuple[str, ...]  # "remote": the teacher server; "dump": the teacher's answers on disk
   overrides: Callable[["Context"], list[str]]
   available: Callable[[], bool] = lambda: True
+  first_phase: Callable[["Context"], list[str]] | None = None
+  first_steps: Callable[[Budget], int] = lambda b: 0
 
 
 @dataclasses.dataclass
@@ -83,6 +95,12 @@ class Context:
   out: Path
   teacher_hf: Path
   address: str | None = None
+  wire: dict = dataclasses.field(default_factory=dict)  # measured answer bytes per token, see choose_samples
+
+  @property
+  def answers(self) -> Path:
+    """The teacher's answers dumped for the offline row."""
+    return self.out / "answers"
 
 
 def _kd(ctx: Context) -> list[str]:
@@ -103,14 +121,49 @@ def _kd_modes() -> tuple[str, ...]:
   return get_args(KDMode)
 
 
+def _sources() -> tuple[str, ...]:
+  from student_trainer.config import TeacherConfig
+  return get_args(TeacherConfig.model_fields["source"].annotation)
+
+
+def _has(config: str, field: str) -> bool:
+  import importlib
+  module, name = config.rsplit(".", 1)
+  return field in getattr(importlib.import_module(module), name).model_fields
+
+
+def _lti_phase(ctx: Context) -> list[str]:
+  """Learn-to-init from the teacher's checkpoint (the demo recipe, configs/demo/lti.yaml), tail KD meanwhile."""
+  return ["--config", "configs/demo/lti.yaml", f"lti.kernels_from=hf", f"lti.kernels_path={ctx.teacher_hf}",
+          *_remote(ctx), *_kd(ctx), "loss.kd_mode=tail"]
+
+
 ROWS: tuple[Row, ...] = (
-    Row("ce_only", "CE only", None, lambda ctx: ["teacher.source=none"]),
-    Row("kd_dense", "kd_dense, local teacher", None, lambda ctx: _local(ctx) + _kd(ctx) + ["loss.use_dense=true"]),
-    Row("tail", "tail, k=64, remote", "remote", lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]),
-    Row("renormalize", "renormalize, k=64, remote", "remote",
+    Row("ce_only", "CE only", (), lambda ctx: ["teacher.source=none"]),
+    Row("kd_dense", "kd_dense, local teacher", (), lambda ctx: _local(ctx) + _kd(ctx) + ["loss.use_dense=true"]),
+    Row("tail", "tail, k=64, remote", ("remote",), lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]),
+    Row("renormalize", "renormalize, k=64, remote", ("remote",),
         lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=renormalize"]),
-    Row("topk", "topk, k=64, remote", "remote", lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=topk"]),
+    Row("topk", "topk, k=64, remote", ("remote",), lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=topk"]),
+    Row("offline_tail", "tail, k=64, offline shards", ("dump",),
+        lambda ctx: ["teacher.source=offline", f"teacher.offline.path={ctx.answers}", *_kd(ctx),
+                     "loss.kd_mode=tail"], available=lambda: "offline" in _sources()),
+    Row("lti_then_kd", "LTI (30 %), then tail KD", ("remote",),
+        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"],
+        available=lambda: _has("student_trainer.config.TrainConfig", "lti"),
+        first_phase=_lti_phase, first_steps=lambda b: max(1, (3 * b.student_steps) // 10)),
+    Row("blockwise_then_kd", "blockwise (30 %), then tail KD", ("remote",),
+        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail", "loss.blockwise=true", "loss.layer_map=[1,3]",
+                                               f"loss.blockwise_steps={max(1, (3 * ctx.budget.student_steps) // 10)}"],
+        available=lambda: _has("student_trainer.losses.LossConfig", "blockwise")),
+    Row("sampled", "sampled, top-8 + N draws, remote (bytes/token of k=64)", ("remote",),
+        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=sampled", f"loss.top_k={SAMPLED_TOP_K}",
+                                               f"loss.num_samples={ctx.wire['sampled_n']}",
+                                               f"loss.sample_temperature={ctx.budget.temperature}"],
+        available=lambda: "sampled" in _kd_modes()),
 )
+SAMPLED_TOP_K = 8  # exact ids of the sampled row; its draws cover the tail
+MAX_SAMPLES = 128  # the server's limits.max_samples in this report
 
 
 def sh(args: list[str], log_path: Path | None = None) -> None:
@@ -136,7 +189,7 @@ def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed
 
 
 def train_teacher(ctx: Context) -> Path:
-  """Pretrains the report's teacher with CE on 10x a student's tokens, once (reused when its settings match)."""
+  """Pretrains the report's teacher with CE on 10x a student's tokens or more, once (reused when its settings match)."""
   b = ctx.budget
   run_dir = ctx.out / "teacher"
   settings = {"steps": b.teacher_steps, "batch": b.batch, "model": b.teacher, "data": str(ctx.data)}
@@ -153,34 +206,69 @@ def train_teacher(ctx: Context) -> Path:
   return run_dir / "hf"
 
 
-def train_student(ctx: Context, row: Row, seed: int, teacher_digest: str) -> Path:
-  b = ctx.budget
-  run_dir = ctx.out / row.slug / f"seed{seed}"
-  overrides = [*common_overrides(b, ctx.data, run_dir, b.student_steps, seed), f"model={b.student}",
-               "optim.warmup_steps=10", *row.overrides(ctx)]
+def _run(ctx: Context, run_dir: Path, overrides: list[str], digest: str, label: str) -> Path:
+  """Trains one run unless a finished run with the same settings is there; returns its directory."""
+  config = overrides[:2] if overrides[:1] == ["--config"] else []
+  overrides = overrides[len(config):]
   # The server address changes from run to run; it is not part of what the student learns.
-  settings = {"overrides": [o for o in overrides if not o.startswith("teacher.remote.address=")],
-              "teacher": teacher_digest}
+  settings = {"overrides": config + [o for o in overrides if not o.startswith("teacher.remote.address=")],
+              "teacher": digest}
   stamp = run_dir / "quality_settings.json"
   if (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
-    print(f"{row.slug} seed {seed}: reusing {run_dir}", flush=True)
+    print(f"{label}: reusing {run_dir}", flush=True)
     return run_dir
   if run_dir.exists():  # settings changed, or the run died: start it again from nothing
     import shutil
     shutil.rmtree(run_dir)
   run_dir.mkdir(parents=True)
-  sh([PY, "-m", "student_trainer", *overrides], run_dir / "train.log")
+  sh([PY, "-m", "student_trainer", *config, *overrides], run_dir / "train.log")
   stamp.write_text(json.dumps(settings))
   return run_dir
 
 
-def curve(run_dir: Path, batch_tokens: int) -> list[tuple[int, float]]:
-  """(tokens seen, held-out CE) at every periodic evaluation of a run."""
+def train_student(ctx: Context, row: Row, seed: int, teacher_digest: str) -> list[tuple[Path, int]]:
+  """Trains a row's student for one seed; returns its phases as (run directory, first step)."""
+  b = ctx.budget
+  base = ctx.out / row.slug / f"seed{seed}"
+  first = row.first_steps(b) if row.first_phase else 0
+  phases = []
+  init: list[str] = []
+  if row.first_phase is not None:
+    args = row.first_phase(ctx)
+    config, rest = (args[:2], args[2:]) if args[:1] == ["--config"] else ([], args)
+    run_dir = _run(ctx, base / "phase1", [*config, *common_overrides(b, ctx.data, base / "phase1", first, seed),
+                                          f"model={b.student}", "optim.warmup_steps=10", *rest],
+                   teacher_digest, f"{row.slug} seed {seed} phase 1")
+    phases.append((run_dir, 0))
+    init = [f"init_hf_checkpoint={run_dir / 'hf'}"]
+  run_dir = base / "phase2" if phases else base
+  overrides = [*common_overrides(b, ctx.data, run_dir, b.student_steps - first, seed), f"model={b.student}",
+               "optim.warmup_steps=10", *init, *row.overrides(ctx)]
+  digest = teacher_digest + (f":after:{phases[0][0]}" if phases else "")
+  phases.append((_run(ctx, run_dir, overrides, digest, f"{row.slug} seed {seed}"), first))
+  return phases
+
+
+def dump_answers(ctx: Context) -> None:
+  """The teacher's answers to the train and eval splits, once, for the offline row (reused when complete)."""
+  b = ctx.budget
+  if (ctx.answers / "manifest.json").exists():
+    print(f"offline answers: reusing {ctx.answers}", flush=True)
+    return
+  sh([PY, "-m", "teacher_server.dump", f"data={ctx.data}", f"output={ctx.answers}", f"k={b.top_k}",
+      f"temperatures=[{b.temperature}]", "teacher.model.source=hf", f"teacher.model.path={ctx.teacher_hf}",
+      f"teacher.tokenizer_path={ctx.data / 'tokenizer.json'}", f"teacher.limits.max_k={b.top_k}",
+      "teacher.limits.selectable_layers=[]"], ctx.out / "dump.log")
+
+
+def curve(phases: list[tuple[Path, int]], batch_tokens: int) -> list[tuple[int, float]]:
+  """(tokens seen, held-out CE) at every periodic evaluation of a run's phases."""
   points = []
-  for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    if "eval/ce_loss" in row:
-      points.append((int(row["step"]) * batch_tokens, float(row["eval/ce_loss"])))
+  for run_dir, first_step in phases:
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+      row = json.loads(line)
+      if "eval/ce_loss" in row:
+        points.append(((first_step + int(row["step"])) * batch_tokens, float(row["eval/ce_loss"])))
   return points
 
 
@@ -241,12 +329,54 @@ def serve(ctx: Context, log_path: Path) -> subprocess.Popen:
   ctx.address = f"127.0.0.1:{free_port()}"
   args = [PY, "-m", "teacher_server", f"address={ctx.address}", "model.source=hf", f"model.path={ctx.teacher_hf}",
           f"tokenizer_path={ctx.data / 'tokenizer.json'}", f"batcher.buckets=[[{b.batch},{seq_len(ctx.data)}]]",
-          f"limits.max_k={b.top_k}"]
+          f"limits.max_k={b.top_k}", "serve_parameters=true", "limits.selectable_layers=all",
+          f"limits.max_samples={MAX_SAMPLES}"]
   print("$ " + shlex.join(args) + f"   (log: {log_path})", flush=True)
   proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
                           start_new_session=True)
   wait_serving(proc, ctx.address, timeout=600)
   return proc
+
+
+def answer_bytes_per_token(ctx: Context, spec) -> float:
+  """Bytes per token of the server's answer to the first held-out batch (example ids 0..B-1) for `spec`."""
+  import grpc
+  import numpy as np
+
+  from distill_core import wire
+  from distill_core.data import DataConfig, make_eval_iterator
+  from distill_core.proto import teacher_pb2_grpc
+  it = make_eval_iterator(DataConfig(path=str(ctx.data), batch_size=ctx.budget.batch))
+  batch = next(it)
+  it.close()
+  tokens = np.asarray(batch.tokens)
+  request = wire.make_request(0, tokens, spec, segment_ids=np.asarray(batch.segment_ids),
+                              positions=np.asarray(batch.positions),
+                              example_ids=np.arange(tokens.shape[0], dtype=np.int64))
+  limit = 1 << 30
+  with grpc.insecure_channel(ctx.address, options=[("grpc.max_receive_message_length", limit)]) as channel:
+    reply = teacher_pb2_grpc.TeacherStub(channel).Forward(request, timeout=600)
+  return reply.ByteSize() / tokens.size
+
+
+def choose_samples(ctx: Context) -> None:
+  """The largest N (a multiple of 8) whose top-8 + N answer is no larger than the top-64 answer, measured."""
+  from distill_core.targets import SampleRequest
+  from distill_core.wire import OutputSpec
+  b = ctx.budget
+  ctx.wire["topk_bytes_per_token"] = answer_bytes_per_token(ctx, OutputSpec(k=b.top_k, pack_ids=True))
+
+  def sampled(n: int) -> float:
+    return answer_bytes_per_token(ctx, OutputSpec(k=SAMPLED_TOP_K, pack_ids=True, samples=SampleRequest(
+        num_samples=n, temperature=b.temperature, seed=0, exclude=SAMPLED_TOP_K)))
+  best = 8
+  for n in range(16, MAX_SAMPLES + 1, 8):
+    if sampled(n) > ctx.wire["topk_bytes_per_token"]:
+      break
+    best = n
+  ctx.wire.update(sampled_n=best, sampled_bytes_per_token=sampled(best))
+  print(f"sampled row: top-{SAMPLED_TOP_K} + N={best} draws, {ctx.wire['sampled_bytes_per_token']:.1f} "
+        f"bytes/token, next to {ctx.wire['topk_bytes_per_token']:.1f} for top-{b.top_k}", flush=True)
 
 
 def seq_len(data: Path) -> int:
@@ -301,7 +431,8 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true", help="CI-sized budgets (a few minutes); writes under "
                       "--out-dir and --results-dir like the full report, so point those elsewhere.")
-  parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset (prepared when missing).")
+  parser.add_argument("--data-dir", default=None, help="Prepared dataset, prepared when missing (default "
+                      f"{DEFAULT.data}; with --quick {QUICK.data}, 40 files).")
   parser.add_argument("--out-dir", default=None, help="Run directories (default runs/quality, "
                       "runs/quality_quick with --quick).")
   parser.add_argument("--results-dir", default=None, help="Where quality.json and quality.png go (default "
@@ -312,10 +443,10 @@ def main(argv: list[str] | None = None) -> int:
   budget = QUICK if args.quick else DEFAULT
   out = REPO / (args.out_dir or ("runs/quality_quick" if args.quick else "runs/quality"))
   results_dir = Path(args.results_dir) if args.results_dir else (out if args.quick else RESULTS_DIR)
-  data = REPO / args.data_dir
+  data = REPO / (args.data_dir or budget.data)
   started = time.perf_counter()
   if not (data / "manifest.json").exists():
-    sh([PY, "-m", "distill_core.prepare", f"output_dir={data}"])
+    sh([PY, "-m", "distill_core.prepare", f"output_dir={data}", *budget.prepare])
   wanted = set(args.rows.split(",")) | {"ce_only"} if args.rows else None
   rows = [r for r in ROWS if r.available() and (wanted is None or r.slug in wanted)]
   skipped = [r.slug for r in ROWS if not r.available()]
@@ -326,32 +457,45 @@ def main(argv: list[str] | None = None) -> int:
   train_teacher(ctx)
   teacher_digest = _digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.teacher_hf.iterdir())
                             if p.is_file()])
-  server = serve(ctx, out / "teacher_server.log") if any(r.needs == "remote" for r in rows) else None
+  if any("dump" in r.needs for r in rows):
+    dump_answers(ctx)
+  server = serve(ctx, out / "teacher_server.log") if any("remote" in r.needs for r in rows) else None
   try:
-    runs = {r.slug: [train_student(ctx, r, s, teacher_digest) for s in budget.seeds] for r in rows}
+    if any(r.slug == "sampled" for r in rows):
+      choose_samples(ctx)
+    runs, failed = {}, []
+    for r in rows:
+      try:
+        runs[r.slug] = [train_student(ctx, r, s, teacher_digest) for s in budget.seeds]
+      except RuntimeError as e:  # one row's failure must not cost the others' runs; reported below
+        print(f"row {r.slug} FAILED: {e}", file=sys.stderr, flush=True)
+        failed.append(r.slug)
   finally:
     if server is not None:
       server.terminate()
       server.wait(60)
+  rows = [r for r in rows if r.slug in runs]
+  if "ce_only" not in runs:
+    raise SystemExit("the CE-only baseline failed; nothing to compare with")
   print("evaluating every student on the same held-out tokens", flush=True)
   ev = Evaluator(data, ctx.teacher_hf, budget.eval_batches, budget.batch)
   teacher_ce = ev.evaluate(None)["ce"]
   batch_tokens = budget.batch * seq_len(data)
   table = []
   for r in rows:
-    scores = [ev.evaluate(d / "hf") for d in runs[r.slug]]
+    scores = [ev.evaluate(phases[-1][0] / "hf") for phases in runs[r.slug]]
     ces, kds = [s["ce"] for s in scores], [s["kd"] for s in scores]
     table.append({"slug": r.slug, "label": r.label, "eval_ce": ces, "eval_kd": kds,
                   "eval_ce_mean": sum(ces) / len(ces), "eval_ce_spread": max(ces) - min(ces),
                   "eval_kd_mean": sum(kds) / len(kds), "eval_kd_spread": max(kds) - min(kds),
-                  "curves": [curve(d, batch_tokens) for d in runs[r.slug]]})
+                  "curves": [curve(phases, batch_tokens) for phases in runs[r.slug]]})
   summary = summarise(table, teacher_ce)
   results_dir.mkdir(parents=True, exist_ok=True)
   plot(table, teacher_ce, results_dir / "quality.png", budget)
   report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
                       "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
-                      "data": args.data_dir},
-            "rows": table, "summary": summary, "command": invocation(), "commit": git_commit(),
+                      "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data)},
+            "rows": table, "failed_rows": failed, "summary": summary, "wire": ctx.wire, "command": invocation(), "commit": git_commit(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "seconds": time.perf_counter() - started}
   (results_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
@@ -361,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
           f"KD {row['eval_kd_mean']:.3f}  {row['verdict']}")
   print(f"gap teacher -> CE only {summary['gap']:.3f} = {summary['gap_over_spread']:.1f}x the largest spread")
   print(f"wrote {results_dir / 'quality.json'} and {results_dir / 'quality.png'}")
+  if failed:
+    print(f"rows that FAILED and are missing from the report: {', '.join(failed)}", file=sys.stderr)
+    return 1
   return 0
 
 
