@@ -40,7 +40,7 @@ import numpy as np
 
 from benchmarks.bench_streaming import REPO, _pinned, core_split
 
-PHASES = ("memory", "remote")
+PHASES = ("memory", "remote")  # training runs; "engine" is the host-bytes measurement
 _STREAM = "/distill.teacher.v1.Teacher/Stream"
 
 
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-files", type=int, default=200, help="standard-library files in the benchmark corpus")
   p.add_argument("--workdir", default="runs/bench_blockwise", help="data and run directories")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object")
-  p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child process: one training run
+  p.add_argument("--phase", choices=(*PHASES, "engine"), help=argparse.SUPPRESS)  # child process: one phase
   p.add_argument("--address", help=argparse.SUPPRESS)
   p.add_argument("--loopback-server", type=int, metavar="BYTES", help=argparse.SUPPRESS)  # child: raw server
   return p.parse_args(argv)
@@ -247,7 +247,8 @@ def run_phase(args) -> dict:
 def child(args, phase: str, cores, address: str) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.bench_blockwise", f"--phase={phase}", f"--address={address}",
          f"--student={args.student}", f"--teacher={args.teacher}", f"--layer-map={args.layer_map}",
-         f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--k={args.k}", f"--window={args.window}",
+         f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--k={args.k}", f"--max-k={args.max_k}",
+         f"--window={args.window}",
          f"--log-every={args.log_every}", f"--steps={args.steps}", f"--workdir={args.workdir}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores), capture_output=True, text=True)
@@ -261,8 +262,8 @@ def main(argv=None) -> int:
   if args.loopback_server:
     loopback_server(args.loopback_server, int(args.address.rpartition(":")[2]))
     return 0
-  if args.phase:
-    print(json.dumps(run_phase(args)))
+  if args.phase:  # JAX runs in child processes only, so the parent can fork the servers safely
+    print(json.dumps(engine_bytes(args) if args.phase == "engine" else run_phase(args)))
     return 0
   from distill_core.netutil import free_port, wait_serving
   from distill_core.prepare import PrepareConfig, prepare
@@ -272,7 +273,7 @@ def main(argv=None) -> int:
   prepare(PrepareConfig(max_files=args.max_files, vocab_size=vocab, seq_len=args.seq_len,
                         output_dir=str(data_dir(args))), show_progress=False)
   student_cores, teacher_cores = core_split()
-  host = engine_bytes(args)
+  host = child(args, "engine", teacher_cores, "")
   address = f"127.0.0.1:{free_port()}"
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
   server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
