@@ -331,8 +331,9 @@ class StreamCore:
       item = chunk.item
       b = item.batch
       rows = slice(chunk.start, chunk.stop)
-      request = wire.make_request(next(self._request_ids), b.tokens[rows], self.plan.spec(item.temperature, item.states),
-                                  b.segment_ids[rows], b.positions[rows], np.asarray(b.example_ids)[rows])
+      spec = self.plan.spec(item.temperature, item.states)
+      request = wire.make_request(next(self._request_ids), b.tokens[rows], spec, b.segment_ids[rows],
+                                  b.positions[rows], np.asarray(b.example_ids)[rows])
       if chunk.sends:
         self.stats.count("retries")
       chunk.sends += 1
