@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -244,6 +246,23 @@ def test_phase_schedule():
   assert train_cfg("loss.blockwise_steps=0").loss.phase_at(0) == "kd"
   assert not train_cfg("loss.blockwise_steps=0").loss.ever_blockwise
   assert train_cfg().loss.phase_at(10**9) == "blockwise"
+
+
+def test_remote_plan_asks_for_both_states_and_narrows_per_batch():
+  from remote_utils import fake_requirements
+  from test_remote_source import info_response, plan
+  from student_trainer.sources.remote_checks import TeacherMismatch
+  need = fake_requirements(feature_layers=lambda depth: (1,), state_names=("attn_in", "attn_out"),
+                           tokenizer_fingerprint="tok")
+  planned = plan(info_response(), need)
+  assert (planned.layers, planned.states) == ((1,), ("attn_in", "attn_out"))
+  kd_step = planned.spec(1.0, ("attn_out",))  # a KD step after the switch
+  assert (kd_step.layers, kd_step.states) == ((1,), ("attn_out",))
+  assert (planned.spec(1.0, ()).layers, planned.spec(1.0, ()).states) == ((), ())  # a KD step without beta
+  with pytest.raises(TeacherMismatch, match="the teacher does not offer attn_in states"):
+    plan(info_response(state_names=["attn_out"]), need)
+  with pytest.raises(TeacherMismatch, match="teacher width 8 != student width 16 .*model.hidden_size"):
+    plan(info_response(), dataclasses.replace(need, hidden_size=16))
 
 
 # ---------------------------------------------------------------- training (local teacher)
