@@ -115,3 +115,38 @@ def test_lti_phase_collapse_then_kd_against_a_teacher_server(tiny_dataset, tmp_p
     assert follow.step == 2 and np.isfinite(follow.last_metrics["train/kd_loss"])
   finally:
     server.stop()
+
+
+async def test_get_parameters_lists_and_resumes_at_a_name_and_offset():
+  import re
+
+  from server_utils import fake_server
+
+  from distill_core.client import TeacherClient, TeacherError
+  from distill_core.proto import teacher_pb2 as pb
+  from teacher_server.config import MIN_CHUNK_BYTES
+  from teacher_server.fake_engine import FakeEngine, fake_info
+  engine = FakeEngine(fake_info(vocab_size=4096))  # embedding: 128 KiB = 2 chunks
+  ref = dict(engine.parameters(re.compile(".")))
+  async with fake_server("serve_parameters=true", engine=engine) as (_, address), TeacherClient(address) as client:
+    listing = await client.list_parameters(".*")
+    assert listing == {n: (v.dtype, v.shape) for n, v in ref.items()}
+    chunks = [c async for c in client.stub.GetParameters(pb.GetParametersRequest(name_regex=".*", names_only=True))]
+    assert all(not c.data and c.total_bytes == ref[c.name].nbytes for c in chunks)
+    # Resume inside the embedding (not on a chunk boundary): the rest of it, then every later name.
+    start = 1000
+    request = pb.GetParametersRequest(name_regex=".*", chunk_bytes=MIN_CHUNK_BYTES,
+                                      start_name="embed_tokens.embedding", start_offset=start)
+    got = [c async for c in client.stub.GetParameters(request)]
+    assert got[0].name == "embed_tokens.embedding" and got[0].offset == start
+    data = b"".join(c.data for c in got if c.name == "embed_tokens.embedding")
+    assert data == ref["embed_tokens.embedding"].tobytes()[start:]
+    assert sorted({c.name for c in got}) == sorted(n for n in ref if n >= "embed_tokens.embedding")
+    for bad, code in ((-1, "INVALID_ARGUMENT"), (10 ** 9, "OUT_OF_RANGE")):
+      with pytest.raises(TeacherError) as e:
+        request = pb.GetParametersRequest(name_regex=".*", start_name="embed_tokens.embedding", start_offset=bad)
+        try:
+          _ = [c async for c in client.stub.GetParameters(request)]
+        except Exception as rpc_error:  # the raw stub raises AioRpcError
+          raise TeacherError.from_rpc(rpc_error) from None
+      assert e.value.code.name == code and "start_offset" in e.value.message
