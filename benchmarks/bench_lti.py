@@ -1,6 +1,6 @@
 """Learn-to-init on the demo pair: first-step and step-N loss of a random student vs LTI-initialised ones.
 
-    python -m benchmarks.bench_lti                  # 40 steps per row (about 15 minutes on 2 CPU cores)
+    python -m benchmarks.bench_lti                  # 40 steps per row, 9 rows (about 30 minutes on 2 CPU cores)
     python -m benchmarks.bench_lti --steps 20       # shorter
 
 The demo student (configs/models/demo_student.yaml) is distilled from the demo
@@ -13,7 +13,10 @@ missing, as `make demo` does) with the same data, seed, optimizer and KD loss
   initialisation (A: head selection or averaging; B: truncated rotary identity
   or top singular directions), teacher layers [1, 3], embeddings, norms and
   head copied from the teacher, everything trainable;
-- `general`: the general map W, started equal to select/identity.
+- `general`: the general map W, started equal to select/identity;
+- `narrow_*`: the same for a narrower student (3 query heads, 1 kv head, head
+  dim 16 instead of 6, 2, 32), where the initial maps differ: on the demo
+  pair's equal shapes every choice starts as the same function.
 
 It records, per row, the CE and KD loss of the first step (the initialisation,
 measured on the first batch before any update) and of step N (the mean of the
@@ -41,6 +44,12 @@ ROWS = {
     "select_svd": ["lti.a_init=select", "lti.b_init=svd"],
     "general": ["lti.map=general"],
 }
+# The demo pair has equal head counts and head dims, where every A/B choice starts as the same function.
+# A narrower student (3 query heads, 1 kv head, head dim 16) makes them differ.
+NARROW = ["model.preset=demo_student", "model.num_attention_heads=3", "model.num_key_value_heads=1",
+          "model.head_dim=16"]
+ROWS.update({f"narrow_{name}": NARROW + ROWS[name] for name in ("random", "select_identity", "average_identity",
+                                                                 "select_svd")})
 TAIL = 5  # steps averaged for the step-N figure
 
 
@@ -61,9 +70,10 @@ def ensure_teacher(teacher_hf: Path, data: str) -> None:
 
 def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, float]:
   run_dir = Path(args.out) / name
-  base = [] if name == "random" else lti_overrides(teacher_hf)
-  if name == "random":
+  if name.endswith("random"):
     base = ["--config", "configs/demo/student_local.yaml"]
+  else:
+    base = lti_overrides(teacher_hf)
   overrides = [f"run_dir={run_dir}", f"data.path={args.data}", f"steps={args.steps}", "logging.every_steps=1",
                "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=2",
                f"checkpoint.every_steps={args.steps}", "checkpoint.resume=false", "export_hf=false",
