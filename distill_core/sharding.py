@@ -9,7 +9,6 @@ replicated (so tiny test models run on any mesh).
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -44,21 +43,6 @@ class MeshConfig(ConfigBase):
   fsdp: int = Field(1, description="Size of the fully-sharded (parameter) axis.")
   rules: dict[str, str | list[str] | None] = Field(
       default_factory=dict, description="Overrides of the logical-axis -> mesh-axis rules table.")
-
-
-def maybe_initialize_distributed() -> bool:
-  """Calls `jax.distributed.initialize()` when a multi-process environment is present."""
-  env = os.environ
-  multi_process = (
-      bool(env.get("JAX_COORDINATOR_ADDRESS"))                  # explicit coordinator (GPU/CPU clusters)
-      or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1
-      or "," in env.get("TPU_WORKER_HOSTNAMES", "")              # multi-host TPU slice
-      or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
-  if multi_process:
-    jax.distributed.initialize()
-    log.info("jax.distributed initialised: process %d of %d", jax.process_index(), jax.process_count())
-    return True
-  return False
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> int:
   args, _ = parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                      force=True)  # orbax configures the root logger at import
   try:
     cfg = load_config(TrainConfig, args.config, args.overrides)
   except ConfigError as e:
@@ -39,12 +40,18 @@ def main(argv: list[str] | None = None) -> int:
   from student_trainer.lti.surgery import LTIPlanError
   if args.lti_plan:
     return _print_lti_plan(cfg)
-  from student_trainer.train import run  # heavy imports only after the config is valid
+  from student_trainer import distributed  # heavy imports only after the config is valid
+  from student_trainer.train import run
   try:
     result = run(cfg)
   except LTIPlanError as e:
     print(f"error: {e}", file=sys.stderr)
+    distributed.exit_after_failure(2)
     return 2
+  except BaseException:
+    logging.getLogger("student_trainer").exception("training failed")
+    distributed.exit_after_failure()  # several processes: leave now, the others are ending too
+    raise
   status = "stopped early (preempted)" if result.preempted else "finished"
   print(f"{status} at step {result.step}; run directory: {result.run_dir}")
   for key, value in sorted(result.last_metrics.items()):

@@ -1,19 +1,24 @@
 """Orbax checkpoints of the whole training state, and preemption handling.
 
-One checkpoint holds, per step: `state` (model + optimizer, sharded arrays),
-`data` (the data iterator's state at the first batch not yet trained on) and
-`meta` (step, teacher-stream cursor, config fingerprint). Resuming restores
+One checkpoint holds, per step: `state` (model + optimizer, sharded arrays,
+each process writing its own shards), `data` (every process's data-iterator
+state at the first batch not yet trained on, one file per process:
+`process_<i>-of-<n>.json`, written by grain's Orbax handler) and `meta` (step,
+teacher-stream cursor, model config; written by process 0). Resuming restores
 all three, so the data order and the teacher stream continue exactly.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
+import grain.checkpoint as grain_ckpt
+import jax
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -35,17 +40,17 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
     self._manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state),
+        data=grain_ckpt.CheckpointSave(_Position(data_state)),
         meta=ocp.args.JsonSave(meta)), force=True)
     log.info("checkpoint saved at step %d in %s", step, self.directory)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
-    """Restores into `abstract_state` (ShapeDtypeStructs with shardings)."""
+    """Restores into `abstract_state` (ShapeDtypeStructs with shardings); `data` is this process's."""
     out = self._manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=ocp.args.JsonRestore(),
+        data=grain_ckpt.CheckpointRestore(_Position()),
         meta=ocp.args.JsonRestore()))
-    return out["state"], out["data"], out["meta"]
+    return out["state"], out["data"].value, out["meta"]
 
   def restore_meta(self, step: int) -> dict:
     """Only the `meta` item of a checkpoint (no arrays read)."""
@@ -59,12 +64,38 @@ class Checkpointer:
     self._manager.close()
 
 
+class _Position:
+  """A data-iterator state in the shape grain's checkpoint handler saves per process (JSON bytes)."""
+
+  def __init__(self, value: dict | None = None):
+    self.value = value
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.value).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.value = json.loads(state)
+
+  def start_prefetch(self) -> None:
+    """Called by the handler after a restore; the trainer's iterator starts itself."""
+
+
 class PreemptionFlag:
-  """Turns SIGTERM (and SIGINT) into a flag the train loop polls at step boundaries."""
+  """Turns SIGTERM (and SIGINT) into a stop the train loop checks at step boundaries.
+
+  With several processes, SIGTERM is caught by XLA's preemption notifier
+  (installed by `jax.distributed.initialize`; no Python handler replaces it)
+  and `reached(step)` is true on every process at the same step, so they all
+  checkpoint that step and stop together. One process alone polls a flag set
+  by its signal handlers.
+  """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
     self._event = threading.Event()
     self._previous = {}
+    self._multi = jax.process_count() > 1
+    if self._multi:
+      return
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -76,6 +107,15 @@ class PreemptionFlag:
 
   def set(self) -> None:
     self._event.set()
+
+  def reached(self, step: int) -> bool:
+    """Whether to stop at this step boundary (every process calls it at every step)."""
+    if self._multi and not self._event.is_set():
+      from student_trainer.distributed import preemption_reached
+      if preemption_reached(step):
+        log.warning("preemption notice: every process checkpoints step %d and stops", step)
+        self._event.set()
+    return self._event.is_set()
 
   def __bool__(self) -> bool:
     return self._event.is_set()

@@ -12,6 +12,7 @@ from distill_core.config import ConfigBase
 from distill_core.data import DataConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
+from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig
 
@@ -201,6 +202,8 @@ class TrainConfig(ConfigBase):
   loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms and their weights.")
   optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
   mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh and sharding rules.")
+  distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                         description="Multi-process runs (jax.distributed): timeouts.")
   checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing.")
   eval: EvalConfig = Field(default_factory=EvalConfig, description="Evaluation.")
   logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics output.")

@@ -94,11 +94,23 @@ def export_student(state: TrainState, path: str | Path, tokenizer_file: str | Pa
   """Writes the student as a Hugging Face checkpoint directory (with its tokenizer.json, if given).
 
   A learn-to-init student is collapsed first (plain kernels, no LTI parameters).
+
+  Collective when there are several processes: every process takes part in
+  gathering each parameter (one at a time, so a host holds at most one whole
+  tensor beyond its shards) and process 0 writes the files.
   """
   from distill_core.model.hf import save_hf_checkpoint
   from student_trainer.collapse import collapse_model
   path = Path(path)
-  save_hf_checkpoint(collapse_model(state.model()), path, overwrite=True)
-  if tokenizer_file is not None and Path(tokenizer_file).is_file():
+  model = collapse_model(state.model())
+  if jax.process_count() == 1:
+    save_hf_checkpoint(model, path, overwrite=True)
+  else:
+    from jax.experimental import multihost_utils
+    from student_trainer.distributed import barrier
+    save_hf_checkpoint(model, path, overwrite=True, write=jax.process_index() == 0,
+                       fetch=lambda x: multihost_utils.process_allgather(x, tiled=True))
+    barrier("distill-export")  # the export is complete when any process returns
+  if jax.process_index() == 0 and tokenizer_file is not None and Path(tokenizer_file).is_file():
     shutil.copyfile(tokenizer_file, path / "tokenizer.json")
   return path

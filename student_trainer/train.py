@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_iterator, make_iterator
-from distill_core.sharding import (make_mesh, maybe_initialize_distributed, rules_table, shard_batch)
+from distill_core.sharding import make_mesh, rules_table, shard_batch
+from student_trainer import distributed
 from student_trainer import step as step_lib
 from student_trainer.blockwise import keep_states, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag
@@ -78,17 +79,26 @@ class _Feeder:
 
 
 def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = False) -> TrainResult:
-  """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM)."""
-  maybe_initialize_distributed()
+  """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM).
+
+  With several processes (`jax.distributed`), every process calls this with the
+  same config; see `student_trainer/distributed.py` for what they agree on.
+  """
+  distributed.initialize(cfg.distributed)
   run_dir = Path(cfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+  if jax.process_index() == 0:
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
   mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
   manifest = load_manifest(cfg.data.path)
   if manifest.vocab_size > cfg.model.real_vocab_size:
     raise ValueError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the "
                      f"student's ({cfg.model.real_vocab_size})")
+  with distributed.PeerWatch(cfg.distributed):  # a failure here ends every process
+    return _run(cfg, run_dir, mesh, rules, stop_after=stop_after, keep_state=keep_state)
 
+
+def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None, keep_state: bool) -> TrainResult:
   with contextlib.ExitStack() as stack:  # closes whatever was opened, also when setup fails
     state = create_train_state(cfg, mesh, rules)
     ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -125,7 +135,7 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     window = _Window()
     step = start
     saved = start if latest is not None else None  # the step the newest checkpoint holds
-    while step < end and not preempt:
+    while step < end and not preempt.reached(step):
       batch = feeder.pop(step)
       t_wait = time.perf_counter()
       targets = _trimmed(cfg, source.next(), step)
@@ -140,7 +150,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       window.add(metrics, tokens=batch.tokens.size, waited=waited,
                  fallback=targets is None and cfg.teacher.source != "none")
       if step % cfg.logging.every_steps == 0 or step == end:
-        last = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+        local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+        last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
         if writer:
           writer.write(step, last)
         progress.update(step, last)
@@ -154,9 +165,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       last.update(_evaluate(cfg, state, programs, source, mesh, writer, step))
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
-    if step == cfg.steps and cfg.lti.enabled and cfg.lti.collapse_at_end and jax.process_index() == 0:
-      save_collapsed(state, run_dir / "collapsed")
-    if step == cfg.steps and cfg.export_hf and jax.process_index() == 0:
+    if step == cfg.steps and cfg.lti.enabled and cfg.lti.collapse_at_end:
+      save_collapsed(state, run_dir / "collapsed")  # Orbax: collective
+    if step == cfg.steps and cfg.export_hf:
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
                      run_dir=run_dir, state=state if keep_state else None, compilations=programs.compilations())

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,24 @@ class TeacherProcess:
         self.proc.kill()
         self.proc.wait()
     self._log.close()
+
+
+def wait_serving(*processes, timeout: float = 180.0) -> None:
+  """Blocks until every teacher process (``.proc``, ``.address``, ``.log_path``) reports SERVING."""
+  import grpc
+  from grpc_health.v1 import health_pb2, health_pb2_grpc
+  deadline = time.monotonic() + timeout
+  for p in processes:
+    while True:
+      if p.proc.poll() is not None:
+        raise RuntimeError(f"teacher exited:\n{p.log_path.read_text()[-3000:]}")
+      with grpc.insecure_channel(p.address) as channel:
+        try:
+          status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+          if status == health_pb2.HealthCheckResponse.SERVING:
+            break
+        except grpc.RpcError:
+          pass
+      if time.monotonic() > deadline:
+        raise TimeoutError(f"teacher at {p.address} not serving after {timeout} s")
+      time.sleep(0.2)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from remote_utils import ThreadedServer, fake_batch, fake_requirements
+from remote_utils import ThreadedServer, fake_batch, fake_requirements, wait_serving
 from server_utils import fake_expected, free_port
 
 from distill_core.config import ConfigError, build, load_config
@@ -364,26 +364,6 @@ def remote_train_cfg(dataset, run_dir, addresses, *overrides) -> TrainConfig:
                    "teacher.remote.window=3", "teacher.remote.timeout_s=60", "teacher.remote.backoff_max_s=0.5",
                    "teacher.remote.state_dtype=float32",  # the local teacher's states are not rounded
                    *overrides)
-
-
-def wait_serving(*processes, timeout=180.0) -> None:
-  import grpc
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
-  deadline = time.monotonic() + timeout
-  for p in processes:
-    while True:
-      if p.proc.poll() is not None:
-        raise RuntimeError(f"teacher exited:\n{p.log_path.read_text()[-3000:]}")
-      with grpc.insecure_channel(p.address) as channel:
-        try:
-          status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-          if status == health_pb2.HealthCheckResponse.SERVING:
-            break
-        except grpc.RpcError:
-          pass
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"teacher at {p.address} not serving after {timeout} s")
-      time.sleep(0.2)
 
 
 def params_of(result) -> list[np.ndarray]:

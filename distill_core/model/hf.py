@@ -19,7 +19,7 @@ import json
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax.numpy as jnp
 import numpy as np
@@ -281,8 +281,9 @@ def load_hf_checkpoint(path: str | os.PathLike, *, scan_layers: bool = False, dt
 # ----------------------------------------------------------------------------- saving
 
 
-def _hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
-  """(Hugging Face name, tensor), fetching one parameter at a time to the host.
+def _hf_tensors(model: Transformer, fetch: Callable[[Any], np.ndarray] = np.asarray
+                ) -> Iterator[tuple[str, np.ndarray]]:
+  """(Hugging Face name, tensor), fetching one parameter at a time to the host with `fetch`.
 
   Unrolled models follow Hugging Face file order; scanned models go parameter by
   parameter (each stacked array is fetched once), which loaders do not mind.
@@ -292,29 +293,38 @@ def _hf_tensors(model: Transformer) -> Iterator[tuple[str, np.ndarray]]:
   table = name_table(cfg)
   if not cfg.scan_layers:
     for ours, hf, kind in table:
-      yield hf, np.ascontiguousarray(to_hf_layout(kind, np.asarray(params[ours][...])))
+      yield hf, np.ascontiguousarray(to_hf_layout(kind, fetch(params[ours][...])))
     return
   outer = [row for row in table if not row[0].startswith("layers.")]  # embedding first, then the rest
   for ours, hf, kind in outer[:1]:
-    yield hf, np.ascontiguousarray(to_hf_layout(kind, np.asarray(params[ours][...])))
+    yield hf, np.ascontiguousarray(to_hf_layout(kind, fetch(params[ours][...])))
   for ours, hf, kind in _layer_table(cfg):
-    stacked = np.asarray(params[f"layers.{ours}"][...])  # (L, ...)
+    stacked = fetch(params[f"layers.{ours}"][...])  # (L, ...)
     for i in range(cfg.num_hidden_layers):
       yield f"model.layers.{i}.{hf}", np.ascontiguousarray(to_hf_layout(kind, stacked[i]))
   for ours, hf, kind in outer[1:]:
-    yield hf, np.ascontiguousarray(to_hf_layout(kind, np.asarray(params[ours][...])))
+    yield hf, np.ascontiguousarray(to_hf_layout(kind, fetch(params[ours][...])))
 
 
 def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
-                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> None:
+                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                       fetch: Callable[[Any], np.ndarray] = np.asarray, write: bool = True) -> None:
   """Writes config.json and the weights (in param_dtype) as safetensors.
 
   One `model.safetensors` when everything fits in `max_shard_bytes`, else
   `model-0000i-of-0000N.safetensors` shards plus `model.safetensors.index.json`.
   An existing checkpoint in `path` is replaced only with `overwrite=True`.
+
+  `fetch` brings one parameter to the host (a collective gather when parameters
+  are sharded over several processes: every process then calls this, and only
+  the one with `write=True` touches the files).
   """
   if max_shard_bytes <= 0:
     raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+  if not write:
+    for _ in _hf_tensors(model, fetch):  # take part in every gather, in the same order
+      pass
+    return
   root = Path(path)
   root.mkdir(parents=True, exist_ok=True)
   old = [p for p in root.iterdir() if p.name in (SINGLE_FILE, INDEX_FILE, CONFIG_FILE)
@@ -334,7 +344,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
     save_file(current, str(root / name), metadata={"format": "pt"})
     temp_names.append(name)
 
-  for name, tensor in _hf_tensors(model):
+  for name, tensor in _hf_tensors(model, fetch):
     if current and size + tensor.nbytes > max_shard_bytes:
       flush()
       current, size = {}, 0

@@ -249,12 +249,21 @@ class RemoteTeacher(TeacherSource):
     return item.targets
 
   def _agree(self, targets: TeacherTargets | None) -> TeacherTargets | None:
-    """With several processes, a batch has targets only if every process has them (same step program)."""
+    """With several processes, a batch has targets only if every process has them (same step program).
+
+    A fallback on any process is logged on every process, naming the processes that had no answer.
+    """
     if jax.process_count() == 1 or self._policy.name == "wait":
       return targets
-    from jax.experimental import multihost_utils
-    everyone = multihost_utils.process_allgather(np.int32(targets is not None))
-    return targets if bool(np.all(everyone)) else None
+    from student_trainer.distributed import any_process
+    missing = any_process(targets is None)
+    if not missing:
+      return targets
+    if targets is not None:
+      self._stats.count("peer_fallbacks")
+    log.warning("teacher: batch %d trains on CE only on every process: no teacher answer on process(es) %s",
+                self._consumed, missing)
+    return None
 
   @property
   def teacher_info(self):

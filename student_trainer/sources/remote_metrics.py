@@ -11,6 +11,7 @@ point, which the trainer merges as `teacher/<name>`:
 | `failovers_total` | streams lost (replica died, stream broke or hung); their requests went elsewhere |
 | `reconnects_total` | streams re-established after a loss |
 | `fallbacks_total` | batches a fallback policy answered (e.g. CE only) |
+| `peer_fallbacks_total` | batches this process had answers for but trained on CE only because another process fell back |
 | `stall_warnings_total` | warnings of the `wait` policy (teacher silent for `timeout_s`) |
 | `received_mb_total`, `received_mb_per_s` | answer bytes (the rate over the log interval) |
 | `window_occupancy` | mean share of the submitted batches whose answers were already in when `next()` asked |
@@ -28,7 +29,8 @@ import numpy as np
 class StreamStats:
   """Counters and latencies, written on the loop thread and read by `metrics()` (locked)."""
 
-  _TOTALS = ("requests", "retries", "failovers", "reconnects", "fallbacks", "stall_warnings", "bytes")
+  _TOTALS = ("requests", "retries", "failovers", "reconnects", "fallbacks", "peer_fallbacks", "stall_warnings",
+             "bytes")
 
   def __init__(self):
     self._lock = threading.Lock()
