@@ -35,6 +35,14 @@ class ClientSecurityConfig(ConfigBase):
       raise ValueError("client_cert and client_key must be given together")
     return self
 
+  def check_plaintext_token(self, targets: Sequence[str]) -> None:
+    """A token only travels over TLS, except to a loopback address (ValueError otherwise)."""
+    from distill_core.addresses import PLAINTEXT_TOKEN_RULE, is_loopback_target
+    if (self.token or self.token_file) and not (self.tls or self.root_certificates):
+      remote = [t for t in targets if not is_loopback_target(t)]
+      if remote:
+        raise ValueError(f"token for {remote[0]} without tls/root_certificates: {PLAINTEXT_TOKEN_RULE}")
+
   def read_token(self) -> str | None:
     """The bearer token (from token_file when given)."""
     return Path(self.token_file).read_text().strip() if self.token_file else self.token

@@ -9,6 +9,7 @@ replicated (so tiny test models run on any mesh).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -43,6 +44,37 @@ class MeshConfig(ConfigBase):
   fsdp: int = Field(1, description="Size of the fully-sharded (parameter) axis.")
   rules: dict[str, str | list[str] | None] = Field(
       default_factory=dict, description="Overrides of the logical-axis -> mesh-axis rules table.")
+
+
+def environment_is_multiprocess(env: Mapping[str, str] | None = None) -> bool:
+  """Whether the environment describes more than one JAX process."""
+  env = os.environ if env is None else env
+  return (bool(env.get("JAX_COORDINATOR_ADDRESS"))                    # explicit (GPU/CPU clusters, JobSet)
+          or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1
+          or "," in env.get("TPU_WORKER_HOSTNAMES", "")                # multi-host TPU slice
+          or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
+
+
+def maybe_initialize_distributed(**kwargs) -> bool:
+  """Calls `jax.distributed.initialize(**kwargs)` when a multi-process environment is present.
+
+  `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are passed on when set (JAX only
+  detects them itself on the clusters it knows); on CPU the collectives use gloo.
+  """
+  from jax._src import distributed as jax_distributed  # where JAX keeps its client
+  if jax_distributed.global_state.client is not None:
+    return True  # already initialised (a second run in the same process)
+  if not environment_is_multiprocess():
+    return False
+  if "cpu" in os.environ.get("JAX_PLATFORMS", "").split(","):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  if os.environ.get("JAX_PROCESS_ID"):
+    kwargs.setdefault("num_processes", int(os.environ["JAX_NUM_PROCESSES"]))
+    kwargs.setdefault("process_id", int(os.environ["JAX_PROCESS_ID"]))
+  jax.distributed.initialize(**kwargs)
+  log.info("jax.distributed initialised: process %d of %d, %d local of %d devices", jax.process_index(),
+           jax.process_count(), jax.local_device_count(), jax.device_count())
+  return True
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:

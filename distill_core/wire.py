@@ -256,6 +256,22 @@ def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
   return req
 
 
+# Initial metadata of every Stream call (see GetInfoResponse in the proto).
+INFO_METADATA_KEY = "x-teacher-info-bin"
+READY_METADATA_KEY = "x-teacher-ready"
+
+
+def stream_info(metadata) -> tuple[pb.GetInfoResponse | None, bool]:
+  """(GetInfo of the replica serving a stream, whether it is warm) from the stream's initial metadata."""
+  info, ready = None, False
+  for key, value in metadata or ():
+    if key == INFO_METADATA_KEY:
+      info = pb.GetInfoResponse.FromString(value)
+    elif key == READY_METADATA_KEY:
+      ready = value == "1"
+  return info, ready
+
+
 def error_response(request_id: int, code: int, message: str, field: str = "") -> pb.ForwardResponse:
   return pb.ForwardResponse(request_id=request_id,
                             error=pb.Error(code=int(code), message=message, field=field))

@@ -74,6 +74,14 @@ class RemoteTeacherConfig(ClientSecurityConfig):
   pack_ids: bool = Field(True, description="Ask for bit-packed top-k ids (lossless, fewer bytes).")
   max_request_errors: int = Field(3, ge=1, description="Per-request server failures (e.g. engine errors) "
                                   "tolerated for one batch before training stops with the error.")
+  on_weights_change: Literal["stop", "drain"] = Field(
+      "stop", description="A replica serves other weights than the run's (a rolling update): 'stop' ends "
+      "training with the error; 'drain' moves to the new weights at a batch boundary (replicas with the old "
+      "weights get no more requests; every batch's answers come from one set of weights, never mixed).")
+  stream_max_age_s: float | None = Field(
+      600.0, gt=0, description="Reconnect a stream after this long (after its answers are in), so streams "
+      "spread over replicas added since (pair with the server's max_connection_age_s for dns:/// names, "
+      "which makes gRPC re-resolve); null: never.")
   allow_teacher_change: bool = Field(False, description="Resume from a checkpoint whose teacher stream came "
                                      "from different teacher weights (refused by default).")
   @pydantic.field_validator("address")
@@ -100,6 +108,7 @@ class RemoteTeacherConfig(ClientSecurityConfig):
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "RemoteTeacherConfig":
+    self.check_plaintext_token(self.addresses)
     if self.backoff_max_s < self.backoff_initial_s:
       raise ValueError(f"backoff_max_s ({self.backoff_max_s}) < backoff_initial_s ({self.backoff_initial_s})")
     return self
@@ -128,6 +137,14 @@ class OfflineTeacherConfig(ConfigBase):
   weights_fingerprint: str | None = Field(
       None, description="Refuse answers from any other teacher (its weights fingerprint, from GetInfo or a "
       "manifest); null: accept the stored teacher.")
+  on_weights_change: Literal["stop", "drain"] = Field(
+      "stop", description="A replica serves other weights than the run's (a rolling update): 'stop' ends "
+      "training with the error; 'drain' moves to the new weights at a batch boundary (replicas with the old "
+      "weights get no more requests; every batch's answers come from one set of weights, never mixed).")
+  stream_max_age_s: float | None = Field(
+      600.0, gt=0, description="Reconnect a stream after this long (after its answers are in), so streams "
+      "spread over replicas added since (pair with the server's max_connection_age_s for dns:/// names, "
+      "which makes gRPC re-resolve); null: never.")
   allow_teacher_change: bool = Field(False, description="Resume from a checkpoint trained on answers of "
                                      "different teacher weights (refused by default).")
 

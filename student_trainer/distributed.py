@@ -37,6 +37,7 @@ import jax
 from pydantic import Field
 
 from distill_core.config import ConfigBase
+from distill_core.sharding import maybe_initialize_distributed
 
 log = logging.getLogger(__name__)
 
@@ -63,33 +64,21 @@ class DistributedConfig(ConfigBase):
       120.0, gt=0, description="How long process 0 waits for the other processes' metrics at a log point.")
 
 
-def environment_is_multiprocess(env: Mapping[str, str] | None = None) -> bool:
-  """Whether the environment describes more than one process (what `initialize` acts on)."""
-  env = os.environ if env is None else env
-  return (bool(env.get("JAX_COORDINATOR_ADDRESS"))                    # explicit (GPU/CPU clusters, JobSet)
-          or int(env.get("JAX_NUM_PROCESSES", "1") or 1) > 1
-          or "," in env.get("TPU_WORKER_HOSTNAMES", "")                # multi-host TPU slice
-          or int(env.get("SLURM_NTASKS", "1") or 1) > 1)
-
-
 def initialize(cfg: DistributedConfig) -> bool:
   """`jax.distributed.initialize` when several processes are configured; True if it ran."""
-  from jax._src import distributed as jax_distributed  # the one place JAX keeps the client
-  if jax_distributed.global_state.client is not None:
-    return True  # already initialised (a second run() in the same process)
-  if not environment_is_multiprocess():
-    return False
-  if "cpu" in os.environ.get("JAX_PLATFORMS", "").split(","):
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if os.environ.get("JAX_PROCESS_ID"):  # read here: JAX only auto-detects it on known clusters
-    kwargs = {"num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
-              "process_id": int(os.environ["JAX_PROCESS_ID"])}
-  jax.distributed.initialize(initialization_timeout=cfg.initialization_timeout_s,
-                             heartbeat_timeout_seconds=cfg.heartbeat_timeout_s, **kwargs)
-  log.info("jax.distributed initialised: process %d of %d, %d local of %d devices", jax.process_index(),
-           jax.process_count(), jax.local_device_count(), jax.device_count())
-  return True
+  return maybe_initialize_distributed(initialization_timeout=cfg.initialization_timeout_s,
+                                      heartbeat_timeout_seconds=cfg.heartbeat_timeout_s)
+
+
+def align(name: str, timeout_s: float) -> None:
+  """Waits for every process at a coordination-service barrier (no device work involved).
+
+  Used before the first device collectives, so a slow host (importing,
+  compiling) does not make another one's first collective time out: gloo,
+  for one, gives up on a peer after 30 s.
+  """
+  if jax.process_count() > 1:
+    _client().wait_at_barrier(name, int(timeout_s * 1000))
 
 
 def _client():
@@ -113,14 +102,14 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def any_process(flag: bool) -> list[int]:
-  """The processes for which `flag` is true (every process calls this with its own flag)."""
+def gather_ints(*values: int) -> list[list[int]]:
+  """Every process's `values` (each process calls this with its own): one list per value, by process."""
   if jax.process_count() == 1:
-    return [0] if flag else []
+    return [[int(v)] for v in values]
   import numpy as np
   from jax.experimental import multihost_utils
-  flags = multihost_utils.process_allgather(np.int32(bool(flag)))
-  return [int(i) for i in np.flatnonzero(np.asarray(flags))]
+  table = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))  # (processes, values)
+  return [table[:, i].astype(int).tolist() for i in range(len(values))]
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -95,12 +95,14 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     raise ValueError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the "
                      f"student's ({cfg.model.real_vocab_size})")
   with distributed.PeerWatch(cfg.distributed):  # a failure here ends every process
+    distributed.align("distill-setup", cfg.distributed.initialization_timeout_s)
     return _run(cfg, run_dir, mesh, rules, stop_after=stop_after, keep_state=keep_state)
 
 
 def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None, keep_state: bool) -> TrainResult:
   with contextlib.ExitStack() as stack:  # closes whatever was opened, also when setup fails
     state = create_train_state(cfg, mesh, rules)
+    distributed.align("distill-state", cfg.distributed.initialization_timeout_s)  # before Orbax's collectives
     ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     stack.callback(ckpt.close)

@@ -7,6 +7,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
+from distill_core.addresses import PLAINTEXT_TOKEN_RULE, is_loopback_host
 from distill_core.config import ConfigBase
 from distill_core.sharding import MeshConfig
 from distill_core.targets import STATE_NAMES
@@ -151,6 +152,13 @@ class ServerConfig(ConfigBase):
   parameter_chunk_bytes: int = Field(4 << 20, ge=MIN_CHUNK_BYTES, description="Default chunk size of "
                                      f"GetParameters (requests may ask for 0 = this, or >= {MIN_CHUNK_BYTES}).")
   shutdown_grace_s: float = Field(30.0, ge=0, description="On SIGTERM, time given to open calls to finish.")
+  replica_id: str | None = Field(
+      None, max_length=128, description="Name of this server process in every answer and GetInfo (e.g. "
+      "the pod name); null: host name, process id and a random suffix. Must be unique per process.")
+  max_connection_age_s: float | None = Field(
+      None, gt=0, description="Close client connections after this long (gRPC GOAWAY, after "
+      "shutdown_grace_s for open calls), so clients of a dns:/// name re-resolve it and spread over "
+      "replicas added since; null: never.")
   metrics_address: str | None = Field(None, description="host:port of the Prometheus /metrics endpoint; "
                                       "null disables it.")
   log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
@@ -163,6 +171,10 @@ class ServerConfig(ConfigBase):
       raise ValueError("security.parameters_token(_file) needs serve_parameters: true")
     if self.metrics_address is not None:
       split_address(self.metrics_address, "metrics_address")
+    sec = self.security
+    tokens = sec.auth_token or sec.auth_token_file or sec.parameters_token or sec.parameters_token_file
+    if tokens and not sec.tls_cert and not is_loopback_host(split_address(self.address, "address")[0]):
+      raise ValueError(f"address {self.address} with a token and no security.tls_cert: {PLAINTEXT_TOKEN_RULE}")
     return self
 
 

@@ -22,6 +22,12 @@ class RemoteConfig(ClientSecurityConfig):
                               "teacher server; null = run the teacher in this process (see `teacher`).")
   connect_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the server to be SERVING.")
 
+  @pydantic.model_validator(mode="after")
+  def _check_token(self) -> "RemoteConfig":
+    if self.address:
+      self.check_plaintext_token([self.address])
+    return self
+
 
 class DumpConfig(ConfigBase):
   """Dump a teacher's answers for a prepared dataset into shards (docs/offline.md)."""

@@ -60,6 +60,9 @@ class TeacherServer:
                # Requests over this are refused by gRPC before they are parsed.
                ("grpc.max_receive_message_length", max_request_bytes(cfg.limits)),
                ("grpc.so_reuseport", 0)]
+    if cfg.max_connection_age_s is not None:  # clients reconnect, re-resolving a dns:/// name
+      options += [("grpc.max_connection_age_ms", int(cfg.max_connection_age_s * 1000)),
+                  ("grpc.max_connection_age_grace_ms", int(cfg.shutdown_grace_s * 1000))]
     server = grpc.aio.server(interceptors=interceptors, options=options,
                              maximum_concurrent_rpcs=cfg.max_concurrent_rpcs + PROBE_HEADROOM_RPCS)
     server.add_generic_rpc_handlers((teacher_handler(self.servicer, self.gate),))
@@ -101,7 +104,8 @@ class TeacherServer:
     await self.batcher.start()
     self.servicer.ready = True
     await self._set_health(_SERVING)
-    log.info("serving")
+    log.info("serving as replica %s, weights %s", self.servicer.replica_id,
+             self.engine.info.weights_fingerprint[:16])
     return self.port
 
   async def wait(self) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import secrets
+import socket
 import time
 from typing import AsyncIterator
 
@@ -27,7 +30,12 @@ SERVER_VERSION = "0.1.0"
 _UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 
 
-def info_message(info: EngineInfo, cfg: ServerConfig) -> pb.GetInfoResponse:
+def default_replica_id() -> str:
+  """Host name, process id and a random suffix: unique per server process."""
+  return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def info_message(info: EngineInfo, cfg: ServerConfig, replica_id: str = "") -> pb.GetInfoResponse:
   """The GetInfo answer for an engine and the server's configuration."""
   limits = cfg.limits
   return pb.GetInfoResponse(
@@ -46,7 +54,8 @@ def info_message(info: EngineInfo, cfg: ServerConfig) -> pb.GetInfoResponse:
                        stream_window_bytes=cfg.batcher.stream_window_bytes, max_samples=info.max_samples),
       weights_fingerprint=info.weights_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
       buckets=[pb.Bucket(batch=b, length=t) for b, t in info.buckets], server_version=SERVER_VERSION,
-      packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=cfg.serve_parameters)
+      packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=cfg.serve_parameters,
+      replica_id=replica_id)
 
 
 def response_bytes(req: Prepared, hidden_size: int) -> int:
@@ -112,7 +121,10 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     self._max_message_bytes = cfg.max_message_bytes
     self._chunk_bytes = cfg.parameter_chunk_bytes
     self._serve_parameters = cfg.serve_parameters
-    self._info_msg = info_message(self._info, cfg)
+    self.replica_id = cfg.replica_id or default_replica_id()
+    self._info_msg = info_message(self._info, cfg, self.replica_id)
+    self._identity = pb.ReplicaIdentity(replica_id=self.replica_id,
+                                        weights_fingerprint=self._info.weights_fingerprint)
     self._id_bits = wire.bits_for(self._info.vocab_size)
     self.ready = False  # set once the engine is warm
 
@@ -128,7 +140,15 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     return prepared
 
   def _encode(self, request_id: int, prepared: Prepared, targets) -> pb.ForwardResponse:
-    return wire.targets_to_response(request_id, targets, packed_id_bits=self._id_bits if prepared.pack_ids else 0)
+    response = wire.targets_to_response(request_id, targets,
+                                        packed_id_bits=self._id_bits if prepared.pack_ids else 0)
+    response.replica.CopyFrom(self._identity)
+    return response
+
+  def stream_metadata(self) -> tuple[tuple[str, str | bytes], ...]:
+    """Initial metadata of every Stream call: this replica's GetInfo and whether it is warm."""
+    return ((wire.INFO_METADATA_KEY, self._info_msg.SerializeToString()),
+            (wire.READY_METADATA_KEY, "1" if self.ready else "0"))
 
   async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
     return self._info_msg
@@ -150,6 +170,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                    context) -> AsyncIterator[pb.ForwardResponse]:
     """Answers in request order. When the call ends early (client cancelled, deadline, reconnect), every
     request still queued is cancelled, so the batcher drops it before the engine runs it."""
+    await context.send_initial_metadata(self.stream_metadata())  # the client checks this very replica
     window: asyncio.Queue = asyncio.Queue(self._window)
     budget = _ByteBudget(self._window_bytes, self._metrics.stream_held_bytes)
     reader = asyncio.create_task(self._read_stream(request_iterator, window, budget, context))
@@ -224,7 +245,9 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     except (RequestError, ShuttingDownError) as e:
       code, message = _status_of(e)
       self._metrics.record("Stream", code.name, time.perf_counter() - entry.start)
-      return wire.error_response(entry.request_id, code.value[0], message, getattr(e, "field", ""))
+      response = wire.error_response(entry.request_id, code.value[0], message, getattr(e, "field", ""))
+      response.replica.CopyFrom(self._identity)
+      return response
     prepared = entry.prepared
     response = self._encode(entry.request_id, prepared, targets)
     self._metrics.record("Stream", "OK", time.perf_counter() - entry.start, prepared.rows * prepared.length)

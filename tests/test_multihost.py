@@ -95,15 +95,13 @@ def teacher(tiny_dataset, tmp_path_factory):
 
 
 def test_two_processes_match_one_and_resume_bit_exactly(tiny_dataset, teacher, tmp_path):
-  # Uninterrupted two-process runs, remote and local teacher, side by side.
-  remote = launch(tiny_dataset, tmp_path / "remote2", tmp_path, *remote_teacher(teacher.address), tag="remote")
-  local = launch(tiny_dataset, tmp_path / "local2", tmp_path, *local_teacher(), tag="local")
-  # The same runs as one process with 8 devices.
+  # One process with 8 devices (while the teacher server starts), then two processes with 4 each.
   reference(tiny_dataset, tmp_path / "local1", *local_teacher())
   wait_serving(teacher)
   reference(tiny_dataset, tmp_path / "remote1", *remote_teacher(teacher.address))
-  check_finished(remote)
-  check_finished(local)
+  check_finished(launch(tiny_dataset, tmp_path / "remote2", tmp_path, *remote_teacher(teacher.address),
+                        tag="remote"))
+  check_finished(launch(tiny_dataset, tmp_path / "local2", tmp_path, *local_teacher(), tag="local"))
   assert_same_run(tmp_path / "remote2", tmp_path / "remote1", exact=False)
   assert_same_run(tmp_path / "local2", tmp_path / "local1", exact=False)
   # Only process 0 writes metrics; both processes' throughput is in them (summed).

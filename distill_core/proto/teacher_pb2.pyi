@@ -97,8 +97,16 @@ class Error(_message.Message):
     field: str
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., field: _Optional[str] = ...) -> None: ...
 
+class ReplicaIdentity(_message.Message):
+    __slots__ = ("replica_id", "weights_fingerprint")
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    replica_id: str
+    weights_fingerprint: str
+    def __init__(self, replica_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
+
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error", "sample_counts", "sample_ids", "sample_logits", "sample_logsumexp", "sample_temperature", "sample_skip")
+    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error", "replica", "sample_counts", "sample_ids", "sample_logits", "sample_logsumexp", "sample_temperature", "sample_skip")
     class LayerStatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +122,7 @@ class ForwardResponse(_message.Message):
     STATE_LAYERS_FIELD_NUMBER: _ClassVar[int]
     LAYER_STATES_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_LOGITS_FIELD_NUMBER: _ClassVar[int]
@@ -128,13 +137,14 @@ class ForwardResponse(_message.Message):
     state_layers: _containers.RepeatedScalarFieldContainer[int]
     layer_states: _containers.MessageMap[str, Tensor]
     error: Error
+    replica: ReplicaIdentity
     sample_counts: Tensor
     sample_ids: Tensor
     sample_logits: Tensor
     sample_logsumexp: Tensor
     sample_temperature: float
     sample_skip: int
-    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., sample_counts: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logits: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., sample_temperature: _Optional[float] = ..., sample_skip: _Optional[int] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., replica: _Optional[_Union[ReplicaIdentity, _Mapping]] = ..., sample_counts: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logits: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., sample_temperature: _Optional[float] = ..., sample_skip: _Optional[int] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("batch", "length")
@@ -175,7 +185,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model_type", "vocab_size", "padded_vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "value_dtypes", "state_dtypes", "state_names", "limits", "weights_fingerprint", "tokenizer_fingerprint", "buckets", "server_version", "packed_id_bits", "serves_parameters")
+    __slots__ = ("model_type", "vocab_size", "padded_vocab_size", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings", "value_dtypes", "state_dtypes", "state_names", "limits", "weights_fingerprint", "tokenizer_fingerprint", "buckets", "server_version", "packed_id_bits", "serves_parameters", "replica_id")
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     PADDED_VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +205,7 @@ class GetInfoResponse(_message.Message):
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     PACKED_ID_BITS_FIELD_NUMBER: _ClassVar[int]
     SERVES_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_ID_FIELD_NUMBER: _ClassVar[int]
     model_type: str
     vocab_size: int
     padded_vocab_size: int
@@ -214,7 +225,8 @@ class GetInfoResponse(_message.Message):
     server_version: str
     packed_id_bits: int
     serves_parameters: bool
-    def __init__(self, model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., server_version: _Optional[str] = ..., packed_id_bits: _Optional[int] = ..., serves_parameters: _Optional[bool] = ...) -> None: ...
+    replica_id: str
+    def __init__(self, model_type: _Optional[str] = ..., vocab_size: _Optional[int] = ..., padded_vocab_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., num_key_value_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., value_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., state_names: _Optional[_Iterable[str]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., weights_fingerprint: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., buckets: _Optional[_Iterable[_Union[Bucket, _Mapping]]] = ..., server_version: _Optional[str] = ..., packed_id_bits: _Optional[int] = ..., serves_parameters: _Optional[bool] = ..., replica_id: _Optional[str] = ...) -> None: ...
 
 class GetParametersRequest(_message.Message):
     __slots__ = ("name_regex", "chunk_bytes", "names_only", "start_name", "start_offset")

@@ -22,6 +22,7 @@ import itertools
 import logging
 import threading
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,6 +86,7 @@ class RemoteTeacher(TeacherSource):
     self._seq = itertools.count()
     self._consumed = 0
     self._last_ids: list[int] = []
+    self.last_weights = ""  # weights fingerprint of the last batch returned with targets
     self._closed = False
     self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else cfg.token
     self._loop = uvloop.new_event_loop()
@@ -204,14 +206,20 @@ class RemoteTeacher(TeacherSource):
       raise RuntimeError("next() called with no submitted batch")
     self._stats.occupancy(sum(item.done.is_set() for item in self._queue) / len(self._queue))
     item = self._queue.popleft()
-    targets = self._agree(self._await(item))
+    targets = self._agree(self._await(item), item.weights)
+    if targets is not None and item.weights != self.last_weights:
+      if self.last_weights:
+        log.warning("teacher: from batch %d on, targets come from teacher weights %s... (was %s...)",
+                    self._consumed, item.weights[:16], self.last_weights[:16])
+      self.last_weights = item.weights
     self._consumed += 1
     self._last_ids = np.asarray(item.batch.example_ids).tolist()
     return targets
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the stream (evaluation): sent ahead of the queued batches."""
-    return self._agree(self._await(self._enqueue(batch, temperature, priority=0, states=states)))
+    item = self._enqueue(batch, temperature, priority=0, states=states)
+    return self._agree(self._await(item), item.weights)
 
   def _await(self, item: Item) -> TeacherTargets | None:
     timeout = self.cfg.timeout_s
@@ -248,21 +256,27 @@ class RemoteTeacher(TeacherSource):
       raise RemoteTeacherError(f"batch {self._consumed}: {item.error}") from item.error
     return item.targets
 
-  def _agree(self, targets: TeacherTargets | None) -> TeacherTargets | None:
-    """With several processes, a batch has targets only if every process has them (same step program).
+  def _agree(self, targets: TeacherTargets | None, weights: str) -> TeacherTargets | None:
+    """With several processes, a batch has targets only if every process has them (same step program),
+    and, while teacher weights may change (`on_weights_change: drain`), only if they all come from the
+    same weights: each process's rows of a batch are never from two teachers.
 
     A fallback on any process is logged on every process, naming the processes that had no answer.
     """
-    if jax.process_count() == 1 or self._policy.name == "wait":
+    drain = self.cfg.on_weights_change == "drain"
+    if jax.process_count() == 1 or (self._policy.name == "wait" and not drain):
       return targets
-    from student_trainer.distributed import any_process
-    missing = any_process(targets is None)
-    if not missing:
+    from student_trainer.distributed import gather_ints
+    digest = zlib.crc32(weights.encode()) & 0x7FFFFFFF if drain else 0  # int32 on the device
+    have, digests = gather_ints(int(targets is not None), digest)
+    missing = [p for p, ok in enumerate(have) if not ok]
+    if not missing and len(set(digests)) == 1:
       return targets
     if targets is not None:
       self._stats.count("peer_fallbacks")
-    log.warning("teacher: batch %d trains on CE only on every process: no teacher answer on process(es) %s",
-                self._consumed, missing)
+    why = (f"no teacher answer on process(es) {missing}" if missing else
+           "the processes' answers came from different teacher weights (a weights change is under way)")
+    log.warning("teacher: batch %d trains on CE only on every process: %s", self._consumed, why)
     return None
 
   @property
@@ -272,8 +286,9 @@ class RemoteTeacher(TeacherSource):
 
   def state(self) -> dict[str, Any]:
     info = self._core.info
+    weights = self.last_weights or (info.weights_fingerprint if info else self._core.expected_weights)
     return {"source": "remote", "batches": self._consumed, "last_example_ids": self._last_ids,
-            "weights_fingerprint": info.weights_fingerprint if info else self._core.expected_weights,
+            "weights_fingerprint": weights,
             "tokenizer_fingerprint": info.tokenizer_fingerprint if info else None,
             "fallbacks": self._stats.totals["fallbacks"]}
 

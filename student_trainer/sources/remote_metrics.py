@@ -12,6 +12,9 @@ point, which the trainer merges as `teacher/<name>`:
 | `reconnects_total` | streams re-established after a loss |
 | `fallbacks_total` | batches a fallback policy answered (e.g. CE only) |
 | `peer_fallbacks_total` | batches this process had answers for but trained on CE only because another process fell back |
+| `weight_changes_total` | replicas seen with other teacher weights than the run's (`on_weights_change`) |
+| `discarded_answers_total` | answers from retired weights, asked again from the current ones (`drain`) |
+| `rotations_total` | streams reconnected after `stream_max_age_s` to spread over the replicas |
 | `stall_warnings_total` | warnings of the `wait` policy (teacher silent for `timeout_s`) |
 | `received_mb_total`, `received_mb_per_s` | answer bytes (the rate over the log interval) |
 | `window_occupancy` | mean share of the submitted batches whose answers were already in when `next()` asked |
@@ -29,8 +32,8 @@ import numpy as np
 class StreamStats:
   """Counters and latencies, written on the loop thread and read by `metrics()` (locked)."""
 
-  _TOTALS = ("requests", "retries", "failovers", "reconnects", "fallbacks", "peer_fallbacks", "stall_warnings",
-             "bytes")
+  _TOTALS = ("requests", "retries", "failovers", "reconnects", "fallbacks", "peer_fallbacks", "weight_changes",
+             "discarded_answers", "rotations", "stall_warnings", "bytes")
 
   def __init__(self):
     self._lock = threading.Lock()

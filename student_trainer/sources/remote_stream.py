@@ -1,10 +1,22 @@
 """The event-loop side of the remote teacher source: streams, dispatch, retries, failover.
 
 Everything here runs on one background thread's event loop (uvloop). A *lane*
-is one bidirectional `Stream` call to a teacher replica; it connects (health
-SERVING, then GetInfo checked against the student), streams requests, and on
+is one bidirectional `Stream` call to a teacher replica; it connects (opens
+the stream and checks the replica that stream reached, from the GetInfo the
+server sends in the stream's initial metadata: behind a load-balanced name a
+separate GetInfo call may reach another replica), streams requests, and on
 any failure hands its unanswered requests back to the dispatcher and
-reconnects after an exponential backoff with jitter. The dispatcher splits
+reconnects after an exponential backoff with jitter. A lane whose stream is
+older than `stream_max_age_s` drains and reconnects, so the channel's
+round-robin spreads lanes over replicas that came up meanwhile.
+
+Every answer names the replica and weights it came from. All answers of one
+batch come from one set of weights: when a replica with other weights
+appears (a rolling update), `on_weights_change` says what happens: `stop`
+ends training with the error; `drain` moves to the new weights at a batch
+boundary: replicas with the old weights get no more requests, answers from
+them that are not yet part of a complete batch are asked again from the new
+ones, and the old weights are never accepted again. The dispatcher splits
 each batch into requests of `plan.rows_per_request` rows and sends each to the
 ready lane with the fewest requests in flight. Answers are decoded on a
 worker thread (so big answers never stall the streams); a batch is complete
@@ -67,6 +79,7 @@ class Item:
   targets: TeacherTargets | None = None  # on the mesh, once done
   error: BaseException | None = None
   cancelled: bool = False  # a fallback took its place
+  weights: str = ""  # fingerprint of the teacher weights every answer of this batch came from
   settled: bool = False  # every request answered (or failed): no more sends
   chunks: list["_Chunk"] = dataclasses.field(default_factory=list)
   remaining: int = 0
@@ -84,6 +97,7 @@ class _Chunk:
   errors: int = 0
   sends: int = 0
   sent_at: float = 0.0
+  weights: str = ""  # of the answer in `result`
 
   @property
   def key(self) -> tuple[int, int, int]:
@@ -102,8 +116,12 @@ class Lane:
     self.inflight: dict[int, _Chunk] = {}
     self.ready = False
     self.draining = False
+    self.replica_id = ""  # of the replica this lane's stream reached
+    self.weights = ""  # its weights fingerprint
+    self.opened_at = 0.0
     self.sent = 0
     self.connections = 0
+    self.drain_reason = ""
     self.last_error = "not connected yet"
     self._outbox: asyncio.Queue | None = None
     self._call = None
@@ -113,6 +131,7 @@ class Lane:
     cfg = self.core.cfg
     failures = 0
     while self.core.fatal is None:
+      self.replica_id = self.weights = ""
       broke_after_serving = False
       try:
         await self._connect()
@@ -147,28 +166,39 @@ class Lane:
       await asyncio.sleep(delay)
 
   async def _connect(self) -> None:
+    """Opens the stream and checks the replica it reached (its GetInfo comes in the initial metadata)."""
     timeout = self.core.cfg.connect_timeout_s
-    status = await self.client.health(timeout=timeout)
-    if status != "SERVING":
-      raise _Broken(f"health is {status}")
-    info = await self.client.info(timeout=timeout)
-    problems = self.core.accept(self, info)
-    if problems:
-      log.error("teacher %s cannot take this student's requests: %s", self.name, "; ".join(problems))
-      raise _Broken("incompatible replica: " + "; ".join(problems))
-
-  async def _serve(self) -> None:
     self._outbox = asyncio.Queue()
     self._abort_reason = ""
     self._call = self.client.stub.Stream(_drain(self._outbox), metadata=self.client.metadata)
+    try:
+      metadata = await asyncio.wait_for(self._call.initial_metadata(), timeout)
+    except asyncio.TimeoutError:
+      raise _Broken(f"no answer to the stream within {timeout:g} s") from None
+    info, ready = wire.stream_info(metadata)
+    if info is None:
+      if self._call.done():  # refused (unreachable, unauthenticated...): the call's status says why
+        code, details = await self._call.code(), await self._call.details()
+        raise TeacherError(code, details or "the stream ended")
+      raise _Broken("the server sent no replica info with the stream (a server older than this client?)")
+    if not ready:
+      raise _Broken(f"replica {info.replica_id} is warming up")
+    problems = self.core.accept(self, info)
+    if problems:
+      log.error("teacher %s (replica %s) cannot take this student's requests: %s", self.name, info.replica_id,
+                "; ".join(problems))
+      raise _Broken(f"replica {info.replica_id}: " + "; ".join(problems))
+
+  async def _serve(self) -> None:
     self.ready, self.draining = True, False
+    self.opened_at = time.monotonic()
     self.connections += 1
     self.core.lane_ready(self)
     try:
       async for resp in self._call:
         self.core.on_response(self, resp)
         if self.draining and not self.inflight:
-          raise _Broken("the replica is shutting down")
+          raise _Broken(self.drain_reason or "the replica is shutting down")
     except asyncio.CancelledError:
       task = asyncio.current_task()
       if self._abort_reason and task is not None and not task.cancelling():
@@ -219,7 +249,8 @@ class StreamCore:
     self.stats = stats
     self.lanes: list[Lane] = []
     self.plan: RequestPlan | None = None
-    self.info: pb.GetInfoResponse | None = None
+    self.info: pb.GetInfoResponse | None = None  # of the first replica, with the current weights
+    self.retired: set[str] = set()  # weights replaced by on_weights_change=drain; never used again
     self.expected_weights: str | None = None  # from a restored cursor
     self.fatal: BaseException | None = None
     self.closing = False
@@ -247,6 +278,7 @@ class StreamCore:
         self.fail(e)
         return [str(e)]
       self.plan, self.info = plan, info
+      lane.replica_id, lane.weights = info.replica_id, info.weights_fingerprint
       states = f", {'+'.join(plan.states)} of layers {list(plan.layers)}" if plan.layers else ""
       log.info("teacher %s accepted: %s, %d layers, vocab %d, weights %s; %d rows per request, k=%d%s",
                lane.name, info.model_type, info.num_layers, info.vocab_size, info.weights_fingerprint[:16],
@@ -257,11 +289,56 @@ class StreamCore:
       self.first_contact.set()
       return []
     if info.weights_fingerprint != self.info.weights_fingerprint:
+      problem = self.weights_changed(lane, info.replica_id, info.weights_fingerprint)
+      if problem:
+        return [problem]
+    if info.tokenizer_fingerprint != self.info.tokenizer_fingerprint:
+      return [f"tokenizer {info.tokenizer_fingerprint[:16]}... differs from the other replicas' "
+              f"{self.info.tokenizer_fingerprint[:16]}..."]
+    problems = replica_problems(info, self.plan, self.need)
+    if not problems:
+      lane.replica_id, lane.weights = info.replica_id, info.weights_fingerprint
+    return problems
+
+  def weights_changed(self, lane: Lane, replica_id: str, weights: str) -> str:
+    """A replica serves other weights than the current ones; returns why the lane must not use it ("" = ok).
+
+    `stop`: fatal. `drain`: weights seen before are retired and refused; new
+    ones become current, replicas with the old ones drain, and answers from
+    them that are not part of a complete batch yet are asked again.
+    """
+    old = self.info.weights_fingerprint
+    if weights in self.retired:
+      return f"serves retired teacher weights {weights[:16]}... (now {old[:16]}...)"
+    self.stats.count("weight_changes")
+    if self.cfg.on_weights_change == "stop":
       self.fail(RemoteTeacherError(
-          f"teacher {lane.name} serves weights {info.weights_fingerprint[:16]}..., the other replicas "
-          f"{self.info.weights_fingerprint[:16]}...: every replica must serve the same teacher"))
-      return ["different teacher weights"]
-    return replica_problems(info, self.plan, self.need)
+          f"teacher weights changed: replica {replica_id or '?'} at {lane.name} serves {weights[:16]}..., "
+          f"training started with {old[:16]}... (a rolling update?); teacher.remote.on_weights_change=stop. "
+          "Set it to 'drain' to move to the new weights at a batch boundary"))
+      return "different teacher weights"
+    log.warning("teacher weights changed: replica %s at %s serves %s..., was %s...; on_weights_change=drain: "
+                "replicas with the old weights get no more requests, every later batch uses the new weights",
+                replica_id or "?", lane.name, weights[:16], old[:16])
+    self.retired.add(old)
+    self.info = self._info_with(weights)
+    for other in self.lanes:
+      if other.ready and other.weights == old:
+        other.draining = True
+        other.drain_reason = f"replica {other.replica_id} serves the retired weights {old[:16]}..."
+    for item in list(self._active):
+      redo = [c for c in item.chunks if c.result is not None and c.weights != weights]
+      for chunk in redo:
+        chunk.result = None
+        item.remaining += 1
+      self.requeue(redo)
+    return ""
+
+  def _info_with(self, weights: str) -> pb.GetInfoResponse:
+    info = pb.GetInfoResponse()
+    info.CopyFrom(self.info)
+    info.weights_fingerprint = weights
+    return info
 
   def check_weights(self, actual: str, expected: str | None) -> None:
     if expected and actual != expected and not self.cfg.allow_teacher_change:
@@ -350,6 +427,16 @@ class StreamCore:
     item = chunk.item
     if not self._live(item):
       return
+    weights = resp.replica.weights_fingerprint or lane.weights
+    if weights != self.info.weights_fingerprint:
+      if weights not in self.retired and self.weights_changed(lane, resp.replica.replica_id, weights):
+        return  # stop: training ends with the error
+      if weights in self.retired:  # an answer of old weights: ask the current ones
+        self.stats.count("discarded_answers")
+        lane.draining = True
+        lane.drain_reason = lane.drain_reason or f"replica {resp.replica.replica_id} serves retired weights"
+        self.requeue([chunk])
+        return
     if resp.HasField("error"):
       code = _CODES.get(resp.error.code, grpc.StatusCode.UNKNOWN)
       error = TeacherError(code, resp.error.message, field=resp.error.field, request_id=resp.request_id)
@@ -361,9 +448,9 @@ class StreamCore:
       else:
         self._finish(item, RemoteTeacherError(f"teacher {lane.name} rejected the batch: {error}"))
       return
-    self._worker.submit(self._decode, chunk, resp, lane.name)
+    self._worker.submit(self._decode, chunk, resp, lane.name, weights)
 
-  def _decode(self, chunk: _Chunk, resp: pb.ForwardResponse, lane_name: str) -> None:
+  def _decode(self, chunk: _Chunk, resp: pb.ForwardResponse, lane_name: str, weights: str) -> None:
     """Worker thread: bytes -> checked host arrays (unpacking ids can take a while for big batches)."""
     try:
       targets = wire.response_to_targets(resp)
@@ -374,13 +461,16 @@ class StreamCore:
     except ValueError as e:  # a malformed answer: treat like an engine failure
       self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")
       return
-    self.loop.call_soon_threadsafe(self._decoded, chunk, targets)
+    self.loop.call_soon_threadsafe(self._decoded, chunk, targets, weights)
 
-  def _decoded(self, chunk: _Chunk, targets: TeacherTargets) -> None:
+  def _decoded(self, chunk: _Chunk, targets: TeacherTargets, weights: str) -> None:
     item = chunk.item
     if not self._live(item):
       return
-    chunk.result = targets
+    if weights != self.info.weights_fingerprint:  # the weights changed while it was decoded: ask again
+      self.requeue([chunk])
+      return
+    chunk.result, chunk.weights = targets, weights
     item.remaining -= 1
     if item.remaining == 0:
       self._finish(item)
@@ -397,6 +487,8 @@ class StreamCore:
     self._active.discard(item)
     item.settled = True
     parts = [c.result for c in item.chunks]
+    if error is None:
+      item.weights = item.chunks[0].weights  # one set of weights per batch (weights_changed re-asks others)
     item.chunks = []
     if error is not None:
       item.error = error
@@ -416,15 +508,28 @@ class StreamCore:
     self._worker.shutdown(wait=True, cancel_futures=True)
 
   def check_deadlines(self) -> None:
-    """Drops streams whose oldest request has waited longer than request_timeout_s."""
-    limit = self.cfg.request_timeout_s
-    if limit is None:
-      return
+    """Drops streams whose oldest request waited longer than request_timeout_s; rotates old streams.
+
+    A stream older than stream_max_age_s drains (no new requests) and, once its
+    answers are in, reconnects: round-robin then spreads the lanes over every
+    replica the channel knows, also ones that came up after the lane connected.
+    A draining lane with nothing in flight reconnects at once.
+    """
+    limit, max_age = self.cfg.request_timeout_s, self.cfg.stream_max_age_s
     now = time.monotonic()
     for lane in self.lanes:
-      if lane.inflight and now - min(c.sent_at for c in lane.inflight.values()) > limit:
+      if limit is not None and lane.inflight and now - min(c.sent_at for c in lane.inflight.values()) > limit:
         log.warning("teacher %s: a request is unanswered after %g s; dropping the stream", lane.name, limit)
         lane.abort(f"a request was unanswered after {limit:g} s")
+        continue
+      if not lane.ready:
+        continue
+      if max_age is not None and not lane.draining and now - lane.opened_at > max_age:
+        lane.draining = True
+        lane.drain_reason = f"stream older than {max_age:g} s (rotated to spread over the replicas)"
+        self.stats.count("rotations")
+      if lane.draining and not lane.inflight:
+        lane.abort(lane.drain_reason or "the replica is draining")
 
   def describe(self) -> str:
     return "; ".join(f"{lane.name}: {'ready' if lane.ready else lane.last_error} "
