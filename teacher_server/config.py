@@ -161,6 +161,10 @@ class ServerConfig(ConfigBase):
       "replicas added since; null: never.")
   metrics_address: str | None = Field(None, description="host:port of the Prometheus /metrics endpoint; "
                                       "null disables it.")
+  health_address: str | None = Field(
+      None, description="host:port of a second, plaintext listener that serves only grpc.health.v1, for "
+      "orchestrator probes when the main address uses TLS (Kubernetes' gRPC probe speaks no TLS); "
+      "null: health is on the main address only.")
   log_format: Literal["text", "json"] = Field("text", description="Log lines as text or JSON objects.")
   log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
@@ -171,6 +175,9 @@ class ServerConfig(ConfigBase):
       raise ValueError("security.parameters_token(_file) needs serve_parameters: true")
     if self.metrics_address is not None:
       split_address(self.metrics_address, "metrics_address")
+    if self.health_address is not None and split_address(self.health_address, "health_address") == \
+        split_address(self.address, "address"):
+      raise ValueError(f"health_address {self.health_address} must differ from address")
     sec = self.security
     tokens = sec.auth_token or sec.auth_token_file or sec.parameters_token or sec.parameters_token_file
     if tokens and not sec.tls_cert and not is_loopback_host(split_address(self.address, "address")[0]):

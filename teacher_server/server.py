@@ -46,6 +46,8 @@ class TeacherServer:
     self.health = health.aio.HealthServicer()
     self.port: int | None = None
     self._server: grpc.aio.Server | None = None
+    self._health_server: grpc.aio.Server | None = None
+    self.health_port: int | None = None
     self._metrics_http = None
     self._drained = False
 
@@ -82,6 +84,19 @@ class TeacherServer:
              if cfg.serve_parameters else "")
     return server
 
+  def _build_health(self) -> grpc.aio.Server:
+    """Health alone, in plaintext, for orchestrator probes (Kubernetes' gRPC probe speaks no TLS)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)], maximum_concurrent_rpcs=PROBE_HEADROOM_RPCS)
+    health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+    try:
+      self.health_port = server.add_insecure_port(self.cfg.health_address)
+    except RuntimeError as e:
+      raise OSError(f"could not bind health_address {self.cfg.health_address}: {e}") from None
+    if not self.health_port:
+      raise OSError(f"could not bind health_address {self.cfg.health_address}")
+    log.info("health (grpc.health.v1 only, plaintext) on %s", self.cfg.health_address)
+    return server
+
   async def _set_health(self, status) -> None:
     for name in ("", SERVICE_NAME):
       await self.health.set(name, status)
@@ -91,6 +106,9 @@ class TeacherServer:
     await self._set_health(_NOT_SERVING)
     self._server = self._build()
     await self._server.start()
+    if self.cfg.health_address:
+      self._health_server = self._build_health()
+      await self._health_server.start()
     if self.cfg.metrics_address:
       self._metrics_http = self.metrics.serve(self.cfg.metrics_address)
       log.info("metrics on http://%s/metrics", self.cfg.metrics_address)
@@ -120,6 +138,8 @@ class TeacherServer:
     await self.health.enter_graceful_shutdown()
     if self._server is not None:
       await self._server.stop(self.cfg.shutdown_grace_s)
+    if self._health_server is not None:
+      await self._health_server.stop(0)
     await self.batcher.close()
     if self._metrics_http is not None:
       self._metrics_http[0].shutdown()

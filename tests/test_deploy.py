@@ -253,3 +253,22 @@ def test_dockerfile_pins_and_runs_unprivileged(image):
   for path in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):  # every copied path exists
     assert (REPO / path).exists(), path
   assert "pip install -e" not in text and "JAX_COMPILATION_CACHE_DIR=/tmp" in text
+
+
+def test_readme_overlay_sets_images_and_bucket(tmp_path):
+  """deploy/README.md step 6, as pasted: the overlay replaces the images and the bucket name."""
+  text = (DEPLOY / "README.md").read_text()
+  block = re.search(r"cat > my-deploy/kustomization.yaml <<EOF\n(.*?)\nEOF\n", text, re.S).group(1)
+  registry, bucket = "europe-docker.pkg.dev/p/distill", "p-distill"
+  for base in ("../deploy", "../deploy/gpu"):
+    root = tmp_path / base.replace("/", "_").strip("._")
+    (root / "my-deploy").mkdir(parents=True)
+    (root / "deploy").symlink_to(DEPLOY)
+    body = block.replace("$REGISTRY", registry).replace("$BUCKET", bucket).replace("- ../deploy\n", f"- {base}\n")
+    (root / "my-deploy" / "kustomization.yaml").write_text(body + "\n")
+    objects = render(root / "my-deploy")
+    images = {c["image"] for _, pod in pod_specs(objects) for c in pod["containers"]}
+    assert images == {f"{registry}/teacher-server:0.1.0", f"{registry}/student-trainer:0.1.0"}
+    jobset = next(o for o in objects if o["kind"] == "JobSet")
+    volumes = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]["volumes"]
+    assert [v["csi"]["volumeAttributes"]["bucketName"] for v in volumes if "csi" in v] == [bucket]

@@ -40,9 +40,10 @@ def test_deployment_agrees_with_config():
   container = pod["containers"][0]
   ports = {p["name"]: p["containerPort"] for p in container["ports"]}
   assert ports == {"grpc": split_address(cfg.address, "address")[1],
-                   "metrics": split_address(cfg.metrics_address, "metrics_address")[1]}
-  for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-    assert container[probe]["grpc"]["port"] == ports["grpc"]
+                   "metrics": split_address(cfg.metrics_address, "metrics_address")[1],
+                   "health": split_address(cfg.health_address, "health_address")[1]}
+  for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # plaintext: the kubelet speaks no TLS
+    assert container[probe]["grpc"]["port"] == ports["health"]
   assert not cfg.security.authenticate_health  # the built-in gRPC probes send no token
   mounts = {m["mountPath"] for m in container["volumeMounts"]}
   needed = {str(Path(cfg.security.auth_token_file).parent), cfg.model.path, "/etc/teacher"}

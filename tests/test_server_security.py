@@ -112,3 +112,22 @@ def test_config_rejects_inconsistent_security():
                               (["address=localhost"], "explicit host"), (["address=:50051"], "explicit host")):
     with pytest.raises(ConfigError, match=fragment):
       load_config(ServerConfig, None, overrides)
+
+
+async def test_plaintext_health_listener_next_to_tls(certs):
+  """health_address: probes get health in plaintext; the Teacher service is not there, only on TLS."""
+  from server_utils import free_port
+  health = f"127.0.0.1:{free_port()}"
+  async with fake_server(f"security.tls_cert={certs['server']}", f"security.tls_key={certs['server_key']}",
+                         "security.auth_token=abc", f"health_address={health}") as (server, address):
+    async with TeacherClient(health) as plain:
+      assert await plain.health() == "SERVING"
+      with pytest.raises(TeacherError) as e:
+        await plain.info(timeout=5)
+      assert e.value.code == grpc.StatusCode.UNIMPLEMENTED
+    async with TeacherClient(address, root_certificates=certs["ca"], token="abc") as client:
+      assert (await client.info(timeout=5)).replica_id == server.servicer.replica_id
+    await server.drain()
+    async with TeacherClient(health) as plain:
+      with pytest.raises(TeacherError):
+        await plain.health(timeout=2)
