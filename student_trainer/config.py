@@ -137,14 +137,6 @@ class OfflineTeacherConfig(ConfigBase):
   weights_fingerprint: str | None = Field(
       None, description="Refuse answers from any other teacher (its weights fingerprint, from GetInfo or a "
       "manifest); null: accept the stored teacher.")
-  on_weights_change: Literal["stop", "drain"] = Field(
-      "stop", description="A replica serves other weights than the run's (a rolling update): 'stop' ends "
-      "training with the error; 'drain' moves to the new weights at a batch boundary (replicas with the old "
-      "weights get no more requests; every batch's answers come from one set of weights, never mixed).")
-  stream_max_age_s: float | None = Field(
-      600.0, gt=0, description="Reconnect a stream after this long (after its answers are in), so streams "
-      "spread over replicas added since (pair with the server's max_connection_age_s for dns:/// names, "
-      "which makes gRPC re-resolve); null: never.")
   allow_teacher_change: bool = Field(False, description="Resume from a checkpoint trained on answers of "
                                      "different teacher weights (refused by default).")
 

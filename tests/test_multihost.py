@@ -137,3 +137,13 @@ def test_fatal_error_on_one_process_ends_both(tiny_dataset, teacher, tmp_path):
   assert codes[1] == 1 and codes[0] == 3, students.tails()
   assert "top_k" in students.logs(1) and "fatal error" in students.logs(1)
   assert "stopping because another process failed (process 1:" in students.logs(0), students.tails()
+
+
+def test_metric_reduction_rules():
+  from student_trainer.distributed import reduce_metrics
+  out = reduce_metrics([
+      {"perf/tokens_per_s": 100.0, "teacher/latency_ms_p95": 5.0, "train/ce_loss": 2.0, "teacher/retries_total": 1.0},
+      {"perf/tokens_per_s": 120.0, "teacher/latency_ms_p95": 9.0, "train/ce_loss": 2.0, "teacher/retries_total": 2.0,
+       "teacher/window_occupancy": 0.5}])
+  assert out == {"perf/tokens_per_s": 220.0, "teacher/latency_ms_p95": 9.0, "train/ce_loss": 2.0,
+                 "teacher/retries_total": 3.0, "teacher/window_occupancy": 0.5}

@@ -122,6 +122,7 @@ class Lane:
     self.sent = 0
     self.connections = 0
     self.drain_reason = ""
+    self.rotating = False  # drained because of its age (stream_max_age_s), not a failure
     self.last_error = "not connected yet"
     self._outbox: asyncio.Queue | None = None
     self._call = None
@@ -161,7 +162,8 @@ class Lane:
       cap = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** failures)
       failures += 1
       delay = cap * (0.5 + 0.5 * random.random())  # jitter: replicas do not reconnect in lockstep
-      log.log(logging.WARNING if broke_after_serving else logging.DEBUG,
+      planned = self.rotating and broke_after_serving
+      log.log(logging.INFO if planned else logging.WARNING if broke_after_serving else logging.DEBUG,
               "teacher %s: %s; reconnecting in %.2f s", self.name, self.last_error, delay)
       await asyncio.sleep(delay)
 
@@ -190,10 +192,11 @@ class Lane:
       raise _Broken(f"replica {info.replica_id}: " + "; ".join(problems))
 
   async def _serve(self) -> None:
-    self.ready, self.draining = True, False
+    self.ready, self.draining, self.drain_reason = True, False, ""
     self.opened_at = time.monotonic()
     self.connections += 1
     self.core.lane_ready(self)
+    self.rotating = False
     try:
       async for resp in self._call:
         self.core.on_response(self, resp)
@@ -223,7 +226,7 @@ class Lane:
     self._call, self._outbox = None, None
     orphans = list(self.inflight.values())
     self.inflight.clear()
-    if was_serving and not self.core.closing:
+    if was_serving and not self.core.closing and not self.rotating:
       self.core.stats.count("failovers")
     self.core.requeue(orphans)
 
@@ -348,7 +351,7 @@ class StreamCore:
           "to accept)")
 
   def lane_ready(self, lane: Lane) -> None:
-    if lane.connections > 1:
+    if lane.connections > 1 and not lane.rotating:
       self.stats.count("reconnects")
       log.warning("teacher %s: reconnected", lane.name)
     self.last_progress = time.monotonic()
@@ -525,7 +528,7 @@ class StreamCore:
       if not lane.ready:
         continue
       if max_age is not None and not lane.draining and now - lane.opened_at > max_age:
-        lane.draining = True
+        lane.draining = lane.rotating = True
         lane.drain_reason = f"stream older than {max_age:g} s (rotated to spread over the replicas)"
         self.stats.count("rotations")
       if lane.draining and not lane.inflight:
