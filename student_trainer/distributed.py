@@ -112,14 +112,28 @@ def gather_ints(*values: int) -> list[list[int]]:
   return [table[:, i].astype(int).tolist() for i in range(len(values))]
 
 
+def agree_targets(targets, step: int):
+  """`targets`, or None on every process when any process has none for this batch (logged on all)."""
+  if jax.process_count() == 1:
+    return targets
+  (have,) = gather_ints(int(targets is not None))
+  missing = [p for p, ok in enumerate(have) if not ok]
+  if not missing:
+    return targets
+  log.warning("teacher: batch of step %d trains on CE only on every process: no teacher answer on "
+              "process(es) %s", step, missing)
+  return None
+
+
 # ----------------------------------------------------------------------------- metrics
 
 # How each host-side metric combines across processes (by name suffix); anything else is averaged.
 # Losses come out of the jitted step already reduced over the global batch, so every process holds
 # the same value and the mean leaves them unchanged.
-_SUMMED = ("tokens_per_s", "_total", "fallback_batches", "received_mb_per_s", "inflight_requests",
-           "replicas_ready")
-_MAXED = ("latency_ms_mean", "latency_ms_p50", "latency_ms_p95", "teacher_wait_fraction", "step_time_s")
+_SUMMED = ("tokens_per_s", "_total", "received_mb_per_s", "inflight_requests", "replicas_ready")
+# fallback_batches: agreed over the processes (a batch is CE-only on all or none), so equal everywhere.
+_MAXED = ("latency_ms_mean", "latency_ms_p50", "latency_ms_p95", "teacher_wait_fraction", "step_time_s",
+          "fallback_batches")
 
 
 def reduction_of(name: str) -> str:

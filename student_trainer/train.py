@@ -140,7 +140,10 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     while step < end and not preempt.reached(step):
       batch = feeder.pop(step)
       t_wait = time.perf_counter()
-      targets = _trimmed(cfg, source.next(), step)
+      targets = source.next()
+      if source.falls_back_per_process:
+        targets = distributed.agree_targets(targets, step)
+      targets = _trimmed(cfg, targets, step)
       waited = time.perf_counter() - t_wait
       hyper = step_lib.hyperparameters(cfg, step)
       phase = programs.phase(step, targets)

@@ -139,6 +139,22 @@ def test_fatal_error_on_one_process_ends_both(tiny_dataset, teacher, tmp_path):
   assert "stopping because another process failed (process 1:" in students.logs(0), students.tails()
 
 
+def test_fallback_on_one_process_is_logged_on_every_process(tiny_dataset, teacher, tmp_path):
+  # Process 1's teacher address has nobody listening: with ce_only, its batches fall back, so every
+  # process trains them on CE alone (one step program for all) and says so in its own log.
+  dead = f"127.0.0.1:{free_port()}"
+  students = launch(tiny_dataset, tmp_path / "run", tmp_path, *remote_teacher(teacher.address), "steps=3",
+                    "teacher.remote.on_timeout=ce_only", "teacher.remote.timeout_s=1", "export_hf=false",
+                    per_process=[[], [f"teacher.remote.address={dead}"]])
+  assert students.wait(300) == [0, 0], students.tails()
+  for i in range(2):
+    assert "trains on CE only on every process: no teacher answer on process(es) [1]" in students.logs(i)
+  rows = metric_rows(tmp_path / "run")
+  assert [r["step"] for r in rows] == [1, 2, 3]
+  assert all("train/kd_loss" not in r for r in rows) and rows[-1]["teacher/fallback_batches"] == 1
+  assert rows[-1]["teacher/peer_fallbacks_total"] == 3 and rows[-1]["teacher/fallbacks_total"] == 3
+
+
 def test_metric_reduction_rules():
   from student_trainer.distributed import reduce_metrics
   out = reduce_metrics([

@@ -29,6 +29,9 @@ class TeacherSource(abc.ABC):
 
   #: How many batches the trainer should submit ahead of the one being trained.
   lookahead: int = 0
+  #: True when `next` may return None (CE only) on one process and targets on another: with several
+  #: processes the trainer then makes the batch CE-only on all of them (the step is one program).
+  falls_back_per_process: bool = False
 
   @abc.abstractmethod
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:

@@ -156,6 +156,8 @@ class _Item:
 class CachedTeacher(TeacherSource):
   """The remote source with a disk cache; see the module docstring."""
 
+  falls_back_per_process = True  # the remote policy's CE-only answer for one process's missing rows
+
   def __init__(self, cfg, mesh: Mesh, *, process_index: int = 0):
     from student_trainer.sources.remote import RemoteTeacher
     self._cfg = cfg

@@ -173,6 +173,8 @@ class AnswerLookup:
 class OfflineTeacher(TeacherSource):
   """Serves dumped answers in the student's batch order; see the module docstring."""
 
+  falls_back_per_process = True  # a process whose rows are missing trains CE-only
+
   def __init__(self, cfg, mesh: Mesh, *, shard_index: int = 0, shard_count: int = 1):
     from student_trainer.sources import feature_teacher_layers, teacher_state_names
     ocfg = cfg.teacher.offline
