@@ -204,7 +204,10 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
   sums: collections.Counter = collections.Counter()
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = _trimmed(cfg, source.compute(batch, temperature, **_states_kwarg(cfg, step)), step)
+      targets = source.compute(batch, temperature, **_states_kwarg(cfg, step))
+      if source.falls_back_per_process:
+        targets = distributed.agree_targets(targets, step)
+      targets = _trimmed(cfg, targets, step)
       eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       sums.update({k: float(v) for k, v in jax.device_get(out).items()})
