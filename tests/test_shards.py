@@ -168,3 +168,19 @@ def test_progress_files_must_agree(tmp_path):
   shards.write_progress(tmp_path, other)
   with pytest.raises(ShardError, match="progress-b.json: dataset differs"):
     shards.write_manifest(tmp_path)
+
+
+def test_record_size_meets_the_format_targets_at_131072_ids():
+  """Before zstd: plain f16 within 4.25 bytes per entry plus 4 per temperature per position; delta coding smaller."""
+  from benchmarks.bench_offline import synthetic_answers
+  rng = np.random.default_rng(6)
+  t, k, vocab = 256, 64, 131072
+  ids, values = synthetic_answers(rng, t, k, vocab)
+  one = TeacherTargets(topk_ids=ids[None], topk_logits=values[None], logsumexp=np.zeros((1, t, 1), np.float32),
+                       temperatures=(1.0,))
+  sizes = {coding: len(shards.encode_record(0, one, StoredSpec.build(
+      wire.OutputSpec(k=k), id_bits=wire.bits_for(vocab), value_coding=coding, zstd_level=0)))
+      for coding in ("raw", "sorted_delta")}
+  assert wire.bits_for(vocab) == 17
+  assert sizes["raw"] <= t * (4.25 * k + 4)
+  assert sizes["sorted_delta"] < 0.85 * sizes["raw"]
