@@ -127,16 +127,19 @@ def unpack_uints(data: bytes, bits: int, count: int, field: str = "data") -> np.
   want = math.ceil(count * bits / 8)
   if len(data) != want:
     raise WireError(field, f"{len(data)} bytes, expected {want} for {count} values of {bits} bits")
-  raw = np.frombuffer(data, np.uint8)
+  # Each value's bits start at bit i*bits: gather the (at most 5) bytes that hold them into one uint64,
+  # shift and mask. Chunked so the temporaries stay about 16 MiB.
+  raw = np.frombuffer(bytes(data) + b"\0" * 8, np.uint8)
+  span = (bits + 7 + 7) // 8  # bytes a value can touch, whatever its bit offset
   out = np.empty(count, "<i4")
-  chunk_bytes = _PACK_CHUNK * bits // 8
+  mask = np.uint64((1 << bits) - 1)
   for start in range(0, count, _PACK_CHUNK):
-    n = min(_PACK_CHUNK, count - start)
-    offset = start // _PACK_CHUNK * chunk_bytes
-    stream = np.unpackbits(raw[offset:offset + math.ceil(n * bits / 8)], bitorder="little")[:n * bits]
-    as_bits = np.zeros((n, 32), np.uint8)
-    as_bits[:, :bits] = stream.reshape(n, bits)
-    out[start:start + n] = np.packbits(as_bits, axis=1, bitorder="little").reshape(-1).view("<i4")
+    bitpos = np.arange(start, min(start + _PACK_CHUNK, count), dtype=np.int64) * bits
+    first = bitpos >> 3
+    word = np.zeros(first.shape, np.uint64)
+    for i in range(span):
+      word |= raw[first + i].astype(np.uint64) << np.uint64(8 * i)
+    out[start:start + len(first)] = ((word >> (bitpos & 7).astype(np.uint64)) & mask).astype("<i4")
   return out
 
 
