@@ -19,6 +19,7 @@ from server_utils import REPO, ServerProcess
 
 from distill_core import shards
 from distill_core.netutil import free_port, wait_serving
+from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore
 
 HALF = 4  # batches of 8 examples; the data is read in order (no shuffle)
@@ -110,6 +111,16 @@ def test_remote_source_falls_back_to_cached_shards(servers, small_dataset, tmp_p
   rows = [r for r in jsonl(tmp_path / "run" / "metrics.jsonl") if "train/ce_loss" in r]
   assert [("train/kd_loss" in r) for r in rows] == [True, True, False]
   assert result.last_metrics["teacher/fallbacks_total"] == 3
+  # The same cache in front of another teacher (other weights) is refused when the source opens.
+  from remote_utils import ThreadedServer
+  from teacher_server.fake_engine import FakeEngine, fake_info
+  other = ThreadedServer("batcher.buckets=[[8,32]]", engine=FakeEngine(fake_info(
+      vocab_size=384, hidden_size=32, buckets=((8, 32),), max_k=16)))
+  try:
+    with pytest.raises(ShardError, match="the cache holds answers with another teacher"):
+      run(cached_cfg(small_dataset, tmp_path / "other", cache, other.address, steps=1))
+  finally:
+    other.kill()
 
 
 def test_student_killed_mid_shard_leaves_a_valid_cache(tmp_path):

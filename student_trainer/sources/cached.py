@@ -171,6 +171,12 @@ class CachedTeacher(TeacherSource):
     self._pending: collections.deque[_Item] = collections.deque()
     self._counts = collections.Counter()
     self._window = collections.Counter()
+    if self.remote.teacher_info is not None:  # a teacher answered at start: refuse a cache of another one now
+      try:
+        self._checked_header()
+      except ShardError:
+        self.close()
+        raise
 
   def _count(self, name: str, value: int = 1) -> None:
     self._counts[name] += value
