@@ -150,3 +150,17 @@ async def test_get_parameters_lists_and_resumes_at_a_name_and_offset():
         except Exception as rpc_error:  # the raw stub raises AioRpcError
           raise TeacherError.from_rpc(rpc_error) from None
       assert e.value.code.name == code and "start_offset" in e.value.message
+
+
+def test_remote_kernels_with_a_separate_parameters_token(tmp_path):
+  token = tmp_path / "parameters_token"
+  token.write_text("s3cret\n")
+  server = ThreadedServer("serve_parameters=true", "security.parameters_token=s3cret")
+  try:
+    with pytest.raises(ValueError, match="PERMISSION_DENIED|UNAUTHENTICATED"):
+      RemoteTeacherParams(remote_cfg(server.address))
+    teacher = RemoteTeacherParams(remote_cfg(server.address), token_file=str(token))
+    assert teacher.fetch(["embed_tokens.embedding"])["embed_tokens.embedding"].shape == \
+        teacher.shapes["embed_tokens.embedding"]
+  finally:
+    server.drain()

@@ -122,13 +122,10 @@ class RemoteTeacherParams(TeacherParams):
         self.shapes[name] = tuple(shape)
 
   def _client(self):
-    from distill_core.client import TeacherClient
     cfg = self.cfg
-    token = Path(self.token_file).read_text().strip() if self.token_file else cfg.token
-    return TeacherClient(self.address, token=token, tls=cfg.tls, root_certificates=cfg.root_certificates,
-                         client_cert=cfg.client_cert, client_key=cfg.client_key,
-                         server_name_override=cfg.server_name_override,
-                         max_message_bytes=cfg.max_message_mb << 20)
+    if self.token_file != cfg.token_file:  # a separate GetParameters token replaces teacher.remote's
+      cfg = cfg.model_copy(update={"token": None, "token_file": self.token_file})
+    return cfg.make_client(self.address)
 
   @staticmethod
   def _run(coro):
