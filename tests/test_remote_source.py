@@ -512,3 +512,26 @@ def test_training_without_teacher_falls_back_to_ce(tiny_dataset, tmp_path):
   assert result.step == 3 and [r["teacher/fallback_batches"] for r in rows] == [1, 1, 1]
   assert [r["teacher/fallbacks_total"] for r in rows] == [1, 2, 3]
   assert not any("train/kd_loss" in r for r in rows) and rows[-1]["teacher/replicas_ready"] == 0
+
+
+@pytest.mark.parametrize("policy", ["stop", "drain"])
+def test_later_replicas_are_checked_and_weight_changes_follow_the_policy(policy):
+  from student_trainer.sources.remote_metrics import StreamStats
+  from student_trainer.sources.remote_stream import Lane, StreamCore
+  cfg = RemoteTeacherConfig(on_weights_change=policy)
+  core = StreamCore(cfg, fake_requirements(seq_len=16, tokenizer_fingerprint="tok"), lambda t: t, StreamStats())
+  lanes = [Lane(core, None, f"lane{i}") for i in range(4)]
+  core.lanes.extend(lanes)
+  assert core.accept(lanes[0], info_response(replica_id="a")) == []
+  assert "vocabulary" in core.accept(lanes[1], info_response(replica_id="b", vocab_size=512))[0]
+  assert "tokenizer" in core.accept(lanes[1], info_response(replica_id="b", tokenizer_fingerprint="other"))[0]
+  assert core.accept(lanes[1], info_response(replica_id="b")) == [] and lanes[1].replica_id == "b"
+  lanes[1].ready = True
+  problems = core.accept(lanes[2], info_response(replica_id="c", weights_fingerprint="w2"))
+  if policy == "stop":
+    assert problems and isinstance(core.fatal, RemoteTeacherError) and "replica c" in str(core.fatal)
+    return
+  assert problems == [] and core.fatal is None and core.info.weights_fingerprint == "w2"
+  assert lanes[1].draining and "retired" in lanes[1].drain_reason  # old weights: no new requests
+  assert "retired" in core.accept(lanes[3], info_response(replica_id="d"))[0]  # never back to the old ones
+  assert core.stats.totals["weight_changes"] == 1

@@ -298,6 +298,10 @@ class StreamCore:
     if info.tokenizer_fingerprint != self.info.tokenizer_fingerprint:
       return [f"tokenizer {info.tokenizer_fingerprint[:16]}... differs from the other replicas' "
               f"{self.info.tokenizer_fingerprint[:16]}..."]
+    if (info.vocab_size, info.num_layers, info.hidden_size) != \
+        (self.info.vocab_size, self.info.num_layers, self.info.hidden_size):
+      return [f"vocabulary/layers/width {info.vocab_size}/{info.num_layers}/{info.hidden_size} differ from the "
+              f"other replicas' {self.info.vocab_size}/{self.info.num_layers}/{self.info.hidden_size}"]
     problems = replica_problems(info, self.plan, self.need)
     if not problems:
       lane.replica_id, lane.weights = info.replica_id, info.weights_fingerprint
