@@ -11,7 +11,9 @@ import threading
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_utils import REPO, fake_config
 
 from distill_core.data import Batch
@@ -78,15 +80,20 @@ def fake_requirements(**changes) -> Requirements:
 
 
 class TeacherProcess:
-  """``python -m teacher_server`` on a given loopback port (one CPU device), logs to a file."""
+  """``python -m teacher_server`` on a given loopback port (one CPU device), logs to a file.
 
-  def __init__(self, port: int, overrides: list[str], log_path: Path):
+  With `fake` (arguments of tests/fake_teacher.py, e.g. ``["--delay-s", "8"]``) the process
+  serves the fake engine instead, hung or corrupting as those arguments say.
+  """
+
+  def __init__(self, port: int, overrides: list[str], log_path: Path, *, fake: list[str] | None = None):
     self.port = port
     self.address = f"127.0.0.1:{port}"
     self.log_path = log_path
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
                PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "teacher_server", f"address={self.address}", "log_format=json", *overrides]
+    program = ["-m", "teacher_server"] if fake is None else [str(REPO / "tests" / "fake_teacher.py"), *fake]
+    args = [sys.executable, *program, f"address={self.address}", "log_format=json", *overrides]
     self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
     self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 

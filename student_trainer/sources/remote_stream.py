@@ -123,6 +123,7 @@ class Lane:
     self.connections = 0
     self.drain_reason = ""
     self.rotating = False  # drained because of its age (stream_max_age_s), not a failure
+    self.answers = 0  # answers received on the current connection
     self.last_error = "not connected yet"
     self._outbox: asyncio.Queue | None = None
     self._call = None
@@ -134,9 +135,9 @@ class Lane:
     while self.core.fatal is None:
       self.replica_id = self.weights = ""
       broke_after_serving = False
+      self.answers = 0
       try:
         await self._connect()
-        failures = 0
         broke_after_serving = True
         await self._serve()
       except _Broken as e:
@@ -159,6 +160,8 @@ class Lane:
         self._down(broke_after_serving)
       if self.core.fatal is not None:
         return
+      if self.answers:  # progress is an answer, not a connection: a hung replica keeps backing off
+        failures = 0
       cap = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** failures)
       failures += 1
       delay = cap * (0.5 + 0.5 * random.random())  # jitter: replicas do not reconnect in lockstep
@@ -199,6 +202,7 @@ class Lane:
     self.rotating = False
     try:
       async for resp in self._call:
+        self.answers += 1
         self.core.on_response(self, resp)
         if self.draining and not self.inflight:
           raise _Broken(self.drain_reason or "the replica is shutting down")
@@ -258,7 +262,10 @@ class StreamCore:
     self.fatal: BaseException | None = None
     self.closing = False
     self.first_contact = threading.Event()  # a replica was accepted, or a fatal error
-    self.last_progress = time.monotonic()  # read by the train loop: last answer / reconnect / start of work
+    # Read by the train loop: the last answer, or the start of work after an idle spell. Never a
+    # (re)connect: a replica whose engine hangs still answers health and GetInfo, so counting
+    # connections as progress would keep the fallback policy's timeout from ever expiring.
+    self.last_progress = time.monotonic()
     self._pending: list[tuple[tuple[int, int, int], _Chunk]] = []  # heap by (priority, seq, index)
     self._unplanned: list[Item] = []
     self._active: set[Item] = set()
@@ -358,8 +365,7 @@ class StreamCore:
     if lane.connections > 1 and not lane.rotating:
       self.stats.count("reconnects")
       log.warning("teacher %s: reconnected", lane.name)
-    self.last_progress = time.monotonic()
-    self._dispatch()
+    self._dispatch()  # not progress: a replica whose engine hangs still connects (see last_progress)
 
   def fail(self, error: BaseException) -> None:
     if self.fatal is None:
