@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from distill_core.config import ConfigError, describe, load_config
+from distill_core.logs import setup_logging
 from student_trainer.config import TrainConfig
 
 
@@ -30,8 +30,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> int:
   args, _ = parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                      force=True)  # orbax configures the root logger at import
+  setup_logging(args.log_level)
   try:
     cfg = load_config(TrainConfig, args.config, args.overrides)
   except ConfigError as e:

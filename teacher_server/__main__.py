@@ -39,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   import uvloop  # noqa: PLC0415 - only the process entry point picks the event loop
 
-  from teacher_server.logs import setup_logging
+  from distill_core.logs import setup_logging
   from teacher_server.server import serve
-  setup_logging(cfg.log_format, cfg.log_level)
+  setup_logging(cfg.log_level, fmt=cfg.log_format)
   with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
     return runner.run(serve(cfg))
 
