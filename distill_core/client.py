@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
-from distill_core.targets import TeacherTargets
+from distill_core.targets import TeacherTargets, check_values
 from distill_core.wire import OutputSpec
 
 __all__ = ["OutputSpec", "TeacherClient", "TeacherError", "TeacherStream"]
@@ -184,15 +184,25 @@ class TeacherClient:
 
   async def forward(self, tokens: np.ndarray, spec: OutputSpec, segment_ids: np.ndarray | None = None,
                     positions: np.ndarray | None = None, *, example_ids: np.ndarray | None = None,
-                    request_id: int | None = None, timeout: float | None = None) -> TeacherTargets:
-    """One unary request; returns numpy ``TeacherTargets`` (``example_ids`` [B]: required with samples)."""
+                    request_id: int | None = None, timeout: float | None = None,
+                    vocab_size: int | None = None) -> TeacherTargets:
+    """One unary request; returns numpy ``TeacherTargets`` (``example_ids`` [B]: required with samples).
+
+    The answer's values are checked (``targets.check_values``): the temperatures are the requested
+    ones, every first value is 0, and, given ``vocab_size``, every id lies in the vocabulary; a
+    failed check raises ``TeacherError(DATA_LOSS)`` naming the field.
+    """
     rid = self.next_request_id() if request_id is None else request_id
     req = wire.make_request(rid, tokens, spec, segment_ids, positions, example_ids)
     try:
       resp = await self.stub.Forward(req, metadata=self.metadata, timeout=timeout)
     except grpc.aio.AioRpcError as e:
       raise TeacherError.from_rpc(e, rid) from None
-    return wire.response_to_targets(resp)
+    targets = wire.response_to_targets(resp)
+    try:
+      return check_values(targets, vocab_size=vocab_size, temperatures=spec.temperatures)
+    except ValueError as e:
+      raise TeacherError(grpc.StatusCode.DATA_LOSS, f"malformed answer: {e}", request_id=rid) from None
 
   async def list_parameters(self, name_regex: str, timeout: float | None = None
                             ) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:

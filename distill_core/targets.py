@@ -226,6 +226,38 @@ class TeacherTargets:
     return int(hits[0])
 
 
+def check_values(targets: TeacherTargets, *, vocab_size: int | None = None,
+                 temperatures: Sequence[float] | None = None) -> TeacherTargets:
+  """Checks the values of a teacher's answer (host arrays), beyond `validate`'s shapes; returns it.
+
+  * every top-k id is in [0, vocab_size) (an id outside makes the loss read past the logits);
+  * the temperatures are the ones asked for (each logsumexp column belongs to one);
+  * the first top-k value of every position is exactly 0 (values are shifted by the row max).
+
+  Raises:
+    ValueError: naming the field and the first offending position.
+  """
+  ids = np.asarray(targets.topk_ids)
+  if vocab_size is not None and ids.size:
+    bad = (ids < 0) | (ids >= vocab_size)
+    if bad.any():
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(f"topk_ids: id {int(ids[where])} at {list(where)} is outside the vocabulary "
+                       f"[0, {vocab_size}) ({int(bad.sum())} such ids)")
+  if temperatures is not None:
+    want = np.asarray(temperatures, np.float32).reshape(-1)
+    got = np.asarray(targets.temperatures, np.float32).reshape(-1)
+    if want.shape != got.shape or not np.array_equal(want, got):
+      raise ValueError(f"temperatures: the answer is for {got.tolist()}, the request asked for {want.tolist()}")
+  first = np.asarray(targets.topk_logits[..., 0], np.float32)
+  off = first != 0.0  # NaN included
+  if off.any():
+    where = tuple(int(i) for i in np.argwhere(off)[0])
+    raise ValueError(f"topk_logits: the first value at {list(where)} is {float(first[where])}, not 0 (values "
+                     f"are shifted by the row max; {int(off.sum())} such positions)")
+  return targets
+
+
 def _check(value: Array, field: str, ndim: int, dtypes: tuple[np.dtype, ...]) -> None:
   if value is None or not hasattr(value, "shape") or not hasattr(value, "dtype"):
     raise ValueError(f"{field}: expected an array, got {type(value).__name__}")

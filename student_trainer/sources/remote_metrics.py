@@ -15,6 +15,7 @@ point, which the trainer merges as `teacher/<name>`:
 | `weight_changes_total` | replicas seen with other teacher weights than the run's (`on_weights_change`) |
 | `discarded_answers_total` | answers from retired weights, asked again from the current ones (`drain`) |
 | `rotations_total` | streams reconnected after `stream_max_age_s` to spread over the replicas |
+| `malformed_total` | answers refused by the client's checks (shapes, ids outside the vocabulary, temperatures, first value 0); retried like engine failures |
 | `stall_warnings_total` | warnings of the `wait` policy (teacher silent for `timeout_s`) |
 | `received_mb_total`, `received_mb_per_s` | answer bytes (the rate over the log interval) |
 | `window_occupancy` | mean share of the submitted batches whose answers were already in when `next()` asked |
@@ -33,7 +34,7 @@ class StreamStats:
   """Counters and latencies, written on the loop thread and read by `metrics()` (locked)."""
 
   _TOTALS = ("requests", "retries", "failovers", "reconnects", "fallbacks", "peer_fallbacks", "weight_changes",
-             "discarded_answers", "rotations", "stall_warnings", "bytes")
+             "discarded_answers", "rotations", "stall_warnings", "malformed", "bytes")
 
   def __init__(self):
     self._lock = threading.Lock()

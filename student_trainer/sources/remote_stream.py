@@ -45,7 +45,7 @@ from distill_core import wire
 from distill_core.client import TeacherClient, TeacherError
 from distill_core.data import Batch
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import TeacherTargets, concat
+from distill_core.targets import TeacherTargets, check_values, concat
 from student_trainer.sources.remote_checks import RequestPlan, Requirements, TeacherMismatch, plan_requests, \
     replica_problems
 from student_trainer.sources.remote_metrics import StreamStats
@@ -471,7 +471,9 @@ class StreamCore:
       names = plan.names(chunk.item.states)
       targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1],
                        k=plan.k, n_temps=1, state_names=names, state_layers=plan.layers if names else ())
-    except ValueError as e:  # a malformed answer: treat like an engine failure
+      check_values(targets, vocab_size=self.need.vocab_size, temperatures=(chunk.item.temperature,))
+    except ValueError as e:  # a malformed answer: treat like an engine failure (never trained on)
+      self.stats.count("malformed")
       self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")
       return
     self.loop.call_soon_threadsafe(self._decoded, chunk, targets, weights)
