@@ -4,8 +4,10 @@ One checkpoint holds, per step: `state` (model + optimizer, sharded arrays,
 each process writing its own shards), `data` (every process's data-iterator
 state at the first batch not yet trained on, one file per process:
 `process_<i>-of-<n>.json`, written by grain's Orbax handler) and `meta` (step,
-teacher-stream cursor, model config; written by process 0). Resuming restores
-all three, so the data order and the teacher stream continue exactly.
+teacher-stream cursor, model config, the whole run config; written by process 0).
+Resuming restores all three, so the data order and the teacher stream continue
+exactly; the saved config is compared with the current one first
+(`config_changes`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import logging
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import grain.checkpoint as grain_ckpt
 import jax
@@ -53,7 +55,7 @@ class Checkpointer:
     return out["state"], out["data"].value, out["meta"]
 
   def restore_meta(self, step: int) -> dict:
-    """Only the `meta` item of a checkpoint (no arrays read)."""
+    """Only the `meta` item of a checkpoint (no arrays read): step, teacher cursor, run config."""
     return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
   def wait(self) -> None:
@@ -80,6 +82,77 @@ class _Position:
     """Called by the handler after a restore; the trainer's iterator starts itself."""
 
 
+# Fields that never change what is trained (where output goes, how often, how it is read or
+# served, which devices): they may differ on resume. `steps` may grow (checked apart).
+OPERATIONAL_FIELDS = ("run_dir", "steps", "export_hf", "checkpoint", "logging", "eval", "mesh",
+                      "data.read_threads", "data.prefetch_buffer_size", "data.verify_shards",
+                      "data.eval_batch_size", "teacher.remote")
+_KEEP_REMOTE = ("teacher.remote.state_dtype",)  # the one remote option that changes the targets
+
+
+class ConfigChanged(ValueError):
+  """A resume whose config differs from the checkpoint's in fields that change the run."""
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping) and value:
+      yield from _flatten(value, name + ".")
+    else:
+      yield name, value
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+  return any(p == "*" or name == p or name.startswith(p + ".") for p in patterns)
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], *, saved_step: int,
+                   allow: Sequence[str] = ()) -> list[str]:
+  """`field: old -> new` for every changed field that changes the run and is not in `allow`.
+
+  Both configs are `TrainConfig.model_dump(mode="json")` dicts. `steps` may grow, but not fall
+  to or below the checkpoint's step.
+  """
+  old, new = dict(_flatten(saved)), dict(_flatten(current))
+  out = []
+  for name in sorted(old.keys() | new.keys()):
+    a, b = old.get(name, "<absent>"), new.get(name, "<absent>")
+    if a == b or _matches(name, allow):
+      continue
+    if name == "steps":
+      if isinstance(b, int) and b <= saved_step:
+        out.append(f"steps: {a} -> {b} (the checkpoint is at step {saved_step}; set steps above it)")
+      continue
+    if _matches(name, OPERATIONAL_FIELDS) and not _matches(name, _KEEP_REMOTE):
+      continue
+    out.append(f"{name}: {_short(a)} -> {_short(b)}")
+  return out
+
+
+def _short(value: Any, limit: int = 80) -> str:
+  text = repr(value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def check_resume_config(saved: Mapping[str, Any] | None, current: Mapping[str, Any], *, saved_step: int,
+                        allow: Sequence[str], where: str) -> None:
+  """Raises ConfigChanged naming every field whose change the user did not allow."""
+  if saved is None:
+    log.warning("%s holds no run config (an older checkpoint): resuming without comparing configs", where)
+    return
+  changes = config_changes(saved, current, saved_step=saved_step, allow=allow)
+  if changes:
+    names = ", ".join(c.split(":", 1)[0] for c in changes if not c.startswith("steps:"))
+    hint = f"pass checkpoint.allow_changes=[{names}] to accept them, " if names else ""
+    raise ConfigChanged(
+        f"{where} was written by another run config; resuming would silently change the run:\n  "
+        + "\n  ".join(changes) + f"\n{hint}or set checkpoint.resume=false (or another run_dir) to start over")
+  if current.get("steps") != saved.get("steps"):
+    log.info("steps changed from %s to %s since the checkpoint (a decay that follows run.steps now spans the "
+             "new length)", saved.get("steps"), current.get("steps"))
+
+
 class PreemptionFlag:
   """Turns SIGTERM (and SIGINT) into a stop the train loop checks at step boundaries.
 
@@ -88,6 +161,11 @@ class PreemptionFlag:
   and `reached(step)` is true on every process at the same step, so they all
   checkpoint that step and stop together. One process alone polls a flag set
   by its signal handlers.
+
+  `event` is also handed to the teacher source, so a step blocked waiting for its teacher
+  stops waiting at once (`sources.base.Interrupted`): the loop then checkpoints what is
+  trained and exits; the abandoned step runs again after the resume (one process; with
+  several, a process's wait ends when its own event is set).
   """
 
   def __init__(self, signals=(signal.SIGTERM, signal.SIGINT)):
@@ -102,8 +180,13 @@ class PreemptionFlag:
 
   def _handle(self, signum, frame) -> None:
     del frame
-    log.warning("received %s: will checkpoint and stop after the current step", signal.Signals(signum).name)
+    log.warning("received %s: checkpointing what is trained and stopping (a step still waiting for its "
+                "teacher is abandoned and runs again on resume)", signal.Signals(signum).name)
     self._event.set()
+
+  @property
+  def event(self) -> threading.Event:
+    return self._event
 
   def set(self) -> None:
     self._event.set()

@@ -16,6 +16,10 @@ from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig
 
+# What `python -m student_trainer` with no arguments trains on (prepared on first use).
+DEFAULT_DATA_PATH = "data/stdlib_tiny"
+DEFAULT_PREPARE_CONFIG = "configs/prepare_tiny.yaml"
+
 
 class OptimConfig(ConfigBase):
   """AdamW with linear warmup and cosine decay, global-norm clipping."""
@@ -30,6 +34,10 @@ class OptimConfig(ConfigBase):
   eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
   clip_norm: float | None = Field(1.0, gt=0, description="Global gradient-norm clip; None disables.")
   grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step (data.batch_size must divide).")
+  on_nonfinite: Literal["skip", "stop"] = Field(
+      "skip", description="A step whose loss or gradient is not finite never updates the model: 'skip' "
+      "drops that batch (counted in train/nonfinite_steps, warned), 'stop' checkpoints what is trained "
+      "and ends the run with an error naming the step.")
 
 
 class LocalTeacherConfig(ConfigBase):
@@ -161,7 +169,8 @@ class TeacherConfig(ConfigBase):
       "shards (teacher.offline); 'cached': remote, with every answer kept in teacher.cached.path and cached "
       "example ids read from disk.")
   value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
-      "float16", description="dtype of the top-k logit values (f16 recommended, see DESIGN 'Precision').")
+      "float16", description="dtype of the top-k logit values (f16 recommended: docs/losses.md, "
+      "'The teacher-target contract').")
   local: LocalTeacherConfig = Field(default_factory=LocalTeacherConfig, description="Options of the local source.")
   remote: RemoteTeacherConfig = Field(default_factory=RemoteTeacherConfig,
                                       description="Options of the remote source (and of cached).")
@@ -179,6 +188,10 @@ class CheckpointConfig(ConfigBase):
   keep: int = Field(3, ge=1, description="Keep the last N checkpoints.")
   resume: bool = Field(True, description="Resume from the latest checkpoint in the directory, if any.")
   async_save: bool = Field(True, description="Write checkpoints in the background.")
+  allow_changes: list[str] = Field(
+      default_factory=list, description="Config fields (dotted names or prefixes such as optim, or '*') "
+      "allowed to differ from the checkpoint's on resume; any other change is refused, naming the field. "
+      "steps may always grow.")
 
 
 class EvalConfig(ConfigBase):
@@ -194,7 +207,10 @@ class LoggingConfig(ConfigBase):
   every_steps: int = Field(10, ge=1, description="Write metrics every N steps.")
   jsonl: bool = Field(True, description="Append metrics to <run_dir>/metrics.jsonl.")
   tensorboard: bool = Field(True, description="Write TensorBoard event files to <run_dir>/tensorboard.")
-  progress: bool = Field(True, description="Show a progress bar (off automatically when not a terminal).")
+  progress: bool = Field(True, description="Show a progress bar (timestamped log lines instead when "
+                         "stderr is not a terminal).")
+  example_ids: bool = Field(False, description="Append each trained step's example ids to "
+                            "<run_dir>/example_ids.jsonl (a debug log on disk, for auditing the data order).")
 
 
 class TrainConfig(ConfigBase):
@@ -206,7 +222,9 @@ class TrainConfig(ConfigBase):
   model: Annotated[ModelConfig, ModelConfigOrPreset] = Field(
       "tiny", description="Student architecture (preset name or mapping).", validate_default=True)
   init_hf_checkpoint: str | None = Field(None, description="Start the student from this HF checkpoint.")
-  data: DataConfig = Field(..., description="Training data pipeline.")
+  data: DataConfig = Field(default_factory=lambda: DataConfig(path=DEFAULT_DATA_PATH), description=(
+      f"Training data pipeline. The default path {DEFAULT_DATA_PATH} is prepared on first use from "
+      f"{DEFAULT_PREPARE_CONFIG} (the standard library, vocabulary 384, fits the default tiny model)."))
   teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher targets.")
   loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms and their weights.")
   optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")

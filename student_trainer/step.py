@@ -116,11 +116,15 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phas
 
   A `blockwise` step needs targets with `attn_in` and `attn_out` states (use the `kd` step
   for a batch without an answer).
+
+  `metrics["finite"]` is False when the loss or the gradient norm is not finite; the returned
+  params are then the input params, unchanged (the step is skipped on the device).
   """
   loss_fn = objective(cfg, phase)
   accum = cfg.optim.grad_accum
 
   def train_step(params, batch: Batch, targets: TeacherTargets | None, hyper):
+    before = jax.tree.map(lambda x: x, params)  # the values, apart from the Variables merge shares
     model, optimizer = nnx.merge(graphdef, params)
     # The optimizer's `wrt` (nnx.Param, or the parameters learn-to-init trains): the rest gets no gradient.
     model_def, trainable, rest = nnx.split(model, optimizer.wrt, ...)
@@ -143,13 +147,18 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phas
       zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (shapes[1], shapes[0][1]))
       (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(accum))
     kept = None if loss_fn.frozen is None else jax.tree.map(lambda x: x, nnx.state(model, loss_fn.frozen))
+    grad_norm = optax.global_norm(grads)
     optimizer.update(model, grads)
     if kept is not None:
       nnx.update(model, kept)
-    metrics = dict(sums, grad_norm=optax.global_norm(grads))
+    # A non-finite loss or gradient (a bad teacher answer, a diverging student) must never reach
+    # the parameters: the step keeps the old model and optimizer state (moments, step counter).
+    finite = jnp.isfinite(sums["total_loss_sum"]) & jnp.isfinite(grad_norm)
+    new_params = jax.tree.map(lambda new, old: jnp.where(finite, new, old), nnx.state((model, optimizer)), before)
+    metrics = dict(sums, grad_norm=grad_norm, finite=finite)
     if targets is not None:  # the schedules only matter when there is a teacher
       metrics.update({name: jnp.asarray(value) for name, value in hyper.items()})
-    return nnx.state((model, optimizer)), metrics
+    return new_params, metrics
 
   out = None if shardings is None else (shardings, None)  # None: metrics placed as XLA likes
   return jax.jit(train_step, donate_argnums=0, out_shardings=out)

@@ -7,41 +7,55 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 
-from distill_core.data import Batch, BatchIterator, load_manifest, make_eval_iterator, make_iterator
+from distill_core.data import Batch, BatchIterator, make_eval_iterator, make_iterator
 from distill_core.sharding import make_mesh, rules_table, shard_batch
 from student_trainer import distributed
 from student_trainer import step as step_lib
 from student_trainer.blockwise import keep_states, state_names_at
-from student_trainer.checkpoint import Checkpointer, PreemptionFlag
+from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
 from student_trainer.collapse import save_collapsed
 from student_trainer.config import TrainConfig
 from student_trainer.lti.build import check_restored
-from student_trainer.metrics import MetricsWriter, ProgressDisplay
+from student_trainer.metrics import (DeviceClock, ExampleIdLog, MetricsWriter, ProgressDisplay, StepWindow,
+                                     read_example_ids, token_means)
+from student_trainer.preflight import RunError, preflight
 from student_trainer.sources import make_source
-from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.state import TrainState, create_train_state, export_student
 
 log = logging.getLogger(__name__)
 
 
+class NonFiniteStep(RunError):
+  """A step's loss or gradient was not finite and `optim.on_nonfinite` is 'stop'."""
+
+
 @dataclasses.dataclass
 class TrainResult:
-  """What a run did (also returned to tests and benchmarks)."""
+  """What a run did (also returned to tests and benchmarks).
+
+  The run keeps no per-step history in memory; with `logging.example_ids` the trained example
+  ids are in `<run_dir>/example_ids.jsonl` (read them with `trained_example_ids`).
+  """
 
   step: int
   preempted: bool
   last_metrics: dict[str, float]
-  trained_example_ids: list[list[int]]
   run_dir: Path
   state: TrainState | None = None
   compilations: dict[str, int] = dataclasses.field(default_factory=dict)  # train-step programs per objective
+
+  @property
+  def trained_example_ids(self) -> list[list[int]]:
+    """Example ids of every trained step of this run directory, in step order (from the debug log)."""
+    return read_example_ids(self.run_dir)
 
 
 class _Feeder:
@@ -49,7 +63,9 @@ class _Feeder:
 
   Each queued batch carries the data-iterator state from just before it was
   drawn, so a checkpoint can record the position of the first untrained batch
-  even though later batches were already read and sent to the teacher.
+  even though later batches were already read and sent to the teacher. A batch
+  leaves the queue only once it is trained (`trained`), so a step abandoned
+  while waiting for its teacher is the first batch of the next run.
   """
 
   def __init__(self, data: BatchIterator, source: TeacherSource, cfg: TrainConfig, first_step: int):
@@ -66,52 +82,76 @@ class _Feeder:
       self._queue.append((self._next_step, batch, state_before))
       self._next_step += 1
 
-  def pop(self, step: int) -> Batch:
-    """The batch of `step`, after topping up the submissions ahead of it."""
+  def peek(self, step: int) -> Batch:
+    """The batch of `step`, after topping up the submissions ahead of it (stays queued)."""
     self._fill(min(step + max(self._source.lookahead, 0), self._cfg.steps - 1))
-    queued_step, batch, _ = self._queue.popleft()
+    queued_step, batch, _ = self._queue[0]
     assert queued_step == step, (queued_step, step)
     return batch
+
+  def trained(self, step: int) -> None:
+    queued_step, _, _ = self._queue.popleft()
+    assert queued_step == step, (queued_step, step)
 
   def position(self) -> dict:
     """Data state at the first batch not yet trained on."""
     return self._queue[0][2] if self._queue else self._data.get_state()
 
 
-def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = False) -> TrainResult:
-  """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM).
+class _FallbackStep:
+  """The train step of a batch without teacher targets, compiled before it is needed.
 
-  With several processes (`jax.distributed`), every process calls this with the
-  same config; see `student_trainer/distributed.py` for what they agree on.
+  A batch with no answer (a fallback) is another pytree, hence another program:
+  compiling it when the teacher goes down would stall training at the worst
+  moment, so for every source that may fall back (all but `none` and `local`)
+  it is compiled ahead, at the first batch.
   """
-  distributed.initialize(cfg.distributed)
+
+  def __init__(self, programs: step_lib.Programs, cfg: TrainConfig):
+    self._programs = programs
+    self._compiled = None
+    self._ahead = cfg.teacher.source not in ("none", "local")  # local always answers
+
+  def prepare(self, params, batch, hyper) -> None:
+    if self._ahead and self._compiled is None:
+      self._compiled = self._programs.train("kd").lower(params, batch, None, hyper).compile()
+
+  def __call__(self, params, batch, hyper):
+    fn = self._compiled or self._programs.train("kd")
+    return fn(params, batch, None, hyper)
+
+
+def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = False) -> TrainResult:
+  """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM/SIGINT).
+
+  Raises:
+    RunError: a problem found before training (naming the file or option), a changed config on
+      resume (`checkpoint.ConfigChanged`), or a non-finite step with `optim.on_nonfinite=stop`.
+  """
+  maybe_initialize_distributed()
+  preflight(cfg)
   run_dir = Path(cfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
   mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
-  manifest = load_manifest(cfg.data.path)
-  if manifest.vocab_size > cfg.model.real_vocab_size:
-    raise ValueError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the "
-                     f"student's ({cfg.model.real_vocab_size})")
-  with distributed.PeerWatch(cfg.distributed):  # a failure here ends every process
-    distributed.align("distill-setup", cfg.distributed.initialization_timeout_s)
-    return _run(cfg, run_dir, mesh, rules, stop_after=stop_after, keep_state=keep_state)
+  preempt = PreemptionFlag()  # before the source connects: a signal while it waits is not lost
 
-
-def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None, keep_state: bool) -> TrainResult:
   with contextlib.ExitStack() as stack:  # closes whatever was opened, also when setup fails
-    state = create_train_state(cfg, mesh, rules)
-    distributed.align("distill-state", cfg.distributed.initialization_timeout_s)  # before Orbax's collectives
+    stack.callback(preempt.restore_handlers)
     ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
                         async_save=cfg.checkpoint.async_save)
     stack.callback(ckpt.close)
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:  # before anything connects or compiles
+      meta = ckpt.restore_meta(latest)
+      check_resume_config(meta.get("config"), cfg.model_dump(mode="json"), saved_step=int(meta["step"]),
+                          allow=cfg.checkpoint.allow_changes, where=f"checkpoint {ckpt.directory / str(latest)}")
+    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    state = create_train_state(cfg, mesh, rules)
     data = make_iterator(cfg.data, "train", shard_index=jax.process_index(), shard_count=jax.process_count())
     stack.callback(data.close)
-    source = make_source(cfg, mesh, rules)
+    source = make_source(cfg, mesh, rules, interrupt=preempt.event)
     stack.callback(source.close)
     start = 0
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
     if latest is not None:
       restored, data_state, meta = ckpt.restore(latest, state.abstract())
       check_restored(meta.get("lti"), state.lti, f"checkpoint {ckpt.directory} step {latest}")
@@ -120,62 +160,95 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
       start = int(meta["step"])
       source.restore(meta.get("teacher", {}))
       log.info("resumed from step %d (%s)", start, ckpt.directory)
+    note = shared_cores_note(cfg)
+    if note:
+      log.info("%s", note)
 
     programs = step_lib.Programs(state.graphdef, cfg, state.shardings)
-    writer = None
+    fallback_step = _FallbackStep(programs, cfg)
+    writer = ids_log = None
     if jax.process_index() == 0:
       writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
       stack.callback(writer.close)
+      if cfg.logging.example_ids:
+        ids_log = ExampleIdLog(run_dir)
+        stack.callback(ids_log.close)
     progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
     stack.callback(progress.close)
-    preempt = PreemptionFlag()
-    stack.callback(preempt.restore_handlers)
     feeder = _Feeder(data, source, cfg, start)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
-    trained_ids: list[list[int]] = []
     last: dict[str, float] = {}
-    window = _Window()
+    clock = DeviceClock()
+    stack.callback(clock.close)
+    window = StepWindow(clock)
     step = start
     saved = start if latest is not None else None  # the step the newest checkpoint holds
-    while step < end and not preempt.reached(step):
-      batch = feeder.pop(step)
-      t_wait = time.perf_counter()
-      targets = source.next()
-      if source.falls_back_per_process:
-        targets = distributed.agree_targets(targets, step)
-      targets = _trimmed(cfg, targets, step)
-      waited = time.perf_counter() - t_wait
-      hyper = step_lib.hyperparameters(cfg, step)
-      phase = programs.phase(step, targets)
-      state.params, metrics = programs.train(phase)(state.params, shard_batch(batch, mesh), targets, hyper)
-      if cfg.loss.ever_blockwise:
-        metrics = dict(metrics, blockwise=float(phase == "blockwise"))
-      trained_ids.append(np.asarray(batch.example_ids).tolist())
-      step += 1
-      window.add(metrics, tokens=batch.tokens.size, waited=waited,
-                 fallback=targets is None and cfg.teacher.source != "none")
-      if step % cfg.logging.every_steps == 0 or step == end:
-        local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
-        last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
-        if writer:
-          writer.write(step, last)
-        progress.update(step, last)
-      else:
-        progress.update(step)
-      if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
-        _evaluate(cfg, state, programs, source, mesh, writer, step)
-      if step % cfg.checkpoint.every_steps == 0 or preempt:
-        saved = _save(ckpt, step, state, feeder, source, cfg)
-    if step == cfg.steps:
-      last.update(_evaluate(cfg, state, programs, source, mesh, writer, step))
+    try:
+      while step < end and not preempt:
+        batch = feeder.peek(step)
+        hyper = step_lib.hyperparameters(cfg, step)
+        device_batch = shard_batch(batch, mesh)
+        fallback_step.prepare(state.params, device_batch, hyper)
+        waiting = time.perf_counter()
+        targets = _trimmed(cfg, source.next(), step)  # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained
+        wait = (waiting, time.perf_counter())
+        phase = programs.phase(step, targets)
+        if targets is None:
+          state.params, metrics = fallback_step(state.params, device_batch, hyper)
+        else:
+          state.params, metrics = programs.train(phase)(state.params, device_batch, targets, hyper)
+        if cfg.loss.ever_blockwise:
+          metrics = dict(metrics, blockwise=float(phase == "blockwise"))
+        if cfg.optim.on_nonfinite == "stop" and not bool(metrics["finite"]):  # a sync per step, only here
+          saved = _save(ckpt, step, state, feeder, source, cfg)
+          raise NonFiniteStep(f"step {step + 1}: the loss or gradient is not finite (example ids "
+                              f"{np.asarray(batch.example_ids)[:4].tolist()}...); the model is unchanged and "
+                              f"checkpointed at step {step} (optim.on_nonfinite=stop; 'skip' drops such steps)")
+        feeder.trained(step)
+        if ids_log:
+          ids_log.write(step, np.asarray(batch.example_ids).reshape(-1))
+        step += 1
+        window.add(step - 1, metrics, tokens=batch.tokens.size, wait=wait,
+                   fallback=targets is None and cfg.teacher.source != "none")
+        if step % cfg.logging.every_steps == 0 or step == end:
+          last = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+          if writer:
+            writer.write(step, last)
+          progress.update(step, last)
+        else:
+          progress.update(step)
+        if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and step < end:
+          _evaluate(cfg, state, programs, source, mesh, writer, step)
+        if step % cfg.checkpoint.every_steps == 0 or preempt:
+          saved = _save(ckpt, step, state, feeder, source, cfg)
+      if step == cfg.steps and not preempt:
+        last.update(_evaluate(cfg, state, programs, source, mesh, writer, step))
+    except Interrupted as e:
+      log.warning("%s: checkpointing the %d trained steps and stopping", e, step)
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
-    if step == cfg.steps and cfg.lti.enabled and cfg.lti.collapse_at_end:
-      save_collapsed(state, run_dir / "collapsed")  # Orbax: collective
-    if step == cfg.steps and cfg.export_hf:
+    if step == cfg.steps and not preempt and cfg.lti.enabled and cfg.lti.collapse_at_end and \
+        jax.process_index() == 0:
+      save_collapsed(state, run_dir / "collapsed")
+    if step == cfg.steps and not preempt and cfg.export_hf and jax.process_index() == 0:
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
-  return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, trained_example_ids=trained_ids,
-                     run_dir=run_dir, state=state if keep_state else None, compilations=programs.compilations())
+  return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, run_dir=run_dir,
+                     state=state if keep_state else None, compilations=programs.compilations())
+
+
+def shared_cores_note(cfg: TrainConfig) -> str | None:
+  """One line saying that teacher and student share this machine's cores, when they do."""
+  if cfg.teacher.source == "local":
+    return ("the teacher runs in this process: teacher and student share its devices, so perf/tokens_per_s "
+            "and perf/teacher_wait_fraction measure both together")
+  if cfg.teacher.source != "remote":
+    return None
+  hosts = [address.rpartition(":")[0].strip("[]") for address in cfg.teacher.remote.addresses]
+  if hosts and all(h == "localhost" or h == "::1" or h.startswith("127.") for h in hosts):
+    return (f"the teacher at {cfg.teacher.remote.address} is on this machine: teacher and student share its "
+            f"{os.cpu_count()} CPU cores (and devices), so perf/tokens_per_s and perf/teacher_wait_fraction "
+            "measure both together")
+  return None
 
 
 def _states_kwarg(cfg: TrainConfig, step: int) -> dict:
@@ -190,7 +263,8 @@ def _trimmed(cfg: TrainConfig, targets, step: int):
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
           cfg: TrainConfig) -> int:
-  meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump()}
+  meta = {"step": step, "teacher": source.state(), "model": cfg.model.model_dump(),
+          "config": cfg.model_dump(mode="json")}
   if state.lti is not None:
     meta["lti"] = state.lti  # where the (unsaved) teacher kernels come from, and their fingerprint
   ckpt.save(step, state.saved(), feeder.position(), json.loads(json.dumps(meta)))
@@ -201,63 +275,17 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
               writer, step: int) -> dict[str, float]:
   it = make_eval_iterator(cfg.data, shard_index=jax.process_index(), shard_count=jax.process_count())
   temperature = cfg.loss.temperature.value(step)
-  sums: collections.Counter = collections.Counter()
+  rows = []
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = source.compute(batch, temperature, **_states_kwarg(cfg, step))
-      if source.falls_back_per_process:
-        targets = distributed.agree_targets(targets, step)
-      targets = _trimmed(cfg, targets, step)
+      targets = _trimmed(cfg, source.compute(batch, temperature, **_states_kwarg(cfg, step)), step)
       eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
-      sums.update({k: float(v) for k, v in jax.device_get(out).items()})
+      rows.append(jax.device_get(out))
   finally:
     it.close()
-  tokens = max(sums.pop("tokens", 0.0), 1.0)
-  metrics = {f"eval/{name.removesuffix('_sum')}": value / tokens for name, value in sums.items()}
+  metrics = token_means(rows, "eval/")
   if writer:
     writer.write(step, metrics)
   log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
   return metrics
-
-
-class _Window:
-  """Accumulates step metrics between log points (token-weighted losses, throughput, waits).
-
-  Throughput is wall time between log points after a device sync, so JAX's
-  asynchronous dispatch cannot make steps look faster than they are.
-  """
-
-  def __init__(self):
-    self.reset()
-
-  def reset(self) -> None:
-    self._pending: list[Any] = []
-    self._tokens = 0
-    self._waited = 0.0
-    self._fallbacks = 0
-    self._start = time.perf_counter()
-
-  def add(self, metrics, *, tokens: int, waited: float, fallback: bool) -> None:
-    self._pending.append(metrics)
-    self._tokens += tokens
-    self._waited += waited
-    self._fallbacks += int(fallback)
-
-  def flush(self) -> dict[str, float]:
-    host = jax.device_get(self._pending)  # one device sync per log interval
-    wall = max(time.perf_counter() - self._start, 1e-9)
-    sums: collections.Counter = collections.Counter()
-    for m in host:
-      sums.update({k: float(v) for k, v in m.items()})
-    tokens = max(sums.pop("tokens", 0.0), 1.0)
-    out = {f"train/{name.removesuffix('_sum')}": value / tokens for name, value in sums.items()
-           if name.endswith("_sum")}
-    out.update({f"train/{name}": value / len(host) for name, value in sums.items()
-                if not name.endswith("_sum")})
-    out["perf/tokens_per_s"] = self._tokens / wall
-    out["perf/teacher_wait_fraction"] = self._waited / wall
-    out["perf/step_time_s"] = wall / max(len(host), 1)
-    out["teacher/fallback_batches"] = float(self._fallbacks)
-    self.reset()
-    return out

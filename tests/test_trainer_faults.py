@@ -61,3 +61,90 @@ def test_hung_replica_process_with_default_backoff_falls_back(mesh, tmp_path):
   assert results == [None, None]
   assert metrics["fallbacks_total"] == 2 and metrics["requests_total"] == 0
   assert metrics["failovers_total"] >= 1  # the hung stream was dropped
+
+
+# -- answers are checked, non-finite steps never reach the parameters ------------------------------
+
+def test_check_values_names_the_field():
+  import numpy as np
+  from distill_core.targets import TeacherTargets, check_values
+  ids = np.array([[[3, 1]]], np.int32)
+  good = TeacherTargets(topk_ids=ids, topk_logits=np.array([[[0.0, -1.0]]], np.float16),
+                        logsumexp=np.array([[[0.5]]], np.float32), temperatures=[2.0])
+  assert check_values(good, vocab_size=4, temperatures=(2.0,)) is good
+  with pytest.raises(ValueError, match=r"topk_ids: id 3 at \[0, 0, 0\] is outside the vocabulary \[0, 3\)"):
+    check_values(good, vocab_size=3)
+  with pytest.raises(ValueError, match=r"temperatures: the answer is for \[2.0\], the request asked for \[1.0\]"):
+    check_values(good, temperatures=(1.0,))
+  shifted = good.replace(topk_logits=np.array([[[-0.25, -1.0]]], np.float16))
+  with pytest.raises(ValueError, match=r"topk_logits: the first value at \[0, 0\] is -0.25, not 0"):
+    check_values(shifted)
+  with pytest.raises(ValueError, match="first value at .* is nan"):
+    check_values(good.replace(topk_logits=np.array([[[np.nan, -1.0]]], np.float16)))
+
+
+def fake_teacher(tmp_path, *fake: str) -> TeacherProcess:
+  """A fake-engine teacher process matching the tiny student (vocabulary 384, 8x32 batches)."""
+  server = TeacherProcess(free_port(), [], tmp_path / "teacher.log",
+                          fake=["--vocab-size", "384", "--buckets", "8x32", *fake])
+  wait_serving(server)
+  return server
+
+
+def faults_cfg(dataset, run_dir, address, *overrides):
+  from distill_core.config import load_config
+  from student_trainer.config import TrainConfig
+  base = [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", "steps=3", "logging.every_steps=1",
+          "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1",
+          "checkpoint.async_save=false", "export_hf=false", "mesh.data=1", "loss.top_k=8", "loss.alpha=1.0",
+          "teacher.source=remote", f"teacher.remote.address={address}", "teacher.remote.window=2",
+          "teacher.remote.timeout_s=60", "teacher.remote.backoff_max_s=0.5"]
+  return load_config(TrainConfig, None, base + list(overrides))
+
+
+def test_out_of_range_ids_from_a_teacher_process_stop_the_run(tiny_dataset, tmp_path):
+  """The teacher process answers with an id outside the vocabulary (which would make the loss NaN):
+  every attempt is refused as malformed, and the run stops naming the field; nothing trained on it."""
+  from student_trainer.sources.remote_stream import RemoteTeacherError
+  from student_trainer.train import run
+  server = fake_teacher(tmp_path, "--corrupt", "ids")
+  try:
+    with pytest.raises(RemoteTeacherError, match=r"malformed answer: topk_ids: id 387 at \[0, 0, 1\] is outside "
+                                                 r"the vocabulary \[0, 384\)"):
+      run(faults_cfg(tiny_dataset, tmp_path / "run", server.address))
+  finally:
+    server.stop()
+  assert not (tmp_path / "run" / "metrics.jsonl").exists() or not any(
+      "train/kd_loss" in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+
+
+def test_nonfinite_loss_is_skipped_or_stops_and_never_reaches_the_parameters(tiny_dataset, tmp_path):
+  """Answers that pass the checks but make the loss non-finite (logsumexp -60): with `skip` every
+  step is dropped and counted and the student is exactly its initialisation; with `stop` the run
+  ends naming the step, with a checkpoint of the untouched model."""
+  import json
+
+  import numpy as np
+  from flax import nnx
+
+  from distill_core.sharding import make_mesh as mesh_of
+  from distill_core.sharding import rules_table
+  from student_trainer.state import create_train_state
+  from student_trainer.train import NonFiniteStep, run
+  server = fake_teacher(tmp_path, "--corrupt", "lse")
+  try:
+    cfg = faults_cfg(tiny_dataset, tmp_path / "skip", server.address)
+    result = run(cfg, keep_state=True)
+    with pytest.raises(NonFiniteStep, match="step 1: the loss or gradient is not finite"):
+      run(faults_cfg(tiny_dataset, tmp_path / "stop", server.address, "optim.on_nonfinite=stop"))
+  finally:
+    server.stop()
+  rows = [json.loads(line) for line in (tmp_path / "skip" / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train/nonfinite_steps" in r]
+  assert result.step == 3 and sum(r["train/nonfinite_steps"] for r in train_rows) == 3
+  fresh = create_train_state(cfg, mesh_of(cfg.mesh), rules_table(cfg.mesh))
+  for a, b in zip(jax.tree.leaves(nnx.state(result.state.model(), nnx.Param)),
+                  jax.tree.leaves(nnx.state(fresh.model(), nnx.Param)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert result.state.step == 0  # the optimizer never counted a step either
+  assert (tmp_path / "stop" / "checkpoints" / "0").is_dir()

@@ -24,8 +24,14 @@ def teacher_state_names(cfg: "TrainConfig") -> tuple[str, ...]:
   return state_names_needed(cfg.loss)
 
 
-def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
-  """The source `cfg.teacher.source` names."""
+def make_source(cfg: "TrainConfig", mesh: "Mesh", rules, *, interrupt=None) -> "TeacherSource":
+  """The source `cfg.teacher.source` names; `interrupt` (a threading.Event) stops its waits."""
+  source = _make_source(cfg, mesh, rules, interrupt)
+  source.interrupt = interrupt
+  return source
+
+
+def _make_source(cfg: "TrainConfig", mesh: "Mesh", rules, interrupt) -> "TeacherSource":
   kind = cfg.teacher.source
   if kind == "none":
     from student_trainer.sources.none import NoTeacher
@@ -48,7 +54,7 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
                         student_vocab_size=cfg.model.vocab_size, samples=cfg.loss.sampling)
   if kind == "remote":
     from student_trainer.sources.remote import RemoteTeacher
-    return RemoteTeacher.from_train_config(cfg, mesh)
+    return RemoteTeacher.from_train_config(cfg, mesh, interrupt=interrupt)
   if kind == "offline":
     import jax
     from student_trainer.sources.offline import OfflineTeacher
@@ -56,5 +62,7 @@ def make_source(cfg: "TrainConfig", mesh: "Mesh", rules) -> "TeacherSource":
   if kind == "cached":
     import jax
     from student_trainer.sources.cached import CachedTeacher
-    return CachedTeacher(cfg, mesh, process_index=jax.process_index())
+    source = CachedTeacher(cfg, mesh, process_index=jax.process_index())
+    source.remote.interrupt = interrupt  # its remote part is what may wait
+    return source
   raise ValueError(f"teacher.source: unknown source {kind!r}")

@@ -13,15 +13,24 @@ reads `attn_in` and `attn_out`, a later KD phase `attn_out` or nothing): a
 source that can fetch less should; None means every state it was built for.
 The train loop drops whatever states a step does not read, so a source may
 always return more.
+
+A source that may block (waiting for a remote teacher) watches `interrupt`, an
+event the trainer sets on SIGTERM/SIGINT, and raises `Interrupted` from
+`next`/`compute` once it is set, so a preempted run never hangs on a teacher.
 """
 
 from __future__ import annotations
 
 import abc
+import threading
 from typing import Any
 
 from distill_core.data import Batch
 from distill_core.targets import TeacherTargets
+
+
+class Interrupted(Exception):
+  """The run was asked to stop while a source waited; the batch it waited for stays untrained."""
 
 
 class TeacherSource(abc.ABC):
@@ -32,6 +41,8 @@ class TeacherSource(abc.ABC):
   #: True when `next` may return None (CE only) on one process and targets on another: with several
   #: processes the trainer then makes the batch CE-only on all of them (the step is one program).
   falls_back_per_process: bool = False
+  #: Set by the trainer on SIGTERM/SIGINT; a blocking `next`/`compute` then raises `Interrupted`.
+  interrupt: threading.Event | None = None
 
   @abc.abstractmethod
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:

@@ -35,7 +35,7 @@ from distill_core.client import TeacherClient
 from distill_core.data import Batch
 from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
-from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.sources.policy import FallbackPolicy, Overdue
 from student_trainer.sources.remote_checks import Requirements
 from student_trainer.sources.remote_metrics import StreamStats
@@ -71,12 +71,15 @@ class RemoteTeacher(TeacherSource):
     policy: what to do with overdue batches.
     place: host targets -> what `next` returns (default: placed on `mesh`; the cached source keeps
       them on the host to merge them with answers read from disk).
+    interrupt: an event (set on SIGTERM/SIGINT) that ends every wait with `Interrupted`.
   """
 
   def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
-               place: Callable[[TeacherTargets], TeacherTargets] | None = None):
+               place: Callable[[TeacherTargets], TeacherTargets] | None = None,
+               interrupt: threading.Event | None = None):
     self.cfg = cfg
     self.lookahead = cfg.window
+    self.interrupt = interrupt
     self._policy = policy
     self._mesh = mesh
     self._stats = StreamStats()
@@ -96,12 +99,23 @@ class RemoteTeacher(TeacherSource):
     self._thread = threading.Thread(target=self._run_loop, name="remote-teacher", daemon=True)
     self._thread.start()
     self._started.wait()
-    if self._thread.is_alive() and not self._core.first_contact.wait(cfg.timeout_s):
+    if self._thread.is_alive() and not self._wait_first_contact(cfg.timeout_s):
       log.warning("no teacher reachable at %s after %.0f s (%s); starting anyway, on_timeout=%s applies",
                   cfg.address, cfg.timeout_s, self._core.describe(), policy.name)
     if self._core.fatal is not None:
       self.close()
       self._raise_if_fatal()
+
+  def _wait_first_contact(self, timeout: float) -> bool:
+    """Waits for an accepted replica (or a fatal error); returns early, False, when interrupted."""
+    deadline = time.monotonic() + timeout
+    while not self._core.first_contact.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
+      if time.monotonic() >= deadline or self._interrupted():
+        return False
+    return True
+
+  def _interrupted(self) -> bool:
+    return self.interrupt is not None and self.interrupt.is_set()
 
   @classmethod
   def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
@@ -227,6 +241,9 @@ class RemoteTeacher(TeacherSource):
     warn_at = 0.0
     while not item.done.is_set():
       self._raise_if_fatal()
+      if self._interrupted():
+        raise Interrupted(f"stopped while waiting for the teacher's answer to batch {self._consumed} "
+                          f"(replicas: {self._core.describe()})")
       now = time.monotonic()
       stalled = now - self._core.last_progress
       if stalled < timeout:

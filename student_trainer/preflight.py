@@ -1,0 +1,83 @@
+"""Checks a run can start, before anything heavy happens: one clear message naming the file or option.
+
+Everything a run needs from disk is looked at here (the dataset and both of its
+splits, token and certificate files, checkpoints to load), so a mistake costs
+seconds, not a crash at the end of training with nothing saved. The default
+dataset (`data.path: data/stdlib_tiny`) is prepared on first use, so
+`python -m student_trainer` with no arguments runs.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from distill_core import records
+from distill_core.data import load_manifest, num_batches
+from student_trainer.config import DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, TrainConfig
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class RunError(ValueError):
+  """A run that cannot start (or go on) as configured; the message names the file or option."""
+
+
+def prepare_default_dataset(path: str | Path) -> None:
+  """Prepares the trainer's default dataset at `path` from configs/prepare_tiny.yaml."""
+  from distill_core.config import load_config
+  from distill_core.prepare import PrepareConfig, prepare
+  cfg = load_config(PrepareConfig, REPO / DEFAULT_PREPARE_CONFIG, [f"output_dir={path}"])
+  log.info("data.path %s does not exist: preparing the default dataset (%s: the standard library, "
+           "vocabulary %d); this takes a minute once", path, DEFAULT_PREPARE_CONFIG, cfg.vocab_size)
+  prepare(cfg, show_progress=False)
+
+
+def _need_file(option: str, value: str | None) -> None:
+  if value and not Path(value).exists():
+    raise RunError(f"{option}: {value} does not exist")
+
+
+def preflight(cfg: TrainConfig) -> records.Manifest:
+  """Raises RunError for every problem found before training; returns the dataset's manifest."""
+  data = Path(cfg.data.path)
+  if not (data / records.MANIFEST_NAME).is_file():
+    if cfg.data.path == DEFAULT_DATA_PATH and not data.exists():
+      prepare_default_dataset(data)
+    else:
+      raise RunError(f"data.path: {data} holds no prepared dataset (no {records.MANIFEST_NAME}); run "
+                     f"`python -m distill_core.prepare output_dir={data}` or point data.path at one")
+  try:
+    manifest = load_manifest(data)
+  except records.RecordError as e:
+    raise RunError(f"data.path: {e}") from None
+  if manifest.vocab_size > cfg.model.real_vocab_size:
+    raise RunError(f"data.path: tokenizer vocabulary ({manifest.vocab_size}) is larger than the student's "
+                   f"({cfg.model.real_vocab_size}); choose a model whose vocab_size covers it")
+  if manifest.seq_len > cfg.model.max_position_embeddings:
+    raise RunError(f"data.path: rows of {manifest.seq_len} tokens exceed the student's max_position_embeddings "
+                   f"({cfg.model.max_position_embeddings})")
+  for split in ("train", "eval"):
+    info = manifest.splits.get(split)
+    batches = num_batches(cfg.data, split) if info is not None else 0
+    if batches < 1:
+      examples = info.examples if info is not None else 0
+      what = "training" if split == "train" else "evaluation (the run evaluates at its end)"
+      raise RunError(f"data.path: the {split} split of {data} has {examples} examples, less than one "
+                     f"{split} batch, so {what} cannot run; prepare it with more files or a larger "
+                     f"eval_fraction, or lower data.{'batch_size' if split == 'train' else 'eval_batch_size'}")
+  _need_file("init_hf_checkpoint", cfg.init_hf_checkpoint)
+  if cfg.teacher.source == "local":
+    _need_file("teacher.local.hf_checkpoint", cfg.teacher.local.hf_checkpoint)
+    _need_file("teacher.local.orbax_checkpoint", cfg.teacher.local.orbax_checkpoint)
+  if cfg.teacher.source == "remote":
+    remote = cfg.teacher.remote
+    for option in ("token_file", "root_certificates", "client_cert", "client_key"):
+      value = getattr(remote, option)
+      if value and not Path(value).is_file():
+        hint = (" (a token file a cluster mounts as a secret; off the cluster, point it at a local file or "
+                "set teacher.remote.token_file=null)") if option == "token_file" else ""
+        raise RunError(f"teacher.remote.{option}: {value} does not exist{hint}")
+  return manifest
