@@ -8,14 +8,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
-import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from server_utils import REPO, fake_config
 
+from distill_core import netutil
 from distill_core.data import Batch
 from student_trainer.sources.remote_checks import Requirements
 from teacher_server.engine_api import Engine
@@ -115,22 +113,7 @@ class TeacherProcess:
     self._log.close()
 
 
-def wait_serving(*processes, timeout: float = 180.0) -> None:
-  """Blocks until every teacher process (``.proc``, ``.address``, ``.log_path``) reports SERVING."""
-  import grpc
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
-  deadline = time.monotonic() + timeout
+def wait_serving(*processes: "TeacherProcess", timeout: float = 180.0) -> None:
+  """Waits until every teacher process answers health SERVING (raises if one exits)."""
   for p in processes:
-    while True:
-      if p.proc.poll() is not None:
-        raise RuntimeError(f"teacher exited:\n{p.log_path.read_text()[-3000:]}")
-      with grpc.insecure_channel(p.address) as channel:
-        try:
-          status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-          if status == health_pb2.HealthCheckResponse.SERVING:
-            break
-        except grpc.RpcError:
-          pass
-      if time.monotonic() > deadline:
-        raise TimeoutError(f"teacher at {p.address} not serving after {timeout} s")
-      time.sleep(0.2)
+    netutil.wait_serving(p.proc, p.address, timeout, what=f"the teacher at {p.address} (log: {p.log_path})")
