@@ -1,10 +1,12 @@
 """A teacher-server process around the fake engine, for fault tests that need a real second process.
 
-    python tests/fake_teacher.py [--delay-s 8] [--corrupt ids|first_value|lse] [--vocab-size 256] key=value...
+    python tests/fake_teacher.py [--delay-s 8] [--hang-after N] [--corrupt ids|first_value|lse]
+                                 [--vocab-size 256] [--buckets 4x16,4x32] key=value...
 
 The overrides are teacher-server config fields (on top of `server_utils.fake_config`). `--delay-s`
-makes every engine forward sleep (a hung engine whose event loop still answers health and
-GetInfo); `--corrupt` makes every answer wrong in one way:
+makes every engine forward sleep and `--hang-after N` makes every forward after the first N
+block for good (a hung engine whose event loop still answers health and GetInfo);
+`--corrupt` makes every answer wrong in one way:
 
 * `ids`: one top-k id per position is outside the vocabulary (still encodable in the packed bits);
 * `first_value`: the top value is -0.5 instead of exactly 0;
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import threading
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,11 +37,16 @@ CORRUPTIONS = ("ids", "first_value", "lse")
 class CorruptEngine(FakeEngine):
   """The fake engine, with every answer damaged as `corrupt` says."""
 
-  def __init__(self, *args, corrupt: str | None = None, **kwargs):
+  def __init__(self, *args, corrupt: str | None = None, hang_after: int | None = None, **kwargs):
     super().__init__(*args, **kwargs)
     self.corrupt = corrupt
+    self.hang_after = hang_after
+    self.forwards = 0
 
   def forward(self, batch) -> EngineOutput:
+    self.forwards += 1
+    if self.hang_after is not None and self.forwards > self.hang_after:
+      threading.Event().wait()  # hung for good; the event loop (health, GetInfo) still answers
     out = super().forward(batch)
     vocab = self.info.vocab_size
     if self.corrupt == "ids":
@@ -53,6 +61,7 @@ class CorruptEngine(FakeEngine):
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--delay-s", type=float, default=0.0, help="sleep in every engine forward")
+  parser.add_argument("--hang-after", type=int, help="every engine forward after the first N never returns")
   parser.add_argument("--corrupt", choices=CORRUPTIONS, help="damage every answer this way")
   parser.add_argument("--vocab-size", type=int, default=256, help="the fake model's vocabulary")
   parser.add_argument("--buckets", default="4x16,4x32", help="engine buckets as BxT,BxT")
@@ -62,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
   cfg = fake_config(f"batcher.buckets={[list(b) for b in buckets]}", *args.overrides)
   setup_logging(cfg.log_level, fmt=cfg.log_format)
   engine = CorruptEngine(fake_info(vocab_size=args.vocab_size, buckets=buckets), delay_s=args.delay_s,
-                         corrupt=args.corrupt)
+                         corrupt=args.corrupt, hang_after=args.hang_after)
   return asyncio.run(serve(cfg, engine))
 
 

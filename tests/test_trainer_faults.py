@@ -91,15 +91,20 @@ def fake_teacher(tmp_path, *fake: str) -> TeacherProcess:
   return server
 
 
-def faults_cfg(dataset, run_dir, address, *overrides):
-  from distill_core.config import load_config
-  from student_trainer.config import TrainConfig
-  base = [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", "steps=3", "logging.every_steps=1",
+def faults_overrides(dataset, run_dir, address, *overrides) -> list[str]:
+  """A 3-step tiny run against the remote teacher at `address` (as command-line overrides)."""
+  return [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", "steps=3", "logging.every_steps=1",
           "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1",
           "checkpoint.async_save=false", "export_hf=false", "mesh.data=1", "loss.top_k=8", "loss.alpha=1.0",
           "teacher.source=remote", f"teacher.remote.address={address}", "teacher.remote.window=2",
-          "teacher.remote.timeout_s=60", "teacher.remote.backoff_max_s=0.5"]
-  return load_config(TrainConfig, None, base + list(overrides))
+          "teacher.remote.timeout_s=60", "teacher.remote.backoff_max_s=0.5", "logging.example_ids=true",
+          *overrides]
+
+
+def faults_cfg(dataset, run_dir, address, *overrides):
+  from distill_core.config import load_config
+  from student_trainer.config import TrainConfig
+  return load_config(TrainConfig, None, faults_overrides(dataset, run_dir, address, *overrides))
 
 
 def test_out_of_range_ids_from_a_teacher_process_stop_the_run(tiny_dataset, tmp_path):
@@ -148,3 +153,64 @@ def test_nonfinite_loss_is_skipped_or_stops_and_never_reaches_the_parameters(tin
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert result.state.step == 0  # the optimizer never counted a step either
   assert (tmp_path / "stop" / "checkpoints" / "0").is_dir()
+
+
+# -- preemption while waiting for a teacher -------------------------------------------------------
+
+def test_sigterm_while_waiting_for_a_hung_teacher_checkpoints_and_resumes_exactly(tiny_dataset, tmp_path):
+  """A trainer process (output redirected to a file) waits for a teacher whose engine hangs after
+  three batches; SIGTERM ends the wait at once: the three trained steps are checkpointed, the
+  process exits cleanly, and the resumed run equals an uninterrupted one bit for bit, with each
+  batch trained exactly once. The redirected log has timestamped progress lines."""
+  import os
+  import re
+  import signal
+  import subprocess
+  import sys
+
+  import numpy as np
+  from flax import nnx
+  from server_utils import REPO
+
+  from student_trainer.train import run
+  common = ("steps=6", "teacher.remote.timeout_s=1", "teacher.remote.on_timeout=wait")
+  healthy = fake_teacher(tmp_path)
+  trainer = None
+  hung = TeacherProcess(free_port(), [], tmp_path / "hung.log",
+                        fake=["--vocab-size", "384", "--buckets", "8x32", "--hang-after", "3"])
+  try:
+    wait_serving(hung)
+    log_path = tmp_path / "trainer.log"
+    with open(log_path, "wb") as out:
+      trainer = subprocess.Popen(
+          [sys.executable, "-m", "student_trainer", *faults_overrides(tiny_dataset, tmp_path / "run", hung.address,
+                                                                      *common)],
+          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+      deadline = time.monotonic() + 240
+      while "training waits for batch 3" not in log_path.read_text():
+        assert trainer.poll() is None, log_path.read_text()[-3000:]
+        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+      trainer.send_signal(signal.SIGTERM)
+      code = trainer.wait(120)  # before the fix: never (only SIGKILL ended it, with nothing saved)
+    text = log_path.read_text()
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    straight = run(faults_cfg(tiny_dataset, tmp_path / "straight", healthy.address, *common), keep_state=True)
+    resumed = run(faults_cfg(tiny_dataset, tmp_path / "run", healthy.address, *common), keep_state=True)
+  finally:
+    if trainer is not None and trainer.poll() is None:
+      trainer.kill()
+      trainer.wait()
+    hung.kill()
+    healthy.stop()
+  assert code == 0, text[-3000:]
+  assert "stopped while waiting for the teacher's answer to batch 3" in text
+  assert "stopped early (preempted) at step 3" in text
+  assert saved == [3]
+  stamp = r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
+  assert re.search(stamp + r"student_trainer\.metrics: step 3/6 ", text, re.M), text[-3000:]
+  assert resumed.step == 6 and resumed.trained_example_ids == straight.trained_example_ids
+  assert len((tmp_path / "run" / "example_ids.jsonl").read_text().splitlines()) == 6  # none trained twice
+  for a, b in zip(jax.tree.leaves(nnx.state(resumed.state.model(), nnx.Param)),
+                  jax.tree.leaves(nnx.state(straight.state.model(), nnx.Param)), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
