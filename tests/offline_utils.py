@@ -57,7 +57,8 @@ def train_cfg(dataset, run_dir, *overrides: str, steps: int = 6) -> TrainConfig:
   base = [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", f"steps={steps}",
           "logging.every_steps=1", "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0",
           "eval.batches=1", f"checkpoint.every_steps={steps}", "checkpoint.async_save=false", "export_hf=false",
-          "mesh.data=1", "optim.warmup_steps=2", "loss.top_k=8", "loss.alpha=0.7", "loss.beta=0.5"]
+          "mesh.data=1", "optim.warmup_steps=2", "loss.top_k=8", "loss.alpha=0.7", "loss.beta=0.5",
+          "logging.example_ids=true"]
   return load_config(TrainConfig, None, base + list(overrides))
 
 
