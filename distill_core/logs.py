@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
     return json.dumps(out)
 
 
-def setup_logging(level: str | int = "INFO", fmt: str = "text") -> None:
+def setup_logging(fmt: str = "text", level: str | int = "INFO") -> None:
   """Replaces the root logger's handlers with one stderr handler in ``fmt`` ("text" or "json").
 
   Text lines start with a timestamp (``2026-01-01 12:00:00,123 INFO name: message``).

@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
 
 def main(argv: list[str] | None = None) -> int:
   args, _ = parse_args(argv)
-  setup_logging(args.log_level)
+  setup_logging(level=args.log_level)
   try:
     cfg = load_config(TrainConfig, args.config, args.overrides)
   except ConfigError as e:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
   from distill_core.logs import setup_logging
   from teacher_server.server import serve
-  setup_logging(cfg.log_level, fmt=cfg.log_format)
+  setup_logging(cfg.log_format, cfg.log_level)
   with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
     return runner.run(serve(cfg))
 

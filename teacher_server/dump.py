@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"dump: {e}", file=sys.stderr)
     return 2
-  from teacher_server.logs import setup_logging
+  from distill_core.logs import setup_logging
   setup_logging(cfg.teacher.log_format, cfg.teacher.log_level)
   from distill_core.client import TeacherError
   try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+from distill_core.logs import JsonFormatter, setup_logging  # noqa: F401  (the setup lives there)
+
 
 
 class RateLimitedLog:

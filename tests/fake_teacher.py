@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   buckets = tuple(tuple(int(x) for x in b.split("x")) for b in args.buckets.split(","))
   cfg = fake_config(f"batcher.buckets={[list(b) for b in buckets]}", *args.overrides)
-  setup_logging(cfg.log_level, fmt=cfg.log_format)
+  setup_logging(cfg.log_format, cfg.log_level)
   engine = CorruptEngine(fake_info(vocab_size=args.vocab_size, buckets=buckets), delay_s=args.delay_s,
                          corrupt=args.corrupt, hang_after=args.hang_after)
   return asyncio.run(serve(cfg, engine))
