@@ -245,7 +245,9 @@ class RemoteTeacher(TeacherSource):
         raise Interrupted(f"stopped while waiting for the teacher's answer to batch {self._consumed} "
                           f"(replicas: {self._core.describe()})")
       now = time.monotonic()
-      stalled = now - self._core.last_progress
+      # From the last answer, but never from before this batch was enqueued: the loop thread may
+      # look before the event loop has registered it (an idle teacher is not a stalled one).
+      stalled = now - max(self._core.last_progress, item.created)
       if stalled < timeout:
         item.done.wait(min(timeout - stalled, _POLL_S))
         continue

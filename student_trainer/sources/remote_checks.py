@@ -172,3 +172,24 @@ def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirem
   if plan.samples is not None and plan.samples.num_samples > limits.max_samples:
     problems.append(f"max_samples {limits.max_samples} < num_samples={plan.samples.num_samples}")
   return problems
+
+
+def bucket_fill(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirements, *,
+                rows_in_flight: int) -> tuple[float, tuple[int, int], tuple[int, int]] | None:
+  """(fill, bucket, a bucket that fits) when the server's buckets would leave half or more padding.
+
+  The server pads each request's rows to the shortest bucket length >= T and packs the rows in
+  flight into the smallest bucket batch that holds them; `fill` is the share of real tokens in
+  those engine batches. None when the fill is above one half or the server lists no buckets.
+  """
+  fitting = sorted((b.length, b.batch) for b in info.buckets if b.length >= need.seq_len)
+  if not fitting:
+    return None
+  length = fitting[0][0]
+  batches = sorted(batch for t, batch in fitting if t == length)
+  rows = min(rows_in_flight, batches[-1])
+  batch = next(b for b in batches if b >= rows)
+  fill = (need.seq_len * rows) / (length * batch)
+  if fill > 0.5:
+    return None
+  return fill, (batch, length), (min(batch, max(plan.rows_per_request, rows)), need.seq_len)

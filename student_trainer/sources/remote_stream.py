@@ -46,8 +46,8 @@ from distill_core.client import TeacherClient, TeacherError
 from distill_core.data import Batch
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.targets import TeacherTargets, check_values, concat
-from student_trainer.sources.remote_checks import RequestPlan, Requirements, TeacherMismatch, plan_requests, \
-    replica_problems
+from student_trainer.sources.remote_checks import RequestPlan, Requirements, TeacherMismatch, bucket_fill, \
+    plan_requests, replica_problems
 from student_trainer.sources.remote_metrics import StreamStats
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Item:
   batch: Batch
   temperature: float
   states: tuple[str, ...] | None = None  # state names this batch needs (None: every planned one)
+  created: float = dataclasses.field(default_factory=time.monotonic)  # when the train loop enqueued it
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   targets: TeacherTargets | None = None  # on the mesh, once done
   error: BaseException | None = None
@@ -293,6 +294,7 @@ class StreamCore:
       log.info("teacher %s accepted: %s, %d layers, vocab %d, weights %s; %d rows per request, k=%d%s",
                lane.name, info.model_type, info.num_layers, info.vocab_size, info.weights_fingerprint[:16],
                plan.rows_per_request, plan.k, states)
+      self._warn_fill(info, plan)
       for item in self._unplanned:
         self._split(item)
       self._unplanned.clear()
@@ -353,6 +355,16 @@ class StreamCore:
     info.CopyFrom(self.info)
     info.weights_fingerprint = weights
     return info
+
+  def _warn_fill(self, info: pb.GetInfoResponse, plan: RequestPlan) -> None:
+    """Once per source: a loud line when the server's buckets make most of its work padding."""
+    found = bucket_fill(info, plan, self.need, rows_in_flight=self.need.batch_rows * max(self.cfg.window, 1))
+    if found is not None:
+      fill, (b, t), (fb, ft) = found
+      log.warning("teacher: requests of %d rows x %d tokens run in the server's %dx%d bucket, %.0f%% real "
+                  "tokens (the rest is padding the teacher computes for nothing); serve a bucket that fits, "
+                  "e.g. teacher_server 'batcher.buckets=[[%d,%d]]'", plan.rows_per_request, self.need.seq_len,
+                  b, t, 100 * fill, fb, ft)
 
   def check_weights(self, actual: str, expected: str | None) -> None:
     if expected and actual != expected and not self.cfg.allow_teacher_change:
