@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--max-files", type=int, default=200, help="standard-library files in the benchmark corpus")
   p.add_argument("--local-cores", choices=("all", "student"), default="all",
                  help="cores of (c): all (the same hardware as (b) in total) or only the student's")
-  p.add_argument("--workdir", default="runs/bench_streaming", help="data and run directories")
+  p.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "distill-bench-streaming"),
+                 help="data and run directories (outside the work tree; the prepared data is reused)")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object")
   p.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # child process: run one phase
   p.add_argument("--address", help=argparse.SUPPRESS)

@@ -70,7 +70,11 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-  """Parses ``a.b.c=value``; the value is read as YAML (``3`` int, ``[1,2]`` list, ``null``)."""
+  """Parses ``a.b.c=value``; the value is read as YAML (``3`` int, ``[1,2]`` list, ``null``).
+
+  A value YAML cannot read that is not meant as a list, mapping or quoted string (``**/*.md``,
+  which YAML takes for an alias) is the plain string as typed.
+  """
   if "=" not in text:
     raise ConfigError(f"override {text!r} is not of the form key=value")
   key, raw = text.split("=", 1)
@@ -80,7 +84,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
   try:
     value = yaml.safe_load(raw) if raw.strip() else ""
   except yaml.YAMLError as e:
-    raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+    if raw.lstrip()[:1] in "[{\"'":  # meant as a list, mapping or quoted string: a real mistake
+      raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+    value = raw  # a plain string YAML cannot read as one, such as a glob: glob=**/*.md
   if isinstance(value, str) and _SCIENTIFIC.fullmatch(value.strip()):
     value = float(value)  # YAML 1.1 reads `1e-3` (no dot) as a string
   return key.split("."), value

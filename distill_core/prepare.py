@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import fnmatch
 import hashlib
+import logging
 import shutil
 import struct
 import sys
@@ -32,7 +33,10 @@ from pydantic import Field, field_validator
 
 from distill_core import records
 from distill_core.config import ConfigBase, ConfigError, describe, load_config
+from distill_core.logs import setup_logging
 from distill_core.tokenizer import Tokenizer, train_bpe
+
+log = logging.getLogger("distill_core.prepare")  # also under `python -m`
 
 SPLITS = ("train", "eval")
 # Example ids: split base + row index, so the two splits never collide.
@@ -272,12 +276,20 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool = True, console=None
     task = progress.add_task("listing files", total=None)
     files = list_files(cfg)
     progress.update(task, total=len(files), completed=len(files))
+    log.info("%d source files under %s", len(files), cfg.source_dir or "the standard library")
     sources = read_sources(files, cfg.eval_fraction, progress)
+    if not sources.files["eval"]:
+      log.warning("eval_fraction: none of the %d files falls into the eval split (eval_fraction=%g); the "
+                  "trainer refuses a dataset it cannot evaluate on: raise eval_fraction or add files",
+                  sources.files["train"], cfg.eval_fraction)
     tok = _load_tokenizer(cfg)
     existing = check_existing(out_dir, cfg.identity(), sources.fingerprint, cfg.overwrite,
                               tok.fingerprint if tok else None)
     if existing is not None:
       return existing, True
+    if tok is None:
+      log.info("training a byte-level BPE tokenizer (vocabulary %d) on %d files", cfg.vocab_size,
+               sources.files["train"])
     tok = tok or _train_tokenizer(cfg, sources.texts["train"], progress)
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     if tmp_dir.exists():
@@ -286,6 +298,7 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool = True, console=None
     tok.save(tmp_dir / records.TOKENIZER_NAME)
     splits: dict[str, records.SplitInfo] = {}
     for name in SPLITS:
+      log.info("tokenizing and packing the %s split (%d files)", name, sources.files[name])
       docs = _tokenize(tok, sources.texts[name], name, progress)
       tokens, segment_ids, positions = pack_documents(docs, cfg.seq_len, tok.pad_id)
       write_task = progress.add_task(f"writing {name}", total=len(tokens))
@@ -344,8 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Tokenize a text corpus into packed ArrayRecord shards (docs/data.md).")
   parser.add_argument("--config", help="YAML file (e.g. configs/prepare.yaml)")
   parser.add_argument("-h", "--help", action="store_true", help="print every option")
+  parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
   args = parser.parse_args(argv)
+  setup_logging(level=args.log_level)
   console = Console(stderr=False)
   if args.help:
     console.print(parser.format_usage(), markup=False)

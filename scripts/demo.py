@@ -137,14 +137,30 @@ def shares_cores() -> bool:
   return all(d.platform == "cpu" for d in jax.devices())
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The docstring as written, and every option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
   parser.add_argument("--teacher-steps", type=int, default=200, help="CE pretraining steps of the teacher.")
   parser.add_argument("--student-steps", type=int, default=100, help="Distillation steps of the student.")
   parser.add_argument("--run-dir", default="runs/demo", help="Where the demo's runs go.")
   parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset directory.")
+  parser.add_argument("--log-level", default="INFO", help="Python logging level of the demo's own lines.")
   args = parser.parse_args(argv)
+  from distill_core.logs import setup_logging
+  setup_logging(level=args.log_level)
   os.environ.setdefault("PYTHONUNBUFFERED", "1")
+  try:
+    return _demo(args)
+  except subprocess.CalledProcessError as e:  # the stage printed its own one-line reason above
+    print(f"\ndemo: stopped, `{shlex.join(str(a) for a in e.cmd[1:4])} ...` exited with code {e.returncode} "
+          "(its message is above)", file=sys.stderr)
+    return 1
+
+
+def _demo(args: argparse.Namespace) -> int:
   run_dir, data_dir = ROOT / args.run_dir, ROOT / args.data_dir
   t0 = time.perf_counter()
   timings: dict[str, float] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from distill_core.config import ConfigError, describe, load_config
@@ -40,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
   if args.lti_plan:
     return _print_lti_plan(cfg)
   from student_trainer import distributed  # heavy imports only after the config is valid
-  from student_trainer.train import run
+  from student_trainer.train import run, user_errors
   try:
     result = run(cfg)
   except LTIPlanError as e:
     print(f"error: {e}", file=sys.stderr)
     distributed.exit_after_failure(2)
     return 2
+  except user_errors() as e:  # a message naming the file or option; no traceback to dig through
+    print(f"error: {e}", file=sys.stderr)
+    distributed.exit_after_failure(1)
+    return 1
   except BaseException:
     logging.getLogger("student_trainer").exception("training failed")
     distributed.exit_after_failure()  # several processes: leave now, the others are ending too

@@ -83,10 +83,13 @@ class _Position:
 
 
 # Fields that never change what is trained (where output goes, how often, how it is read or
-# served, which devices): they may differ on resume. `steps` may grow (checked apart).
+# served, which devices): they may differ on resume. `steps` may grow (checked apart). Where the
+# teacher's weights or LTI kernels are read from may move too: their fingerprints are checked
+# on resume (teacher.remote.allow_teacher_change, lti's check_restored).
 OPERATIONAL_FIELDS = ("run_dir", "steps", "export_hf", "checkpoint", "logging", "eval", "mesh",
                       "data.read_threads", "data.prefetch_buffer_size", "data.verify_shards",
-                      "data.eval_batch_size", "teacher.remote")
+                      "data.eval_batch_size", "teacher.remote", "lti.kernels_path", "lti.parameters_token_file",
+                      "lti.collapse_at_end")
 _KEEP_REMOTE = ("teacher.remote.state_dtype",)  # the one remote option that changes the targets
 
 

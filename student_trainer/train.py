@@ -236,6 +236,14 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
                      state=state if keep_state else None, compilations=programs.compilations())
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+  """Errors that mean "this run cannot go on as configured": the command line prints their message."""
+  from distill_core.records import RecordError
+  from student_trainer.checkpoint import ConfigChanged
+  from student_trainer.sources.remote_stream import RemoteTeacherError
+  return (RunError, ConfigChanged, RemoteTeacherError, RecordError)
+
+
 def shared_cores_note(cfg: TrainConfig) -> str | None:
   """One line saying that teacher and student share this machine's cores, when they do."""
   if cfg.teacher.source == "local":

@@ -33,6 +33,7 @@ from distill_core.model.transformer import Transformer
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+WEIGHTS_MODE = 0o644  # exported weights: readable by the (non-root) user a serving container runs as
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers that some old exports include
@@ -342,6 +343,7 @@ def save_hf_checkpoint(model: Transformer, path: str | os.PathLike, *,
   def flush():
     name = f".tmp-shard-{len(temp_names):05d}.safetensors"
     save_file(current, str(root / name), metadata={"format": "pt"})
+    os.chmod(root / name, WEIGHTS_MODE)  # safetensors writes 0600: a non-root server must read it
     temp_names.append(name)
 
   for name, tensor in _hf_tensors(model, fetch):
