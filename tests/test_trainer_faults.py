@@ -214,3 +214,84 @@ def test_sigterm_while_waiting_for_a_hung_teacher_checkpoints_and_resumes_exactl
   for a, b in zip(jax.tree.leaves(nnx.state(resumed.state.model(), nnx.Param)),
                   jax.tree.leaves(nnx.state(straight.state.model(), nnx.Param)), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# -- bounded memory, unbiased metrics, no compile at fallback time ---------------------------------
+
+def test_the_run_keeps_no_per_step_history(tiny_dataset, tmp_path):
+  """Memory does not grow with run length: no list of every step's example ids; the optional log
+  is on disk, and without it there is none (a clear error says how to get one)."""
+  import dataclasses
+
+  from student_trainer.train import TrainResult, run
+  assert [f.name for f in dataclasses.fields(TrainResult)] == ["step", "preempted", "last_metrics", "run_dir",
+                                                                "state"]
+  from test_trainer import make_cfg
+  result = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=2", "logging.example_ids=false"))
+  assert not (tmp_path / "run" / "example_ids.jsonl").exists()
+  with pytest.raises(FileNotFoundError, match="run with logging.example_ids=true"):
+    result.trained_example_ids
+
+
+def test_means_count_only_the_tokens_that_had_targets():
+  from student_trainer.metrics import token_means
+  teacher_step = {"tokens": 10.0, "ce_loss_sum": 20.0, "kd_loss_sum": 5.0, "teacher_tail_mass_sum": 2.0,
+                  "alpha": 0.5, "grad_norm": 1.0}
+  fallback_step = {"tokens": 30.0, "ce_loss_sum": 30.0, "grad_norm": 3.0}  # CE only: no teacher sums
+  out = token_means([teacher_step, fallback_step], "train/")
+  assert out == {"train/ce_loss": 50.0 / 40.0, "train/kd_loss": 5.0 / 10.0, "train/teacher_tail_mass": 2.0 / 10.0,
+                 "train/alpha": 0.5, "train/grad_norm": 2.0}
+
+
+def test_ce_only_program_is_compiled_before_the_first_fallback(tiny_dataset, tmp_path, caplog):
+  """With no teacher and ce_only, every batch falls back; the CE-only step program must already
+  exist by then, so no train-step compilation is logged after the first fallback."""
+  import logging
+
+  from student_trainer.train import run
+  cfg = faults_cfg(tiny_dataset, tmp_path / "run", f"127.0.0.1:{free_port()}", "teacher.remote.timeout_s=0.5",
+                   "teacher.remote.on_timeout=ce_only", "steps=2")
+  caplog.set_level(logging.DEBUG)
+  with jax.log_compiles(True):
+    result = run(cfg)
+  messages = [r.getMessage() for r in caplog.records]
+  first_fallback = next(i for i, m in enumerate(messages) if "fallback #1" in m)
+  compiles = [i for i, m in enumerate(messages) if "Compiling" in m and "train_step" in m]
+  assert result.step == 2 and compiles and max(compiles) < first_fallback, [messages[i] for i in compiles]
+
+
+# -- resume compares the run config -----------------------------------------------------------------
+
+def test_config_changes_name_each_field():
+  from student_trainer.checkpoint import config_changes
+  saved = {"steps": 10, "optim": {"learning_rate": 0.003, "b1": 0.9}, "logging": {"every_steps": 10},
+           "teacher": {"remote": {"address": "a:1", "state_dtype": "float32"}}, "mesh": {"data": 1}}
+  same_run = {"steps": 20, "optim": {"learning_rate": 0.003, "b1": 0.9}, "logging": {"every_steps": 1},
+              "teacher": {"remote": {"address": "b:2", "state_dtype": "float32"}}, "mesh": {"data": 8}}
+  assert config_changes(saved, same_run, saved_step=5) == []
+  other = {"steps": 4, "optim": {"learning_rate": 0.001, "b1": 0.9}, "logging": {"every_steps": 10},
+           "teacher": {"remote": {"address": "a:1", "state_dtype": "bfloat16"}}, "mesh": {"data": 1}}
+  assert config_changes(saved, other, saved_step=5) == [
+      "optim.learning_rate: 0.003 -> 0.001",
+      "steps: 10 -> 4 (the checkpoint is at step 5; set steps above it)",
+      "teacher.remote.state_dtype: 'float32' -> 'bfloat16'"]
+  assert config_changes(saved, other, saved_step=5, allow=["optim", "teacher.remote.state_dtype"]) == [
+      "steps: 10 -> 4 (the checkpoint is at step 5; set steps above it)"]
+  assert config_changes(saved, dict(other, steps=6), saved_step=5, allow=["*"]) == []
+
+
+def test_resume_refuses_a_changed_run_unless_allowed(tiny_dataset, tmp_path):
+  from student_trainer.checkpoint import ConfigChanged
+  from student_trainer.train import run
+  from test_trainer import make_cfg
+  first = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=4", "checkpoint.every_steps=2"), stop_after=2)
+  assert first.step == 2
+  changed = ("steps=4", "optim.learning_rate=1e-2", "loss.top_k=8")
+  with pytest.raises(ConfigChanged) as e:
+    run(make_cfg(tiny_dataset, tmp_path / "run", *changed))
+  text = str(e.value)
+  assert "loss.top_k: 64 -> 8" in text and "optim.learning_rate: 0.003 -> 0.01" in text
+  assert "checkpoint.allow_changes=[loss.top_k, optim.learning_rate]" in text
+  grown = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=5", "optim.learning_rate=1e-2", "loss.top_k=8",
+                       "checkpoint.allow_changes=[optim.learning_rate, loss]"))
+  assert grown.step == 5  # steps may grow; the allowed changes are taken
