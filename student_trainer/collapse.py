@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="Overrides of the run's config, e.g. teacher.remote.token_file=... for the server.")
   args = parser.parse_args(argv)
-  logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  from distill_core.logs import setup_logging
+  setup_logging(level=args.log_level)
   run_dir = Path(args.run_dir)
   orbax_out = args.orbax_out or run_dir / "collapsed"
   hf_out = None if args.no_hf else (args.hf_out or run_dir / "hf")

@@ -225,7 +225,7 @@ def test_the_run_keeps_no_per_step_history(tiny_dataset, tmp_path):
 
   from student_trainer.train import TrainResult, run
   assert [f.name for f in dataclasses.fields(TrainResult)] == ["step", "preempted", "last_metrics", "run_dir",
-                                                                "state"]
+                                                                "state", "compilations"]
   from test_trainer import make_cfg
   result = run(make_cfg(tiny_dataset, tmp_path / "run", "steps=2", "logging.example_ids=false"))
   assert not (tmp_path / "run" / "example_ids.jsonl").exists()
