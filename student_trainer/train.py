@@ -103,14 +103,16 @@ class _FallbackStep:
 
   A batch with no answer (a fallback) is another pytree, hence another program:
   compiling it when the teacher goes down would stall training at the worst
-  moment, so for every source that may fall back (all but `none` and `local`)
-  it is compiled ahead, at the first batch.
+  moment, so for every source that may fall back (not `none`, `local`, or `remote`
+  with the `wait` policy) it is compiled ahead, at the first batch.
   """
 
   def __init__(self, programs: step_lib.Programs, cfg: TrainConfig):
     self._programs = programs
     self._compiled = None
-    self._ahead = cfg.teacher.source not in ("none", "local")  # local always answers
+    source = cfg.teacher.source  # `local` always answers; remote with `wait` waits instead
+    waits = source == "remote" and cfg.teacher.remote.on_timeout == "wait"
+    self._ahead = source not in ("none", "local") and not waits
 
   def prepare(self, params, batch, hyper) -> None:
     if self._ahead and self._compiled is None:
