@@ -192,7 +192,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
         device_batch = shard_batch(batch, mesh)
         fallback_step.prepare(state.params, device_batch, hyper)
         waiting = time.perf_counter()
-        targets = _trimmed(cfg, source.next(), step)  # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained
+        # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained.
+        targets = _trimmed(cfg, source.next(), step)
         wait = (waiting, time.perf_counter())
         phase = programs.phase(step, targets)
         if targets is None:
