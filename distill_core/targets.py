@@ -230,25 +230,30 @@ def check_values(targets: TeacherTargets, *, vocab_size: int | None = None,
                  temperatures: Sequence[float] | None = None) -> TeacherTargets:
   """Checks the values of a teacher's answer (host arrays), beyond `validate`'s shapes; returns it.
 
-  * every top-k id is in [0, vocab_size) (an id outside makes the loss read past the logits);
+  * every top-k (and sampled) id is in [0, vocab_size) (an id outside makes the loss read past
+    the logits);
   * the temperatures are the ones asked for (each logsumexp column belongs to one);
   * the first top-k value of every position is exactly 0 (values are shifted by the row max).
 
   Raises:
     ValueError: naming the field and the first offending position.
   """
-  ids = np.asarray(targets.topk_ids)
-  if vocab_size is not None and ids.size:
-    bad = (ids < 0) | (ids >= vocab_size)
-    if bad.any():
-      where = tuple(int(i) for i in np.argwhere(bad)[0])
-      raise ValueError(f"topk_ids: id {int(ids[where])} at {list(where)} is outside the vocabulary "
-                       f"[0, {vocab_size}) ({int(bad.sum())} such ids)")
+  for field in ("topk_ids", "sample_ids"):
+    ids = getattr(targets, field)
+    ids = None if ids is None else np.asarray(ids)
+    if vocab_size is not None and ids is not None and ids.size:
+      bad = (ids < 0) | (ids >= vocab_size)
+      if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{field}: id {int(ids[where])} at {list(where)} is outside the vocabulary "
+                         f"[0, {vocab_size}) ({int(bad.sum())} such ids)")
   if temperatures is not None:
     want = np.asarray(temperatures, np.float32).reshape(-1)
     got = np.asarray(targets.temperatures, np.float32).reshape(-1)
     if want.shape != got.shape or not np.array_equal(want, got):
       raise ValueError(f"temperatures: the answer is for {got.tolist()}, the request asked for {want.tolist()}")
+  if targets.topk_logits.shape[-1] == 0:  # samples alone: no top-k values to check
+    return targets
   first = np.asarray(targets.topk_logits[..., 0], np.float32)
   off = first != 0.0  # NaN included
   if off.any():
