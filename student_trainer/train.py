@@ -126,17 +126,25 @@ class _FallbackStep:
 def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = False) -> TrainResult:
   """Trains `cfg.steps` optimizer steps (or until `stop_after` more steps, or SIGTERM/SIGINT).
 
+  With several processes (`jax.distributed`), every process calls this with the
+  same config; see `student_trainer/distributed.py` for what they agree on.
+
   Raises:
     RunError: a problem found before training (naming the file or option), a changed config on
       resume (`checkpoint.ConfigChanged`), or a non-finite step with `optim.on_nonfinite=stop`.
   """
-  maybe_initialize_distributed()
+  distributed.initialize(cfg.distributed)
   preflight(cfg)
   run_dir = Path(cfg.run_dir)
   run_dir.mkdir(parents=True, exist_ok=True)
   mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
-  preempt = PreemptionFlag()  # before the source connects: a signal while it waits is not lost
+  with distributed.PeerWatch(cfg.distributed):  # a failure here ends every process
+    distributed.align("distill-setup", cfg.distributed.initialization_timeout_s)
+    return _run(cfg, run_dir, mesh, rules, stop_after=stop_after, keep_state=keep_state)
 
+
+def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None, keep_state: bool) -> TrainResult:
+  preempt = PreemptionFlag()  # before the source connects: a signal while it waits is not lost
   with contextlib.ExitStack() as stack:  # closes whatever was opened, also when setup fails
     stack.callback(preempt.restore_handlers)
     ckpt = Checkpointer(cfg.checkpoint.directory or run_dir / "checkpoints", keep=cfg.checkpoint.keep,
@@ -147,8 +155,10 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       meta = ckpt.restore_meta(latest)
       check_resume_config(meta.get("config"), cfg.model_dump(mode="json"), saved_step=int(meta["step"]),
                           allow=cfg.checkpoint.allow_changes, where=f"checkpoint {ckpt.directory / str(latest)}")
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    if jax.process_index() == 0:
+      (run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     state = create_train_state(cfg, mesh, rules)
+    distributed.align("distill-state", cfg.distributed.initialization_timeout_s)  # before Orbax's collectives
     data = make_iterator(cfg.data, "train", shard_index=jax.process_index(), shard_count=jax.process_count())
     stack.callback(data.close)
     source = make_source(cfg, mesh, rules, interrupt=preempt.event)
@@ -186,14 +196,17 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
     step = start
     saved = start if latest is not None else None  # the step the newest checkpoint holds
     try:
-      while step < end and not preempt:
+      while step < end and not preempt.reached(step):
         batch = feeder.peek(step)
         hyper = step_lib.hyperparameters(cfg, step)
         device_batch = shard_batch(batch, mesh)
         fallback_step.prepare(state.params, device_batch, hyper)
         waiting = time.perf_counter()
         # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained.
-        targets = _trimmed(cfg, source.next(), step)
+        targets = source.next()
+        if source.falls_back_per_process:
+          targets = distributed.agree_targets(targets, step)
+        targets = _trimmed(cfg, targets, step)
         wait = (waiting, time.perf_counter())
         phase = programs.phase(step, targets)
         if targets is None:
@@ -214,7 +227,8 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
         window.add(step - 1, metrics, tokens=batch.tokens.size, wait=wait,
                    fallback=targets is None and cfg.teacher.source != "none")
         if step % cfg.logging.every_steps == 0 or step == end:
-          last = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+          local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+          last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
           if writer:
             writer.write(step, last)
           progress.update(step, last)
@@ -230,10 +244,9 @@ def run(cfg: TrainConfig, *, stop_after: int | None = None, keep_state: bool = F
       log.warning("%s: checkpointing the %d trained steps and stopping", e, step)
     if saved != step:
       _save(ckpt, step, state, feeder, source, cfg)
-    if step == cfg.steps and not preempt and cfg.lti.enabled and cfg.lti.collapse_at_end and \
-        jax.process_index() == 0:
-      save_collapsed(state, run_dir / "collapsed")
-    if step == cfg.steps and not preempt and cfg.export_hf and jax.process_index() == 0:
+    if step == cfg.steps and not preempt and cfg.lti.enabled and cfg.lti.collapse_at_end:
+      save_collapsed(state, run_dir / "collapsed")  # Orbax: collective
+    if step == cfg.steps and not preempt and cfg.export_hf:
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, run_dir=run_dir,
                      state=state if keep_state else None, compilations=programs.compilations())
@@ -289,7 +302,10 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
   rows = []
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = _trimmed(cfg, source.compute(batch, temperature, **_states_kwarg(cfg, step)), step)
+      targets = source.compute(batch, temperature, **_states_kwarg(cfg, step))
+      if source.falls_back_per_process:
+        targets = distributed.agree_targets(targets, step)
+      targets = _trimmed(cfg, targets, step)
       eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       rows.append(jax.device_get(out))
