@@ -13,7 +13,7 @@ _EPILOG = """\
 Examples:
   teacher-server                                   # tiny random model on 127.0.0.1:50051
   teacher-server --config configs/teacher_server.yaml model.source=hf model.path=/ckpt/llama
-  teacher-server address=0.0.0.0:50051 security.auth_token_file=/secrets/token
+  teacher-server address=0.0.0.0:50051 security.tls_cert=tls.crt security.tls_key=tls.key security.auth_token_file=token
 
 Options (key=value, nested keys with dots):
 """
