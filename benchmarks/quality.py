@@ -156,7 +156,7 @@ ROWS: tuple[Row, ...] = (
         lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail", "loss.blockwise=true", "loss.layer_map=[1,3]",
                                                f"loss.blockwise_steps={max(1, (3 * ctx.budget.student_steps) // 10)}"],
         available=lambda: _has("student_trainer.losses.LossConfig", "blockwise")),
-    Row("sampled", "sampled, top-8 + N draws, remote (bytes/token of k=64)", ("remote",),
+    Row("sampled", "sampled, top-8 + N draws, remote (the bytes of k=64)", ("remote",),
         lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=sampled", f"loss.top_k={SAMPLED_TOP_K}",
                                                f"loss.num_samples={ctx.wire['sampled_n']}",
                                                f"loss.sample_temperature={ctx.budget.temperature}"],
@@ -252,9 +252,10 @@ def train_student(ctx: Context, row: Row, seed: int, teacher_digest: str) -> lis
 def dump_answers(ctx: Context) -> None:
   """The teacher's answers to the train and eval splits, once, for the offline row (reused when complete)."""
   b = ctx.budget
-  if (ctx.answers / "manifest.json").exists():
+  manifest = ctx.answers / "manifest.json"
+  if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
     print(f"offline answers: reusing {ctx.answers}", flush=True)
-    return
+    return  # an incomplete dump is resumed by the same command
   sh([PY, "-m", "teacher_server.dump", f"data={ctx.data}", f"output={ctx.answers}", f"k={b.top_k}",
       f"temperatures=[{b.temperature}]", "teacher.model.source=hf", f"teacher.model.path={ctx.teacher_hf}",
       f"teacher.tokenizer_path={ctx.data / 'tokenizer.json'}", f"teacher.limits.max_k={b.top_k}",

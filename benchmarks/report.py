@@ -96,13 +96,18 @@ def render_quality(quality: dict | None) -> str:
   lines = [f"Student `{budget['student']}`, {budget['student_tokens']:,} training tokens per student, "
            f"{len(budget['seeds'])} seeds; teacher `{budget['teacher']}` trained on {budget['teacher_tokens']:,} "
            f"tokens. Held-out CE on {budget['eval_tokens']:,} tokens.", "",
-           "| run | held-out CE | spread | KD to teacher | dense-KD gain recovered | vs CE only |",
+           "| run | held-out CE (mean) | seed spread (max - min) | KD to teacher | dense-KD gain recovered | vs CE only |",
            "|---|---|---|---|---|---|"]
   for row in quality["rows"]:
     recovered = row.get("gain_recovered")
-    lines.append(f"| {row['label']} | {row['eval_ce_mean']:.3f} | ±{row['eval_ce_spread'] / 2:.3f} | "
+    lines.append(f"| {row['label']} | {row['eval_ce_mean']:.3f} | {row['eval_ce_spread']:.3f} | "
                  f"{fmt(row.get('eval_kd_mean'))} | "
                  f"{'' if recovered is None else f'{100 * recovered:.0f} %'} | {row['verdict']} |")
+  wire = quality.get("wire") or {}
+  if "sampled_n" in wire:
+    lines += ["", f"The sampled row draws N = {wire['sampled_n']} samples per position beside an exact top-8: "
+              f"{wire['sampled_bytes_per_token']:.0f} answer bytes per token on the wire, next to "
+              f"{wire['topk_bytes_per_token']:.0f} for the top-64 rows (both measured on the server)."]
   summary = quality["summary"]
   lines += ["", f"Teacher held-out CE {summary['teacher_eval_ce']:.3f}; CE-only student "
             f"{summary['ce_only_eval_ce']:.3f}; teacher-to-CE-only gap {summary['gap']:.3f} = "

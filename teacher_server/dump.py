@@ -244,6 +244,7 @@ class _Progress:
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                                TimeRemainingColumn)
     self._total, self._done, self._writer = total, done, writer
+    self._resumed_at = done  # examples a resumed dump already had: not part of this run's rate
     self._start, self._last_log, self._tokens = time.monotonic(), time.monotonic(), 0
     console = Console(stderr=True)
     self._bar = None
@@ -264,7 +265,7 @@ class _Progress:
       self._bar.update(self._task, completed=self._done, rate=f"{rate:.0f}")
     elif self._enabled and (now - self._last_log >= 10 or self._done == self._total):
       self._last_log = now
-      eta = (self._total - self._done) * (now - self._start) / max(self._done, 1)
+      eta = (self._total - self._done) * (now - self._start) / max(self._done - self._resumed_at, 1)
       log.info("dump %s: %d/%d examples, %.0f tokens/s, ETA %.0f s", self._writer, self._done, self._total,
                rate, eta)
 
