@@ -91,7 +91,8 @@ def swap_weights(replicas) -> str:
   return info_of(servers["b"].address).weights_fingerprint
 
 
-@pytest.mark.parametrize("policy", ["drain", "stop"])
+# `stop` is also covered without servers in test_remote_source.py; its end-to-end run is slow-only.
+@pytest.mark.parametrize("policy", ["drain", pytest.param("stop", marks=pytest.mark.slow)])
 def test_weights_swapped_behind_one_name(tiny_dataset, replicas, policy):
   ports, servers, _ = replicas
   old = info_of(servers["a"].address)
