@@ -112,15 +112,27 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
   return data
 
 
+SECRET_PARTS = ("token", "secret", "password", "key")  # config keys whose values an error never shows
+
+
+def _shown_input(loc: tuple, value: Any) -> str:
+  """What an error shows of the offending value: short, never a secret, never a whole section."""
+  from distill_core.wire import echo
+  if isinstance(value, Mapping):
+    return ""  # a section-level error: its location names it, and the section may hold secrets
+  if any(part in str(name).lower() for name in loc for part in SECRET_PARTS):
+    return " (value not shown)"
+  return f" (got {echo(value)})"
+
+
 def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
   lines = [f"invalid configuration ({source}):"]
   for e in err.errors():
     loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-    msg = e["msg"]
     if e["type"] == "extra_forbidden":
-      msg = "unknown key"
-    lines.append(f"  {loc}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden"
-                 else f"  {loc}: {msg}")
+      lines.append(f"  {loc}: unknown key")
+    else:
+      lines.append(f"  {loc}: {e['msg']}{_shown_input(e['loc'], e.get('input'))}")
   return "\n".join(lines)
 
 

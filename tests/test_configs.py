@@ -94,3 +94,14 @@ def test_describe_covers_every_field():
   assert any(line.startswith("data.path (str, default ") for line in lines)
   assert any(line.startswith("loss.kd_mode") for line in lines)
   assert all(": " in line or line.endswith(":") for line in lines)
+
+
+def test_validation_errors_never_show_secrets_sections_or_long_values():
+  """Config errors name the key; they show a short value, and never a token or a whole section."""
+  from student_trainer.config import TrainConfig
+  with pytest.raises(ConfigError) as e:
+    load_config(TrainConfig, None, ["data.path=x", "teacher.remote.token=abc", "teacher.remote.token_file=f"])
+  assert "abc" not in str(e.value) and "teacher.remote" in str(e.value)
+  with pytest.raises(ConfigError) as e:
+    load_config(TrainConfig, None, ["data.path=x", "teacher.remote.window=" + "x" * 5000])
+  assert "teacher.remote.window" in str(e.value) and len(str(e.value)) < 600
