@@ -103,11 +103,12 @@ def decode_record(data: bytes, *, seq_len: int | None = None, where: str = "reco
   return out
 
 
-class _Strict(pydantic.BaseModel):
+class StrictModel(pydantic.BaseModel):
+  """A frozen, closed record of an on-disk format (unknown keys are an error): manifests and their parts."""
   model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
-class ShardInfo(_Strict):
+class ShardInfo(StrictModel):
   """One ArrayRecord file of a split."""
 
   file: str = pydantic.Field(description="File name, relative to the dataset directory.")
@@ -115,7 +116,7 @@ class ShardInfo(_Strict):
   sha256: str = pydantic.Field(description="sha256 (hex) of the whole file.")
 
 
-class SplitInfo(_Strict):
+class SplitInfo(StrictModel):
   """Statistics and shards of one split."""
 
   files: int = pydantic.Field(description="Source files assigned to this split.")
@@ -128,7 +129,7 @@ class SplitInfo(_Strict):
   shards: list[ShardInfo] = pydantic.Field(description="ArrayRecord files, in order.")
 
 
-class Manifest(_Strict):
+class Manifest(StrictModel):
   """``manifest.json`` of a prepared dataset directory."""
 
   format_version: int = pydantic.Field(description="Manifest format version.")

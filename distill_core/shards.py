@@ -40,6 +40,7 @@ from google.protobuf import json_format
 
 from distill_core import wire
 from distill_core.proto import teacher_pb2 as pb
+from distill_core.records import StrictModel
 from distill_core.targets import SampleRequest, TeacherTargets
 
 FORMAT = "distill-teacher-answers"
@@ -58,11 +59,7 @@ class ShardError(ValueError):
   """A shard, record or manifest is corrupt or does not fit; the message names the file (and record)."""
 
 
-class _Strict(pydantic.BaseModel):
-  model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
-
-
-class TeacherInfo(_Strict):
+class TeacherInfo(StrictModel):
   """The teacher that produced the answers (from its GetInfo)."""
 
   model_type: str = pydantic.Field(description="Teacher architecture family.")
@@ -79,7 +76,7 @@ class TeacherInfo(_Strict):
                num_layers=info.num_layers, hidden_size=info.hidden_size)
 
 
-class DatasetInfo(_Strict):
+class DatasetInfo(StrictModel):
   """The prepared dataset whose examples were answered."""
 
   path: str = pydantic.Field(description="Prepared dataset directory at dump time (informational).")
@@ -93,7 +90,7 @@ class DatasetInfo(_Strict):
     return self.model_dump(exclude={"path"})
 
 
-class StoredSpec(_Strict):
+class StoredSpec(StrictModel):
   """What every record holds: the request's ``OutputSpec`` plus the storage options."""
 
   request: dict[str, Any] = pydantic.Field(
@@ -144,7 +141,7 @@ class StoredSpec(_Strict):
                          seed=proto.sample_seed, exclude=proto.k if proto.sample_tail else 0)
 
 
-class ShardInfo(_Strict):
+class ShardInfo(StrictModel):
   """One finished shard."""
 
   file: str = pydantic.Field(description="File name, relative to the answers directory.")
@@ -159,7 +156,7 @@ class ShardInfo(_Strict):
       description="Example ids of the records in order, as (start, count, step) runs.")
 
 
-class _Header(_Strict):
+class _Header(StrictModel):
   format: str = pydantic.Field(FORMAT, description="Always 'distill-teacher-answers'.")
   format_version: int = pydantic.Field(FORMAT_VERSION, description="Manifest format version.")
   record_version: int = pydantic.Field(RECORD_VERSION, description="Record format version.")
