@@ -403,11 +403,15 @@ def summarise(rows: list[dict], teacher_ce: float) -> dict:
     else:
       r["verdict"] = f"{'better' if diff < 0 else 'worse'} by {abs(diff):.3f}, beyond the spread"
   gap = base["eval_ce_mean"] - teacher_ce
-  return {"teacher_eval_ce": teacher_ce, "ce_only_eval_ce": base["eval_ce_mean"], "gap": gap,
+  others = [r for r in rows if r["slug"] != "ce_only"]
+  within = [[a["label"], b["label"]] for i, a in enumerate(others) for b in others[i + 1:]
+            if abs(a["eval_ce_mean"] - b["eval_ce_mean"]) <= max(a["eval_ce_spread"], b["eval_ce_spread"])]
+  return {"pairs_within_spread": within,"teacher_eval_ce": teacher_ce, "ce_only_eval_ce": base["eval_ce_mean"], "gap": gap,
           "max_spread": max_spread, "gap_over_spread": gap / max_spread if max_spread > 0 else float("inf")}
 
 
 def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> None:
+  """Periodic-eval CE curves (the trainer's eval batches); `teacher_ce` must come from the same batches."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -417,7 +421,7 @@ def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> Non
     means = [sum(dict(seed)[t] for seed in r["curves"]) / len(r["curves"]) for t in steps
              if all(t in dict(seed) for seed in r["curves"])]
     ax.plot([t / 1e3 for t in steps[:len(means)]], means, marker="o", ms=3, label=r["label"])
-  ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher ({teacher_ce:.2f})")
+  ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher, same eval batches ({teacher_ce:.2f})")
   ax.set_xlabel("training tokens seen by the student (thousands)")
   ax.set_ylabel("held-out CE (periodic eval, mean over seeds)")
   ax.set_title(f"{budget.student} distilled from {budget.teacher}: held-out CE by mode")
@@ -492,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
                   "curves": [curve(phases, batch_tokens) for phases in runs[r.slug]]})
   summary = summarise(table, teacher_ce)
   results_dir.mkdir(parents=True, exist_ok=True)
-  plot(table, teacher_ce, results_dir / "quality.png", budget)
+  teacher_curve = curve([(ctx.out / "teacher", 0)], batch_tokens)
+  plot(table, teacher_curve[-1][1] if teacher_curve else teacher_ce, results_dir / "quality.png", budget)
   report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
                       "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
                       "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data)},

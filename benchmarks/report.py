@@ -112,9 +112,15 @@ def render_quality(quality: dict | None) -> str:
   lines += ["", f"Teacher held-out CE {summary['teacher_eval_ce']:.3f}; CE-only student "
             f"{summary['ce_only_eval_ce']:.3f}; teacher-to-CE-only gap {summary['gap']:.3f} = "
             f"{summary['gap_over_spread']:.1f}x the largest seed spread ({summary['max_spread']:.3f}). "
-            f"Spread = max - min over seeds; a difference smaller than the two runs' spreads is within noise.",
-            "", f"Measured by `{quality['command']}` at commit `{quality.get('commit') or '?'}` on "
-            f"{quality['date'][:10]} ({machine_text(quality.get('machine', {}))}) in {quality['seconds'] / 60:.0f} min."]
+            f"Spread = max - min over seeds; a difference no larger than the larger of two rows' spreads is "
+            f"within noise."]
+  pairs = summary.get("pairs_within_spread") or []
+  if pairs:
+    lines += ["", "Within the seed spread of each other (not distinguished by this report): "
+              + "; ".join(f"{a} vs {b}" for a, b in pairs) + "."]
+  lines += ["", f"Measured by `{quality['command']}` at commit `{quality.get('commit') or '?'}` on "
+            f"{quality['date'][:10]} ({machine_text(quality.get('machine', {}))}); that invocation took "
+            f"{quality['seconds'] / 60:.0f} min, reusing the runs an earlier one had finished."]
   return "\n".join(lines) + "\n"
 
 
