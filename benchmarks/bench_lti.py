@@ -27,7 +27,6 @@ last 5 steps), in nats per token, into benchmarks/results/latest.json (keys
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 from benchmarks.bench_train import ensure_data
 from benchmarks.results import record
+from student_trainer.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 ROWS = {
@@ -85,7 +85,7 @@ def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, fl
   cmd = [sys.executable, "-m", "student_trainer", *base, *overrides]
   print(f"$ {shlex.join(cmd)}", flush=True)
   subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  rows = read_metrics(run_dir)
   rows = [r for r in rows if "train/kd_loss" in r]
   if len(rows) < args.steps:
     raise SystemExit(f"{name}: {len(rows)} logged steps, expected {args.steps}")

@@ -21,7 +21,6 @@ when missing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,7 +39,8 @@ def overrides(name: str, data: str, out: Path, args, *extra: str) -> list[str]:
 
 
 def throughput(run_dir: Path, name: str) -> float:
-  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  from student_trainer.metrics import read_metrics
+  rows = read_metrics(run_dir)
   rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # drop the compile interval
   if not rates:
     raise SystemExit(f"{name}: too few steps for a measurement; raise --steps above --interval")

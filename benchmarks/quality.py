@@ -134,7 +134,7 @@ def _has(config: str, field: str) -> bool:
 
 def _lti_phase(ctx: Context) -> list[str]:
   """Learn-to-init from the teacher's checkpoint (the demo recipe, configs/demo/lti.yaml), tail KD meanwhile."""
-  return ["--config", "configs/demo/lti.yaml", f"lti.kernels_from=hf", f"lti.kernels_path={ctx.teacher_hf}",
+  return ["--config", "configs/demo/lti.yaml", "lti.kernels_from=hf", f"lti.kernels_path={ctx.teacher_hf}",
           *_remote(ctx), *_kd(ctx), "loss.kd_mode=tail"]
 
 
@@ -182,9 +182,10 @@ def _digest(settings: object) -> str:
   return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed: int) -> list[str]:
+def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed: int,
+                     eval_every: int | None = None) -> list[str]:
   return [f"run_dir={run_dir}", f"data.path={data}", f"data.batch_size={budget.batch}", f"steps={steps}",
-          f"seed={seed}", f"eval.every_steps={budget.eval_every}", "eval.batches=4",
+          f"seed={seed}", f"eval.every_steps={eval_every or budget.eval_every}", "eval.batches=4",
           f"checkpoint.every_steps={max(steps // 2, 1)}", "logging.every_steps=5", "logging.tensorboard=false"]
 
 
@@ -199,8 +200,8 @@ def train_teacher(ctx: Context) -> Path:
     return run_dir / "hf"
   run_dir.mkdir(parents=True, exist_ok=True)
   sh([PY, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml",
-      *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0), f"model={b.teacher}",
-      f"optim.warmup_steps={max(b.teacher_steps // 20, 1)}", f"eval.every_steps={max(b.teacher_steps // 10, 1)}"],
+      *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0, eval_every=max(b.teacher_steps // 10, 1)),
+      f"model={b.teacher}", f"optim.warmup_steps={max(b.teacher_steps // 20, 1)}"],
      run_dir / "train.log")
   stamp.write_text(json.dumps(settings))
   return run_dir / "hf"
@@ -264,10 +265,10 @@ def dump_answers(ctx: Context) -> None:
 
 def curve(phases: list[tuple[Path, int]], batch_tokens: int) -> list[tuple[int, float]]:
   """(tokens seen, held-out CE) at every periodic evaluation of a run's phases."""
+  from student_trainer.metrics import read_metrics
   points = []
   for run_dir, first_step in phases:
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-      row = json.loads(line)
+    for row in read_metrics(run_dir):
       if "eval/ce_loss" in row:
         points.append(((first_step + int(row["step"])) * batch_tokens, float(row["eval/ce_loss"])))
   return points
@@ -310,7 +311,6 @@ class Evaluator:
   def evaluate(self, hf_dir: Path | None) -> dict[str, float]:
     """{"ce", "kd"} of the student at `hf_dir` (None: the teacher itself, whose KD is 0)."""
     import jax.numpy as jnp
-    import numpy as np
 
     model = None if hf_dir is None else self._load(None, hf_checkpoint=str(hf_dir))
     ce = kd = 0.0

@@ -17,7 +17,6 @@ the printed commands can be copied. Stages that already finished are reused
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import subprocess
@@ -39,11 +38,10 @@ def sh(args: list[str], **kwargs) -> None:
 
 
 def last_metrics(run_dir: Path) -> dict[str, float]:
+  from student_trainer.metrics import read_metrics
   merged: dict[str, float] = {}
-  path = run_dir / "metrics.jsonl"
-  if path.is_file():
-    for line in path.read_text().splitlines():
-      merged.update(json.loads(line))
+  for row in read_metrics(run_dir):
+    merged.update(row)
   return merged
 
 
@@ -96,14 +94,12 @@ def serve_teacher(hf_dir: Path, tokenizer: Path, port: int, log_path: Path) -> s
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
   """{metric: [(step, value)]} for the train and eval CE of a run."""
+  from student_trainer.metrics import read_metrics
   out: dict[str, list[tuple[int, float]]] = {"train/ce_loss": [], "eval/ce_loss": []}
-  path = run_dir / "metrics.jsonl"
-  if path.is_file():
-    for line in path.read_text().splitlines():
-      row = json.loads(line)
-      for key in out:
-        if key in row:
-          out[key].append((int(row["step"]), float(row[key])))
+  for row in read_metrics(run_dir):
+    for key in out:
+      if key in row:
+        out[key].append((int(row["step"]), float(row[key])))
   return out
 
 
