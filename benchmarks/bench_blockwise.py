@@ -224,7 +224,7 @@ def train_overrides(args, phase: str) -> list[str]:
 
 def run_phase(args) -> dict:
   """Child process: one blockwise training run (from the remote teacher or from memory)."""
-  from benchmarks.common import precompute_targets, run_from_memory
+  from benchmarks.common import measured_intervals, precompute_targets, run_from_memory, weighted
   from distill_core.config import load_config
   from student_trainer import train
   from student_trainer.config import TrainConfig
@@ -236,11 +236,9 @@ def run_phase(args) -> dict:
     run_from_memory(cfg, precompute_targets(cfg, total), stop_after=total)
   else:
     train.run(cfg, stop_after=total)
-  rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
-  rows = [r for r in rows if "perf/tokens_per_s" in r][1:]  # drop the interval with compilation
-  walls = [r["perf/step_time_s"] * args.log_every for r in rows]
-  return {"tokens_per_s": sum(r["perf/tokens_per_s"] * w for r, w in zip(rows, walls)) / sum(walls),
-          "teacher_wait_fraction": sum(r["perf/teacher_wait_fraction"] * w for r, w in zip(rows, walls)) / sum(walls),
+  rows, walls, wall = measured_intervals(cfg.run_dir, args.log_every)
+  return {"tokens_per_s": weighted(rows, walls, wall, "perf/tokens_per_s"),
+          "teacher_wait_fraction": weighted(rows, walls, wall, "perf/teacher_wait_fraction"),
           "feature_loss": rows[-1]["train/feature_loss"]}
 
 

@@ -90,7 +90,7 @@ def train_overrides(args, phase: str) -> list[str]:
 
 def run_phase(args) -> dict:
   """Child process: one trainer run; returns throughput over the measured intervals."""
-  from benchmarks.common import precompute_targets, run_from_memory
+  from benchmarks.common import measured_intervals, precompute_targets, run_from_memory, weighted
   from distill_core.config import load_config
   from student_trainer import train
   from student_trainer.config import TrainConfig
@@ -102,14 +102,10 @@ def run_phase(args) -> dict:
     run_from_memory(cfg, precompute_targets(cfg, total), stop_after=total)
   else:
     train.run(cfg, stop_after=total)
-  metrics_file = Path(cfg.run_dir) / "metrics.jsonl"
-  rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-  rows = [r for r in rows if "perf/tokens_per_s" in r][1:]  # drop the interval with compilation
-  walls = [r["perf/step_time_s"] * args.log_every for r in rows]
-  tokens = sum(r["perf/tokens_per_s"] * w for r, w in zip(rows, walls))
-  wall = sum(walls)
-  out = {"tokens_per_s": tokens / wall, "step_ms": 1000 * wall / (len(rows) * args.log_every),
-         "teacher_wait_fraction": sum(r["perf/teacher_wait_fraction"] * w for r, w in zip(rows, walls)) / wall,
+  rows, walls, wall = measured_intervals(cfg.run_dir, args.log_every)
+  out = {"tokens_per_s": weighted(rows, walls, wall, "perf/tokens_per_s"),
+         "step_ms": 1000 * wall / (len(rows) * args.log_every),
+         "teacher_wait_fraction": weighted(rows, walls, wall, "perf/teacher_wait_fraction"),
          "measured_steps": len(rows) * args.log_every}
   if args.phase == "remote":
     out.update({k.removeprefix("teacher/"): rows[-1][k] for k in ("teacher/latency_ms_p50",

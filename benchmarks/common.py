@@ -24,6 +24,19 @@ class InMemorySource(TeacherSource):
     self._targets = []
 
 
+def measured_intervals(run_dir, log_every: int) -> tuple[list[dict], list[float], float]:
+  """The logged intervals of a run after the first (which holds compilation): (rows, wall of each, total wall)."""
+  from student_trainer.metrics import read_metrics
+  rows = [r for r in read_metrics(run_dir) if "perf/tokens_per_s" in r][1:]
+  walls = [r["perf/step_time_s"] * log_every for r in rows]
+  return rows, walls, sum(walls)
+
+
+def weighted(rows: list[dict], walls: list[float], wall: float, key: str) -> float:
+  """The wall-time-weighted mean of `key` over measured intervals."""
+  return sum(r[key] * w for r, w in zip(rows, walls)) / wall
+
+
 def precompute_targets(cfg, steps: int) -> list:
   """The targets of the first `steps` training batches of `cfg`, from the source it names."""
   import jax
