@@ -9,10 +9,12 @@ export PYTHONUNBUFFERED := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every version comes from deploy/constraints.txt (as in CI and the images): a new upstream
+# release changes nothing until `python scripts/constraints.py` regenerates the file on purpose.
+$(STAMP): pyproject.toml deploy/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -e '.[dev]'
+	$(VPY) -m pip install --quiet -c deploy/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 demo: $(STAMP)
