@@ -109,9 +109,11 @@ class ShardWriter:
       staged.unlink()
     self._index += 1
     self._ids, self._positions, self._tokens, self._temps = [], 0, 0, set()
-    self.progress = self.progress.model_copy(update={"shards": [*self.progress.shards, info]})
-    shards.write_progress(self.root, self.progress)
+    progress = self.progress.model_copy(update={"shards": [*self.progress.shards, info]})
+    shards.write_progress(self.root, progress)
     shards.write_manifest(self.root)
+    # Published last: a reader on another thread that sees the shard in `progress` finds it in the manifest.
+    self.progress = progress
     return info
 
   def close(self, *, keep_partial: bool = True) -> None:
@@ -144,12 +146,14 @@ class AnswerStore:
   Args:
     root: the answers directory.
     verify: check every shard's sha256 against the manifest when it is opened.
-    must_exist: a missing manifest is an error (otherwise the store starts empty: a new cache).
+    must_exist: a missing manifest is an error (otherwise the store is empty until one appears: a cache
+      whose first shard is not finished yet).
   """
 
   def __init__(self, root: str | epath.Path, *, verify: bool = True, must_exist: bool = True):
     self.root = epath.Path(root)
     self._verify = verify
+    self._must_exist = must_exist
     self._lock = threading.Lock()
     self._sources: list = []
     self._paths: list[str] = []
@@ -157,8 +161,7 @@ class AnswerStore:
     self._index: dict[int, tuple[int, int]] = {}
     self._opened: set[str] = set()
     self.manifest: shards.Manifest | None = None
-    if must_exist or (self.root / shards.MANIFEST_NAME).exists():
-      self.refresh()
+    self.refresh()
 
   def __len__(self) -> int:
     return len(self._index)
@@ -167,8 +170,13 @@ class AnswerStore:
     return int(example_id) in self._index
 
   def refresh(self) -> int:
-    """Re-reads the manifest and opens shards finished since; returns the records added."""
+    """Re-reads the manifest and opens shards finished since; returns the records added.
+
+    Without `must_exist`, a directory with no manifest yet (no shard finished) holds nothing: 0.
+    """
     from grain.sources import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
+    if not self._must_exist and not (self.root / shards.MANIFEST_NAME).exists():
+      return 0  # the manifest is written atomically and never removed: absent now means nothing finished
     manifest = shards.read_manifest(self.root)
     added = 0
     for info in manifest.shards:

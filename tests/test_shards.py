@@ -184,3 +184,38 @@ def test_record_size_meets_the_format_targets_at_131072_ids():
   assert wire.bits_for(vocab) == 17
   assert sizes["raw"] <= t * (4.25 * k + 4)
   assert sizes["sorted_delta"] < 0.85 * sizes["raw"]
+
+
+def test_cache_reader_between_shard_file_and_manifest_sees_nothing_yet(tmp_path, monkeypatch):
+  """The losing order, forced: a reader looks while the writer has moved its first shard into place
+  but not yet written the manifest. The writer must not announce the shard yet, and a store of a cache
+  with no manifest is empty, not an error."""
+  import threading
+  in_manifest, release = threading.Event(), threading.Event()
+  original = shards.write_manifest
+
+  def slow_write_manifest(root):
+    in_manifest.set()
+    assert release.wait(30)
+    return original(root)
+
+  monkeypatch.setattr(shards, "write_manifest", slow_write_manifest)
+  writer = ShardWriter(tmp_path, header(), name_of=lambda i: f"c-{i}.array_record", records_per_shard=2)
+  rng = np.random.default_rng(7)
+  writer.add(0, shards.encode_record(0, answer(rng), spec()), positions=6, tokens=5, temperatures=(1.0, 2.0))
+  thread = threading.Thread(target=writer.add, args=(1, shards.encode_record(1, answer(rng), spec())),
+                            kwargs=dict(positions=6, tokens=5, temperatures=(1.0, 2.0)))
+  thread.start()
+  try:
+    assert in_manifest.wait(30)
+    assert (tmp_path / "c-0.array_record").exists() and not (tmp_path / shards.MANIFEST_NAME).exists()
+    assert len(writer.progress.shards) == 0  # not announced before the manifest lists it
+    store = AnswerStore(tmp_path, must_exist=False)
+    assert store.refresh() == 0 and store.manifest is None and len(store) == 0
+    with pytest.raises(ShardError, match="manifest.json: not found"):  # a dump directory must have one
+      AnswerStore(tmp_path)
+  finally:
+    release.set()
+    thread.join(30)
+  assert len(writer.progress.shards) == 1
+  assert store.refresh() == 2 and store.missing([0, 1, 2]) == [2]

@@ -131,7 +131,8 @@ class CacheWriter:
 
   @property
   def finished_shards(self) -> int:
-    """Shards this writer has finished (and listed) so far."""
+    """Shards this writer has finished and listed in the manifest so far (ShardWriter publishes a shard
+    in its progress only after the manifest lists it, so a reader may refresh as soon as this grows)."""
     return len(self._writer.progress.shards) if self._writer is not None else 0
 
   def close(self) -> None:
@@ -295,7 +296,7 @@ class CachedShardsPolicy(FallbackPolicy):
 
   def decide(self, overdue: Overdue) -> Decision:
     now = time.monotonic()
-    if now - self._refreshed >= 1.0 and (self._store.root / shards.MANIFEST_NAME).exists():
+    if now - self._refreshed >= 1.0:
       self._store.refresh()  # answers cached since (by this run or another)
       self._refreshed = now
     ids = np.asarray(overdue.batch.example_ids, np.int64)
