@@ -5,6 +5,14 @@ Importing some libraries (orbax, through absl) already calls
 level, no format, no INFO lines in a redirected run. `setup_logging` replaces
 the root logger's handlers instead, so each command's `--log-level` and
 timestamps hold wherever output goes (terminal, file, CI log).
+
+The user reads the project's own progress and summary lines. Libraries log
+much more at INFO (orbax/absl: a line per metadata store opened and closed;
+jax: `Unable to initialize backend 'tpu'` on every machine without libtpu,
+which jax itself treats as an expected, quiet probe). So the handler holds
+third-party lines one step below the project's: at `--log-level INFO` they
+need WARNING to show; at `--log-level DEBUG` everything shows. Nothing about
+which accelerator jax uses changes (JAX_PLATFORMS is left alone).
 """
 
 from __future__ import annotations
@@ -36,17 +44,52 @@ class JsonFormatter(logging.Formatter):
     return json.dumps(out)
 
 
+PROJECT_LOGGERS = ("distill_core", "student_trainer", "teacher_server", "benchmarks", "__main__")
+
+
+def is_project_logger(name: str) -> bool:
+  return name.split(".", 1)[0] in PROJECT_LOGGERS
+
+
+class ProjectFirst(logging.Filter):
+  """Passes the project's records at the configured level and third-party records from WARNING up
+  (or at that level when it is higher); at DEBUG, everything."""
+
+  def __init__(self, level: int):
+    super().__init__()
+    self.level = level
+    self.third_party = max(level, logging.WARNING) if level > logging.DEBUG else level
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return is_project_logger(record.name) or record.levelno >= self.third_party
+
+
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_log_level_argument(parser, help_prefix: str = "Logging level") -> None:
+  """`--log-level` with the same choices and meaning in every command."""
+  parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LEVELS, metavar="LEVEL",
+                      help=f"{help_prefix}: {', '.join(LEVELS)} (default INFO). Other libraries' lines "
+                           "(jax, orbax, absl, grpc) show from WARNING, or all of them at DEBUG.")
+
+
 def setup_logging(fmt: str = "text", level: str | int = "INFO") -> None:
   """Replaces the root logger's handlers with one stderr handler in ``fmt`` ("text" or "json").
 
-  Text lines start with a timestamp (``2026-01-01 12:00:00,123 INFO name: message``).
+  Text lines start with a timestamp (``2026-01-01 12:00:00,123 INFO name: message``). Third-party
+  loggers (absl, orbax, jax, grpc, ...) show from WARNING unless ``level`` is DEBUG (ProjectFirst).
   """
   if fmt not in ("text", "json"):
     raise ValueError(f"log format {fmt!r} is not 'text' or 'json'")
   handler = logging.StreamHandler(sys.stderr)
   handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+  number = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+  if not isinstance(number, int):
+    raise ValueError(f"--log-level {level!r} is not one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+  handler.addFilter(ProjectFirst(number))
   root = logging.getLogger()
   for old in root.handlers[:]:
     root.removeHandler(old)
   root.addHandler(handler)
-  root.setLevel(level.upper() if isinstance(level, str) else level)
+  root.setLevel(number)

@@ -33,7 +33,7 @@ from pydantic import Field, field_validator
 
 from distill_core import records
 from distill_core.config import ConfigBase, ConfigError, describe, load_config
-from distill_core.logs import setup_logging
+from distill_core.logs import add_log_level_argument, setup_logging
 from distill_core.tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger("distill_core.prepare")  # also under `python -m`
@@ -357,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       description="Tokenize a text corpus into packed ArrayRecord shards (docs/data.md).")
   parser.add_argument("--config", help="YAML file (e.g. configs/prepare.yaml)")
   parser.add_argument("-h", "--help", action="store_true", help="print every option")
-  parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO)")
+  add_log_level_argument(parser)
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
   args = parser.parse_args(argv)
   setup_logging(level=args.log_level)

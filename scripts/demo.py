@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--student-steps", type=int, default=100, help="Distillation steps of the student.")
   parser.add_argument("--run-dir", default="runs/demo", help="Where the demo's runs go.")
   parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset directory.")
-  parser.add_argument("--log-level", default="INFO", help="Python logging level of the demo's own lines.")
+  from distill_core.logs import add_log_level_argument
+  add_log_level_argument(parser, "Logging level of the demo's own lines")
   args = parser.parse_args(argv)
   from distill_core.logs import setup_logging
   setup_logging(level=args.log_level)

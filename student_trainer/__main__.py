@@ -7,7 +7,7 @@ import logging
 import sys
 
 from distill_core.config import ConfigError, describe, load_config
-from distill_core.logs import setup_logging
+from distill_core.logs import add_log_level_argument, setup_logging
 from student_trainer.config import TrainConfig
 
 
@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
       epilog="options (set in the YAML file or as key=value overrides, e.g. optim.learning_rate=1e-3):\n  "
              + "\n  ".join(describe(TrainConfig)))
   parser.add_argument("--config", help="YAML run configuration (see configs/).")
-  parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO).")
+  add_log_level_argument(parser)
   parser.add_argument("--lti-plan", action="store_true",
                       help="Dry run of learn-to-init (lti.*): print what every projection/share/copy/train "
                            "pattern matches, from parameter shapes only (no model is allocated, no teacher "

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--orbax-out", default=None, help="Orbax model directory to write (default: RUN_DIR/collapsed).")
   parser.add_argument("--hf-out", default=None, help="Hugging Face directory to write (default: RUN_DIR/hf).")
   parser.add_argument("--no-hf", action="store_true", help="Write only the Orbax directory.")
-  parser.add_argument("--log-level", default="INFO", help="Python logging level (default INFO).")
+  from distill_core.logs import add_log_level_argument
+  add_log_level_argument(parser)
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="Overrides of the run's config, e.g. teacher.remote.token_file=... for the server.")
   args = parser.parse_args(argv)
