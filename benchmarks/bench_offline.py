@@ -62,6 +62,9 @@ def _header(name: str):
   return shards.Progress(teacher=teacher, dataset=dataset, spec=spec, writer=name)
 
 
+STAMP = "0" * 64  # every record names its teacher: a sha256 hex weights fingerprint, as a real dump's
+
+
 def size_figures(answers, vocab: int, seq_len: int, out: Path, prefix: str) -> dict:
   """Bytes per token and per entry for every k and zstd setting; `answers` yields B=1 targets at k = 128."""
   from distill_core import shards, wire
@@ -72,7 +75,7 @@ def size_figures(answers, vocab: int, seq_len: int, out: Path, prefix: str) -> d
       spec = StoredSpec.build(wire.OutputSpec(k=k), id_bits=wire.bits_for(vocab), value_coding="sorted_delta",
                               zstd_level=level)
       trimmed = [shards.select(a, temperature=1.0, k=k) for a in answers]
-      size = write_shard(out, f"{prefix}k{k}z{level}", [shards.encode_record(i, a, spec)
+      size = write_shard(out, f"{prefix}k{k}z{level}", [shards.encode_record(i, a, spec, weights_fingerprint=STAMP)
                                                         for i, a in enumerate(trimmed)], seq_len)
       positions = len(answers) * seq_len
       suffix = "_zstd" if level else ""
@@ -94,7 +97,8 @@ def big_vocab_figures(examples: int, seq_len: int, out: Path) -> dict:
                                   temperatures=(1.0,)))
   figures = size_figures(answers, BIG_VOCAB, seq_len, out, "")
   raw = StoredSpec.build(wire.OutputSpec(k=64), id_bits=wire.bits_for(BIG_VOCAB), value_coding="raw", zstd_level=0)
-  size = write_shard(out, "rawk64", [shards.encode_record(i, shards.select(a, temperature=1.0, k=64), raw)
+  size = write_shard(out, "rawk64", [shards.encode_record(i, shards.select(a, temperature=1.0, k=64), raw,
+                                                          weights_fingerprint=STAMP)
                                      for i, a in enumerate(answers)], seq_len)
   figures["disk_bytes_per_entry_k64_raw_f16"] = (size / (examples * seq_len * 64), "bytes/entry")
   values = np.concatenate([np.asarray(a.topk_logits[0, :, :64]) for a in answers])

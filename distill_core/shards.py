@@ -17,6 +17,14 @@ read them back by example id. A record is one example's answer::
                 temperature, layer states and any other tensor the answer carries
   20+P    4     crc32 of bytes [0, 20+P) (uint32)
 
+Every record names the teacher that wrote it: the payload's
+``replica.weights_fingerprint`` is the teacher's weights fingerprint (record
+version 2). A reader checks it against the manifest's
+``teacher.weights_fingerprint`` when it opens a shard (its first record) and on
+every record it decodes, so a shard of another teacher, even one copied in with
+its manifest entry, is refused naming the file. Version 1 answers carry no
+such stamp and are refused with a message saying to dump them again.
+
 Each writer (one dump process, or one student process's cache) keeps a progress
 file ``progress-<writer>.json`` listing its finished shards with their sha256;
 ``manifest.json`` is their deterministic merge. A shard file appears under its
@@ -44,13 +52,15 @@ from distill_core.records import StrictModel
 from distill_core.targets import SampleRequest, TeacherTargets
 
 FORMAT = "distill-teacher-answers"
-FORMAT_VERSION = 1
-RECORD_VERSION = 1
+FORMAT_VERSION = 2  # 2: every record stamped with the teacher's weights fingerprint
+RECORD_VERSION = 2
 MAGIC = b"DKTA"
 MANIFEST_NAME = "manifest.json"
 PROGRESS_PREFIX = "progress-"
 SHARD_SUFFIX = ".array_record"
 FLAG_ZSTD = 1
+_REDUMP = ("; version 1 answers carry no teacher identity: dump them again with `python -m teacher_server.dump` "
+           "(or start a new teacher.cached.path)")
 _HEADER = struct.Struct("<4sBBHqI")  # magic, version, flags, reserved, example id, payload bytes
 _CRC = struct.Struct("<I")
 
@@ -183,6 +193,18 @@ class Manifest(_Header):
   bytes: int = pydantic.Field(description="Bytes over all shards.")
   complete: bool = pydantic.Field(description="Every example of every split in dataset.splits is stored.")
 
+  @pydantic.model_validator(mode="after")
+  def _shards_add_up(self) -> "Manifest":
+    seen: set[str] = set()
+    for shard in self.shards:
+      if shard.file in seen:
+        raise ValueError(f"shards: {shard.file} is listed twice")
+      seen.add(shard.file)
+    total = sum(shard.records for shard in self.shards)
+    if self.records != total:
+      raise ValueError(f"records: {self.records}, but its shards hold {total}")
+    return self
+
   @property
   def temperatures(self) -> tuple[float, ...]:
     """Every temperature some record stores (a dump: exactly spec.temperatures)."""
@@ -191,12 +213,15 @@ class Manifest(_Header):
 
 # -- records ---------------------------------------------------------------------------------------
 
-def encode_record(example_id: int, targets: TeacherTargets, spec: StoredSpec) -> bytes:
-  """One example's answer (numpy targets with B = 1) as a record."""
+def encode_record(example_id: int, targets: TeacherTargets, spec: StoredSpec, *, weights_fingerprint: str) -> bytes:
+  """One example's answer (numpy targets with B = 1) as a record, stamped with the teacher's weights."""
   if targets.batch_size != 1:
     raise ValueError(f"a record holds one example, got a batch of {targets.batch_size}")
+  if not weights_fingerprint:
+    raise ValueError("a record names the teacher that answered: weights_fingerprint is empty")
   resp = wire.targets_to_response(int(example_id), targets, packed_id_bits=spec.id_bits,
                                   sorted_delta_values=spec.value_coding == "sorted_delta")
+  resp.replica.weights_fingerprint = weights_fingerprint
   payload = resp.SerializeToString()
   flags = 0
   if spec.zstd_level:
@@ -207,8 +232,9 @@ def encode_record(example_id: int, targets: TeacherTargets, spec: StoredSpec) ->
   return body + _CRC.pack(zlib.crc32(body))
 
 
-def decode_record(data: bytes, where: str) -> tuple[int, TeacherTargets]:
-  """(example id, numpy targets with B = 1) of a record, after checking magic, length and crc32."""
+def decode_record(data: bytes, where: str, *, weights_fingerprint: str | None = None) -> tuple[int, TeacherTargets]:
+  """(example id, numpy targets with B = 1) of a record, after checking magic, length and crc32, and
+  (when `weights_fingerprint` is given) that the record was written by that teacher."""
   if len(data) < _HEADER.size + _CRC.size:
     raise ShardError(f"{where}: record of {len(data)} bytes is shorter than its header; corrupt record")
   magic, version, flags, _, example_id, size = _HEADER.unpack_from(data, 0)
@@ -222,7 +248,7 @@ def decode_record(data: bytes, where: str) -> tuple[int, TeacherTargets]:
   if stored != computed:
     raise ShardError(f"{where}: crc32 mismatch (stored {stored:#010x}, computed {computed:#010x}); corrupt record")
   if version != RECORD_VERSION:
-    raise ShardError(f"{where}: record version {version}, this code reads {RECORD_VERSION}")
+    raise ShardError(f"{where}: record version {version}, this code reads {RECORD_VERSION}{_REDUMP}")
   payload = memoryview(data)[_HEADER.size:_HEADER.size + size]
   if flags & FLAG_ZSTD:
     import zstandard  # pylint: disable=import-outside-toplevel
@@ -234,6 +260,11 @@ def decode_record(data: bytes, where: str) -> tuple[int, TeacherTargets]:
     raise ShardError(f"{where}: undecodable answer: {e}") from e
   if resp.request_id != example_id:
     raise ShardError(f"{where}: answer of example {resp.request_id} in the record of example {example_id}")
+  stamped = resp.replica.weights_fingerprint
+  if weights_fingerprint is not None and stamped != weights_fingerprint:
+    raise ShardError(f"{where}: teacher.weights_fingerprint: the record was written by teacher weights "
+                     f"{stamped[:16] or '(none)'}..., the manifest names {weights_fingerprint[:16]}...; a shard of "
+                     "another teacher")
   if targets.batch_size != 1:
     raise ShardError(f"{where}: record holds {targets.batch_size} rows, expected 1")
   return int(example_id), targets
@@ -294,9 +325,18 @@ def write_progress(root: str | epath.Path, progress: Progress) -> None:
 
 def _parse(model, path: epath.Path):
   try:
-    return model.model_validate(json.loads(path.read_text()))
-  except (json.JSONDecodeError, pydantic.ValidationError) as e:
-    raise ShardError(f"{path}: invalid {model.__name__.lower()} file: {e}") from e
+    data = json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ShardError(f"{path}: invalid {model.__name__.lower()} file: not JSON ({e})") from None
+  if isinstance(data, dict) and data.get("format") == FORMAT and data.get("format_version") != FORMAT_VERSION:
+    raise ShardError(f"{path}: format_version {data.get('format_version')}, this code reads {FORMAT_VERSION}"
+                     f"{_REDUMP}")
+  try:
+    return model.model_validate(data)
+  except pydantic.ValidationError as e:
+    problems = "; ".join(((".".join(map(str, err["loc"])) + ": ") if err["loc"] else "")
+                         + err["msg"].removeprefix("Value error, ") for err in e.errors())
+    raise ShardError(f"{path}: invalid {model.__name__.lower()} file: {problems}") from None
 
 
 def differs(a, b) -> bool:

@@ -194,6 +194,12 @@ class AnswerStore:
         raise ShardError(f"{path}: cannot open shard: {e}") from e
       if len(source) != info.records:
         raise ShardError(f"{path}: has {len(source)} records, the manifest says {info.records}; truncated shard")
+      if info.records:  # whose answers: the first record's stamp, before anything is trained on
+        try:
+          first = source[0]
+        except RuntimeError as e:
+          raise ShardError(f"{path} (record 0): corrupt shard: {e}") from e
+        shards.decode_record(first, f"{path} (record 0)", weights_fingerprint=manifest.teacher.weights_fingerprint)
       ids = shards.expand_runs(info.ids)
       with self._lock:
         shard = len(self._sources)
@@ -226,7 +232,7 @@ class AnswerStore:
       raw = self._sources[shard][record]
     except RuntimeError as e:  # riegeli: corrupted block / hash mismatch
       raise ShardError(f"{name}: corrupt shard: {e}") from e
-    stored_id, targets = shards.decode_record(raw, name)
+    stored_id, targets = shards.decode_record(raw, name, weights_fingerprint=self.manifest.teacher.weights_fingerprint)
     if stored_id != int(example_id):
       raise ShardError(f"{name}: holds example {stored_id}, the manifest says {example_id}")
     return targets

@@ -41,17 +41,22 @@ def main(argv: list[str] | None = None) -> int:
   if args.lti_plan:
     return _print_lti_plan(cfg)
   from student_trainer import distributed  # heavy imports only after the config is valid
-  from student_trainer.train import run, user_errors
+  from student_trainer.preflight import one_line, user_errors
+  from student_trainer.train import run
   try:
     result = run(cfg)
   except LTIPlanError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     distributed.exit_after_failure(2)
     return 2
   except user_errors() as e:  # a message naming the file or option; no traceback to dig through
-    print(f"error: {e}", file=sys.stderr)
+    print(f"error: {one_line(e)}", file=sys.stderr)
     distributed.exit_after_failure(1)
     return 1
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    distributed.exit_after_failure(130)
+    return 130
   except BaseException:
     logging.getLogger("student_trainer").exception("training failed")
     distributed.exit_after_failure()  # several processes: leave now, the others are ending too

@@ -25,6 +25,23 @@ class RunError(ValueError):
   """A run that cannot start (or go on) as configured; the message names the file or option."""
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Errors that mean "this run cannot go on as configured": the command line prints their message
+  (one line, `one_line`) instead of a traceback. Each names the file or option at fault."""
+  from distill_core.records import RecordError
+  from distill_core.shards import ShardError
+  from distill_core.shards_io import MissingAnswers
+  from student_trainer.checkpoint import ConfigChanged
+  from student_trainer.sources.remote_stream import RemoteTeacherError
+  return (RunError, ConfigChanged, RemoteTeacherError, RecordError, ShardError, MissingAnswers)
+
+
+def one_line(error: BaseException) -> str:
+  """The error's message on one line (a message listing several problems joins them with '; ')."""
+  parts = [part.strip() for part in str(error).splitlines() if part.strip()]
+  return "; ".join(parts) if parts else type(error).__name__
+
+
 def prepare_default_dataset(path: str | Path) -> None:
   """Prepares the trainer's default dataset at `path` from configs/prepare_tiny.yaml."""
   from distill_core.config import load_config

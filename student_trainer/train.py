@@ -25,7 +25,7 @@ from student_trainer.config import TrainConfig
 from student_trainer.lti.build import check_restored
 from student_trainer.metrics import (DeviceClock, ExampleIdLog, MetricsWriter, ProgressDisplay, StepWindow,
                                      read_example_ids, token_means)
-from student_trainer.preflight import RunError, preflight
+from student_trainer.preflight import RunError, preflight, user_errors  # noqa: F401 (user_errors: re-exported)
 from student_trainer.sources import make_source
 from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.state import TrainState, create_train_state, export_student
@@ -250,14 +250,6 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
       export_student(state, run_dir / "hf", tokenizer_file=Path(cfg.data.path) / "tokenizer.json")
   return TrainResult(step=step, preempted=bool(preempt), last_metrics=last, run_dir=run_dir,
                      state=state if keep_state else None, compilations=programs.compilations())
-
-
-def user_errors() -> tuple[type[Exception], ...]:
-  """Errors that mean "this run cannot go on as configured": the command line prints their message."""
-  from distill_core.records import RecordError
-  from student_trainer.checkpoint import ConfigChanged
-  from student_trainer.sources.remote_stream import RemoteTeacherError
-  return (RunError, ConfigChanged, RemoteTeacherError, RecordError)
 
 
 def shared_cores_note(cfg: TrainConfig) -> str | None:

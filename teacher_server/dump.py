@@ -274,7 +274,8 @@ class _Progress:
       self._bar.stop()
 
 
-def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, errors: list) -> None:
+def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, weights_fingerprint: str,
+                 errors: list) -> None:
   """Encoder thread: one answer of B rows -> B records."""
   try:
     while (item := inbox.get()) is not _DONE:
@@ -282,7 +283,8 @@ def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, erro
       records = []
       for row, example_id in enumerate(request.ids.tolist()):
         one = slice_batch(targets, row, row + 1)
-        records.append((example_id, shards.encode_record(example_id, one, spec),
+        record = shards.encode_record(example_id, one, spec, weights_fingerprint=weights_fingerprint)
+        records.append((example_id, record,
                         int(np.count_nonzero(request.segment_ids[row]))))
       outbox.put((request, records, tuple(float(t) for t in np.asarray(targets.temperatures))))
   except BaseException as e:  # noqa: BLE001 - reported by the main thread
@@ -349,7 +351,8 @@ async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
     to_write: queue.Queue = queue.Queue(cfg.queue_size)
     errors: list[BaseException] = []
     totals = dict(records=0, tokens=0, bytes=0, shards=0)
-    threads = [threading.Thread(target=_encode_loop, args=(to_encode, to_write, header.spec, errors),
+    threads = [threading.Thread(target=_encode_loop,
+                                args=(to_encode, to_write, header.spec, header.teacher.weights_fingerprint, errors),
                                 name="dump-encode", daemon=True),
                threading.Thread(target=_write_loop, args=(to_write, writer, bar, seq_len, errors, totals),
                                 name="dump-write", daemon=True)]

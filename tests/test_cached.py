@@ -128,7 +128,7 @@ def test_student_killed_mid_shard_leaves_a_valid_cache(tmp_path):
   script = textwrap.dedent(f"""
       import os, signal, sys
       sys.path.insert(0, {str(REPO / 'tests')!r})
-      from test_shards import answer, header, spec
+      from test_shards import FP, answer, header, spec
       import numpy as np
       from distill_core import shards
       from distill_core.shards_io import ShardWriter
@@ -136,7 +136,8 @@ def test_student_killed_mid_shard_leaves_a_valid_cache(tmp_path):
       writer = ShardWriter({str(tmp_path)!r}, header("cache-p00000-1"), name_of=lambda i: f"c-{{i}}.array_record",
                            records_per_shard=3)
       for i in range(5):
-        writer.add(i, shards.encode_record(i, answer(rng), spec()), positions=6, tokens=6, temperatures=(1.0, 2.0))
+        record = shards.encode_record(i, answer(rng), spec(), weights_fingerprint=FP)
+        writer.add(i, record, positions=6, tokens=6, temperatures=(1.0, 2.0))
       os.kill(os.getpid(), signal.SIGKILL)
   """)
   proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dump_env(), capture_output=True, timeout=120)

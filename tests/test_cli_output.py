@@ -71,3 +71,89 @@ def test_third_party_info_is_held_one_step_below_the_project(capfd):
   finally:
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
+
+
+# -- offline answers that are not this run's: refused in one line --------------------------------------
+
+def write_answers(dataset, root, *, fingerprint: str, ids=None, writer: str = "w0", name: str = "a"):
+  """A small answers directory for `dataset`'s train split (random top-8 answers at T=1) stamped by
+  the teacher `fingerprint`, written with the project's own writer; returns the manifest."""
+  import numpy as np
+
+  from distill_core import shards, wire
+  from distill_core.data import load_manifest
+  from distill_core.shards_io import ShardWriter
+  from distill_core.targets import TeacherTargets
+  data = load_manifest(dataset)
+  split = data.splits["train"]
+  ids = list(range(split.first_example_id, split.first_example_id + split.examples)) if ids is None else ids
+  spec = shards.StoredSpec.build(wire.OutputSpec(k=8, temperatures=(1.0,), pack_ids=True),
+                                 id_bits=wire.bits_for(384), value_coding="sorted_delta", zstd_level=0)
+  teacher = shards.TeacherInfo(model_type="llama", weights_fingerprint=fingerprint, tokenizer_fingerprint="",
+                               vocab_size=384, num_layers=2, hidden_size=64)
+  dataset_info = shards.DatasetInfo(path=str(dataset), dataset_fingerprint=data.dataset_fingerprint,
+                                    tokenizer_fingerprint=data.tokenizer_fingerprint, seq_len=data.seq_len,
+                                    splits={"train": split.examples})
+  header = shards.Progress(teacher=teacher, dataset=dataset_info, spec=spec, writer=writer)
+  out = ShardWriter(root, header, name_of=lambda i: f"{name}-{i:05d}.array_record", records_per_shard=64)
+  rng = np.random.default_rng(0)
+  t = data.seq_len
+  for example_id in ids:
+    gaps = rng.exponential(1.0, (1, t, 8)).astype(np.float32)
+    gaps[..., 0] = 0
+    values = -np.cumsum(gaps, axis=-1).astype(np.float16)  # shifted: first 0, the rest <= 0, descending
+    top = np.stack([rng.permutation(384)[:8] for _ in range(t)])[None].astype(np.int32)
+    one = TeacherTargets(topk_ids=top, topk_logits=values, logsumexp=np.full((1, t, 1), 0.5, np.float32),
+                         temperatures=(1.0,))
+    out.add(example_id, shards.encode_record(example_id, one, spec, weights_fingerprint=fingerprint),
+            positions=t, tokens=t, temperatures=(1.0,))
+  out.close()
+  return shards.read_manifest(root)
+
+
+OFFLINE_ARGS = ["teacher.source=offline", "loss.top_k=8", "loss.alpha=0.5", "teacher.value_dtype=float16",
+                "data.shuffle=false"]
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> str:
+  assert out.returncode != 0, out.stdout[-2000:]
+  lines = [line for line in out.stderr.splitlines() if line.strip()]
+  errors = [line for line in lines if line.startswith(("error:", "dump:", "teacher-server:"))]
+  assert "Traceback" not in out.stderr and len(errors) == 1, out.stderr[-4000:]
+  for needle in needles:
+    assert needle in errors[0], (needle, errors[0])
+  return errors[0]
+
+
+def test_manifest_listing_a_shard_twice_is_refused_in_one_line(tiny_dataset, tmp_path):
+  import json
+  answers = tmp_path / "answers"
+  write_answers(tiny_dataset, answers, fingerprint="a" * 64)
+  manifest = json.loads((answers / "manifest.json").read_text())
+  first = manifest["shards"][0]
+  manifest["shards"].append(first)  # the same file twice, the count adjusted to match
+  manifest["records"] += first["records"]
+  (answers / "manifest.json").write_text(json.dumps(manifest))
+  out = run_cli("student_trainer", f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TRAIN_ARGS,
+                *OFFLINE_ARGS, f"teacher.offline.path={answers}", JAX_PLATFORMS="cpu")
+  assert_one_line_error(out, str(answers / "manifest.json"), "shards:", f"{first['file']} is listed twice")
+
+
+def test_shard_of_another_teacher_is_refused_in_one_line(tiny_dataset, tmp_path):
+  """A shard written by teacher B, copied in with its manifest entry, into teacher A's answers; the student
+  pins teacher A: refused when the shard is opened, naming the file and the field."""
+  import json
+  mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+  write_answers(tiny_dataset, mine, fingerprint="a" * 64)
+  write_answers(tiny_dataset, theirs, fingerprint="b" * 64)
+  manifest, other = (json.loads((d / "manifest.json").read_text()) for d in (mine, theirs))
+  swapped = other["shards"][1]
+  assert manifest["shards"][1]["ids"] == swapped["ids"]  # the very same examples
+  (mine / swapped["file"]).write_bytes((theirs / swapped["file"]).read_bytes())
+  manifest["shards"][1] = swapped
+  (mine / "manifest.json").write_text(json.dumps(manifest))
+  out = run_cli("student_trainer", f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TRAIN_ARGS,
+                *OFFLINE_ARGS, f"teacher.offline.path={mine}", f"teacher.offline.weights_fingerprint={'a' * 64}",
+                JAX_PLATFORMS="cpu")
+  assert_one_line_error(out, str(mine / swapped["file"]), "teacher.weights_fingerprint", "bbbbbbbbbbbbbbbb",
+                        "aaaaaaaaaaaaaaaa")

@@ -11,6 +11,9 @@ from distill_core.shards_io import AnswerStore, MissingAnswers, ShardWriter
 from distill_core.targets import TeacherTargets
 
 
+FP = "w" * 64  # the teacher weights fingerprint every test record is stamped with
+
+
 def sorted_rows(rng, shape, vocab=500, dtype=np.float16):
   """Shifted top-k values as a teacher computes them: z - max(z), the k largest, descending."""
   z = rng.normal(0, 3, shape[:-1] + (vocab,)).astype(np.float32)
@@ -84,14 +87,14 @@ def assert_same(a: TeacherTargets, b: TeacherTargets) -> None:
 def test_record_round_trip(changes):
   rng = np.random.default_rng(2)
   one = answer(rng)
-  data = shards.encode_record(1234, one, spec(**changes))
+  data = shards.encode_record(1234, one, spec(**changes), weights_fingerprint=FP)
   example_id, out = shards.decode_record(data, "x.array_record (record 0)")
   assert example_id == 1234
   assert_same(out, one)
 
 
 def test_record_corruption_names_the_record():
-  data = bytearray(shards.encode_record(7, answer(np.random.default_rng(3)), spec()))
+  data = bytearray(shards.encode_record(7, answer(np.random.default_rng(3)), spec(), weights_fingerprint=FP))
   data[40] ^= 0x10
   with pytest.raises(ShardError, match=r"f\.array_record \(record 5\): crc32 mismatch"):
     shards.decode_record(bytes(data), "f.array_record (record 5)")
@@ -110,7 +113,7 @@ def test_id_runs_round_trip(ids):
 
 
 def header(writer="w0") -> Progress:
-  teacher = shards.TeacherInfo(model_type="llama", weights_fingerprint="w" * 64, tokenizer_fingerprint="",
+  teacher = shards.TeacherInfo(model_type="llama", weights_fingerprint=FP, tokenizer_fingerprint="",
                                vocab_size=300, num_layers=2, hidden_size=4)
   dataset = shards.DatasetInfo(path="d", dataset_fingerprint="d" * 64, tokenizer_fingerprint="t" * 64, seq_len=6,
                                splits={"train": 10})
@@ -123,7 +126,8 @@ def test_writer_and_store_round_trip(tmp_path):
   writers = [ShardWriter(tmp_path, header(f"w{n}"), name_of=lambda i, n=n: f"w{n}-{i}.array_record",
                          records_per_shard=3) for n in range(2)]
   for i, one in answers.items():
-    writers[i % 2].add(i, shards.encode_record(i, one, spec()), positions=6, tokens=5, temperatures=(1.0, 2.0))
+    writers[i % 2].add(i, shards.encode_record(i, one, spec(), weights_fingerprint=FP), positions=6, tokens=5,
+                       temperatures=(1.0, 2.0))
   assert writers[0].pending == 2 and not (tmp_path / "w0-1.array_record").exists()  # staged until finished
   store = AnswerStore(tmp_path)
   assert len(store) == 6 and 9 not in store and 0 in store
@@ -179,7 +183,7 @@ def test_record_size_meets_the_format_targets_at_131072_ids():
   one = TeacherTargets(topk_ids=ids[None], topk_logits=values[None], logsumexp=np.zeros((1, t, 1), np.float32),
                        temperatures=(1.0,))
   sizes = {coding: len(shards.encode_record(0, one, StoredSpec.build(
-      wire.OutputSpec(k=k), id_bits=wire.bits_for(vocab), value_coding=coding, zstd_level=0)))
+      wire.OutputSpec(k=k), id_bits=wire.bits_for(vocab), value_coding=coding, zstd_level=0), weights_fingerprint=FP))
       for coding in ("raw", "sorted_delta")}
   assert wire.bits_for(vocab) == 17
   assert sizes["raw"] <= t * (4.25 * k + 4)
@@ -202,8 +206,9 @@ def test_cache_reader_between_shard_file_and_manifest_sees_nothing_yet(tmp_path,
   monkeypatch.setattr(shards, "write_manifest", slow_write_manifest)
   writer = ShardWriter(tmp_path, header(), name_of=lambda i: f"c-{i}.array_record", records_per_shard=2)
   rng = np.random.default_rng(7)
-  writer.add(0, shards.encode_record(0, answer(rng), spec()), positions=6, tokens=5, temperatures=(1.0, 2.0))
-  thread = threading.Thread(target=writer.add, args=(1, shards.encode_record(1, answer(rng), spec())),
+  records = [shards.encode_record(i, answer(rng), spec(), weights_fingerprint=FP) for i in range(2)]
+  writer.add(0, records[0], positions=6, tokens=5, temperatures=(1.0, 2.0))
+  thread = threading.Thread(target=writer.add, args=(1, records[1]),
                             kwargs=dict(positions=6, tokens=5, temperatures=(1.0, 2.0)))
   thread.start()
   try:
@@ -219,3 +224,70 @@ def test_cache_reader_between_shard_file_and_manifest_sees_nothing_yet(tmp_path,
     thread.join(30)
   assert len(writer.progress.shards) == 1
   assert store.refresh() == 2 and store.missing([0, 1, 2]) == [2]
+
+
+def _written(root, fingerprint=FP, writer="w0", n=4):
+  rng = np.random.default_rng(8)
+  head = header(writer)
+  head = head.model_copy(update={"teacher": head.teacher.model_copy(update={"weights_fingerprint": fingerprint})})
+  out = ShardWriter(root, head, name_of=lambda i: f"{writer}-{i}.array_record", records_per_shard=2)
+  for i in range(n):
+    out.add(i, shards.encode_record(i, answer(rng), spec(), weights_fingerprint=fingerprint), positions=6,
+            tokens=5, temperatures=(1.0, 2.0))
+  out.close()
+  return shards.read_manifest(root)
+
+
+def test_manifest_must_list_each_shard_once_and_add_up(tmp_path):
+  import json
+  _written(tmp_path)
+  path = tmp_path / shards.MANIFEST_NAME
+  good = json.loads(path.read_text())
+  twice = dict(good, shards=good["shards"] + good["shards"][:1], records=good["records"] + 2)
+  path.write_text(json.dumps(twice))
+  with pytest.raises(ShardError, match=r"manifest.json: invalid manifest file: shards: w0-0.array_record is listed "
+                                       r"twice$") as e:
+    shards.read_manifest(tmp_path)
+  assert "\n" not in str(e.value)
+  path.write_text(json.dumps(dict(good, records=good["records"] + 1)))
+  with pytest.raises(ShardError, match=r"records: 5, but its shards hold 4$"):
+    AnswerStore(tmp_path)
+
+
+def test_a_shard_of_another_teacher_is_refused_when_opened(tmp_path):
+  """Teacher B's shard and its manifest entry copied into teacher A's answers: the stamp in its records
+  says whose it is (the manifest entry alone would not: its sha256 matches the file)."""
+  import json
+  mine, theirs = tmp_path / "a", tmp_path / "b"
+  _written(mine, "a" * 64)
+  _written(theirs, "b" * 64)
+  manifest = json.loads((mine / shards.MANIFEST_NAME).read_text())
+  other = json.loads((theirs / shards.MANIFEST_NAME).read_text())
+  (mine / "w0-1.array_record").write_bytes((theirs / "w0-1.array_record").read_bytes())
+  manifest["shards"][1] = other["shards"][1]
+  (mine / shards.MANIFEST_NAME).write_text(json.dumps(manifest))
+  with pytest.raises(ShardError, match=r"w0-1.array_record \(record 0\): teacher.weights_fingerprint: the record "
+                                       r"was written by teacher weights b{16}\.\.\., the manifest names a{16}"):
+    AnswerStore(mine)
+  store = AnswerStore(theirs)  # every record is checked too, not only the first
+  data = shards.encode_record(3, answer(np.random.default_rng(9)), spec(), weights_fingerprint="c" * 64)
+  with pytest.raises(ShardError, match="written by teacher weights c{16}"):
+    shards.decode_record(data, "x", weights_fingerprint=store.manifest.teacher.weights_fingerprint)
+  with pytest.raises(ValueError, match="weights_fingerprint is empty"):
+    shards.encode_record(3, answer(np.random.default_rng(9)), spec(), weights_fingerprint="")
+
+
+def test_answers_of_format_version_1_are_refused_with_what_to_do(tmp_path):
+  import json
+  _written(tmp_path)
+  path = tmp_path / shards.MANIFEST_NAME
+  path.write_text(json.dumps(dict(json.loads(path.read_text()), format_version=1, record_version=1)))
+  with pytest.raises(ShardError, match=r"format_version 1, this code reads 2; version 1 answers carry no teacher "
+                                       r"identity: dump them again"):
+    AnswerStore(tmp_path)
+  record = bytearray(shards.encode_record(1, answer(np.random.default_rng(1)), spec(), weights_fingerprint=FP))
+  record[4] = 1  # a version 1 record (crc recomputed so only the version differs)
+  import zlib
+  record[-4:] = zlib.crc32(bytes(record[:-4])).to_bytes(4, "little")
+  with pytest.raises(ShardError, match="record version 1, this code reads 2; version 1 answers"):
+    shards.decode_record(bytes(record), "x")

@@ -61,7 +61,10 @@ def _needs(cfg, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tup
 
 def _open_cache(cfg) -> AnswerStore:
   ccfg = cfg.teacher.cached
-  store = AnswerStore(ccfg.path, verify=ccfg.verify_shards, must_exist=False)
+  try:
+    store = AnswerStore(ccfg.path, verify=ccfg.verify_shards, must_exist=False)
+  except ShardError as e:
+    raise ShardError(f"teacher.cached.path: {e}") from None
   if store.manifest is not None:
     _, layers, states = _needs(cfg, store.manifest.teacher.num_layers)
     check_answers(store.manifest, cfg, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
@@ -120,7 +123,8 @@ class CacheWriter:
         spec = self._writer.progress.spec
         temps = tuple(float(t) for t in np.asarray(targets.temperatures))
         for row, example_id in enumerate(np.asarray(batch.example_ids).tolist()):
-          record = shards.encode_record(example_id, slice_batch(targets, row, row + 1), spec)
+          record = shards.encode_record(example_id, slice_batch(targets, row, row + 1), spec,
+                                        weights_fingerprint=header.teacher.weights_fingerprint)
           self._writer.add(example_id, record, positions=batch.tokens.shape[1],
                            tokens=int(np.count_nonzero(batch.segment_ids[row])), temperatures=temps)
           self.records += 1

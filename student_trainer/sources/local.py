@@ -22,6 +22,7 @@ from distill_core.model.transformer import Transformer
 from distill_core.sharding import shard_batch, state_shardings
 from distill_core.sampling import split_u64
 from distill_core.targets import SampleRequest, TeacherTargets, compute_targets
+from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
 
 
@@ -35,10 +36,10 @@ class LocalTeacher(TeacherSource):
                state_names: tuple[str, ...] = (), student_vocab_size: int | None = None,
                samples: SampleRequest | None = None):
     if student_vocab_size is not None and model.cfg.real_vocab_size > student_vocab_size:
-      raise ValueError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
+      raise RunError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
                        f"the student's ({student_vocab_size}); they must share a tokenizer")
     if dense_logits and student_vocab_size is not None and model.cfg.vocab_size != student_vocab_size:
-      raise ValueError(f"loss.use_dense: teacher logits have {model.cfg.vocab_size} columns, the student's "
+      raise RunError(f"loss.use_dense: teacher logits have {model.cfg.vocab_size} columns, the student's "
                        f"{student_vocab_size}; dense KD needs equal (padded) vocabularies")
     self.model_cfg = model.cfg
     graphdef, state = nnx.split(model)

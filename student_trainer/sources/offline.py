@@ -36,12 +36,13 @@ from distill_core.data import Batch, load_manifest, ordered_batches
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore, MissingAnswers
 from distill_core.targets import TeacherTargets
+from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
 
 log = logging.getLogger(__name__)
 
 
-class AnswersMismatch(ValueError):
+class AnswersMismatch(RunError):
   """Stored answers that cannot train this student; the message names each field and both values."""
 
 
@@ -92,7 +93,7 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
     differ("teacher.weights_fingerprint", manifest.teacher.weights_fingerprint, expected,
            "teacher.offline.weights_fingerprint is")
   if problems:
-    raise AnswersMismatch(f"{where}: the stored answers do not fit this student:\n  " + "\n  ".join(problems))
+    raise AnswersMismatch(f"{where}: the stored answers do not fit this student: " + "; ".join(problems))
 
 
 def _check_samples(stored, loss, problems: list[str]) -> None:
@@ -286,9 +287,8 @@ def _open_store(ocfg) -> AnswerStore:
     try:
       return AnswerStore(ocfg.path, verify=ocfg.verify_shards)
     except ShardError as e:
-      if not ocfg.follow or "not found" not in str(e):
-        raise
-      if ocfg.follow_timeout_s is not None and time.monotonic() - start > ocfg.follow_timeout_s:
-        raise
+      if not ocfg.follow or "not found" not in str(e) or (
+          ocfg.follow_timeout_s is not None and time.monotonic() - start > ocfg.follow_timeout_s):
+        raise ShardError(f"teacher.offline.path: {e}") from None
       log.info("offline teacher: following %s: no manifest yet, waiting", ocfg.path)
       time.sleep(ocfg.follow_poll_s)
