@@ -131,10 +131,11 @@ class ShardWriter:
 class MissingAnswers(KeyError):
   """Example ids that no shard holds."""
 
-  def __init__(self, ids: Sequence[int], root):
+  def __init__(self, ids: Sequence[int], root, hint: str = ""):
     self.ids = [int(i) for i in ids]
     shown = ", ".join(map(str, self.ids[:8])) + (", ..." if len(self.ids) > 8 else "")
-    super().__init__(f"{root}: no stored answer for example id(s) {shown} ({len(self.ids)} missing)")
+    super().__init__(f"{root}: no stored answer for example id(s) {shown} ({len(self.ids)} missing)"
+                     + (f"; {hint}" if hint else ""))
 
   def __str__(self) -> str:
     return self.args[0]

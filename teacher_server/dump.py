@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -88,6 +89,25 @@ class DumpSummary:
 
 def writer_name(index: int, count: int) -> str:
   return f"p{index:05d}-of-{count:05d}"
+
+
+_WRITER = re.compile(r"^p(\d{5})-of-(\d{5})$")
+
+
+def check_layout(root, count: int) -> None:
+  """Refuses to add writers of `count` to an output that holds writers of another count: the two
+  layouts cut the examples differently, so their shards would overlap and the manifest count twice."""
+  from etils import epath
+  root = epath.Path(root)
+  if not root.exists():
+    return
+  prefix = shards.PROGRESS_PREFIX
+  names = [path.name[len(prefix):-len(".json")] for path in root.glob(f"{prefix}*.json")]
+  others = sorted({int(m[2]) for name in names if (m := _WRITER.match(name)) and int(m[2]) != count})
+  if others:
+    raise ShardError(f"output: {root} holds a dump written by {others[0]} writer(s) (progress-p*-of-{others[0]:05d}"
+                     f".json), this command is one of {count} writers (--process-count {count}); one output holds one "
+                     f"layout: dump into a new output directory, or use --process-count {others[0]}")
 
 
 def shard_name(writer: str, index: int) -> str:
@@ -421,6 +441,7 @@ def dump(cfg: DumpConfig) -> DumpSummary:
     count = jax.process_count() if count is None else count
   if index >= count:
     raise ValueError(f"process_index {index} must be < process_count {count}")
+  check_layout(cfg.output, count)  # before the teacher is loaded
   import uvloop
   with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
     return runner.run(_run(cfg, index, count))
@@ -473,8 +494,12 @@ def main(argv: list[str] | None = None) -> int:
   try:
     summary = dump(cfg)
   except (ShardError, ValueError, OSError, TeacherError) as e:
-    print(f"dump: {e}", file=sys.stderr)
+    print(f"dump: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
+  except KeyboardInterrupt:
+    print(f"dump: interrupted; the finished shards in {cfg.output} are kept: run the same command again to "
+          "resume", file=sys.stderr)
+    return 130
   print(summary.line(), flush=True)
   if summary.manifest is not None:
     m = summary.manifest

@@ -157,3 +157,79 @@ def test_shard_of_another_teacher_is_refused_in_one_line(tiny_dataset, tmp_path)
                 JAX_PLATFORMS="cpu")
   assert_one_line_error(out, str(mine / swapped["file"]), "teacher.weights_fingerprint", "bbbbbbbbbbbbbbbb",
                         "aaaaaaaaaaaaaaaa")
+
+
+# -- start-up errors: one line naming the problem ------------------------------------------------------
+
+def trainer(dataset, tmp_path, *args: str) -> subprocess.CompletedProcess:
+  return run_cli("student_trainer", f"data.path={dataset}", f"run_dir={tmp_path / 'run'}", *TRAIN_ARGS, *args,
+                 JAX_PLATFORMS="cpu")
+
+
+def test_missing_offline_path_is_one_line(tiny_dataset, tmp_path):
+  out = trainer(tiny_dataset, tmp_path, *OFFLINE_ARGS, f"teacher.offline.path={tmp_path / 'nowhere'}")
+  assert_one_line_error(out, "teacher.offline.path", str(tmp_path / "nowhere" / "manifest.json"), "not found")
+
+
+def test_offline_fingerprint_mismatch_is_one_line(tiny_dataset, tmp_path):
+  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64)
+  out = trainer(tiny_dataset, tmp_path, *OFFLINE_ARGS, f"teacher.offline.path={tmp_path / 'answers'}",
+                f"teacher.offline.weights_fingerprint={'b' * 64}")
+  assert_one_line_error(out, f"teacher.offline.path={tmp_path / 'answers'}", "teacher.weights_fingerprint: stored "
+                        f"'{'a' * 64}'", "b" * 64)
+
+
+def test_partial_answers_in_a_shuffled_run_are_one_line(tiny_dataset, tmp_path):
+  from distill_core.data import load_manifest
+  split = load_manifest(tiny_dataset).splits["train"]
+  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64,
+                ids=list(range(split.first_example_id, split.first_example_id + 16)))
+  out = trainer(tiny_dataset, tmp_path, *[a for a in OFFLINE_ARGS if a != "data.shuffle=false"],
+                f"teacher.offline.path={tmp_path / 'answers'}")
+  assert_one_line_error(out, f"teacher.offline.path={tmp_path / 'answers'}: no stored answer for example id(s)",
+                        "teacher.offline.on_missing=ce_only")
+  assert len(out.stderr.splitlines()) <= 3, out.stderr  # the unfinished-dump warning and the error
+
+
+def test_local_teacher_with_a_larger_vocabulary_is_one_line(tiny_dataset, tmp_path):
+  out = trainer(tiny_dataset, tmp_path, "teacher.source=local", "teacher.local.model=tiny",
+                "teacher.local.model.vocab_size=512", "loss.top_k=8")
+  assert_one_line_error(out, "teacher.local: the teacher's vocabulary (512) is larger than the student's (384)")
+
+
+def test_dump_into_an_output_of_another_layout_is_refused(small_dataset, tmp_path):
+  """An output holding a single-writer dump: writer 0 of 2 would cut the examples differently and the
+  manifest would count some twice. Refused before the teacher is loaded, naming both layouts."""
+  from offline_utils import dump_args
+  out_dir = tmp_path / "answers"
+  write_answers(small_dataset, out_dir, fingerprint="a" * 64, writer="p00000-of-00001", name="answers-p0")
+  before = sorted(p.name for p in out_dir.iterdir())
+  out = run_cli("teacher_server.dump", "--process-index", "0", "--process-count", "2",
+                *dump_args(small_dataset, out_dir), JAX_PLATFORMS="cpu")
+  line = assert_one_line_error(out, f"output: {out_dir}", "1 writer(s)", "one of 2 writers", "--process-count 1")
+  assert line.startswith("dump: ")
+  assert sorted(p.name for p in out_dir.iterdir()) == before  # nothing written
+
+
+def test_ctrl_c_in_the_dump_is_one_line(tiny_dataset, tmp_path):
+  import signal
+  import time
+  from offline_utils import dump_args
+  out_dir = tmp_path / "answers"
+  proc = subprocess.Popen([sys.executable, "-m", "teacher_server.dump", *dump_args(tiny_dataset, out_dir)],
+                          cwd=REPO, env=cli_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    progress = out_dir / "progress-p00000-of-00001.json"
+    deadline = time.monotonic() + 600
+    while not progress.exists():  # the teacher is loaded and the writer started: mid-dump (40k examples to go)
+      assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and len(stderr.splitlines()) <= 4, stderr
+  assert stderr.splitlines()[-1] == (f"dump: interrupted; the finished shards in {out_dir} are kept: run the same "
+                                     "command again to resume")

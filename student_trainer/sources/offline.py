@@ -150,7 +150,9 @@ class AnswerLookup:
     except MissingAnswers as e:
       if self._cfg.on_missing == "ce_only":
         return e
-      raise
+      raise MissingAnswers(e.ids, f"teacher.offline.path={self.store.root}",
+                           "these answers were never written (an unfinished or partial dump): finish the dump, "
+                           "or set teacher.offline.on_missing=ce_only to train such batches on CE alone") from None
 
   def _wait_for(self, ids: np.ndarray) -> TeacherTargets:
     cfg = self._cfg
