@@ -63,6 +63,24 @@ def state_names_at(loss_cfg: losses.LossConfig, step: int) -> tuple[str, ...]:
   return FEATURE_STATES if loss_cfg.beta.bounds()[1] > 0 else ()
 
 
+def phase_note(loss_cfg: losses.LossConfig, step: int, *, first: bool = False) -> str | None:
+  """A line for the log when optimizer `step` starts another objective than step - 1, or is the `first`
+  step this process trains in the blockwise phase: what the objective is from now on, and why
+  train/total_loss changes scale."""
+  phase = loss_cfg.phase_at(step)
+  if not (first and phase == "blockwise") and (step == 0 or loss_cfg.phase_at(step - 1) == phase):
+    return None
+  if phase == "blockwise":
+    until = "the whole run" if loss_cfg.blockwise_steps is None else f"steps {step + 1}-{loss_cfg.blockwise_steps}"
+    return (f"step {step + 1}: blockwise phase for {until}: each attention block reads the teacher's attn_in and "
+            "only the feature loss on attn_out is optimised (train/total_loss = that feature loss; CE and KD are "
+            "logged, not optimised; only attention parameters change)")
+  alpha, beta = float(loss_cfg.alpha.value(step)), float(loss_cfg.beta.value(step))
+  return (f"step {step + 1}: blockwise phase over, ordinary KD from now on: the student's own forward, "
+          f"train/total_loss = alpha * kd + (1 - alpha) * ce + beta * feature (alpha {alpha:g}, beta {beta:g}), "
+          "every parameter trains; the total changes scale at this step")
+
+
 def keep_states(targets: TeacherTargets | None, names: tuple[str, ...]) -> TeacherTargets | None:
   """`targets` with only the layer states `names` (a source may send more), so every step of one
   objective sees the same targets structure and its program is never compiled twice."""

@@ -18,7 +18,7 @@ from distill_core.data import Batch, BatchIterator, make_eval_iterator, make_ite
 from distill_core.sharding import make_mesh, rules_table, shard_batch
 from student_trainer import distributed
 from student_trainer import step as step_lib
-from student_trainer.blockwise import keep_states, state_names_at
+from student_trainer.blockwise import keep_states, phase_note, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
 from student_trainer.collapse import save_collapsed
 from student_trainer.config import TrainConfig
@@ -198,6 +198,8 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     try:
       while step < end and not preempt.reached(step):
         batch = feeder.peek(step)
+        if cfg.loss.ever_blockwise and (note := phase_note(cfg.loss, step, first=step == start)):
+          log.info("%s", note)
         hyper = step_lib.hyperparameters(cfg, step)
         device_batch = shard_batch(batch, mesh)
         fallback_step.prepare(state.params, device_batch, hyper)

@@ -275,12 +275,28 @@ def local_run_cfg(dataset, run_dir, *overrides) -> TrainConfig:
                   "optim.warmup_steps=0", *overrides)
 
 
-def test_local_blockwise_then_kd_in_one_run(tiny_dataset, tmp_path):
+def test_phase_switch_is_announced_with_what_changes():
+  from student_trainer.blockwise import phase_note
+  loss = train_cfg("loss.blockwise_steps=3", "loss.beta=0.25").loss
+  notes = {step: phase_note(loss, step, first=step == 0) for step in range(6)}
+  assert [s for s, n in notes.items() if n] == [0, 3]
+  assert notes[0].startswith("step 1: blockwise phase for steps 1-3: ")
+  assert notes[3].startswith("step 4: blockwise phase over, ordinary KD from now on") and "beta 0.25" in notes[3]
+  assert phase_note(loss, 2, first=True).startswith("step 3: blockwise phase for steps 3-3")  # a resumed run
+  assert phase_note(train_cfg("loss.blockwise_steps=0").loss, 0, first=True) is None
+
+
+def test_local_blockwise_then_kd_in_one_run(tiny_dataset, tmp_path, caplog):
+  import logging
   from student_trainer.train import run
   from test_trainer import read_jsonl
   cfg = local_run_cfg(tiny_dataset, tmp_path / "run", "steps=8", "loss.blockwise_steps=5", "loss.beta=0.5",
                       "eval.every_steps=5")
+  caplog.set_level(logging.INFO, logger="student_trainer.train")
   result = run(cfg, keep_state=True)
+  phases = [r.getMessage() for r in caplog.records if "phase" in r.getMessage() and r.name == "student_trainer.train"]
+  assert len(phases) == 2 and phases[0].startswith("step 1: blockwise phase for steps 1-5"), phases
+  assert phases[1].startswith("step 6: blockwise phase over, ordinary KD from now on"), phases
   rows = [r for r in read_jsonl(tmp_path / "run" / "metrics.jsonl") if "train/total_loss" in r]
   assert [r["train/blockwise"] for r in rows] == [1.0] * 5 + [0.0] * 3
   for r in rows[:5]:  # blockwise: only the feature loss is optimised, CE and KD are logged
