@@ -10,6 +10,7 @@ preset name (``model: tiny``) resolve it from ``configs/models/<name>.yaml``.
 from __future__ import annotations
 
 import copy
+import difflib
 import re
 import types
 import typing
@@ -125,29 +126,76 @@ def _shown_input(loc: tuple, value: Any) -> str:
   return f" (got {echo(value)})"
 
 
-def format_validation_error(err: pydantic.ValidationError, source: str) -> str:
+def _config_class(ann: Any) -> type[pydantic.BaseModel] | None:
+  """The config class inside `ann`, also through Annotated and `X | None`."""
+  if typing.get_origin(ann) is typing.Annotated:
+    ann = typing.get_args(ann)[0]
+  if typing.get_origin(ann) in (typing.Union, types.UnionType):
+    found = [c for c in map(_config_class, typing.get_args(ann)) if c is not None]
+    return found[0] if len(found) == 1 else None
+  return ann if isinstance(ann, type) and issubclass(ann, pydantic.BaseModel) else None
+
+
+def close_keys(cls: type[pydantic.BaseModel] | None, loc: Sequence[Any]) -> list[str]:
+  """Known keys near the unknown key at `loc` (difflib), as full dotted paths."""
+  *parents, leaf = [str(p) for p in loc]
+  section = cls
+  for part in parents:
+    field = section.model_fields.get(part) if section is not None else None
+    section = _config_class(field.annotation) if field is not None else None
+  if section is None:
+    return []
+  prefix = "".join(f"{p}." for p in parents)
+  return [prefix + k for k in difflib.get_close_matches(leaf, list(section.model_fields), n=3, cutoff=0.6)]
+
+
+def _override_of(loc: Sequence[Any], overrides: Sequence[str]) -> str | None:
+  """The key of the last override that set `loc` or a section above it (the one to blame), if any.
+  Only the key: a value may be long or secret."""
+  loc = [str(p) for p in loc]
+  blamed = None
+  for text in overrides:
+    path, _ = parse_override(text)
+    if loc[:len(path)] == path:
+      blamed = ".".join(path)
+  return blamed
+
+
+def format_validation_error(err: pydantic.ValidationError, source: str, *, cls=None,
+                            overrides: Sequence[str] = (), file: str | None = None) -> str:
+  """One line per problem, each saying where the bad value came from (an override or `source`) and, for an
+  unknown key, the known keys that are close to it."""
   lines = [f"invalid configuration ({source}):"]
   for e in err.errors():
     loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+    override = _override_of(e["loc"], overrides)
+    origin = f"the override {override}=..." if override else (file or source)
     if e["type"] == "extra_forbidden":
-      lines.append(f"  {loc}: unknown key")
+      near = close_keys(cls, e["loc"])
+      hint = f"; did you mean {' or '.join(near)}?" if near else ""
+      lines.append(f"  {loc}: unknown key (from {origin}){hint}")
     else:
-      lines.append(f"  {loc}: {e['msg']}{_shown_input(e['loc'], e.get('input'))}")
+      lines.append(f"  {loc}: {e['msg']}{_shown_input(e['loc'], e.get('input'))}"
+                   + (f" (from {origin})" if override else ""))
+  if len(lines) == 2:  # one problem: one line
+    return f"{lines[0]} {lines[1].strip()}"
   return "\n".join(lines)
 
 
-def build(cls: type[T], data: Mapping[str, Any], source: str = "config") -> T:
+def build(cls: type[T], data: Mapping[str, Any], source: str = "config", overrides: Sequence[str] = (),
+          file: str | None = None) -> T:
   try:
     return cls.model_validate(data)
   except pydantic.ValidationError as e:
-    raise ConfigError(format_validation_error(e, source)) from None
+    raise ConfigError(format_validation_error(e, source, cls=cls, overrides=overrides, file=file)) from None
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
   """Loads ``cls`` from an optional YAML file plus ``key=value`` overrides."""
   data = load_yaml(path) if path is not None else {}
   data = apply_overrides(data, overrides)
-  return build(cls, data, source=str(path) if path else "defaults + overrides")
+  source = (str(path) if path else "defaults") + (" + overrides" if overrides else "")
+  return build(cls, data, source=source, overrides=overrides, file=str(path) if path else "the defaults")
 
 
 def resolve_preset(value: Any, preset_dir: Path = MODEL_PRESET_DIR) -> Any:

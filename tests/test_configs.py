@@ -60,6 +60,29 @@ def test_unknown_key_is_named():
     load_config(TrainConfig, None, ["optim.learnin_rate=1"])
 
 
+def test_unknown_key_blames_the_override_or_the_file_and_suggests_close_keys(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    load_config(TrainConfig, "configs/tiny_ce.yaml", ["optim.learnig_rate=1e-3"])
+  assert str(e.value) == ("invalid configuration (configs/tiny_ce.yaml + overrides): optim.learnig_rate: unknown key "
+                          "(from the override optim.learnig_rate=...); did you mean optim.learning_rate?")
+  path = tmp_path / "run.yaml"
+  path.write_text("optim:\n  learnig_rate: 0.001\nstep: 3\n")
+  with pytest.raises(ConfigError) as e:
+    load_config(TrainConfig, path, ["steps=4"])
+  lines = str(e.value).splitlines()
+  assert lines[0] == f"invalid configuration ({path} + overrides):"
+  assert f"  optim.learnig_rate: unknown key (from {path}); did you mean optim.learning_rate?" in lines
+  assert any(line.startswith("  step: unknown key") and "did you mean steps?" in line for line in lines)
+  with pytest.raises(ConfigError, match=r"teacher\.local\.model\.vocab_sise: unknown key \(from the override "
+                                        r"teacher\.local\.model\.vocab_sise=\.\.\.\); did you mean "
+                                        r"teacher\.local\.model\.vocab_size"):
+    load_config(TrainConfig, None, ["teacher.source=local", "teacher.local.model=tiny",
+                                    "teacher.local.model.vocab_sise=9"])
+  with pytest.raises(ConfigError, match=r"^invalid configuration \(defaults \+ overrides\): zzz: unknown key "
+                                        r"\(from the override zzz=\.\.\.\)$"):  # nothing close: no suggestion
+    load_config(TrainConfig, None, ["zzz=1"])
+
+
 def test_wrong_type_is_named():
   with pytest.raises(ConfigError, match=r"steps: .*integer"):
     load_config(TrainConfig, None, ["steps=many"])
