@@ -97,6 +97,15 @@ class TeacherServer:
     log.info("health (grpc.health.v1 only, plaintext) on %s", self.cfg.health_address)
     return server
 
+  def _serve_metrics(self, address: str):
+    try:
+      return self.metrics.serve(address)
+    except OSError as e:  # e.g. a second server on this machine with the same metrics port
+      from teacher_server.config import split_address
+      _, port = split_address(address, "metrics_address")
+      raise OSError(f"metrics_address: cannot listen on {address} (port {port}): {e.strerror or e}; set "
+                    f"metrics_address=HOST:PORT to a free port, or metrics_address=null to serve no metrics") from None
+
   async def _set_health(self, status) -> None:
     for name in ("", SERVICE_NAME):
       await self.health.set(name, status)
@@ -110,7 +119,7 @@ class TeacherServer:
       self._health_server = self._build_health()
       await self._health_server.start()
     if self.cfg.metrics_address:
-      self._metrics_http = self.metrics.serve(self.cfg.metrics_address)
+      self._metrics_http = self._serve_metrics(self.cfg.metrics_address)
       log.info("metrics on http://%s/metrics", self.cfg.metrics_address)
     start = time.perf_counter()
     timings = await asyncio.to_thread(self.engine.warmup)

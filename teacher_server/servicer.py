@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -67,6 +68,26 @@ def response_bytes(req: Prepared, hidden_size: int) -> int:
   return size + 1024
 
 
+class PeerLog:
+  """Logs each client connection once ("client ipv4:10.0.0.5:53124 connected: Stream"), remembering at
+  most `capacity` peers (the oldest is forgotten first) and at most `max_chars` of each peer string."""
+
+  def __init__(self, capacity: int = 1024, max_chars: int = 64):
+    self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
+    self._capacity = capacity
+    self._max_chars = max_chars
+
+  def __call__(self, context, method: str) -> None:
+    peer = str(context.peer() or "unknown")[:self._max_chars]
+    if peer in self._seen:
+      self._seen.move_to_end(peer)
+      return
+    self._seen[peer] = None
+    if len(self._seen) > self._capacity:
+      self._seen.popitem(last=False)
+    log.info("client %s connected: %s", peer, method)
+
+
 @dataclasses.dataclass(eq=False)
 class _Entry:
   """One request of a stream, from reading to its answer being sent."""
@@ -127,6 +148,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                                         weights_fingerprint=self._info.weights_fingerprint)
     self._id_bits = wire.bits_for(self._info.vocab_size)
     self.ready = False  # set once the engine is warm
+    self.peers = PeerLog()
 
   def _prepare(self, req: pb.ForwardRequest) -> Prepared:
     if not self.ready:
@@ -151,9 +173,11 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
             (wire.READY_METADATA_KEY, "1" if self.ready else "0"))
 
   async def GetInfo(self, request: pb.GetInfoRequest, context) -> pb.GetInfoResponse:
+    self.peers(context, "GetInfo")
     return self._info_msg
 
   async def Forward(self, request: pb.ForwardRequest, context) -> pb.ForwardResponse:
+    self.peers(context, "Forward")
     start = time.perf_counter()
     try:
       prepared = self._prepare(request)
@@ -170,6 +194,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
                    context) -> AsyncIterator[pb.ForwardResponse]:
     """Answers in request order. When the call ends early (client cancelled, deadline, reconnect), every
     request still queued is cancelled, so the batcher drops it before the engine runs it."""
+    self.peers(context, "Stream")
     await context.send_initial_metadata(self.stream_metadata())  # the client checks this very replica
     window: asyncio.Queue = asyncio.Queue(self._window)
     budget = _ByteBudget(self._window_bytes, self._metrics.stream_held_bytes)
@@ -254,6 +279,7 @@ class TeacherServicer(teacher_pb2_grpc.TeacherServicer):
     return response
 
   async def GetParameters(self, request: pb.GetParametersRequest, context) -> AsyncIterator[pb.ParameterChunk]:
+    self.peers(context, "GetParameters")
     if not self._serve_parameters:
       await context.abort(grpc.StatusCode.UNIMPLEMENTED, "GetParameters is off on this server "
                                                          "(start it with serve_parameters=true)")

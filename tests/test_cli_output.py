@@ -233,3 +233,56 @@ def test_ctrl_c_in_the_dump_is_one_line(tiny_dataset, tmp_path):
   assert "Traceback" not in stderr and len(stderr.splitlines()) <= 4, stderr
   assert stderr.splitlines()[-1] == (f"dump: interrupted; the finished shards in {out_dir} are kept: run the same "
                                      "command again to resume")
+
+
+# -- the teacher server: what it says about ports and clients --------------------------------------------
+
+def test_busy_metrics_port_names_the_port_and_the_option():
+  """A second server on the same metrics port: the message names both, not only `Address already in use`."""
+  import socket
+  from server_utils import free_port
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "fake_teacher.py"), f"address=127.0.0.1:{free_port()}",
+                          f"metrics_address=127.0.0.1:{port}"], cwd=REPO, env=cli_env(JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=120)
+  assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-3000:]
+  line = next(line for line in out.stderr.splitlines() if "cannot start" in line)
+  assert f"metrics_address: cannot listen on 127.0.0.1:{port} (port {port})" in line, line
+  assert "metrics_address=null" in line
+
+
+async def test_each_client_connection_is_logged_once(caplog):
+  from server_utils import fake_server
+
+  from distill_core.client import TeacherClient
+  from teacher_server.servicer import PeerLog
+  caplog.set_level(logging.INFO, logger="teacher_server.servicer")
+  async with fake_server() as (_, address):
+    async with TeacherClient(address) as client:
+      await client.info()
+      await client.info()
+    async with TeacherClient(address) as client:  # a second connection: another peer
+      await client.info()
+  lines = [r.getMessage() for r in caplog.records if "connected" in r.getMessage()]
+  assert len(lines) == 2 and all(re.fullmatch(r"client ipv[46]:\S+ connected: GetInfo", line) for line in lines), lines
+  assert lines[0] != lines[1]
+
+  class Context:
+    def __init__(self, peer):
+      self._peer = peer
+
+    def peer(self):
+      return self._peer
+
+  caplog.clear()
+  peers = PeerLog(capacity=2, max_chars=12)
+  for peer in ("ipv4:1.1.1.1:1", "ipv4:1.1.1.1:1", "ipv4:2.2.2.2:2", "ipv4:3.3.3.3:3", "ipv4:1.1.1.1:1",
+               "x" * 100, "x" * 99):
+    peers(Context(peer), "Stream")
+  logged = [r.getMessage() for r in caplog.records]
+  assert logged == [f"client {p} connected: Stream" for p in ("ipv4:1.1.1.1", "ipv4:2.2.2.2", "ipv4:3.3.3.3",
+                                                                 "ipv4:1.1.1.1", "x" * 12)]  # 1.1.1.1 forgotten
+  assert len(peers._seen) == 2
