@@ -286,3 +286,75 @@ async def test_each_client_connection_is_logged_once(caplog):
   assert logged == [f"client {p} connected: Stream" for p in ("ipv4:1.1.1.1", "ipv4:2.2.2.2", "ipv4:3.3.3.3",
                                                                  "ipv4:1.1.1.1", "x" * 12)]  # 1.1.1.1 forgotten
   assert len(peers._seen) == 2
+
+
+# -- a student waiting for a teacher says for what, and why it does not come -------------------------------
+
+def _wait_for_teacher(address: str, caplog, monkeypatch, **changes) -> list[str]:
+  """A remote source against `address` that never gets a teacher: the log lines of its wait."""
+  import jax
+
+  from distill_core.config import build
+  from distill_core.sharding import MeshConfig, make_mesh
+  from remote_utils import fake_requirements
+  from student_trainer.config import RemoteTeacherConfig
+  from student_trainer.sources import remote
+  from student_trainer.sources.policy import CEOnlyPolicy
+  monkeypatch.setattr(remote, "WAITING_LOG_S", 0.2)
+  caplog.set_level(logging.INFO, logger="student_trainer.sources.remote")
+  cfg = build(RemoteTeacherConfig, dict(address=address, window=1, timeout_s=4.0, backoff_initial_s=0.05,
+                                        backoff_max_s=0.2, connect_timeout_s=1.0, **changes))
+  with remote.RemoteTeacher(cfg, fake_requirements(), mesh=make_mesh(MeshConfig(data=jax.device_count())),
+                            policy=CEOnlyPolicy()):
+    pass
+  return [r.getMessage() for r in caplog.records if r.name == "student_trainer.sources.remote"]
+
+
+def test_waiting_for_a_closed_port_says_nothing_listens(caplog, monkeypatch):
+  from server_utils import free_port
+  address = f"127.0.0.1:{free_port()}"
+  lines = _wait_for_teacher(address, caplog, monkeypatch)
+  assert lines[0].startswith(f"waiting for the teacher at {address} (plaintext; each try 1 s"), lines
+  assert any(re.match(rf"still waiting for the teacher at {address} after \d+ s: ", line) for line in lines), lines
+  assert f"nothing listens on {address} (connection refused)" in lines[-1] and "starting anyway" in lines[-1]
+
+
+def test_plaintext_client_against_a_tls_server_names_the_mismatch(caplog, monkeypatch, tmp_path):
+  import socket
+  import time
+  from remote_utils import TeacherProcess
+  from server_utils import free_port, make_certs
+  certs = make_certs(tmp_path)
+  port = free_port()
+  server = TeacherProcess(port, [f"security.tls_cert={certs['server']}", f"security.tls_key={certs['server_key']}"],
+                          tmp_path / "server.log", fake=[])
+  try:
+    deadline = time.monotonic() + 120
+    while True:  # listening (TLS: a plaintext health check cannot tell)
+      assert server.proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+      try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        break
+      except OSError:
+        time.sleep(0.1)
+    lines = _wait_for_teacher(server.address, caplog, monkeypatch)
+  finally:
+    server.kill()
+  mismatch = (f"the server at {server.address} speaks TLS but this client connects in plaintext: set "
+              "teacher.remote.tls=true")
+  assert mismatch in lines[-1] and "starting anyway" in lines[-1], lines
+  assert any(line.startswith("still waiting") and mismatch in line for line in lines), lines
+
+
+def test_diagnosis_of_a_tls_client_against_a_plaintext_port():
+  import socket
+
+  from student_trainer.sources.remote_checks import diagnose_connection
+  with socket.socket() as plain:  # a plaintext listener that never speaks TLS
+    plain.bind(("127.0.0.1", 0))
+    plain.listen()
+    address = f"127.0.0.1:{plain.getsockname()[1]}"
+    found = diagnose_connection(address, tls=True, timeout_s=0.5)
+    assert found.startswith(f"the server at {address} does not complete a TLS handshake"), found
+    assert diagnose_connection(address, tls=False, timeout_s=0.5) == ""
+  assert diagnose_connection("unix:/tmp/x.sock", tls=False) == ""

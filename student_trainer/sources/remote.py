@@ -37,13 +37,14 @@ from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
 from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.sources.policy import FallbackPolicy, Overdue
-from student_trainer.sources.remote_checks import Requirements
+from student_trainer.sources.remote_checks import Requirements, diagnose_connection
 from student_trainer.sources.remote_metrics import StreamStats
 from student_trainer.sources.remote_stream import Item, Lane, RemoteTeacherError, StreamCore
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.25  # how often a blocked next() re-checks for fatal errors and the timeout
+WAITING_LOG_S = 10.0  # how often the wait for a first teacher says what it has tried
 _CLOSE_TIMEOUT_S = 30.0
 
 
@@ -100,19 +101,43 @@ class RemoteTeacher(TeacherSource):
     self._thread.start()
     self._started.wait()
     if self._thread.is_alive() and not self._wait_first_contact(cfg.timeout_s):
-      log.warning("no teacher reachable at %s after %.0f s (%s); starting anyway, on_timeout=%s applies",
-                  cfg.address, cfg.timeout_s, self._core.describe(), policy.name)
+      log.warning("no teacher reachable at %s after %.0f s (%s%s); starting anyway, on_timeout=%s applies",
+                  cfg.address, cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
     if self._core.fatal is not None:
       self.close()
       self._raise_if_fatal()
 
   def _wait_first_contact(self, timeout: float) -> bool:
-    """Waits for an accepted replica (or a fatal error); returns early, False, when interrupted."""
-    deadline = time.monotonic() + timeout
+    """Waits for an accepted replica (or a fatal error); returns early, False, when interrupted.
+
+    Says at once what it waits for, then every WAITING_LOG_S what it has tried so far (each lane's last
+    error, and what a direct look at the address finds: nothing listening, or a TLS mismatch).
+    """
+    cfg = self.cfg
+    start = time.monotonic()
+    deadline = start + timeout
+    if self._core.first_contact.wait(_POLL_S):
+      return True
+    log.info("waiting for the teacher at %s (%s; each try %g s, reconnecting with backoff up to %g s; after %g s "
+             "without a teacher, on_timeout=%s applies)", cfg.address,
+             "TLS" if cfg.tls or cfg.root_certificates else "plaintext", cfg.connect_timeout_s, cfg.backoff_max_s,
+             timeout, cfg.on_timeout)
+    next_note = start + WAITING_LOG_S
     while not self._core.first_contact.wait(min(_POLL_S, max(deadline - time.monotonic(), 0.0))):
-      if time.monotonic() >= deadline or self._interrupted():
+      now = time.monotonic()
+      if now >= deadline or self._interrupted():
         return False
+      if now >= next_note:
+        log.warning("still waiting for the teacher at %s after %.0f s: %s%s", cfg.address, now - start,
+                    self._core.describe(), self._diagnosis())
+        next_note = now + WAITING_LOG_S
     return True
+
+  def _diagnosis(self) -> str:
+    """'; <what a direct look at each address finds>' or '' (see remote_checks.diagnose_connection)."""
+    tls = bool(self.cfg.tls or self.cfg.root_certificates or self.cfg.client_cert)
+    found = [d for d in (diagnose_connection(a, tls=tls) for a in self.cfg.addresses) if d]
+    return "".join(f"; {d}" for d in found)
 
   def _interrupted(self) -> bool:
     return self.interrupt is not None and self.interrupt.is_set()
@@ -255,8 +280,9 @@ class RemoteTeacher(TeacherSource):
       if decision.wait:
         if now >= warn_at:
           self._stats.count("stall_warnings")
-          log.warning("teacher: no progress for %.0f s; training waits for batch %d (policy %s); replicas: %s",
-                      stalled, self._consumed, self._policy.name, self._core.describe())
+          log.warning("teacher: no progress for %.0f s; training waits for batch %d (policy %s); replicas: %s%s",
+                      stalled, self._consumed, self._policy.name, self._core.describe(),
+                      "" if any(lane.ready for lane in self._core.lanes) else self._diagnosis())
           warn_at = now + timeout
         item.done.wait(_POLL_S)
         continue

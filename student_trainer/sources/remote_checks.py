@@ -193,3 +193,60 @@ def bucket_fill(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirements,
   if fill > 0.5:
     return None
   return fill, (batch, length), (min(batch, max(plan.rows_per_request, rows)), need.seq_len)
+
+
+# -- why nothing answers ---------------------------------------------------------------------------
+
+def probe_target(target: str) -> tuple[str, int] | None:
+  """(host, port) of a plain ``host:port`` or ``dns:///host:port`` target; None for what a probe cannot
+  reach directly (unix sockets, address lists)."""
+  if target.startswith(("unix:", "ipv4:", "ipv6:")):
+    return None
+  if target.startswith("dns:"):
+    target = target.split("/")[-1]
+  host, _, port = target.rpartition(":")
+  if not host or not port.isdigit():
+    return None
+  return host.strip("[]"), int(port)
+
+
+def diagnose_connection(target: str, *, tls: bool, timeout_s: float = 2.0) -> str:
+  """What a direct look at `target` finds, in words: nothing listening, no answer, or a TLS mismatch
+  (the server completes a TLS handshake while the client speaks plaintext, or the other way round).
+  Empty when it finds nothing wrong at that level (the gRPC error then says more)."""
+  import socket
+  import ssl
+  where = probe_target(target)
+  if where is None:
+    return ""
+  host, port = where
+  try:
+    sock = socket.create_connection((host, port), timeout=timeout_s)
+  except ConnectionRefusedError:
+    return f"nothing listens on {host}:{port} (connection refused): is the teacher server running, on this port?"
+  except socket.gaierror as e:
+    return f"cannot resolve {host}: {e.strerror or e}"
+  except TimeoutError:
+    return f"no TCP answer from {host}:{port} within {timeout_s:g} s (a firewall, or a wrong address?)"
+  except OSError as e:
+    return f"cannot reach {host}:{port}: {e.strerror or e}"
+  context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+  context.check_hostname = False
+  context.verify_mode = ssl.CERT_NONE  # only asking whether the server speaks TLS at all
+  context.set_alpn_protocols(["h2"])
+  try:
+    with sock, context.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False) as tls_sock:
+      tls_sock.settimeout(timeout_s)
+      tls_sock.do_handshake()
+    speaks_tls = True
+  except (ssl.SSLError, OSError):
+    speaks_tls = False
+  if speaks_tls and not tls:
+    return (f"the server at {host}:{port} speaks TLS but this client connects in plaintext: set "
+            "teacher.remote.tls=true (and teacher.remote.root_certificates=CA.pem when its certificate is not "
+            "publicly trusted)")
+  if tls and not speaks_tls:
+    return (f"the server at {host}:{port} does not complete a TLS handshake (a plaintext server?) but this client "
+            "uses TLS: set teacher.remote.tls=false and no root_certificates, or start the server with "
+            "security.tls_cert and security.tls_key")
+  return ""
