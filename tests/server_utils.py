@@ -42,6 +42,31 @@ async def fake_server(*overrides: str, engine: Engine | None = None):
     await server.drain()
 
 
+async def until(condition, what: str, timeout: float = 60.0) -> None:
+  """Waits (polling) until `condition()` holds: an order of events, not a guess at how long they take."""
+  import asyncio
+  deadline = time.monotonic() + timeout
+  while not condition():
+    assert time.monotonic() < deadline, f"not reached within {timeout:g} s: {what}"
+    await asyncio.sleep(0.01)
+
+
+class GatedEngine(FakeEngine):
+  """The fake engine, each forward held until the test opens `gate` (a deterministic "still running")."""
+
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.gate = threading.Event()
+
+  def forward(self, batch):
+    with self._lock:
+      self.batches.append(None)  # counted at once: "a forward has started"
+    assert self.gate.wait(120), "the test never opened the gate"
+    with self._lock:
+      self.batches.pop()
+    return super().forward(batch)
+
+
 def fake_expected(tokens: np.ndarray, positions: np.ndarray, k: int, temps: tuple[float, ...],
                   vocab: int = 256) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The fake engine's answer, recomputed with loops (ids, logits, lse)."""

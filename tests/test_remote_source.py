@@ -199,17 +199,18 @@ def test_hung_replica_is_dropped_after_request_timeout(mesh):
     with RemoteTeacher(remote_cfg([hung.address, healthy.address], window=1, request_timeout_s=0.3,
                                   backoff_initial_s=5.0, backoff_max_s=5.0),
                        fake_requirements(), mesh=mesh, policy=WaitPolicy()) as source:
-      start = time.monotonic()
       results = stream(source, batches)
-      elapsed = time.monotonic() - start
       metrics = source.metrics()
+      healthy_forwards = len(healthy.engine.batches)
   finally:
     hung.kill()
     healthy.kill()
   for targets, batch in zip(results, batches, strict=True):
     check_answer(targets, batch)
   assert metrics["retries_total"] >= 1 and metrics["failovers_total"] >= 1
-  assert elapsed < 1.5  # the hung replica takes 2 s per answer: its request went elsewhere
+  # Every batch was answered by the healthy replica (8 rows = two 4-row forwards each), whatever the wall
+  # time: the hung one takes 2 s per answer, far past request_timeout_s, so its request went elsewhere.
+  assert healthy_forwards >= 2 * len(batches), healthy_forwards
 
 
 def test_ce_only_without_teacher_then_recovers(mesh, caplog):

@@ -6,7 +6,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2
-from server_utils import fake_expected, fake_server
+from server_utils import GatedEngine, fake_expected, fake_server, until
 
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
@@ -217,16 +217,19 @@ async def test_engine_failure_is_per_request():
 
 
 async def test_drain_answers_in_flight_then_refuses():
-  engine = FakeEngine(delay_s=0.1)
+  engine = GatedEngine()
   async with fake_server("batcher.max_wait_ms=0", engine=engine) as (server, address):
     client = TeacherClient(address)
     stream = await client.stream().__aenter__()
     futures = [await stream.submit(np.full((4, 4), i, np.int32), OutputSpec(k=1)) for i in range(6)]
-    await asyncio.sleep(0.05)  # the first batch is running
+    await until(lambda: len(engine.batches) >= 1, "the first batch is running")
+    await until(lambda: server.metrics.registry.get_sample_value("teacher_queue_depth") >= 1
+                or len(engine.batches) >= 2, "the other requests are admitted")
     drain = asyncio.create_task(server.drain())
-    await asyncio.sleep(0.05)
+    await until(lambda: server._drained, "the drain has begun")  # noqa: SLF001
     status = await server.health.Check(health_pb2.HealthCheckRequest(service=""), None)
     assert status.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    engine.gate.set()
     await stream.close()
     results = [await f for f in futures]
     await drain
@@ -251,21 +254,22 @@ async def test_metrics_count_requests_tokens_and_errors():
 
 
 async def test_cancelled_stream_does_not_disturb_others():
-  engine = FakeEngine(delay_s=0.05)
+  engine = GatedEngine()
   async with fake_server("batcher.max_wait_ms=0", engine=engine) as (server, address):
     async with TeacherClient(address) as client:
       stream = await client.stream().__aenter__()
       doomed = [await stream.submit(np.full((4, 4), i, np.int32), OutputSpec(k=1)) for i in range(4)]
-      await asyncio.sleep(0.02)
+      await until(lambda: len(engine.batches) >= 1, "a doomed batch is running")  # and held there
       stream.cancel()
       for future in doomed:
         with pytest.raises(TeacherError) as e:
           await future
         assert e.value.code == grpc.StatusCode.CANCELLED
+      engine.gate.set()
       got = await client.forward(np.full((2, 3), 9, np.int32), OutputSpec(k=2))
       np.testing.assert_array_equal(got.topk_ids[..., 1], np.full((2, 3), 10))
-    await asyncio.sleep(0.3)  # the abandoned batches finish
-    assert server.metrics.registry.get_sample_value("teacher_open_streams") == 0
+    await until(lambda: server.metrics.registry.get_sample_value("teacher_open_streams") == 0,
+                "the cancelled stream is closed")
 
 
 async def test_requests_sharing_a_batch_each_get_their_own_outputs():
