@@ -24,7 +24,7 @@ import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.targets import POSITIONAL_FIELDS, SampleRequest, TeacherTargets
 from student_trainer.schedules import Schedule, constant
 
 Array = jax.Array
@@ -504,9 +504,9 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
               temperature: Any = None, true_vocab_size: int | None = None,
               ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
   """The KD term `cfg` selects: kd_dense on dense teacher logits when enabled and present, else kd_sparse."""
-  if cfg.use_dense and targets.dense_logits is not None:
+  if cfg.use_dense and targets.has_dense:
     temp = targets.temperatures[0] if temperature is None else temperature
-    return kd_dense(student_logits, targets.dense_logits, loss_mask, temperature=temp,
+    return kd_dense(student_logits, targets.dense(), loss_mask, temperature=temp,
                     true_vocab_size=true_vocab_size)
   if cfg.kd_mode == "sampled":
     return kd_sampled(student_logits, targets, loss_mask, temperature=temperature, k=cfg.top_k,
@@ -515,11 +515,6 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
     raise ValueError(f"top_k: loss wants {cfg.top_k} teacher ids, the targets carry {targets.k}")
   return kd_sparse(student_logits, targets, loss_mask, mode=cfg.kd_mode, temperature=temperature,
                    top_p=cfg.top_p_cut, k=cfg.top_k, true_vocab_size=true_vocab_size)
-
-
-# TeacherTargets fields indexed by position, (B, T, ...): what a chunk of positions slices.
-_POSITIONAL = ("topk_ids", "topk_logits", "logsumexp", "dense_logits", "sample_ids", "sample_counts",
-               "sample_logits", "sample_logsumexp")
 
 
 def logit_losses(student_logits: Array, labels: Array, targets: TeacherTargets | None, loss_mask: Array,
@@ -566,7 +561,7 @@ def chunked(fn: Callable[..., Any], hidden: Array, head: Callable[[Array], Array
   rests, xs = [], []
   for arg in per_position:
     if isinstance(arg, TeacherTargets):
-      fields = {name: getattr(arg, name) for name in _POSITIONAL if getattr(arg, name) is not None}
+      fields = {name: getattr(arg, name) for name in POSITIONAL_FIELDS if getattr(arg, name) is not None}
       rests.append(arg.replace(layer_states={}, state_layers=(), **{name: None for name in fields}))
       xs.append(fields)
     else:

@@ -8,7 +8,7 @@ import pytest
 from distill_core import sampling
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import create_model
-from distill_core.targets import TeacherTargets, compute_targets
+from distill_core.targets import DenseHead, TeacherTargets, compute_targets
 from student_trainer import losses
 
 B, T, E, V, TRUE_V, K = 2, 7, 8, 48, 44, 6
@@ -27,7 +27,9 @@ CASES = {
     "sampled_whole": dict(kd_mode="sampled", top_k=3, num_samples=5, sample_tail=False),
     "sampled_only": dict(kd_mode="sampled", top_k=0, num_samples=5, sample_tail=False),
     "dense": dict(kd_mode="tail", top_k=K, use_dense=True),
+    "dense_hidden": dict(kd_mode="tail", top_k=K, use_dense=True, teacher_hidden=True),
 }
+TEACHER_E = 5
 
 
 def _problem(seed=0):
@@ -52,12 +54,23 @@ def _targets(z, fields):
                                      example_ids=jnp.asarray(sampling.split_u64(np.arange(B) + 100)))
   targets = compute_targets(jnp.asarray(z), k=K, temperatures=TEMPS, true_vocab_size=TRUE_V,
                             value_dtype="float32", **sample)
-  if fields and fields.get("use_dense"):
+  if fields and fields.get("teacher_hidden"):  # z = teacher hidden @ teacher lm_head, formed per chunk
+    hidden, weight = _teacher_factors(z)
+    targets = targets.replace(dense_hidden=hidden, dense_head=DenseHead(weight))
+  elif fields and fields.get("use_dense"):
     targets = targets.replace(dense_logits=jnp.asarray(z))
   return targets
 
 
+def _teacher_factors(z):
+  """A teacher hidden state (B, T, E_t) and lm_head (E_t, V) whose product are the dense logits `_problem` uses."""
+  rng = np.random.default_rng(9)
+  hidden = jnp.asarray(rng.normal(size=(B, T, TEACHER_E)), jnp.float32)
+  return hidden, jnp.asarray(rng.normal(size=(TEACHER_E, V)) * 2.0, jnp.float32)
+
+
 def _loss_fn(fields, chunk_size, targets, labels, mask, temperature):
+  fields = {key: value for key, value in (fields or {}).items() if key != "teacher_hidden"} if fields else None
   cfg = losses.LossConfig(**(fields or {}), chunk_size=chunk_size)
 
   def f(h, w):
@@ -95,6 +108,44 @@ def test_fused_equals_unchunked_values_metrics_and_gradients(case):
     _close(gw, want_gw)
     # Padded positions of the last chunk and masked positions get no gradient.
     assert np.all(np.asarray(gh)[1, 5:] == 0.0)
+
+
+def test_dense_kd_from_teacher_hidden_states_equals_whole_teacher_logits():
+  """kd_dense with the teacher's hidden states and lm_head, per chunk, equals kd_dense on its whole logits."""
+  h, w, labels, mask, z = _problem()
+  hidden, weight = _teacher_factors(z)
+  chunked_targets = _targets(z, CASES["dense_hidden"])
+  whole_targets = chunked_targets.replace(dense_hidden=None, dense_head=None,
+                                          dense_logits=jnp.einsum("bte,ev->btv", hidden, weight))
+  args = (jnp.asarray(h), jnp.asarray(w))
+  (want, want_sums), (want_gh, want_gw) = _loss_fn(CASES["dense"], 0, whole_targets, labels, mask, 2.0)(*args)
+  (got, sums), (gh, gw) = _loss_fn(CASES["dense"], 3, chunked_targets, labels, mask, 2.0)(*args)
+  _close(got, want)
+  _close(sums["kd"].sum, want_sums["kd"].sum)
+  _close(gh, want_gh)
+  _close(gw, want_gw)
+
+
+def test_local_teacher_gives_dense_kd_its_hidden_states_and_lm_head():
+  from distill_core.data import Batch
+  from distill_core.sharding import MeshConfig, make_mesh, rules_table
+  from student_trainer.sources.local import LocalTeacher
+  cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+  model = create_model(cfg, seed=1)
+  mesh_cfg = MeshConfig(data=1)
+  source = LocalTeacher(model, k=4, value_dtype="float32", mesh=make_mesh(mesh_cfg), rules=rules_table(mesh_cfg),
+                        dense_logits=True, student_vocab_size=64, chunk_size=3)
+  rng = np.random.default_rng(2)
+  tokens = rng.integers(0, 64, size=(2, 8)).astype(np.int32)
+  seg = np.ones_like(tokens)
+  batch = Batch(example_ids=np.arange(2), tokens=tokens, segment_ids=seg, positions=np.tile(np.arange(8), (2, 1)),
+                targets=tokens, loss_mask=seg.astype(np.float32))
+  targets = source.compute(batch, 1.0)
+  assert targets.dense_logits is None and targets.dense_hidden.shape == (2, 8, 32)
+  ref = np.asarray(model(jnp.asarray(tokens)).logits)
+  np.testing.assert_allclose(np.asarray(targets.dense()), ref, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(targets.topk_ids), np.argsort(-ref, axis=-1, kind="stable")[..., :4])
 
 
 def _ref_ce_tail(logits, labels, mask, z, temp):
@@ -139,6 +190,10 @@ def test_model_hidden_states_and_head_give_the_call_logits(tied):
   logits = jax.jit(lambda m, x: m.logits_from_hidden(x))(model, hidden)
   np.testing.assert_array_equal(np.asarray(logits), np.asarray(out.logits))
   np.testing.assert_array_equal(np.asarray(states["attn_out"]), np.asarray(out.states["attn_out"]))
+  weight, is_tied = model.lm_head_weights()
+  assert is_tied == tied
+  head = jax.jit(lambda x: DenseHead(weight, tied=is_tied, dtype=cfg.dtype)(x))(hidden)
+  np.testing.assert_array_equal(np.asarray(head), np.asarray(out.logits))  # the same arithmetic as the model
 
 
 def test_fused_loss_and_gradient_memory_stays_far_below_whole_logits():

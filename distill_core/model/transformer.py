@@ -161,6 +161,12 @@ class Transformer(nnx.Module):
     logits = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
     return logits.astype(jnp.float32)
 
+  def lm_head_weights(self) -> tuple[jax.Array, bool]:
+    """(lm_head kernel (E, V), False), or (the tied embedding (V, E), True): what logits_from_hidden uses."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...], True
+    return self.lm_head.kernel[...], False
+
   def _layer_fn(self):
     return nnx.remat(_call_layer) if self.cfg.remat else _call_layer
 
