@@ -9,7 +9,9 @@ Metric names are plain (`kd_loss`); the trainer adds `train/` or `eval/`.
 Memory: the student's full-vocabulary log-probabilities are never stored. Each
 loss reduces the logits to a per-position row max and log-partition (XLA fuses
 the elementwise work into the reduction) and gathers the few logits it needs;
-see docs/losses.md for the formulas.
+see docs/losses.md for the formulas. The train step goes further with
+`fused_logit_losses`: the lm_head runs inside the loss per chunk of positions
+(`chunked`), so the (B, T, V) logits and their gradient never exist whole.
 """
 
 from __future__ import annotations

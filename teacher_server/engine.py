@@ -1,10 +1,11 @@
 """The JAX engine: a teacher ``Transformer`` behind a few compiled bucket shapes.
 
-One jitted function runs the forward and then ``distill_core.targets.compute_targets``
-(padded vocabulary masked, logits shifted by the row max, top ``max_k``,
-logsumexp at every row's own temperatures) on the device, and lays its results
-out so that the host can copy exactly what a batch's ``Fetch`` names and
-nothing else:
+One jitted function runs the forward up to the final norm and then
+``distill_core.targets.compute_targets_from_hidden`` (lm_head, padded vocabulary
+masked, logits shifted by the row max, top ``max_k``, logsumexp at every row's
+own temperatures) on the device, one block of ``chunk_size`` positions at a time
+so that no (B, T, V) logits exist, and lays its results out so that the host can
+copy exactly what a batch's ``Fetch`` names and nothing else:
 
 * the top-k ids and values are split along k at the boundaries of
   ``k_ladder(max_k)`` (1, 2, 4, ..., max_k; top-k output is sorted, so the first

@@ -223,3 +223,55 @@ def test_fused_loss_and_gradient_memory_stays_far_below_whole_logits():
   # O(chunk x V): a few (B, chunk, V) buffers (logits, their gradient, exponentials), not O(T x V).
   assert fused < 6 * b * chunk * v * 4, f"fused loss temporaries {fused} bytes for chunks of {chunk} positions"
   assert fused < whole / 4, f"fused loss temporaries {fused} bytes vs whole logits {whole} bytes"
+
+
+@pytest.mark.parametrize("mode", ["tail", "sampled"])
+def test_train_step_objective_is_unchanged_by_chunking(mode):
+  """The kd objective (student hidden states + its own lm_head per chunk, feature loss, grad accumulation)
+  gives the unchunked loss, metrics and gradients with loss.chunk_size=5 on T=12."""
+  from flax import nnx
+
+  from distill_core.config import load_config
+  from distill_core.data import Batch
+  from student_trainer import step as step_lib
+  from student_trainer.config import TrainConfig
+
+  b, t = 2, 12
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, 384, (b, t), dtype=np.int32)
+  seg = np.ones((b, t), np.int32)
+  seg[1, t - 3:] = 0
+  batch = Batch.from_examples({"example_ids": np.arange(b), "tokens": tokens, "segment_ids": seg,
+                               "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1))})
+  sampled = ["loss.kd_mode=sampled", "loss.num_samples=4", "loss.top_k=2"] if mode == "sampled" else []
+  base = ["data.path=unused", "teacher.source=local", "teacher.local.model={preset: tiny, num_hidden_layers: 2}",
+          "model={preset: tiny, num_hidden_layers: 2}",
+          "loss.top_k=8", "loss.beta=0.5", "loss.temperature=2.0", *sampled]
+  teacher = create_model(load_config(TrainConfig, None, base).model, seed=3)
+  hidden = teacher.hidden_states(batch.tokens, batch.positions, batch.segment_ids, state_layers=(0, 1),
+                                 state_names=("attn_out",))
+  sample = {} if mode == "tail" else dict(num_samples=4, sample_temperature=1.0, sample_seed=5, sample_exclude=2,
+                                          example_ids=jnp.asarray(sampling.split_u64(np.arange(b))))
+  # A confident teacher (logits x 40): the KL is O(1) per token, so float32 reassociation stays ~1e-7 of it.
+  targets = compute_targets(40.0 * teacher.logits_from_hidden(hidden.hidden), k=8, temperatures=[2.0],
+                            true_vocab_size=384, states=hidden.states, state_layers=(0, 1), value_dtype="float32",
+                            **sample)
+  student = create_model(load_config(TrainConfig, None, base).model, seed=4)
+  results = []
+  for chunk in (0, 5):
+    cfg = load_config(TrainConfig, None, base + [f"loss.chunk_size={chunk}"])
+    loss = step_lib.objective(cfg, "kd")
+    hyper = step_lib.hyperparameters(cfg, 0)
+    graphdef, params = nnx.split(student)
+
+    def f(params, loss=loss, hyper=hyper, graphdef=graphdef):
+      return loss(nnx.merge(graphdef, params), batch, targets, hyper, jnp.sum(jnp.asarray(batch.loss_mask)))
+
+    results.append(jax.jit(jax.value_and_grad(f, has_aux=True))(params))
+  ((want, want_sums), want_grads), ((got, sums), grads) = results
+  _close(got, want)
+  assert sorted(sums) == sorted(want_sums) and "feature_loss_sum" in sums and "teacher_tail_mass_sum" in sums
+  for name in sums:
+    _close(sums[name], want_sums[name])
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    _close(g, dict(jax.tree_util.tree_leaves_with_path(want_grads))[path], rtol=1e-5)

@@ -223,3 +223,24 @@ def test_chunked_targets_from_hidden_equal_the_whole_logits_answer(chunk):
                                  atol=1e-6, err_msg=name)
     np.testing.assert_array_equal(np.asarray(got.layer_states["attn_out"]), np.asarray(states["attn_out"]))
     got.validate(batch_size=B, seq_len=T, k=K, n_temps=len(TEMPS))
+
+
+def test_chunked_targets_memory_stays_far_below_whole_logits():
+  """Compiled temporaries of top-k + 2 logsumexps + draws at V=32768, T=1024 per block of 32 positions are a
+  few (B, 32, V) buffers, far below one (B, T, V) float32 buffer (which the unchunked path exceeds)."""
+  b, t, e, v, chunk = 1, 1024, 16, 32768, 32
+  sds = jax.ShapeDtypeStruct
+  whole = b * t * v * 4
+
+  def temp_bytes(chunk_size):
+    def f(hidden, w, eids):
+      return tg.compute_targets_from_hidden(
+          hidden, lambda h: jnp.einsum("bte,ev->btv", h, w), chunk_size=chunk_size, k=8, temperatures=(1.0, 2.0),
+          true_vocab_size=v - 100, num_samples=4, sample_seed=1, example_ids=eids, sample_exclude=8)
+    lowered = jax.jit(f).lower(sds((b, t, e), jnp.float32), sds((e, v), jnp.float32), sds((b, 2), jnp.uint32))
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+  fused, unchunked = temp_bytes(chunk), temp_bytes(0)
+  print(f"temporaries: chunked {fused} bytes, unchunked {unchunked} bytes, whole logits {whole} bytes")
+  assert unchunked >= whole
+  assert fused < 8 * b * chunk * v * 4 and fused < whole / 4, fused
