@@ -244,3 +244,25 @@ def test_chunked_targets_memory_stays_far_below_whole_logits():
   print(f"temporaries: chunked {fused} bytes, unchunked {unchunked} bytes, whole logits {whole} bytes")
   assert unchunked >= whole
   assert fused < 8 * b * chunk * v * 4 and fused < whole / 4, fused
+
+
+def test_dense_hidden_and_head_travel_with_the_rows_and_stay_in_process():
+  rng = np.random.default_rng(4)
+  hidden = rng.normal(size=(B, T, 3)).astype(np.float32)
+  head = tg.DenseHead(rng.normal(size=(3, V)).astype(np.float32))
+  base = tg.compute_targets(jnp.asarray(_logits()), k=K, temperatures=TEMPS, true_vocab_size=TRUE_V)
+  targets = base.replace(dense_hidden=hidden, dense_head=head).validate()
+  assert targets.has_dense and not base.has_dense
+  np.testing.assert_allclose(np.asarray(targets.dense()), np.einsum("bte,ev->btv", hidden, head.weight), rtol=1e-6,
+                             atol=1e-6)
+  both = tg.concat([tg.slice_batch(targets, 0, 1), tg.slice_batch(targets, 1, B)])
+  np.testing.assert_array_equal(np.asarray(both.dense_hidden), hidden)
+  assert both.dense_head is head
+  with pytest.raises(ValueError, match="dense_hidden: given without dense_head"):
+    base.replace(dense_hidden=hidden).validate()
+  with pytest.raises(ValueError, match="dense_hidden: shape"):
+    base.replace(dense_hidden=hidden[:, :2], dense_head=head).validate()
+  with pytest.raises(ValueError, match="dense_hidden: an in-process"):
+    tg.to_numpy(targets)
+  with pytest.raises(ValueError, match="concat: part 1 disagrees"):
+    tg.concat([tg.slice_batch(targets, 0, 1), tg.slice_batch(base, 1, B)])
