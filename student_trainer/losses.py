@@ -428,7 +428,7 @@ class LossConfig(ConfigBase):
   blockwise_steps: int | None = Field(None, ge=0, description="With blockwise: train blockwise for the first "
                                       "N optimizer steps, then ordinary KD in the same run (0 = never, "
                                       "null = the whole run).")
-  chunk_size: int | None = Field(1024, ge=0, description="Positions per chunk of the fused lm_head + CE + KD "
+  chunk_size: int | None = Field(512, ge=0, description="Positions per chunk of the fused lm_head + CE + KD "
                                  "(docs/losses.md, 'Chunked (fused) losses'): the student's (B, T, V) logits "
                                  "and their gradient never exist whole, only (B, chunk_size, V) at a time, "
                                  "recomputed in the backward pass. 0 or null: one chunk (the reference path).")
