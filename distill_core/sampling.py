@@ -55,7 +55,7 @@ def _hash(key: jax.Array, x0: jax.Array, x1: jax.Array) -> jax.Array:
   return jnp.stack([out[:x0.size], out[x0.size:]], axis=-1).reshape(shape + (2,))
 
 
-def uniforms(seeds: Array, example_ids: Array, seq_len: int, num_draws: int) -> jax.Array:
+def uniforms(seeds: Array, example_ids: Array, seq_len: int, num_draws: int, start: Array = 0) -> jax.Array:
   """(B, T, num_draws, 2) float32 uniforms in [0, 1), from one threefry hash per (seed, example id, t, draw).
 
   The row key is threefry(seed, example id); draw n at position t takes the two words of
@@ -65,10 +65,12 @@ def uniforms(seeds: Array, example_ids: Array, seq_len: int, num_draws: int) -> 
   Args:
     seeds: (B, 2) uint32 (low, high) words of each row's 64-bit request seed (the threefry key).
     example_ids: (B, 2) uint32 words of each row's example id.
-    seq_len: T; position t is the column index in the row.
+    seq_len: T; position t is start + the column index in the row.
     num_draws: draws per position.
+    start: the position of column 0 (a block of positions further along the row; may be traced).
   """
-  t = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.uint32)[:, None], (seq_len, num_draws))
+  cols = jnp.asarray(start, jnp.uint32) + jnp.arange(seq_len, dtype=jnp.uint32)
+  t = jnp.broadcast_to(cols[:, None], (seq_len, num_draws))
   n = jnp.broadcast_to(jnp.arange(num_draws, dtype=jnp.uint32)[None, :], (seq_len, num_draws))
 
   def row(seed, eid):
@@ -100,7 +102,7 @@ def _per_row(value: Array, batch: int, dtype) -> jax.Array:
 
 
 def draw_samples(z: jax.Array, topk_ids: jax.Array, *, num_draws: int, num_samples: Array,
-                 temperature: Array, exclude: Array, seeds: Array, example_ids: Array,
+                 temperature: Array, exclude: Array, seeds: Array, example_ids: Array, start: Array = 0,
                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Distinct sampled ids, their counts, their logits and the proposal's log-normaliser.
 
@@ -113,6 +115,7 @@ def draw_samples(z: jax.Array, topk_ids: jax.Array, *, num_draws: int, num_sampl
     exclude: per row, how many leading top-k ids the proposal leaves out (0: the
       whole real vocabulary; scalar or (B,), each <= K and < the real vocabulary).
     seeds: (B, 2) or (2,) uint32 seed words; example_ids: (B, 2) uint32 id words.
+    start: the position of column 0 of z in its rows (z may be one block of positions).
 
   Returns:
     ids (B, T, M) int32, counts (B, T, M) int32, logits (B, T, M) f32, lse (B, T) f32.
@@ -136,7 +139,7 @@ def draw_samples(z: jax.Array, topk_ids: jax.Array, *, num_draws: int, num_sampl
   block_mass = jnp.sum(wb, axis=-1)  # (B, T, nb)
   total = jnp.sum(block_mass, axis=-1)
   lse = m[..., 0] + jnp.log(total)  # (B, T)
-  u = uniforms(seeds, example_ids, t, num_draws)  # (B, T, M, 2)
+  u = uniforms(seeds, example_ids, t, num_draws, start)  # (B, T, M, 2)
   block = _inverse_cdf(block_mass, u[..., 0])  # (B, T, M)
   in_block = jnp.take_along_axis(wb, block[..., None], axis=2)  # (B, T, M, _BLOCK)
   idx = block * _BLOCK + _inverse_cdf(in_block, u[..., 1:])[..., 0]  # (B, T, M)

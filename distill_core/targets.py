@@ -12,6 +12,8 @@ student's logits at t) a teacher answers with
 | `layer_states` | name -> (L, B, T, E) | bf16 / f32     | optional `attn_in` / `attn_out` per layer     |
 | `state_layers` | static tuple       |                  | teacher layer of each row of the states       |
 | `dense_logits` | (B, T, V) or None  | f32              | full logits, only from an in-process teacher  |
+| `dense_hidden` | (B, T, E) or None  | teacher dtype    | or instead: final hidden states (in-process)  |
+| `dense_head`   | DenseHead or None  |                  | with them: the teacher's lm_head (in-process) |
 | `sample_ids`   | (B, T, S) or None  | int32            | distinct ids drawn from softmax(z / tau)      |
 | `sample_counts`| (B, T, S) or None  | int32            | draws of each; 0 marks a padding slot         |
 | `sample_logits`| (B, T, S) or None  | like topk_logits | the shifted logits z at those ids             |
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.struct
 import jax
@@ -43,6 +45,9 @@ VALUE_DTYPES = {"float16": jnp.float16, "bfloat16": jnp.bfloat16, "float32": jnp
 STATE_NAMES = ("attn_in", "attn_out")
 _FLOAT_DTYPES = tuple(np.dtype(d) for d in VALUE_DTYPES.values())
 _STATES_PREFIX = "layer_states."
+# The fields indexed by position, (B, T, ...): what a block of positions holds.
+POSITIONAL_FIELDS = ("topk_ids", "topk_logits", "logsumexp", "dense_logits", "dense_hidden", "sample_ids",
+                     "sample_counts", "sample_logits", "sample_logsumexp")
 # The optional sampled-target fields (all present or all absent) and their ranks.
 SAMPLE_FIELDS = {"sample_ids": 3, "sample_counts": 3, "sample_logits": 3, "sample_logsumexp": 2,
                  "sample_temperature": 0}
@@ -72,6 +77,24 @@ class SampleRequest:
 
 
 @flax.struct.dataclass
+class DenseHead:
+  """An in-process teacher's lm_head, so dense teacher logits can be formed per chunk of positions.
+
+  logits = hidden @ weight in `dtype` with float32 accumulation: weight (E, V), or the tied
+  embedding (V, E) when `tied`; the arithmetic of `Transformer.logits_from_hidden`.
+  """
+
+  weight: Array
+  tied: bool = flax.struct.field(pytree_node=False, default=False)
+  dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+  def __call__(self, hidden: Array) -> jax.Array:
+    """hidden (B, T, E) -> logits (B, T, V) float32."""
+    spec = "bte,ve->btv" if self.tied else "bte,ev->btv"
+    return jnp.einsum(spec, hidden, self.weight.astype(self.dtype), preferred_element_type=jnp.float32)
+
+
+@flax.struct.dataclass
 class TeacherTargets:
   """Sparse teacher answers for one batch (a JAX pytree; `state_layers` is static).
 
@@ -86,6 +109,8 @@ class TeacherTargets:
   layer_states: dict[str, Array] = flax.struct.field(default_factory=dict)  # name -> (L, B, T, E)
   state_layers: tuple[int, ...] = flax.struct.field(pytree_node=False, default=())
   dense_logits: Array | None = None  # (B, T, V) f32, in-process teacher only
+  dense_hidden: Array | None = None  # (B, T, E) teacher final hidden states, in-process teacher only
+  dense_head: DenseHead | None = None  # the teacher's lm_head: dense logits = dense_head(dense_hidden)
   sample_ids: Array | None = None  # (B, T, S) int32, distinct sampled ids (padding: id 0, count 0)
   sample_counts: Array | None = None  # (B, T, S) int32, draws per id; sum = N at every position
   sample_logits: Array | None = None  # (B, T, S) f16/bf16/f32, shifted logits z at sample_ids
@@ -125,13 +150,22 @@ class TeacherTargets:
   def has_samples(self) -> bool:
     return self.sample_ids is not None
 
+  @property
+  def has_dense(self) -> bool:
+    """Dense teacher logits are available: whole, or as hidden states and the lm_head."""
+    return self.dense_logits is not None or self.dense_hidden is not None
+
+  def dense(self) -> Array:
+    """(B, T, V) dense teacher logits f32 (formed from dense_hidden when that is what they carry)."""
+    return self.dense_logits if self.dense_logits is not None else self.dense_head(self.dense_hidden)
+
   def map_rows(self, fn) -> "TeacherTargets":
     """Applies `fn(array, axis)` to every array indexed by the batch row (B is axis 1 of the states)."""
     opt = lambda x: None if x is None else fn(x, 0)  # noqa: E731
     return self.replace(
         topk_ids=fn(self.topk_ids, 0), topk_logits=fn(self.topk_logits, 0), logsumexp=fn(self.logsumexp, 0),
         layer_states={name: fn(value, 1) for name, value in self.layer_states.items()},
-        dense_logits=opt(self.dense_logits), sample_ids=opt(self.sample_ids),
+        dense_logits=opt(self.dense_logits), dense_hidden=opt(self.dense_hidden), sample_ids=opt(self.sample_ids),
         sample_counts=opt(self.sample_counts), sample_logits=opt(self.sample_logits),
         sample_logsumexp=opt(self.sample_logsumexp))
 
@@ -167,6 +201,12 @@ class TeacherTargets:
       _check(self.dense_logits, "dense_logits", 3, (np.dtype(np.float32),))
       if tuple(self.dense_logits.shape[:2]) != (b, t):
         raise ValueError(f"dense_logits: shape {tuple(self.dense_logits.shape)} does not start with {(b, t)}")
+    if (self.dense_hidden is None) != (self.dense_head is None):
+      raise ValueError("dense_hidden: given without dense_head (or the reverse); they come together")
+    if self.dense_hidden is not None:
+      _check(self.dense_hidden, "dense_hidden", 3, _FLOAT_DTYPES)
+      if tuple(self.dense_hidden.shape[:2]) != (b, t):
+        raise ValueError(f"dense_hidden: shape {tuple(self.dense_hidden.shape)} does not start with {(b, t)}")
     return self
 
   def _validate_states(self, hidden_size, state_names, state_layers) -> None:
@@ -299,8 +339,11 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
                     state_dtype: str | np.dtype | None = None, num_samples: int = 0,
                     sample_temperature: Array | float = 1.0, sample_seed: Array | int = 0,
                     example_ids: Array | None = None, sample_exclude: Array | int = 0,
-                    sample_counts: Array | None = None) -> TeacherTargets:
+                    sample_counts: Array | None = None, sample_start: Array | int = 0) -> TeacherTargets:
   """Top-k, per-temperature logsumexp and optional samples of teacher logits; pure jnp, under jit.
+
+  `compute_targets_from_hidden` gives the same answer from the final hidden states, one block of
+  positions at a time, without whole (B, T, V) logits.
 
   Args:
     logits: (B, T, V) teacher logits (any float dtype; computed in f32).
@@ -319,6 +362,8 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
     sample_exclude: leading top-k ids the proposal leaves out: a static int <= k (recorded as
       `sample_skip`) or a traced per-row array (then the caller records it).
     sample_counts: draws per row (<= num_samples; default num_samples).
+    sample_start: the position of column 0 of `logits` in its rows (the draws are keyed by
+      position; nonzero when `logits` are one block of positions).
   """
   if logits.ndim != 3:
     raise ValueError(f"logits: expected rank 3 (B, T, V), got shape {tuple(logits.shape)}")
@@ -338,14 +383,7 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
   # which on CPU keeps XLA from fusing the sort into every logsumexp pass (about 20x slower).
   top = jnp.argmax(z, axis=-1)  # (B, T)
   lse = jnp.stack([_shifted_logsumexp(z, top, temps[j]) for j in range(temps.shape[0])], axis=-1)
-  layer_states = {}
-  if states:
-    if not state_layers:
-      raise ValueError("state_layers: required when states are given")
-    for name, value in states.items():
-      if name not in STATE_NAMES:
-        raise ValueError(f"states: unknown state {name!r} (known: {', '.join(STATE_NAMES)})")
-      layer_states[name] = value if state_dtype is None else value.astype(value_dtype_of(state_dtype))
+  layer_states = _layer_states(states, state_layers, state_dtype)
   targets = TeacherTargets(topk_ids=ids.astype(jnp.int32), topk_logits=vals.astype(dtype),
                            logsumexp=lse, temperatures=temps, layer_states=layer_states,
                            state_layers=tuple(int(x) for x in state_layers) if layer_states else ())
@@ -363,11 +401,71 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
       z, targets.topk_ids, num_draws=num_samples,
       num_samples=num_samples if sample_counts is None else sample_counts, temperature=sample_temperature,
       exclude=sample_exclude, seeds=jnp.reshape(jnp.asarray(sample_seed, jnp.uint32), (-1, 2)),
-      example_ids=jnp.reshape(jnp.asarray(example_ids, jnp.uint32), (b, 2)))
+      example_ids=jnp.reshape(jnp.asarray(example_ids, jnp.uint32), (b, 2)), start=sample_start)
   tau = jnp.reshape(jnp.asarray(sample_temperature, jnp.float32), (-1,))[0]
   return targets.replace(sample_ids=sids, sample_counts=counts, sample_logits=slogits.astype(dtype),
                          sample_logsumexp=slse, sample_temperature=tau,
                          sample_skip=int(sample_exclude) if static_skip else 0)
+
+
+def _layer_states(states: Mapping[str, jax.Array] | None, state_layers: Sequence[int],
+                  state_dtype: str | np.dtype | None) -> dict[str, jax.Array]:
+  """The teacher's layer states by name, cast to `state_dtype` (unchanged when None)."""
+  if not states:
+    return {}
+  if not state_layers:
+    raise ValueError("state_layers: required when states are given")
+  out = {}
+  for name, value in states.items():
+    if name not in STATE_NAMES:
+      raise ValueError(f"states: unknown state {name!r} (known: {', '.join(STATE_NAMES)})")
+    out[name] = value if state_dtype is None else value.astype(value_dtype_of(state_dtype))
+  return out
+
+
+def compute_targets_from_hidden(hidden: jax.Array, head: Callable[[jax.Array], jax.Array], *,
+                                chunk_size: int | None, states: Mapping[str, jax.Array] | None = None,
+                                state_layers: Sequence[int] = (), state_dtype: str | np.dtype | None = None,
+                                **kwargs) -> TeacherTargets:
+  """`compute_targets(head(hidden), ...)` computed per block of `chunk_size` positions.
+
+  Each block runs the lm_head, the top-k, the logsumexp per temperature and the draws on its
+  own (B, chunk_size, V) logits, so no (B, T, V) array ever exists: the temporaries are
+  O(B x chunk_size x V). T is padded up to a multiple of chunk_size (the padded positions are
+  computed and dropped). Every position's answer is the one `compute_targets` gives it on the
+  whole logits, samples included (they are keyed by position, not by block).
+
+  Args:
+    hidden: (B, T, E) the teacher's final hidden states (after the final norm).
+    head: (B, C, E) -> (B, C, V) logits (the teacher's lm_head).
+    chunk_size: positions per block; 0 or None (or >= T): one block.
+    states, state_layers, state_dtype: as in `compute_targets` (passed through, not chunked).
+    **kwargs: every other argument of `compute_targets` (k, temperatures, true_vocab_size, ...).
+  """
+  layer_states = _layer_states(states, state_layers, state_dtype)
+  layers = tuple(int(x) for x in state_layers) if layer_states else ()
+  b, t = hidden.shape[:2]
+  if not chunk_size or chunk_size >= t:
+    return compute_targets(head(hidden), **kwargs).replace(layer_states=layer_states, state_layers=layers)
+  n = -(-t // chunk_size)
+  padded = jnp.pad(hidden, ((0, 0), (0, n * chunk_size - t), (0, 0)))
+  blocks = jnp.moveaxis(padded.reshape(b, n, chunk_size, hidden.shape[-1]), 1, 0)  # (n, B, C, E)
+  starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
+
+  def block(args):
+    h, start = args
+    return compute_targets(head(h), sample_start=start, **kwargs)
+
+  stacked = jax.lax.map(block, (blocks, starts))  # every leaf gains a leading (n,) axis
+
+  def merge(x):  # (n, B, C, ...) -> (B, T, ...)
+    return jnp.moveaxis(x, 0, 1).reshape((b, n * chunk_size) + x.shape[3:])[:, :t]
+
+  fields = {name: merge(getattr(stacked, name)) for name in POSITIONAL_FIELDS
+            if getattr(stacked, name) is not None}
+  tau = None if stacked.sample_temperature is None else stacked.sample_temperature[0]
+  return stacked.replace(temperatures=stacked.temperatures[0], sample_temperature=tau,
+                         layer_states=layer_states, state_layers=layers, **fields)
 
 
 def to_numpy(targets: TeacherTargets) -> dict[str, np.ndarray]:
@@ -379,6 +477,8 @@ def to_numpy(targets: TeacherTargets) -> dict[str, np.ndarray]:
     out[_STATES_PREFIX + name] = np.asarray(value)
   if targets.dense_logits is not None:
     out["dense_logits"] = np.asarray(targets.dense_logits)
+  if targets.dense_hidden is not None:
+    raise ValueError("dense_hidden: an in-process teacher's hidden states and lm_head are not stored or sent")
   if targets.has_samples:
     out.update({name: np.asarray(getattr(targets, name)) for name in SAMPLE_FIELDS})
     out["sample_skip"] = np.asarray(targets.sample_skip, np.int32)
@@ -424,8 +524,9 @@ def concat(parts: Sequence[TeacherTargets]) -> TeacherTargets:
                        f"at {first.state_layers}")
     if not np.array_equal(np.asarray(part.temperatures), np.asarray(first.temperatures)):
       raise ValueError(f"concat: part {i} temperatures differ from part 0")
-    if (part.dense_logits is None) != (first.dense_logits is None):
-      raise ValueError(f"concat: part {i} disagrees with part 0 on dense_logits")
+    if (part.dense_logits is None) != (first.dense_logits is None) or (
+        (part.dense_hidden is None) != (first.dense_hidden is None)):
+      raise ValueError(f"concat: part {i} disagrees with part 0 on dense_logits / dense_hidden")
     if part.has_samples != first.has_samples or part.sample_skip != first.sample_skip or (
         first.has_samples and not np.array_equal(np.asarray(part.sample_temperature),
                                                  np.asarray(first.sample_temperature))):

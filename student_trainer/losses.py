@@ -9,7 +9,9 @@ Metric names are plain (`kd_loss`); the trainer adds `train/` or `eval/`.
 Memory: the student's full-vocabulary log-probabilities are never stored. Each
 loss reduces the logits to a per-position row max and log-partition (XLA fuses
 the elementwise work into the reduction) and gathers the few logits it needs;
-see docs/losses.md for the formulas.
+see docs/losses.md for the formulas. The train step goes further with
+`fused_logit_losses`: the lm_head runs inside the loss per chunk of positions
+(`chunked`), so the (B, T, V) logits and their gradient never exist whole.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.targets import POSITIONAL_FIELDS, SampleRequest, TeacherTargets
 from student_trainer.schedules import Schedule, constant
 
 Array = jax.Array
@@ -426,6 +428,10 @@ class LossConfig(ConfigBase):
   blockwise_steps: int | None = Field(None, ge=0, description="With blockwise: train blockwise for the first "
                                       "N optimizer steps, then ordinary KD in the same run (0 = never, "
                                       "null = the whole run).")
+  chunk_size: int | None = Field(512, ge=0, description="Positions per chunk of the fused lm_head + CE + KD "
+                                 "(docs/losses.md, 'Chunked (fused) losses'): the student's (B, T, V) logits "
+                                 "and their gradient never exist whole, only (B, chunk_size, V) at a time, "
+                                 "recomputed in the backward pass. 0 or null: one chunk (the reference path).")
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "LossConfig":
@@ -500,9 +506,9 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
               temperature: Any = None, true_vocab_size: int | None = None,
               ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
   """The KD term `cfg` selects: kd_dense on dense teacher logits when enabled and present, else kd_sparse."""
-  if cfg.use_dense and targets.dense_logits is not None:
+  if cfg.use_dense and targets.has_dense:
     temp = targets.temperatures[0] if temperature is None else temperature
-    return kd_dense(student_logits, targets.dense_logits, loss_mask, temperature=temp,
+    return kd_dense(student_logits, targets.dense(), loss_mask, temperature=temp,
                     true_vocab_size=true_vocab_size)
   if cfg.kd_mode == "sampled":
     return kd_sampled(student_logits, targets, loss_mask, temperature=temperature, k=cfg.top_k,
@@ -511,3 +517,85 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
     raise ValueError(f"top_k: loss wants {cfg.top_k} teacher ids, the targets carry {targets.k}")
   return kd_sparse(student_logits, targets, loss_mask, mode=cfg.kd_mode, temperature=temperature,
                    top_p=cfg.top_p_cut, k=cfg.top_k, true_vocab_size=true_vocab_size)
+
+
+def logit_losses(student_logits: Array, labels: Array, targets: TeacherTargets | None, loss_mask: Array,
+                 cfg: LossConfig, *, temperature: Any = None, true_vocab_size: int | None = None,
+                 ) -> tuple[MaskedSum, MaskedSum | None, dict[str, MaskedSum]]:
+  """(ce, kd, kd metrics) on (B, T, V) student logits; kd is None (metrics empty) without targets."""
+  ce_sum, _ = ce(student_logits, labels, loss_mask, true_vocab_size=true_vocab_size)
+  if targets is None:
+    return ce_sum, None, {}
+  kd, metrics = soft_loss(student_logits, targets, loss_mask, cfg, temperature=temperature,
+                          true_vocab_size=true_vocab_size)
+  return ce_sum, kd, metrics
+
+
+def chunked(fn: Callable[..., Any], hidden: Array, head: Callable[[Array], Array], *per_position: Any,
+            chunk_size: int | None) -> Any:
+  """fn(head(hidden), *per_position), a pytree of sums, computed per chunk of positions and added up.
+
+  The fused linear loss: `hidden` (B, T, E) is split along T into chunks of `chunk_size`
+  positions (T padded up to a multiple; padded positions must carry a zero loss mask, which the
+  zero padding of every per-position input gives), and each chunk computes its (B, C, V) logits
+  with `head`, then `fn` on them. The chunk body is rematerialised (`jax.checkpoint`), so the
+  backward pass recomputes each chunk's logits instead of storing them: neither the logits nor
+  their gradient ever exist whole. Gradients reach `hidden` and whatever `head` closes over.
+
+  Args:
+    fn: (logits (B, C, V), *per_position chunks) -> a pytree of sums (e.g. MaskedSums); every
+      leaf must be additive over positions.
+    hidden: (B, T, E) final hidden states.
+    head: (B, C, E) -> (B, C, V) float32 logits (the lm_head).
+    per_position: arrays (B, T, ...), TeacherTargets (their per-position fields are chunked,
+      layer states dropped) or None.
+    chunk_size: positions per chunk; 0 or None (or >= T): one chunk, i.e. fn(head(hidden), ...).
+  """
+  b, t = hidden.shape[:2]
+  if not chunk_size or chunk_size >= t:
+    return fn(head(hidden), *per_position)
+  n = -(-t // chunk_size)
+
+  def split(x):  # (B, T, ...) -> (n, B, C, ...), zero-padded along T
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+
+  rests, xs = [], []
+  for arg in per_position:
+    if isinstance(arg, TeacherTargets):
+      fields = {name: getattr(arg, name) for name in POSITIONAL_FIELDS if getattr(arg, name) is not None}
+      rests.append(arg.replace(layer_states={}, state_layers=(), **{name: None for name in fields}))
+      xs.append(fields)
+    else:
+      rests.append(None)
+      xs.append(arg)
+
+  @jax.checkpoint
+  def chunk_sums(h, chunk_args):  # h (B, C, E)
+    args = [x if rest is None else rest.replace(**x) for rest, x in zip(rests, chunk_args)]
+    return fn(head(h), *args)
+
+  def body(acc, chunk):
+    return jax.tree.map(jnp.add, acc, chunk_sums(*chunk)), None
+
+  chunks = jax.tree.map(split, (hidden, xs))
+  shapes = jax.eval_shape(chunk_sums, *jax.tree.map(lambda x: x[0], chunks))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+  sums, _ = jax.lax.scan(body, zeros, chunks)
+  return sums
+
+
+def fused_logit_losses(hidden: Array, head: Callable[[Array], Array], labels: Array,
+                       targets: TeacherTargets | None, loss_mask: Array, cfg: LossConfig, *,
+                       temperature: Any = None, true_vocab_size: int | None = None,
+                       ) -> tuple[MaskedSum, MaskedSum | None, dict[str, MaskedSum]]:
+  """`logit_losses` on head(hidden), fused per chunk of `cfg.chunk_size` positions (`chunked`).
+
+  Equals `logit_losses(head(hidden), ...)` up to the order of the float32 sums, and so do its
+  gradients with respect to `hidden` and the lm_head weights.
+  """
+  def fn(logits, labels, targets, loss_mask):
+    return logit_losses(logits, labels, targets, loss_mask, cfg, temperature=temperature,
+                        true_vocab_size=true_vocab_size)
+
+  return chunked(fn, hidden, head, labels, targets, loss_mask, chunk_size=cfg.chunk_size)

@@ -59,16 +59,16 @@ class _LossFn:
 
   def __call__(self, model, batch: Batch, targets: TeacherTargets | None, hyper, num_tokens):
     student_layers, teacher_layers = self.feature_layers(targets)
-    out = model(batch.tokens, batch.positions, batch.segment_ids, state_layers=student_layers,
-                state_names=("attn_out",))
+    out = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids, state_layers=student_layers,
+                              state_names=("attn_out",))
     mask = batch.loss_mask
-    ce, _ = losses.ce(out.logits, batch.targets, mask, true_vocab_size=self.true_vocab)
-    kd = feature = None
-    sums = {}
+    # The lm_head runs inside the loss, per chunk of positions: no whole (B, T, V) logits.
+    ce, kd, kd_metrics = losses.fused_logit_losses(
+        out.hidden, model.logits_from_hidden, batch.targets, targets, mask, self.loss_cfg,
+        temperature=hyper["temperature"], true_vocab_size=self.true_vocab)
+    feature = None
+    sums = {f"{name}_sum": m.sum for name, m in kd_metrics.items()}
     if targets is not None:
-      kd, kd_metrics = losses.soft_loss(out.logits, targets, mask, self.loss_cfg,
-                                        temperature=hyper["temperature"], true_vocab_size=self.true_vocab)
-      sums.update({f"{name}_sum": m.sum for name, m in kd_metrics.items()})
       if student_layers:
         teacher_states = losses.select_teacher_states(targets, teacher_layers)
         feature, _ = losses.feature_loss(out.states["attn_out"], teacher_states, mask,

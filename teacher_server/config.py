@@ -136,6 +136,10 @@ class ServerConfig(ConfigBase):
                            "divide by data * fsdp.")
   limits: LimitsConfig = Field(default_factory=LimitsConfig, description="Per-request limits.")
   batcher: BatcherConfig = Field(default_factory=BatcherConfig, description="Batching and backpressure.")
+  logits_chunk_size: int = Field(512, ge=0, description="Positions per block of the engine's lm_head, top-k, "
+                                 "logsumexp and sample draws (docs/teacher_server.md, 'Engine chunking'): "
+                                 "the logits temporaries are O(bucket batch x this x vocabulary) instead of "
+                                 "O(bucket batch x length x vocabulary); answers do not change. 0: whole rows.")
   security: SecurityConfig = Field(default_factory=SecurityConfig, description="TLS and authentication.")
   max_message_bytes: int = Field(256 << 20, gt=0, description="Largest answer (gRPC message sent). The "
                                  "largest request accepted is derived from the limits (GetInfo "

@@ -1,10 +1,11 @@
 """The JAX engine: a teacher ``Transformer`` behind a few compiled bucket shapes.
 
-One jitted function runs the forward and then ``distill_core.targets.compute_targets``
-(padded vocabulary masked, logits shifted by the row max, top ``max_k``,
-logsumexp at every row's own temperatures) on the device, and lays its results
-out so that the host can copy exactly what a batch's ``Fetch`` names and
-nothing else:
+One jitted function runs the forward up to the final norm and then
+``distill_core.targets.compute_targets_from_hidden`` (lm_head, padded vocabulary
+masked, logits shifted by the row max, top ``max_k``, logsumexp at every row's
+own temperatures) on the device, one block of ``chunk_size`` positions at a time
+so that no (B, T, V) logits exist, and lays its results out so that the host can
+copy exactly what a batch's ``Fetch`` names and nothing else:
 
 * the top-k ids and values are split along k at the boundaries of
   ``k_ladder(max_k)`` (1, 2, 4, ..., max_k; top-k output is sorted, so the first
@@ -51,13 +52,14 @@ from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batch, state_shardings
-from distill_core.targets import compute_targets
+from distill_core.targets import compute_targets_from_hidden
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
 from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOutput, Fetch, NamePattern,
                                        SampleBatch, check_batch_shape, fetched_k, k_ladder)
 
 log = logging.getLogger(__name__)
+DEFAULT_CHUNK_SIZE = 512  # positions per block of lm_head + top-k + logsumexp (ServerConfig.logits_chunk_size)
 
 
 def load_teacher(src: ModelSourceConfig) -> Transformer:
@@ -94,20 +96,23 @@ def tokenizer_fingerprint(path: str | None) -> str:
   return fingerprint_of(tokenizers.Tokenizer.from_file(str(path))) if path else ""
 
 
-def row_targets(logits: jax.Array, temperatures: jax.Array, draws=None, *, k: int, true_vocab_size: int,
-                num_draws: int = 0):
-  """Targets for one row: logits (T, V), temperatures (n,) -> ids, values (T, k), lse (T, n).
+def row_targets(hidden: jax.Array, temperatures: jax.Array, draws=None, *, head, chunk_size: int | None, k: int,
+                true_vocab_size: int, num_draws: int = 0):
+  """Targets for one row: hidden (T, E), temperatures (n,) -> ids, values (T, k), lse (T, n).
 
-  With `draws` (this row's (num_samples, tau, seed words, example id words, exclude)) and
-  `num_draws` slots, also the row's sample ids, counts, logits (T, num_draws) and lse (T,).
+  `head` maps (1, C, E) final hidden states to (1, C, V) logits; it runs per block of
+  `chunk_size` positions (`compute_targets_from_hidden`), so the row's (T, V) logits never
+  exist whole. With `draws` (this row's (num_samples, tau, seed words, example id words,
+  exclude)) and `num_draws` slots, also the row's sample ids, counts, logits (T, num_draws)
+  and lse (T,).
   """
   sampling = {}
   if num_draws:
     n, tau, seed, eid, exclude = draws
     sampling = dict(num_samples=num_draws, sample_counts=n, sample_temperature=tau, sample_seed=seed,
                     example_ids=eid[None], sample_exclude=exclude)
-  t = compute_targets(logits[None], k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
-                      value_dtype="float32", **sampling)
+  t = compute_targets_from_hidden(hidden[None], head, chunk_size=chunk_size, k=k, temperatures=temperatures,
+                                  true_vocab_size=true_vocab_size, value_dtype="float32", **sampling)
   out = (t.topk_ids[0], t.topk_logits[0], t.logsumexp[0])
   if num_draws:
     out += (t.sample_ids[0], t.sample_counts[0], t.sample_logits[0], t.sample_logsumexp[0])
@@ -127,11 +132,13 @@ class JaxEngine(Engine):
     mesh: device mesh config (default: all devices, data parallel).
     tokenizer_fingerprint: reported by GetInfo.
     max_samples: sample draw slots per position in a batch that samples (0: no sampling).
+    chunk_size: positions per block of the lm_head, top-k, logsumexp and draws (0 or None: the
+      whole row at once); the logits temporaries are O(B x chunk_size x V), not O(B x T x V).
   """
 
   def __init__(self, model: Transformer, *, buckets, max_k: int, max_temperatures: int,
                selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = "",
-               max_samples: int = 0):
+               max_samples: int = 0, chunk_size: int | None = DEFAULT_CHUNK_SIZE):
     cfg: ModelConfig = model.cfg
     selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
     bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
@@ -161,6 +168,9 @@ class JaxEngine(Engine):
     graphdef, state = nnx.split(model)
     self._graphdef = graphdef
     self._state = jax.device_put(state, state_shardings(state, self._mesh, rules_table(mesh or MeshConfig())))
+    if chunk_size is not None and chunk_size < 0:
+      raise ValueError(f"logits_chunk_size: {chunk_size} must be >= 0 (0: no chunking)")
+    self._chunk_size = chunk_size
     self._chunks = _chunks(k_ladder(self._info.max_k))
     self._sample_chunks = _chunks(k_ladder(max_samples)) if max_samples else ()
     self._fn = jax.jit(self._forward, static_argnames=("state_dtype",))
@@ -179,7 +189,8 @@ class JaxEngine(Engine):
     lim = cfg.limits
     return cls(model, buckets=cfg.batcher.buckets, max_k=lim.max_k, max_temperatures=lim.max_temperatures,
                selectable_layers=lim.selectable_layers, state_names=lim.state_names, mesh=cfg.mesh,
-               tokenizer_fingerprint=tokenizer_fingerprint(tok_path), max_samples=lim.max_samples)
+               tokenizer_fingerprint=tokenizer_fingerprint(tok_path), max_samples=lim.max_samples,
+               chunk_size=cfg.logits_chunk_size)
 
   @property
   def info(self) -> EngineInfo:
@@ -191,11 +202,12 @@ class JaxEngine(Engine):
     model = nnx.merge(self._graphdef, state)
     info = self._info
     layers = info.selectable_layers if state_dtype else ()
-    out = model(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
+    out = model.hidden_states(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
     num_draws = info.max_samples if draws is not None else 0
-    per_row = jax.vmap(lambda lg, tp, dr: row_targets(lg, tp, dr, k=info.max_k, true_vocab_size=info.vocab_size,
-                                                      num_draws=num_draws))
-    ids, values, lse, *samples = per_row(out.logits, temperatures, draws)  # (B, T, K), (B, T, K), (B, T, n)
+    per_row = jax.vmap(lambda h, tp, dr: row_targets(h, tp, dr, head=model.logits_from_hidden,
+                                                     chunk_size=self._chunk_size, k=info.max_k,
+                                                     true_vocab_size=info.vocab_size, num_draws=num_draws))
+    ids, values, lse, *samples = per_row(out.hidden, temperatures, draws)  # (B, T, K), (B, T, K), (B, T, n)
     id_chunks = tuple(ids[..., a:b] for a, b in self._chunks)
     value_chunks = {name: tuple(values[..., a:b].astype(name) for a, b in self._chunks)
                     for name in wire.VALUE_DTYPES}

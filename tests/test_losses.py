@@ -103,6 +103,24 @@ def test_sparse_matches_reference(mode, top_p, temp):
     assert support < K  # the cut is active in this case
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("top_p", [None, 0.6])
+def test_fused_chunks_match_reference(mode, top_p):
+  """The chunked (fused) path, with the identity as lm_head and chunks of 4 of T=6 positions, against NumPy."""
+  s, z, mask = _inputs()
+  cfg = losses.LossConfig(kd_mode=mode, top_k=K, top_p=top_p, chunk_size=4)
+  labels = np.argmax(z[..., :TRUE_V], axis=-1).astype(np.int32)
+  fused = jax.jit(lambda x, t, m: losses.fused_logit_losses(x, lambda h: h, jnp.asarray(labels), t, m, cfg,
+                                                            temperature=2.0, true_vocab_size=TRUE_V))
+  ce, kd, metrics = fused(jnp.asarray(s), _targets(z, (2.0,)), jnp.asarray(mask))
+  want, support = _ref_sparse(s, z, mask, K, 2.0, mode, top_p, TRUE_V)
+  np.testing.assert_allclose(float(kd.mean()), want, rtol=2e-5)
+  np.testing.assert_allclose(float(metrics["kd_support"].mean()), support, rtol=1e-6)
+  log_q = np.stack([[_log_softmax(row[:TRUE_V].astype(np.float64)) for row in rows] for rows in s])
+  want_ce = -np.take_along_axis(log_q, labels[..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(ce.mean()), (want_ce * mask).sum() / mask.sum(), rtol=2e-5)
+
+
 def test_teacher_tail_mass_metric():
   s, z, mask = _inputs(seed=1)
   _, metrics = jit_kd_sparse(jnp.asarray(s), _targets(z, (2.0,)), jnp.asarray(mask), true_vocab_size=TRUE_V)

@@ -153,13 +153,16 @@ async def test_fake_server_serves_samples_next_to_plain_requests():
   np.testing.assert_allclose(got.sample_logsumexp, 2.25)
 
 
-def test_engine_draws_match_the_local_computation_whatever_the_row():
+@pytest.mark.parametrize("chunk_size", [0, 5])  # whole rows; blocks of 5 positions (not dividing 16)
+def test_engine_draws_match_the_local_computation_whatever_the_row(chunk_size):
   """The engine's per-row draws (padding rows, per-row N, tau, seed, tail) equal compute_targets on the
-  same logits, and the slots copied to the host follow the batch's largest N."""
+  same whole logits, whether the engine works per block of positions or not, and the slots copied to
+  the host follow the batch's largest N."""
   cfg = build(ModelConfig, {**resolve_preset("tiny"), "true_vocab_size": 350})
   model = checkpoints.load_model(cfg, seed=5)
   eng = JaxEngine(model, buckets=[(8, 16)], max_k=6, max_temperatures=2, selectable_layers=[], state_names=[],
-                  max_samples=16, mesh=MeshConfig(data=-1))  # 8 virtual devices: the batch is split
+                  max_samples=16, mesh=MeshConfig(data=-1),  # 8 virtual devices: the batch is split
+                  chunk_size=chunk_size)
   timings = eng.warmup()
   assert set(timings) == {"8x16", "8x16+samples"}
   rng = np.random.default_rng(1)

@@ -30,7 +30,8 @@ def engine(model):
   cfg = build(ModelConfig, {**resolve_preset("tiny"), "true_vocab_size": TRUE_VOCAB})
   masked = checkpoints.load_model(cfg, seed=5)
   eng = JaxEngine(masked, buckets=[(8, 16)], max_k=6, max_temperatures=3, selectable_layers=[0, 1],
-                  state_names=["attn_in", "attn_out"], mesh=MeshConfig(data=-1))  # 8 virtual devices, batch split
+                  state_names=["attn_in", "attn_out"], mesh=MeshConfig(data=-1),  # 8 virtual devices, batch split
+                  chunk_size=6)  # lm_head + top-k + logsumexp per block of 6 positions (not dividing 16)
   eng.warmup()
   return eng, masked
 
@@ -161,3 +162,5 @@ def test_parameters_and_bad_settings(engine, model):
     JaxEngine(model, buckets=[(8, 512)], **kwargs)
   with pytest.raises(ValueError, match="selectable_layers"):
     JaxEngine(model, buckets=[(8, 16)], **{**kwargs, "selectable_layers": [2]})
+  with pytest.raises(ValueError, match="logits_chunk_size: -1"):
+    JaxEngine(model, buckets=[(8, 16)], **kwargs, chunk_size=-1)

@@ -192,3 +192,77 @@ def test_temperature_index():
   assert targets.temperature_index(2.0) == 1
   with pytest.raises(ValueError, match="temperature 3.0"):
     targets.temperature_index(3.0)
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 0])  # 4 does not divide T=5; 0: one block
+def test_chunked_targets_from_hidden_equal_the_whole_logits_answer(chunk):
+  """Per block of positions: the same top-k, values, logsumexp and draws (keyed by position) as on the
+  whole (B, T, V) logits, for a static and a per-row tail exclusion; states pass through."""
+  from distill_core import sampling
+  rng = np.random.default_rng(3)
+  e = 12
+  hidden = jnp.asarray(rng.normal(size=(B, T, e)), jnp.float32)
+  w = rng.normal(size=(e, V)).astype(np.float32) * 1.5
+  w[:, TRUE_V:] = 5.0  # padded columns would win every top-k if they were not masked
+  head = lambda h: jnp.einsum("bte,ev->btv", h, jnp.asarray(w))  # noqa: E731
+  states = {"attn_out": jnp.asarray(rng.normal(size=(1, B, T, e)), jnp.float32)}
+  eids = jnp.asarray(sampling.split_u64(np.arange(B) + 40))
+  for exclude in (2, jnp.asarray([0, 3, 1], jnp.int32)):
+    kw = dict(k=K, temperatures=TEMPS, true_vocab_size=TRUE_V, value_dtype="float32", num_samples=7,
+              sample_temperature=jnp.asarray([1.0, 0.5, 2.0]), sample_seed=11, example_ids=eids,
+              sample_exclude=exclude, sample_counts=jnp.asarray([7, 3, 5], jnp.int32))
+    want = jax.jit(lambda h: tg.compute_targets(head(h), states=states, state_layers=(1,), **kw))(hidden)
+    got = jax.jit(lambda h: tg.compute_targets_from_hidden(h, head, chunk_size=chunk, states=states,
+                                                           state_layers=(1,), **kw))(hidden)
+    assert got.state_layers == (1,) and got.sample_skip == want.sample_skip
+    for name in ("topk_ids", "sample_ids", "sample_counts"):
+      np.testing.assert_array_equal(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), err_msg=name)
+    for name in ("topk_logits", "logsumexp", "sample_logits", "sample_logsumexp", "temperatures",
+                 "sample_temperature"):
+      np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(want, name)), rtol=1e-6,
+                                 atol=1e-6, err_msg=name)
+    np.testing.assert_array_equal(np.asarray(got.layer_states["attn_out"]), np.asarray(states["attn_out"]))
+    got.validate(batch_size=B, seq_len=T, k=K, n_temps=len(TEMPS))
+
+
+def test_chunked_targets_memory_stays_far_below_whole_logits():
+  """Compiled temporaries of top-k + 2 logsumexps + draws at V=32768, T=1024 per block of 32 positions are a
+  few (B, 32, V) buffers, far below one (B, T, V) float32 buffer (which the unchunked path exceeds)."""
+  b, t, e, v, chunk = 1, 1024, 16, 32768, 32
+  sds = jax.ShapeDtypeStruct
+  whole = b * t * v * 4
+
+  def temp_bytes(chunk_size):
+    def f(hidden, w, eids):
+      return tg.compute_targets_from_hidden(
+          hidden, lambda h: jnp.einsum("bte,ev->btv", h, w), chunk_size=chunk_size, k=8, temperatures=(1.0, 2.0),
+          true_vocab_size=v - 100, num_samples=4, sample_seed=1, example_ids=eids, sample_exclude=8)
+    lowered = jax.jit(f).lower(sds((b, t, e), jnp.float32), sds((e, v), jnp.float32), sds((b, 2), jnp.uint32))
+    return lowered.compile().memory_analysis().temp_size_in_bytes
+
+  fused, unchunked = temp_bytes(chunk), temp_bytes(0)
+  print(f"temporaries: chunked {fused} bytes, unchunked {unchunked} bytes, whole logits {whole} bytes")
+  assert unchunked >= whole
+  assert fused < 8 * b * chunk * v * 4 and fused < whole / 4, fused
+
+
+def test_dense_hidden_and_head_travel_with_the_rows_and_stay_in_process():
+  rng = np.random.default_rng(4)
+  hidden = rng.normal(size=(B, T, 3)).astype(np.float32)
+  head = tg.DenseHead(rng.normal(size=(3, V)).astype(np.float32))
+  base = tg.compute_targets(jnp.asarray(_logits()), k=K, temperatures=TEMPS, true_vocab_size=TRUE_V)
+  targets = base.replace(dense_hidden=hidden, dense_head=head).validate()
+  assert targets.has_dense and not base.has_dense
+  np.testing.assert_allclose(np.asarray(targets.dense()), np.einsum("bte,ev->btv", hidden, head.weight), rtol=1e-6,
+                             atol=1e-6)
+  both = tg.concat([tg.slice_batch(targets, 0, 1), tg.slice_batch(targets, 1, B)])
+  np.testing.assert_array_equal(np.asarray(both.dense_hidden), hidden)
+  assert both.dense_head is head
+  with pytest.raises(ValueError, match="dense_hidden: given without dense_head"):
+    base.replace(dense_hidden=hidden).validate()
+  with pytest.raises(ValueError, match="dense_hidden: shape"):
+    base.replace(dense_hidden=hidden[:, :2], dense_head=head).validate()
+  with pytest.raises(ValueError, match="dense_hidden: an in-process"):
+    tg.to_numpy(targets)
+  with pytest.raises(ValueError, match="concat: part 1 disagrees"):
+    tg.concat([tg.slice_batch(targets, 0, 1), tg.slice_batch(base, 1, B)])

@@ -41,6 +41,13 @@ class ModelOutput(NamedTuple):
   states: dict[str, jax.Array]
 
 
+class HiddenOutput(NamedTuple):
+  """`Transformer.hidden_states` result. hidden (B, T, E) after the final norm; states as in ModelOutput."""
+
+  hidden: jax.Array
+  states: dict[str, jax.Array]
+
+
 class DecoderLayer(nnx.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -101,10 +108,10 @@ class Transformer(nnx.Module):
                     Linear(e, v, ("embed", "vocab"), dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                            out_dtype=jnp.float32))
 
-  def __call__(self, tokens, positions=None, segment_ids=None, *,
-               state_layers: Sequence[int] = (), state_names: Sequence[str] = STATE_NAMES,
-               inject_attn_in: dict[int, jax.Array] | None = None) -> ModelOutput:
-    """Runs the model.
+  def hidden_states(self, tokens, positions=None, segment_ids=None, *,
+                    state_layers: Sequence[int] = (), state_names: Sequence[str] = STATE_NAMES,
+                    inject_attn_in: dict[int, jax.Array] | None = None) -> HiddenOutput:
+    """Runs the model up to the final norm (no lm_head: `logits_from_hidden` applies it).
 
     Args:
       tokens: (B, T) int token ids.
@@ -116,7 +123,7 @@ class Transformer(nnx.Module):
       inject_attn_in: {layer: (B, T, E)} replaces that layer's attention input.
 
     Returns:
-      ModelOutput(logits (B, T, V) float32, states {name: (len(state_layers), B, T, E)}).
+      HiddenOutput(hidden (B, T, E) after the final norm, states {name: (len(state_layers), B, T, E)}).
     """
     cfg = self.cfg
     tokens = jnp.asarray(tokens)
@@ -135,8 +142,30 @@ class Transformer(nnx.Module):
     run = self._run_scanned if cfg.scan_layers else self._run_unrolled
     x, states = run(x, cos, sin, mask, state_layers, state_names, inject)
     x = self.norm(x)
-    logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)  # (B, T, V)
-    return ModelOutput(logits.astype(jnp.float32), states)
+    return HiddenOutput(x, states)  # (B, T, E)
+
+  def __call__(self, tokens, positions=None, segment_ids=None, **kwargs) -> ModelOutput:
+    """Runs the model: `hidden_states` (same arguments), then the lm_head.
+
+    Returns:
+      ModelOutput(logits (B, T, V) float32, states {name: (len(state_layers), B, T, E)}).
+    """
+    hidden, states = self.hidden_states(tokens, positions, segment_ids, **kwargs)
+    return ModelOutput(self.logits_from_hidden(hidden), states)
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """The lm_head (or the tied embedding): hidden (B, T, E) after the final norm -> logits (B, T, V) f32.
+
+    Per chunk of positions this is how the engine and the fused losses avoid whole (B, T, V) logits.
+    """
+    logits = self.embed_tokens.attend(hidden) if self.lm_head is None else self.lm_head(hidden)
+    return logits.astype(jnp.float32)
+
+  def lm_head_weights(self) -> tuple[jax.Array, bool]:
+    """(lm_head kernel (E, V), False), or (the tied embedding (V, E), True): what logits_from_hidden uses."""
+    if self.lm_head is None:
+      return self.embed_tokens.embedding[...], True
+    return self.lm_head.kernel[...], False
 
   def _layer_fn(self):
     return nnx.remat(_call_layer) if self.cfg.remat else _call_layer

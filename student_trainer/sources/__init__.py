@@ -51,7 +51,8 @@ def _make_source(cfg: "TrainConfig", mesh: "Mesh", rules, interrupt) -> "Teacher
     return LocalTeacher(model, k=cfg.loss.request_k, value_dtype=cfg.teacher.value_dtype, mesh=mesh,
                         rules=rules, dense_logits=cfg.loss.use_dense, state_layers=layers,
                         state_names=teacher_state_names(cfg) if layers else (),
-                        student_vocab_size=cfg.model.vocab_size, samples=cfg.loss.sampling)
+                        student_vocab_size=cfg.model.vocab_size, samples=cfg.loss.sampling,
+                        chunk_size=cfg.loss.chunk_size)
   if kind == "remote":
     from student_trainer.sources.remote import RemoteTeacher
     return RemoteTeacher.from_train_config(cfg, mesh, interrupt=interrupt)

@@ -21,20 +21,24 @@ from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import shard_batch, state_shardings
 from distill_core.sampling import split_u64
-from distill_core.targets import SampleRequest, TeacherTargets, compute_targets
+from distill_core.targets import DenseHead, SampleRequest, TeacherTargets, compute_targets_from_hidden
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
 
 
 class LocalTeacher(TeacherSource):
-  """Runs a frozen teacher model next to the student."""
+  """Runs a frozen teacher model next to the student.
+
+  `chunk_size` (the run's loss.chunk_size): positions per block of the teacher's lm_head, top-k,
+  logsumexp and draws (`compute_targets_from_hidden`); 0 or None: whole rows.
+  """
 
   lookahead = 1
 
   def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
                dense_logits: bool = False, state_layers: tuple[int, ...] = (),
                state_names: tuple[str, ...] = (), student_vocab_size: int | None = None,
-               samples: SampleRequest | None = None):
+               samples: SampleRequest | None = None, chunk_size: int | None = None):
     if student_vocab_size is not None and model.cfg.real_vocab_size > student_vocab_size:
       raise RunError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
                        f"the student's ({student_vocab_size}); they must share a tokenizer")
@@ -45,12 +49,16 @@ class LocalTeacher(TeacherSource):
     graphdef, state = nnx.split(model)
     shardings = state_shardings(state, mesh, rules)
     self._state = jax.device_put(state, shardings)
+    self._dense_head = None  # with dense_logits: the teacher's lm_head, applied per chunk inside kd_dense
+    if dense_logits:
+      weight, tied = nnx.merge(graphdef, self._state).lm_head_weights()
+      self._dense_head = DenseHead(weight, tied=tied, dtype=model.cfg.dtype)
     self._mesh = mesh
     self._pending: collections.deque[TeacherTargets] = collections.deque()
     self._layers, self._names = tuple(state_layers), tuple(state_names)
     self._forward = functools.partial(_teacher_targets, graphdef, k=k, value_dtype=value_dtype,
                                       true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
-                                      samples=samples)
+                                      samples=samples, chunk_size=chunk_size)
     self._fns: dict[tuple[str, ...], Callable] = {}  # state names -> jitted forward (one per objective of a run)
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets:
@@ -60,7 +68,8 @@ class LocalTeacher(TeacherSource):
                                                    state_names=names))
     inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids, split_u64(batch.example_ids)),
                          self._mesh)
-    return self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32))
+    targets = self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32))
+    return targets if self._dense_head is None else targets.replace(dense_head=self._dense_head)
 
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
     self._pending.append(self.compute(batch, temperature, states))  # dispatched now, runs asynchronously
@@ -73,16 +82,17 @@ class LocalTeacher(TeacherSource):
 
 def _teacher_targets(graphdef, state, tokens, positions, segment_ids, example_ids, temperatures, *, k,
                      value_dtype, true_vocab_size, dense_logits, state_layers, state_names,
-                     samples: SampleRequest | None) -> TeacherTargets:
+                     samples: SampleRequest | None, chunk_size: int | None) -> TeacherTargets:
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
-  out = model(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
+  out = model.hidden_states(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
   sampling = {} if samples is None else dict(
       num_samples=samples.num_samples, sample_temperature=samples.temperature, sample_seed=samples.seed,
       example_ids=example_ids, sample_exclude=samples.exclude)
-  targets = compute_targets(
-      out.logits, k=k, temperatures=temperatures, true_vocab_size=true_vocab_size,
-      value_dtype=value_dtype, states=out.states if state_layers else None, state_layers=state_layers,
-      **sampling)
-  if dense_logits:
-    targets = targets.replace(dense_logits=out.logits)
+  # The lm_head, top-k, logsumexp and draws run per block of chunk_size positions.
+  targets = compute_targets_from_hidden(
+      out.hidden, model.logits_from_hidden, chunk_size=chunk_size, k=k, temperatures=temperatures,
+      true_vocab_size=true_vocab_size, value_dtype=value_dtype, states=out.states if state_layers else None,
+      state_layers=state_layers, **sampling)
+  if dense_logits:  # kd_dense forms the dense teacher logits per chunk: dense_head(dense_hidden)
+    targets = targets.replace(dense_hidden=out.hidden)
   return targets
