@@ -30,15 +30,15 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   The sequence is padded with segment 0 to a multiple of the block (itself a
   multiple of 128). Under a mesh (`jax.set_mesh`) the kernel runs in
   `shard_map` over the batch axes of `distill_core.sharding.batch_sharding`;
-  heads and sequence stay whole on each device. `interpret` (default: off TPU)
-  runs the kernel in the Pallas interpreter.
+  heads and sequence stay whole on each device. `interpret=None` picks by the
+  platform the program is lowered for (`lax.platform_dependent`): the Mosaic
+  kernel for TPU, even when compiling ahead of time on a CPU host, and the
+  Pallas interpreter elsewhere; True/False force one.
   """
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
   b, t, h, d = q.shape
-  if interpret is None:
-    interpret = jax.default_backend() != "tpu"
   blk = min(-(-block // SPLASH_LANES), -(-t // SPLASH_LANES)) * SPLASH_LANES
   tp = -(-t // blk) * blk
   pad = [(0, 0), (0, tp - t)]
@@ -51,10 +51,16 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   mask = splash_mask.MultiHeadMask([splash_mask.CausalMask((tp, tp)) for _ in range(h)])
   sizes = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk,
                             block_kv_dkv=blk, block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-  kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+  def run(q, k, v, seg, interpret):
+    kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=1, q_seq_shards=1, interpret=interpret)
+    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(q=s, kv=s)))(q, k, v, seg)
 
   def per_device(q, k, v, seg):
-    return jax.vmap(lambda q, k, v, s: kernel(q, k, v, splash.SegmentIds(q=s, kv=s)))(q, k, v, seg)
+    if interpret is not None:
+      return run(q, k, v, seg, interpret)
+    return jax.lax.platform_dependent(q, k, v, seg, tpu=lambda *a: run(*a, False),
+                                      default=lambda *a: run(*a, True))
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty or math.prod(mesh.axis_sizes) == 1:
