@@ -13,7 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distill_core.config import resolve_preset
-from distill_core.model.attention import (attend, attention_mask, dot_product_attention, fill_padding_rows,
+from distill_core.model.attention import (DENSE_MAX_LEN, attend, attention_mask, dot_product_attention, fill_padding_rows,
                                           resolve_attention)
 from distill_core.model.attention_chunked import chunked_attention
 from distill_core.model.attention_kernels import cudnn_attention, single_sequence_rows, splash_attention
@@ -155,11 +155,11 @@ def test_single_sequence_rows_matches_a_loop():
 
 
 def test_auto_picks_by_platform_and_length():
-  assert resolve_attention("auto", 4096, 1024, "tpu") == "splash"
-  assert resolve_attention("auto", 64, 1024, "gpu") == "cudnn"
-  assert resolve_attention("auto", 1024, 1024, "cpu") == "xla"
-  assert resolve_attention("auto", 1025, 1024, "cpu") == "chunked"
-  assert resolve_attention("chunked", 8, 1024, "tpu") == "chunked"
+  assert resolve_attention("auto", 4096, "tpu") == "splash"
+  assert resolve_attention("auto", 64, "gpu") == "cudnn"
+  assert resolve_attention("auto", DENSE_MAX_LEN, "cpu") == "xla"
+  assert resolve_attention("auto", DENSE_MAX_LEN + 1, "cpu") == "chunked"
+  assert resolve_attention("chunked", 8, "tpu") == "chunked"
 
 
 def _temp_bytes(fn, t: int) -> int:

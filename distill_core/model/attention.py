@@ -10,7 +10,7 @@ scores gives). `attend` chooses the kernel (`ModelConfig.attention`):
     chunked  online softmax over blocks (attention_chunked.py): O(T) memory
     splash   TPU Pallas splash attention (attention_kernels.py)
     cudnn    GPU cuDNN fused attention where the rows allow it, else chunked
-    auto     splash on TPU, cudnn on GPU, elsewhere xla up to a length, chunked above
+    auto     splash on TPU, cudnn on GPU, elsewhere xla up to DENSE_MAX_LEN tokens, chunked above
 
 The four projections (`q_proj`, `k_proj`, `v_proj`, `o_proj`) are plain
 attributes: any module with the same call signature can replace them, e.g. a
@@ -85,7 +85,14 @@ def fill_padding_rows(out: jax.Array, v: jax.Array, segment_ids: jax.Array) -> j
   return jnp.where((segment_ids == 0)[:, :, None, None], mean[:, None].astype(out.dtype), out)
 
 
-def resolve_attention(impl: AttentionImpl, seq_len: int, xla_max_len: int, platform: str | None = None) -> str:
+# With `auto` off TPU and GPU, sequences up to this length run the dense `xla` kernel. On a CPU host
+# a tiny model's forward + backward step is about as fast with either kernel at 128 tokens, faster
+# with `xla` below (the test and demo lengths) and faster with `chunked` above (its backward
+# recomputes blocks instead of reading saved T x T probabilities, and skips future key blocks).
+DENSE_MAX_LEN = 128
+
+
+def resolve_attention(impl: AttentionImpl, seq_len: int, platform: str | None = None) -> str:
   """The kernel `auto` stands for on `platform` (default: JAX's default backend) at this length."""
   if impl != "auto":
     return impl
@@ -94,21 +101,21 @@ def resolve_attention(impl: AttentionImpl, seq_len: int, xla_max_len: int, platf
     return "splash"
   if platform == "gpu":
     return "cudnn"
-  return "xla" if seq_len <= xla_max_len else "chunked"
+  return "xla" if seq_len <= DENSE_MAX_LEN else "chunked"
 
 
 _logged: set[tuple[str, str]] = set()
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, impl: AttentionImpl = "xla",
-           chunk: int = 512, xla_max_len: int = 1024) -> jax.Array:
+           chunk: int = 512) -> jax.Array:
   """Causal grouped-query attention within segments with the chosen kernel.
 
   q (B, T, H, D), k/v (B, T, K, D), segment_ids (B, T) -> (B, T, H, D). Every
   kernel gives the reference's result (float32: within rounding).
   """
   t = q.shape[1]
-  name = resolve_attention(impl, t, xla_max_len)
+  name = resolve_attention(impl, t)
   if (impl, name) not in _logged:
     _logged.add((impl, name))
     log.info("attention %r runs the %r kernel (T=%d)", impl, name, t)
@@ -139,12 +146,12 @@ class Attention(nnx.Module):
     # Hugging Face Llama puts the bias on o_proj too; Qwen2 does not.
     o_bias = cfg.attention_bias and cfg.model_type == "llama"
     self.o_proj = OutProj(h, d, e, use_bias=o_bias, **kw)
-    self.impl, self.chunk, self.xla_max_len = cfg.attention, cfg.attention_chunk, cfg.attention_xla_max_len
+    self.impl, self.chunk = cfg.attention, cfg.attention_chunk
 
   def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
     """x (B, T, E), rope tables (B, T, D), segment_ids (B, T) -> (B, T, E)."""
     q = checkpoint_name(apply_rope(self.q_proj(x), cos, sin), "query_proj")  # (B, T, H, D)
     k = checkpoint_name(apply_rope(self.k_proj(x), cos, sin), "key_proj")  # (B, T, K, D)
     v = checkpoint_name(self.v_proj(x), "value_proj")  # (B, T, K, D)
-    y = attend(q, k, v, segment_ids, impl=self.impl, chunk=self.chunk, xla_max_len=self.xla_max_len)
+    y = attend(q, k, v, segment_ids, impl=self.impl, chunk=self.chunk)
     return self.o_proj(y)  # (B, T, E)

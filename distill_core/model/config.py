@@ -51,13 +51,10 @@ class ModelConfig(ConfigBase):
       "auto", description="Attention kernel: 'xla' (dense reference; float32 scores for every head, O(T^2) "
       "memory), 'chunked' (pure-XLA online softmax over query/key blocks, O(T) memory), 'splash' (TPU Pallas "
       "kernel), 'cudnn' (GPU cuDNN fused attention on rows holding one sequence, else chunked), 'auto' (by "
-      "platform: tpu -> splash, gpu -> cudnn, else xla up to attention_xla_max_len tokens, chunked above).")
+      "platform: tpu -> splash, gpu -> cudnn, else xla up to attention.DENSE_MAX_LEN tokens, chunked above).")
   attention_chunk: int = Field(
       512, gt=0, description="Query and key block length of the chunked and splash kernels; their temporaries "
       "are O(B * H * chunk^2) instead of O(B * H * T^2).")
-  attention_xla_max_len: int = Field(
-      1024, ge=0, description="With attention 'auto' on CPU: sequences up to this length use the dense 'xla' "
-      "kernel (faster at short lengths, where its T x T scores are small), longer ones 'chunked'.")
   remat: RematPolicy = Field(
       "none", description="Rematerialisation policy of each layer's backward pass: 'none' saves every "
       "activation; 'full' saves only the layer input and recomputes the layer; 'dots_saveable' / "
