@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,8 +14,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distill_core.config import resolve_preset
-from distill_core.model.attention import (DENSE_MAX_LEN, attend, attention_mask, dot_product_attention, fill_padding_rows,
-                                          resolve_attention)
+from distill_core.model.attention import (DENSE_MAX_LEN, attend, attention_mask, dot_product_attention,
+                                          fill_padding_rows, resolve_attention)
 from distill_core.model.attention_chunked import chunked_attention
 from distill_core.model.attention_kernels import cudnn_attention, single_sequence_rows, splash_attention
 from distill_core.model.config import ModelConfig
@@ -295,3 +296,12 @@ def test_splash_compiles_for_a_tpu_topology_as_mosaic_kernels_sharded_over_the_b
   assert proc.returncode == 0, proc.stderr[-3000:]
   # Forward, dq and dkv kernels, all per device: the batch-sharded shard_map needs no gathers.
   assert "MOSAIC 3 ALLGATHER 0" in proc.stdout, proc.stdout
+
+
+def test_runtime_fields_are_exactly_what_a_hugging_face_config_does_not_carry():
+  """Loading weights with `**cfg.runtime_fields()` rebuilds `cfg` (the trainer compares the two)."""
+  from distill_core.model.hf import config_from_hf, config_to_hf
+  cfg = tiny(attention="chunked", attention_chunk=64, remat="save_attn_out", scan_layers=True,
+             dtype="bfloat16", param_dtype="float32")
+  rebuilt = config_from_hf(config_to_hf(cfg)).model_copy(update=cfg.runtime_fields())
+  assert ModelConfig.model_validate(rebuilt.model_dump()) == cfg

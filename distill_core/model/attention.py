@@ -22,6 +22,7 @@ module whose kernel is computed from frozen teacher kernels (learn-to-init).
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import jax
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from distill_core.model.attention_chunked import chunked_attention
+from distill_core.model.attention_chunked import MASKED_SCORE, chunked_attention
 from distill_core.model.attention_kernels import cudnn_attention, splash_attention
 from distill_core.model.config import AttentionImpl, ModelConfig
 from distill_core.model.layers import HeadProj, OutProj
@@ -37,9 +38,6 @@ from distill_core.model.rope import apply_rope
 
 log = logging.getLogger(__name__)
 
-# Scores of masked pairs. Finite, so a row with nothing to attend to (padding)
-# becomes a uniform average instead of NaN.
-MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 
 
 def attention_mask(segment_ids: jax.Array) -> jax.Array:
@@ -104,7 +102,9 @@ def resolve_attention(impl: AttentionImpl, seq_len: int, platform: str | None = 
   return "xla" if seq_len <= DENSE_MAX_LEN else "chunked"
 
 
-_logged: set[tuple[str, str]] = set()
+@functools.cache
+def _log_choice(impl: str, name: str, seq_len: int) -> None:
+  log.info("attention %r runs the %r kernel (T=%d)", impl, name, seq_len)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, impl: AttentionImpl = "xla",
@@ -116,9 +116,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, 
   """
   t = q.shape[1]
   name = resolve_attention(impl, t)
-  if (impl, name) not in _logged:
-    _logged.add((impl, name))
-    log.info("attention %r runs the %r kernel (T=%d)", impl, name, t)
+  _log_choice(impl, name, t)  # once per choice and length, at trace time
   if name == "xla":
     return dot_product_attention(q, k, v, attention_mask(segment_ids))
   if name == "chunked":

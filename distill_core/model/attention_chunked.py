@@ -24,7 +24,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-_MASKED = float(jnp.finfo(jnp.float32).min)
+# Scores of masked pairs. Finite, so a block with nothing to attend to keeps a finite running max
+# (and the dense reference turns a row with nothing to attend to into a uniform average, not NaN).
+MASKED_SCORE = float(jnp.finfo(jnp.float32).min)
 _F32 = jnp.float32
 
 
@@ -88,14 +90,14 @@ def _forward(q, k, v, seg_q, seg_k, bq: int, bk: int):
       m, l, acc = carry  # (B, K, G, bq), (B, K, G, bq), (B, K, G, bq, D)
       kj, vj = _block(k, j, bk), _block(v, j, bk)
       s, mask = _scores(qi, kj, sq, _block(seg_k, j, bk), i, j, bq, bk)
-      m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, _MASKED), axis=-1))
+      m_new = jnp.maximum(m, jnp.max(jnp.where(mask, s, MASKED_SCORE), axis=-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       l = l * corr + jnp.sum(p, axis=-1)
       pv = jnp.einsum("bkgqs,bskd->bkgqd", p.astype(v.dtype), vj, preferred_element_type=_F32)
       return m_new, l, acc * corr[..., None] + pv
 
-    init = (jnp.full((b, kv, g, bq), _MASKED, _F32), jnp.zeros((b, kv, g, bq), _F32),
+    init = (jnp.full((b, kv, g, bq), MASKED_SCORE, _F32), jnp.zeros((b, kv, g, bq), _F32),
             jnp.zeros((b, kv, g, bq, d), _F32))
     m, l, acc = jax.lax.fori_loop(0, _n_key_blocks(i, bq, bk, nk), key_block, init)
     seen = l > 0

@@ -8,6 +8,7 @@ overwrites them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Callable
@@ -91,7 +92,9 @@ def single_sequence_rows(segment_ids: jax.Array) -> jax.Array:
   return one_id & padding_last & jnp.all(real[:, 0])
 
 
-_fallback_logged: set[str] = set()
+@functools.cache
+def _log_fallback(why: str) -> None:
+  log.info("attention 'cudnn' runs the chunked kernel: %s", why)
 
 
 def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *,
@@ -113,9 +116,7 @@ def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.A
   elif implementation == "cudnn" and (q.dtype not in CUDNN_DTYPES or d > CUDNN_MAX_HEAD_DIM or d % 8):
     why = f"cuDNN has no kernel for {q.dtype} with head_dim {d}"
   if why:
-    if why not in _fallback_logged:
-      _fallback_logged.add(why)
-      log.info("attention 'cudnn' runs the chunked kernel: %s", why)
+    _log_fallback(why)
     return fallback()
   lengths = jnp.sum(segment_ids != 0, axis=1).astype(jnp.int32)  # (B,)
 

@@ -15,6 +15,9 @@ RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_
                       "save_qkv_attn_out"]
 
 
+RUNTIME_FIELDS = ("scan_layers", "dtype", "param_dtype", "remat", "attention", "attention_chunk")
+
+
 class RopeScaling(ConfigBase):
   """Llama-3 style rope frequency scaling (Hugging Face `rope_scaling` with rope_type llama3)."""
 
@@ -85,6 +88,11 @@ class ModelConfig(ConfigBase):
     # Models keep their config as a static attribute, so graph definitions that
     # hold it must be hashable (e.g. `jax.jit(..., static_argnums=...)`).
     return hash(self.model_dump_json())
+
+  def runtime_fields(self) -> dict:
+    """The fields that are not checkpoint properties (layout, dtypes, remat, attention kernel): pass them
+    on when loading weights, e.g. `load_model(hf_checkpoint=..., **cfg.runtime_fields())`."""
+    return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
   @property
   def dim_per_head(self) -> int:
