@@ -161,6 +161,8 @@ def test_auto_picks_by_platform_and_length():
   assert resolve_attention("auto", DENSE_MAX_LEN, "cpu") == "xla"
   assert resolve_attention("auto", DENSE_MAX_LEN + 1, "cpu") == "chunked"
   assert resolve_attention("chunked", 8, "tpu") == "chunked"
+  with jax.set_mesh(Mesh(np.asarray(jax.devices()[:2]).reshape(2, 1), ("data", "fsdp"))):
+    assert resolve_attention("auto", DENSE_MAX_LEN + 1) == "chunked"  # a mesh of CPU devices
 
 
 def _temp_bytes(fn, t: int) -> int:
@@ -279,8 +281,8 @@ b, t, h, kv, d = 4, 1024, 4, 2, 128
 args = [jax.ShapeDtypeStruct(s, dt, sharding=batch(len(s))) for s, dt in
         [((b, t, h, d), jnp.bfloat16), ((b, t, kv, d), jnp.bfloat16), ((b, t, kv, d), jnp.bfloat16),
          ((b, t), jnp.int32)]]
-loss = lambda q, k, v, s: jnp.sum(attend(q, k, v, s, impl="splash").astype(jnp.float32))
-with jax.set_mesh(mesh):
+loss = lambda q, k, v, s: jnp.sum(attend(q, k, v, s, impl="auto").astype(jnp.float32))
+with jax.set_mesh(mesh):  # `auto` reads the platform from the mesh: splash, though this host is a CPU
   hlo = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile().as_text()
 print("MOSAIC", hlo.count("tpu_custom_call"), "ALLGATHER", hlo.count("all-gather"))
 """

@@ -90,14 +90,23 @@ def fill_padding_rows(out: jax.Array, v: jax.Array, segment_ids: jax.Array) -> j
 DENSE_MAX_LEN = 128
 
 
+def target_platform() -> str:
+  """The platform a program is being built for: the devices of the mesh set with `jax.set_mesh` (so
+  ahead-of-time compilation for a TPU topology on a CPU host counts as TPU), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty and mesh.abstract_device is not None:
+    return mesh.abstract_device.platform
+  return jax.default_backend()
+
+
 def resolve_attention(impl: AttentionImpl, seq_len: int, platform: str | None = None) -> str:
-  """The kernel `auto` stands for on `platform` (default: JAX's default backend) at this length."""
+  """The kernel `auto` stands for on `platform` (default: `target_platform()`) at this length."""
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or target_platform()
   if platform == "tpu":
     return "splash"
-  if platform == "gpu":
+  if platform in ("gpu", "cuda"):
     return "cudnn"
   return "xla" if seq_len <= DENSE_MAX_LEN else "chunked"
 
