@@ -79,8 +79,7 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
   graphdef, abstract = nnx.split(nnx.eval_shape(fresh))
   shardings = state_shardings(abstract, mesh, rules)
   if cfg.init_hf_checkpoint:
-    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, scan_layers=cfg.model.scan_layers,
-                       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, **cfg.model.runtime_fields())
     if model.cfg.model_copy(update={"true_vocab_size": cfg.model.true_vocab_size}) != cfg.model:
       raise ValueError(f"init_hf_checkpoint {cfg.init_hf_checkpoint}: its architecture differs from `model`")
     _, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=nnx.Param)))

@@ -10,6 +10,14 @@ from pydantic import Field
 from distill_core.config import ConfigBase, resolve_preset
 
 
+AttentionImpl = Literal["auto", "xla", "chunked", "splash", "cudnn"]
+RematPolicy = Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_attn_out",
+                      "save_qkv_attn_out"]
+
+
+RUNTIME_FIELDS = ("scan_layers", "dtype", "param_dtype", "remat", "attention", "attention_chunk")
+
+
 class RopeScaling(ConfigBase):
   """Llama-3 style rope frequency scaling (Hugging Face `rope_scaling` with rope_type llama3)."""
 
@@ -42,7 +50,27 @@ class ModelConfig(ConfigBase):
   dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations.")
   param_dtype: Literal["float32", "bfloat16"] = Field("float32", description="Storage dtype of parameters.")
   scan_layers: bool = Field(False, description="Stack layer parameters and run them with nnx.scan (else unrolled).")
-  remat: bool = Field(False, description="Rematerialise each layer in the backward pass (saves memory).")
+  attention: AttentionImpl = Field(
+      "auto", description="Attention kernel: 'xla' (dense reference; float32 scores for every head, O(T^2) "
+      "memory), 'chunked' (pure-XLA online softmax over query/key blocks, O(T) memory), 'splash' (TPU Pallas "
+      "kernel), 'cudnn' (GPU cuDNN fused attention on rows holding one sequence, else chunked), 'auto' (by "
+      "platform: tpu -> splash, gpu -> cudnn, else xla up to attention.DENSE_MAX_LEN tokens, chunked above).")
+  attention_chunk: int = Field(
+      512, gt=0, description="Query and key block length of the chunked and splash kernels; their temporaries "
+      "are O(B * H * chunk^2) instead of O(B * H * T^2).")
+  remat: RematPolicy = Field(
+      "none", description="Rematerialisation policy of each layer's backward pass: 'none' saves every "
+      "activation; 'full' saves only the layer input and recomputes the layer; 'dots_saveable' / "
+      "'dots_with_no_batch_dims_saveable' keep matmul outputs (all / weight matmuls only, so no attention "
+      "scores); 'save_attn_out' keeps only the attention block's output; 'save_qkv_attn_out' also keeps the "
+      "rotated q, k, v. Booleans are accepted: true = 'full', false = 'none'.")
+
+  @pydantic.field_validator("remat", mode="before")
+  @classmethod
+  def _remat_bool(cls, value):
+    if isinstance(value, bool):  # the former `remat: true/false`
+      return "full" if value else "none"
+    return value
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "ModelConfig":
@@ -60,6 +88,11 @@ class ModelConfig(ConfigBase):
     # Models keep their config as a static attribute, so graph definitions that
     # hold it must be hashable (e.g. `jax.jit(..., static_argnums=...)`).
     return hash(self.model_dump_json())
+
+  def runtime_fields(self) -> dict:
+    """The fields that are not checkpoint properties (layout, dtypes, remat, attention kernel): pass them
+    on when loading weights, e.g. `load_model(hf_checkpoint=..., **cfg.runtime_fields())`."""
+    return {name: getattr(self, name) for name in RUNTIME_FIELDS}
 
   @property
   def dim_per_head(self) -> int:

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
-from distill_core.model.attention import Attention, attention_mask
+from distill_core.model.attention import Attention
 from distill_core.model.config import ModelConfig
 from distill_core.model.layers import LAYERS_AXIS, MLP, Embed, Linear, RMSNorm
 from distill_core.model.rope import inverse_frequencies, rope_tables
@@ -60,7 +61,7 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = RMSNorm(e, **norm_kw)
     self.mlp = MLP(e, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x, cos, sin, mask, inject=None, use_inject=None):
+  def __call__(self, x, cos, sin, segment_ids, inject=None, use_inject=None):
     """x (B, T, E) -> (x, {"attn_in": (B, T, E), "attn_out": (B, T, E)}).
 
     `inject` (B, T, E) replaces the attention input (query and key/value side);
@@ -70,14 +71,26 @@ class DecoderLayer(nnx.Module):
     if inject is not None:
       inject = inject.astype(attn_in.dtype)
       attn_in = inject if use_inject is None else jnp.where(use_inject, inject, attn_in)
-    attn_out = self.self_attn(attn_in, cos, sin, mask)
+    attn_out = checkpoint_name(self.self_attn(attn_in, cos, sin, segment_ids), "attn_out")
     x = x + attn_out
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, {"attn_in": attn_in, "attn_out": attn_out}
 
 
-def _call_layer(layer, x, cos, sin, mask, inject, use_inject):
-  return layer(x, cos, sin, mask, inject, use_inject)
+def _call_layer(layer, x, cos, sin, segment_ids, inject, use_inject):
+  return layer(x, cos, sin, segment_ids, inject, use_inject)
+
+
+# `ModelConfig.remat` -> the `jax.checkpoint` policy of each layer (names from `checkpoint_name` above
+# and in attention.py); "none" does not wrap the layer at all.
+REMAT_POLICIES = {
+    "full": None,  # save nothing but the layer's inputs
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attn_out": jax.checkpoint_policies.save_only_these_names("attn_out"),
+    "save_qkv_attn_out": jax.checkpoint_policies.save_only_these_names(
+        "query_proj", "key_proj", "value_proj", "attn_out"),
+}
 
 
 def stacked_layers(cfg: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
@@ -95,7 +108,8 @@ class Transformer(nnx.Module):
   """Decoder-only language model; `cfg` is its `ModelConfig`."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    self.cfg = cfg.model_copy(deep=True)
+    # Validated afresh: `model_copy(update=...)` skips validators (e.g. the mapping of `remat: true`).
+    self.cfg = type(cfg).model_validate(cfg.model_dump())
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     e, v = cfg.hidden_size, cfg.vocab_size
     self.embed_tokens = Embed(v, e, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -138,9 +152,8 @@ class Transformer(nnx.Module):
     x = self.embed_tokens(tokens)  # (B, T, E)
     inv_freq = inverse_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
     cos, sin = rope_tables(positions, inv_freq)  # (B, T, D) each
-    mask = attention_mask(segment_ids)  # (B, T, T)
     run = self._run_scanned if cfg.scan_layers else self._run_unrolled
-    x, states = run(x, cos, sin, mask, state_layers, state_names, inject)
+    x, states = run(x, cos, sin, segment_ids, state_layers, state_names, inject)
     x = self.norm(x)
     return HiddenOutput(x, states)  # (B, T, E)
 
@@ -168,19 +181,21 @@ class Transformer(nnx.Module):
     return self.lm_head.kernel[...], False
 
   def _layer_fn(self):
-    return nnx.remat(_call_layer) if self.cfg.remat else _call_layer
+    if self.cfg.remat == "none":
+      return _call_layer
+    return nnx.remat(_call_layer, policy=REMAT_POLICIES[self.cfg.remat])
 
-  def _run_unrolled(self, x, cos, sin, mask, state_layers, state_names, inject):
+  def _run_unrolled(self, x, cos, sin, segment_ids, state_layers, state_names, inject):
     call = self._layer_fn()
     kept = {}
     for i, layer in enumerate(self.layers):
-      x, states = call(layer, x, cos, sin, mask, inject.get(i), None)
+      x, states = call(layer, x, cos, sin, segment_ids, inject.get(i), None)
       if i in state_layers:
         kept[i] = states
     states = {n: jnp.stack([kept[i][n] for i in state_layers]) for n in state_names} if state_layers else {}
     return x, states
 
-  def _run_scanned(self, x, cos, sin, mask, state_layers, state_names, inject):
+  def _run_scanned(self, x, cos, sin, segment_ids, state_layers, state_names, inject):
     n_layers = self.cfg.num_hidden_layers
     call = self._layer_fn()
     # Per-layer slot into the stacked injections / kept states; -1 = none.
@@ -195,19 +210,19 @@ class Transformer(nnx.Module):
 
     @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, None, None, None, None), out_axes=nnx.Carry,
               transform_metadata={nnx.PARTITION_NAME: LAYERS_AXIS})
-    def body(carry, layer, inj_slot, st_slot, cos, sin, mask, inject_stack):
+    def body(carry, layer, inj_slot, st_slot, cos, sin, segment_ids, inject_stack):
       x, kept = carry
       inj = use = None
       if inject_stack is not None:
         inj, use = inject_stack[jnp.maximum(inj_slot, 0)], inj_slot >= 0
-      x, states = call(layer, x, cos, sin, mask, inj, use)
+      x, states = call(layer, x, cos, sin, segment_ids, inj, use)
       j = jnp.maximum(st_slot, 0)
       kept = {n: jax.lax.dynamic_update_index_in_dim(buf, jnp.where(st_slot >= 0, states[n], buf[j]), j, 0)
               for n, buf in kept.items()}
       return x, kept
 
     return body((x, kept), self.layers, jnp.asarray(inject_slot), jnp.asarray(state_slot),
-                cos, sin, mask, inject_stack)
+                cos, sin, segment_ids, inject_stack)
 
 
 def _int_bt(value, b: int, t: int, name: str, default: jax.Array) -> jax.Array:

@@ -43,8 +43,7 @@ def build_lti_model(cfg) -> tuple[Transformer, TrainablePaths, dict[str, Any]]:
   log.info("learn-to-init plan:\n%s", plan.describe())
   arrays = teacher.fetch(plan.teacher_names())
   if cfg.init_hf_checkpoint:
-    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, scan_layers=cfg.model.scan_layers,
-                       dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat)
+    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, **cfg.model.runtime_fields())
   else:
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   wrt = apply_plan(model, plan, arrays)
