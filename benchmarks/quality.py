@@ -587,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
   results_dir = Path(args.results_dir) if args.results_dir else (out if args.quick else RESULTS_DIR)
   data = REPO / (args.data_dir or budget.data)
   started = time.perf_counter()
+  commit = git_commit()  # before this report writes its own (tracked) results
   if not (data / "manifest.json").exists():
     sh([PY, "-m", "distill_core.prepare", f"output_dir={data}", *budget.prepare])
   wanted = set(args.rows.split(",")) | {"ce_only"} if args.rows else None
@@ -642,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
                       "first_steps": first_steps(budget),
                       "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data)},
             "rows": table, "failed_rows": failed, "summary": summary, "wire": ctx.wire, "command": invocation(),
-            "commit": git_commit(), "code_digest": code,
+            "commit": commit, "code_digest": code,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "seconds": time.perf_counter() - started}
   (results_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
