@@ -11,12 +11,13 @@ missing, as `make demo` does) with the same data, seed, optimizer and KD loss
 - `random`: the student's usual random initialisation;
 - `select_identity`, `average_identity`, `select_svd`: LTI with that A / B
   initialisation (A: head selection or averaging; B: truncated rotary identity
-  or top singular directions), teacher layers [1, 3], embeddings, norms and
-  head copied from the teacher, everything trainable;
+  or top singular directions), with the layer map and the copies (embedding,
+  norms) of configs/demo/lti.yaml, everything trainable;
 - `general`: the general map W, started equal to select/identity;
 - `narrow_*`: the same for a narrower student (3 query heads, 1 kv head, head
-  dim 16 instead of 6, 2, 32), where the initial maps differ: on the demo
-  pair's equal shapes every choice starts as the same function.
+  dim 16 instead of 2, 1, 32): the demo student has fewer heads than the
+  teacher, so the A choices differ there, but equal head dims, where the B
+  choices start as the same function; head dim 16 makes them differ.
 
 It records, per row, the CE and KD loss of the first step (the initialisation,
 measured on the first batch before any update) and of step N (the mean of the
@@ -44,8 +45,8 @@ ROWS = {
     "select_svd": ["lti.a_init=select", "lti.b_init=svd"],
     "general": ["lti.map=general"],
 }
-# The demo pair has equal head counts and head dims, where every A/B choice starts as the same function.
-# A narrower student (3 query heads, 1 kv head, head dim 16) makes them differ.
+# The demo pair has equal head dims, where every B choice starts as the same function; a narrower
+# student (3 query heads, 1 kv head, head dim 16) makes them differ.
 NARROW = ["model.preset=demo_student", "model.num_attention_heads=3", "model.num_key_value_heads=1",
           "model.head_dim=16"]
 ROWS.update({f"narrow_{name}": NARROW + ROWS[name] for name in ("random", "select_identity", "average_identity",

@@ -1,30 +1,41 @@
 """Distillation quality report: held-out CE of students distilled in each mode, next to their baselines.
 
-    python -m benchmarks.quality            # the README's report (up to an hour on 2 CPU cores)
-    python -m benchmarks.quality --quick    # the same rows at CI size (a few minutes)
+    python -m benchmarks.quality            # the README's report (about an hour on 2 shared CPU cores)
+    python -m benchmarks.quality --quick    # the same rows at CI size
 
 On the same prepared data (data/stdlib, prepared when missing) and the same
 student architecture and token budget, it trains one student per row and seed:
 CE only; `kd_dense` with the local teacher; `kd_sparse` `tail`, `renormalize`
-and `topk` at k = 64 through a teacher server; and each further mode the
-trainer offers (offline shards, sampled targets, learn-to-init then KD,
-blockwise then KD). The teacher is trained once with cross-entropy on ten
-times a student's tokens or more (reused when present), so that the teacher-to-CE-only
-gap is several times the seed spread; otherwise the table would say nothing.
+and `topk` at k = 64 and `sampled` at the same answer bytes, through a teacher
+server; and rows that start from the teacher, each with its control:
+`copy_then_kd` (the demo LTI recipe's copies of embedding and norms, random
+attention and MLPs), `lti_then_kd` (the whole recipe), `lti_attn_then_kd`
+(learn-to-init of attention, no copies) and `blockwise_then_kd` (blockwise
+after the same copies). These train a first phase as a run of its own, with
+its own warm-up and cosine schedule, then tail KD for the rest of the same
+budget with a second schedule. Offline shards (`offline_tail`, the losses of
+`tail` by construction) are opt-in with --rows. The teacher is trained once
+with cross-entropy on ten times a student's tokens (reused when present).
 
-Every student, and the teacher, is then evaluated the same way, in this
-process, on the same held-out tokens: CE on the next token, and the dense
-KL(teacher || student) at T = 1 ("KD to teacher"). The report gives mean and
-spread (max - min) over seeds, the fraction of the dense-KD gain over CE-only
-that each row recovers, and whether each row's difference to CE-only is
-within the seed spread. It writes benchmarks/results/quality.json and a PNG
-of the held-out CE curves (benchmarks/results/quality.png), which
+Each seed sets a student's initialisation and its data order. Every student,
+and the teacher, is then evaluated the same way, in this process, on the same
+held-out tokens: CE on the next token, and the dense KL(teacher || student) at
+T = 1 ("KD to teacher"). The report gives mean and standard error over seeds,
+the fraction of the dense-KD gain over CE-only that each row recovers, each
+row's difference to CE-only, and the differences between modes that matter
+(sparse modes vs dense KD and each other; each teacher-started row vs its
+control), each with its standard error, whether it is separated (beyond Z
+standard errors), and if not, about how many seeds per row would separate it
+at the same step count. It writes benchmarks/results/quality.json and a PNG of
+the held-out CE curves (benchmarks/results/quality.png), which
 `python -m benchmarks.report` renders into the README.
 
-Finished runs are reused (each run directory records the settings it was
-trained with), so an interrupted report continues where it stopped and a new
-row trains only that row. Every stage runs the project's own command line,
-printed before it runs.
+Finished runs are reused when the settings they were trained with, the
+teacher's weights and the code that trained them (a digest of the trainer,
+server and shared sources and the YAML configs the runs read) all match, so
+an interrupted report continues where it stopped and a new row trains only
+that row. Every stage runs the project's own command line, printed before it
+runs.
 """
 
 from __future__ import annotations
@@ -34,7 +45,10 @@ import dataclasses
 import datetime
 import hashlib
 import json
+import math
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -51,23 +65,28 @@ PY = sys.executable
 class Budget:
   teacher_steps: int
   student_steps: int
-  seeds: tuple[int, ...]
+  seeds: tuple[int, ...]  # each seed sets the student's initialisation and its data order (data.seed)
   eval_every: int
   eval_batches: int  # held-out batches of the final, uniform evaluation
   batch: int = 8
   top_k: int = 64
   alpha: float = 0.7
   temperature: float = 1.0
+  first_fraction: float = 0.3  # share of a two-phase row's steps that its first phase takes
   student: str = "demo_student"
   teacher: str = "demo_teacher"
   data: str = "data/stdlib"
   prepare: tuple[str, ...] = ()  # `python -m distill_core.prepare` options of `data`
 
 
-DEFAULT = Budget(teacher_steps=1000, student_steps=60, seeds=(0, 1), eval_every=15, eval_batches=16)
+# Sized so that the teacher and every row x seed train within about an hour on 2 CPU cores shared with
+# other work. What this budget can and cannot tell apart the report computes itself (`compare`).
+DEFAULT = Budget(teacher_steps=200, student_steps=20, seeds=(0, 1, 2), eval_every=5, eval_batches=16)
 # A corpus of 40 files, so that the offline row's dump of every example takes seconds.
-QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1), eval_every=4, eval_batches=2,
+QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1, 2), eval_every=4, eval_batches=2,
                data="data/quality_quick", prepare=("max_files=40", "seq_len=128", "eval_fraction=0.15"))
+# Separation criterion: two means differ when their difference exceeds Z standard errors of the difference.
+Z = 2.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,9 +94,11 @@ class Row:
   """One line of the report: how a student of this row is trained.
 
   `overrides` gives the trainer options of the run. A row with a first phase
-  (`first_phase`, `first_steps`) trains that phase for `first_steps` steps,
-  then continues for the rest of the budget with `overrides`, starting from the
-  first phase's exported student: the same token budget as every other row.
+  (`first_phase`) trains that phase for `Budget.first_fraction` of the steps as
+  a run of its own (its own warm-up and cosine schedule), then continues for
+  the rest of the budget with `overrides` (a second schedule), starting from
+  the first phase's exported student: the same token budget as every other row.
+  `default`: part of the report unless --rows names it.
   """
   slug: str
   label: str
@@ -85,7 +106,7 @@ class Row:
   overrides: Callable[["Context"], list[str]]
   available: Callable[[], bool] = lambda: True
   first_phase: Callable[["Context"], list[str]] | None = None
-  first_steps: Callable[[Budget], int] = lambda b: 0
+  default: bool = True
 
 
 @dataclasses.dataclass
@@ -101,6 +122,16 @@ class Context:
   def answers(self) -> Path:
     """The teacher's answers dumped for the offline row."""
     return self.out / "answers"
+
+
+def first_steps(budget: Budget) -> int:
+  """Steps of a two-phase row's first phase."""
+  return max(1, round(budget.first_fraction * budget.student_steps))
+
+
+def warmup(steps: int) -> int:
+  """Warm-up steps of a run (or phase) of `steps` steps: its first tenth, at least one."""
+  return max(1, math.ceil(steps / 10))
 
 
 def _kd(ctx: Context) -> list[str]:
@@ -132,121 +163,176 @@ def _has(config: str, field: str) -> bool:
   return field in getattr(importlib.import_module(module), name).model_fields
 
 
-def _lti_phase(ctx: Context) -> list[str]:
-  """Learn-to-init from the teacher's checkpoint (the demo recipe, configs/demo/lti.yaml), tail KD meanwhile."""
-  return ["--config", "configs/demo/lti.yaml", "lti.kernels_from=hf", f"lti.kernels_path={ctx.teacher_hf}",
+LTI_RECIPE = "configs/demo/lti.yaml"  # the demo's learn-to-init recipe: its maps, layer map and copy rules
+
+
+def _recipe(ctx: Context, *options: str) -> list[str]:
+  """The demo LTI recipe reading the teacher's checkpoint, with `options`, trained with tail KD meanwhile."""
+  return ["--config", LTI_RECIPE, "lti.kernels_from=hf", f"lti.kernels_path={ctx.teacher_hf}", *options,
           *_remote(ctx), *_kd(ctx), "loss.kd_mode=tail"]
+
+
+def _recipe_layer_map() -> list[int]:
+  from distill_core.config import load_yaml
+  return list(load_yaml(REPO / LTI_RECIPE)["lti"]["layer_map"])
+
+
+def _tail(ctx: Context) -> list[str]:
+  return _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]
 
 
 ROWS: tuple[Row, ...] = (
     Row("ce_only", "CE only", (), lambda ctx: ["teacher.source=none"]),
     Row("kd_dense", "kd_dense, local teacher", (), lambda ctx: _local(ctx) + _kd(ctx) + ["loss.use_dense=true"]),
-    Row("tail", "tail, k=64, remote", ("remote",), lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]),
+    Row("tail", "tail, k=64, remote", ("remote",), _tail),
     Row("renormalize", "renormalize, k=64, remote", ("remote",),
         lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=renormalize"]),
     Row("topk", "topk, k=64, remote", ("remote",), lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=topk"]),
-    Row("offline_tail", "tail, k=64, offline shards", ("dump",),
-        lambda ctx: ["teacher.source=offline", f"teacher.offline.path={ctx.answers}", *_kd(ctx),
-                     "loss.kd_mode=tail"], available=lambda: "offline" in _sources()),
-    Row("lti_then_kd", "LTI (30 %), then tail KD", ("remote",),
-        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"],
-        available=lambda: _has("student_trainer.config.TrainConfig", "lti"),
-        first_phase=_lti_phase, first_steps=lambda b: max(1, (3 * b.student_steps) // 10)),
-    Row("blockwise_then_kd", "blockwise (30 %), then tail KD", ("remote",),
-        lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail", "loss.blockwise=true", "loss.layer_map=[1,3]",
-                                               f"loss.blockwise_steps={max(1, (3 * ctx.budget.student_steps) // 10)}"],
-        available=lambda: _has("student_trainer.losses.LossConfig", "blockwise")),
     Row("sampled", "sampled, top-8 + N draws, remote (the bytes of k=64)", ("remote",),
         lambda ctx: _remote(ctx) + _kd(ctx) + ["loss.kd_mode=sampled", f"loss.top_k={SAMPLED_TOP_K}",
                                                f"loss.num_samples={ctx.wire['sampled_n']}",
                                                f"loss.sample_temperature={ctx.budget.temperature}"],
         available=lambda: "sampled" in _kd_modes()),
+    # The same losses as `tail` by construction (tests/test_offline*.py); opt-in, as the dump of every
+    # example costs as much as several rows.
+    Row("offline_tail", "tail, k=64, offline shards", ("dump",),
+        lambda ctx: ["teacher.source=offline", f"teacher.offline.path={ctx.answers}", *_kd(ctx),
+                     "loss.kd_mode=tail"], available=lambda: "offline" in _sources(), default=False),
+    # Two-phase rows: what starting from the teacher adds. `copy_then_kd` is the control of the other
+    # three: the recipe's copies (embedding, norms) with random attention and MLPs, then the same KD.
+    Row("copy_then_kd", "copy (embedding, norms), then tail KD", ("remote",), _tail,
+        available=lambda: _has("student_trainer.config.TrainConfig", "copy_from_teacher"),
+        first_phase=lambda ctx: _recipe(ctx, "lti.enabled=false")),
+    Row("lti_then_kd", "LTI + copy, then tail KD", ("remote",), _tail,
+        available=lambda: _has("student_trainer.config.TrainConfig", "copy_from_teacher"),
+        first_phase=lambda ctx: _recipe(ctx)),
+    Row("lti_attn_then_kd", "LTI of attention alone (no copy), then tail KD", ("remote",), _tail,
+        available=lambda: _has("student_trainer.config.TrainConfig", "copy_from_teacher"),
+        first_phase=lambda ctx: _recipe(ctx, "copy_from_teacher=[]")),
+    Row("blockwise_then_kd", "copy + blockwise, then tail KD", ("remote",), _tail,
+        available=lambda: _has("student_trainer.losses.LossConfig", "blockwise"),
+        first_phase=lambda ctx: _recipe(ctx, "lti.enabled=false", "loss.blockwise=true",
+                                        f"loss.layer_map={json.dumps(_recipe_layer_map())}")),
 )
 SAMPLED_TOP_K = 8  # exact ids of the sampled row; its draws cover the tail
 MAX_SAMPLES = 128  # the server's limits.max_samples in this report
+# What a run's result depends on besides its settings: the code that trains and serves, and the
+# YAML files its settings read. Finished runs are reused only when this digest is unchanged.
+CODE = ("distill_core", "student_trainer", "teacher_server")
+CONFIGS = ("configs/demo/*.yaml", "configs/models/demo_*.yaml", "configs/student_remote.yaml")
+
+
+def code_digest(root: Path = REPO) -> str:
+  """sha256 over the path and bytes of every .py file under CODE and every YAML file in CONFIGS."""
+  files = sorted({p for d in CODE for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts}
+                 | {p for pattern in CONFIGS for p in root.glob(pattern)})
+  h = hashlib.sha256()
+  for p in files:
+    h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+  return h.hexdigest()[:16]
+
+
+# Every command shares one JAX compilation cache: the seeds of a row compile the same programs.
+ENV_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def _env() -> dict[str, str]:
+  return {**os.environ, ENV_CACHE: os.environ.get(ENV_CACHE) or str(REPO / "runs" / "jax_cache")}
 
 
 def sh(args: list[str], log_path: Path | None = None) -> None:
   """Runs one of the project's commands, printing it first (its output goes to `log_path` if given)."""
   print("$ " + shlex.join(str(a) for a in args) + (f"   (log: {log_path})" if log_path else ""), flush=True)
   if log_path is None:
-    subprocess.run(args, cwd=REPO, check=True)
+    subprocess.run(args, cwd=REPO, check=True, env=_env())
     return
   with open(log_path, "w") as f:
-    if subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode:
+    if subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env()).returncode:
       tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
       raise RuntimeError(f"{args[2]} failed (full log: {log_path}):\n{tail}")
 
 
-def _digest(settings: object) -> str:
-  return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def dir_digest(path: Path) -> str:
+  """sha256 over the files of a checkpoint directory (a teacher's or a first phase's HF export)."""
+  h = hashlib.sha256()
+  for p in sorted(path.iterdir()):
+    if p.is_file():
+      h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+  return h.hexdigest()[:16]
 
 
 def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed: int,
                      eval_every: int | None = None) -> list[str]:
-  return [f"run_dir={run_dir}", f"data.path={data}", f"data.batch_size={budget.batch}", f"steps={steps}",
-          f"seed={seed}", f"eval.every_steps={eval_every or budget.eval_every}", "eval.batches=4",
-          f"checkpoint.every_steps={max(steps // 2, 1)}", "logging.every_steps=5", "logging.tensorboard=false"]
+  """Options of every run: its data (batches in the order `seed` draws), budget, schedule and logging."""
+  return [f"run_dir={run_dir}", f"data.path={data}", f"data.batch_size={budget.batch}", f"data.seed={seed}",
+          f"steps={steps}", f"seed={seed}", f"optim.warmup_steps={warmup(steps)}",
+          f"eval.every_steps={eval_every or budget.eval_every}", "eval.batches=4",
+          f"checkpoint.every_steps={steps}", "logging.every_steps=4", "logging.tensorboard=false"]
 
 
-def train_teacher(ctx: Context) -> Path:
-  """Pretrains the report's teacher with CE on 10x a student's tokens or more, once (reused when its settings match)."""
+def _stamped(run_dir: Path, settings: dict) -> bool:
+  """Whether `run_dir` holds a finished run (its HF export) trained with exactly `settings`."""
+  stamp = run_dir / "quality_settings.json"
+  return (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings
+
+
+def train_teacher(ctx: Context, code: str) -> Path:
+  """Pretrains the report's teacher with CE on 10x a student's tokens, once (reused when settings and code match)."""
   b = ctx.budget
   run_dir = ctx.out / "teacher"
-  settings = {"steps": b.teacher_steps, "batch": b.batch, "model": b.teacher, "data": str(ctx.data)}
-  stamp = run_dir / "quality_settings.json"
-  if (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+  args = ["--config", "configs/demo/teacher.yaml",
+          *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0, eval_every=max(b.teacher_steps // 10, 1)),
+          f"model={b.teacher}"]
+  settings = {"overrides": args, "code": code}
+  if _stamped(run_dir, settings):
     print(f"teacher: reusing {run_dir / 'hf'} ({b.teacher_steps} steps)", flush=True)
     return run_dir / "hf"
-  run_dir.mkdir(parents=True, exist_ok=True)
-  sh([PY, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml",
-      *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0, eval_every=max(b.teacher_steps // 10, 1)),
-      f"model={b.teacher}", f"optim.warmup_steps={max(b.teacher_steps // 20, 1)}"],
-     run_dir / "train.log")
-  stamp.write_text(json.dumps(settings))
+  if run_dir.exists():
+    shutil.rmtree(run_dir)
+  run_dir.mkdir(parents=True)
+  sh([PY, "-m", "student_trainer", *args], run_dir / "train.log")
+  (run_dir / "quality_settings.json").write_text(json.dumps(settings))
   return run_dir / "hf"
 
 
-def _run(ctx: Context, run_dir: Path, overrides: list[str], digest: str, label: str) -> Path:
-  """Trains one run unless a finished run with the same settings is there; returns its directory."""
-  config = overrides[:2] if overrides[:1] == ["--config"] else []
-  overrides = overrides[len(config):]
+def _run(run_dir: Path, overrides: list[str], key: dict, label: str) -> Path:
+  """Trains one run unless a finished run with the same settings, teacher and code is there; returns its directory."""
   # The server address changes from run to run; it is not part of what the student learns.
-  settings = {"overrides": config + [o for o in overrides if not o.startswith("teacher.remote.address=")],
-              "teacher": digest}
-  stamp = run_dir / "quality_settings.json"
-  if (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings:
+  settings = {"overrides": [o for o in overrides if not o.startswith("teacher.remote.address=")], **key}
+  if _stamped(run_dir, settings):
     print(f"{label}: reusing {run_dir}", flush=True)
     return run_dir
-  if run_dir.exists():  # settings changed, or the run died: start it again from nothing
-    import shutil
+  if run_dir.exists():  # settings or code changed, or the run died: start it again from nothing
     shutil.rmtree(run_dir)
   run_dir.mkdir(parents=True)
-  sh([PY, "-m", "student_trainer", *config, *overrides], run_dir / "train.log")
-  stamp.write_text(json.dumps(settings))
+  sh([PY, "-m", "student_trainer", *overrides], run_dir / "train.log")
+  (run_dir / "quality_settings.json").write_text(json.dumps(settings))
   return run_dir
 
 
-def train_student(ctx: Context, row: Row, seed: int, teacher_digest: str) -> list[tuple[Path, int]]:
-  """Trains a row's student for one seed; returns its phases as (run directory, first step)."""
+def train_student(ctx: Context, row: Row, seed: int, key: dict) -> list[tuple[Path, int]]:
+  """Trains a row's student for one seed; returns its phases as (run directory, first step).
+
+  `key`: what else a finished run must match to be reused (the teacher's digest, the code's).
+  """
   b = ctx.budget
   base = ctx.out / row.slug / f"seed{seed}"
-  first = row.first_steps(b) if row.first_phase else 0
+  first = first_steps(b) if row.first_phase else 0
   phases = []
   init: list[str] = []
   if row.first_phase is not None:
     args = row.first_phase(ctx)
     config, rest = (args[:2], args[2:]) if args[:1] == ["--config"] else ([], args)
-    run_dir = _run(ctx, base / "phase1", [*config, *common_overrides(b, ctx.data, base / "phase1", first, seed),
-                                          f"model={b.student}", "optim.warmup_steps=10", *rest],
-                   teacher_digest, f"{row.slug} seed {seed} phase 1")
+    run_dir = _run(base / "phase1", [*config, *common_overrides(b, ctx.data, base / "phase1", first, seed),
+                                     f"model={b.student}", *rest], key, f"{row.slug} seed {seed} phase 1")
     phases.append((run_dir, 0))
     init = [f"init_hf_checkpoint={run_dir / 'hf'}"]
   run_dir = base / "phase2" if phases else base
   overrides = [*common_overrides(b, ctx.data, run_dir, b.student_steps - first, seed), f"model={b.student}",
-               "optim.warmup_steps=10", *init, *row.overrides(ctx)]
-  digest = teacher_digest + (f":after:{phases[0][0]}" if phases else "")
-  phases.append((_run(ctx, run_dir, overrides, digest, f"{row.slug} seed {seed}"), first))
+               *init, *row.overrides(ctx)]
+  if phases:  # a first phase trained again means this one must be too
+    key = {**key, "after": dir_digest(phases[0][0] / "hf")}
+  phases.append((_run(run_dir, overrides, key, f"{row.slug} seed {seed}"), first))
   return phases
 
 
@@ -334,7 +420,7 @@ def serve(ctx: Context, log_path: Path) -> subprocess.Popen:
           f"limits.max_samples={MAX_SAMPLES}"]
   print("$ " + shlex.join(args) + f"   (log: {log_path})", flush=True)
   proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                          start_new_session=True)
+                          start_new_session=True, env=_env())
   wait_serving(proc, ctx.address, timeout=600)
   return proc
 
@@ -385,29 +471,79 @@ def seq_len(data: Path) -> int:
   return load_manifest(data).seq_len
 
 
+def mean_se(values: list[float]) -> tuple[float, float]:
+  """Mean and its standard error (sample standard deviation / sqrt(n)); the error is nan for one value."""
+  n = len(values)
+  mean = sum(values) / n
+  if n < 2:
+    return mean, math.nan
+  return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+# Pairs the report compares beyond "each row vs CE only": (row, reference, what the difference says).
+COMPARISONS = (
+    ("tail", "kd_dense", "tail at k=64 vs dense KD"),
+    ("renormalize", "kd_dense", "renormalize at k=64 vs dense KD"),
+    ("topk", "kd_dense", "topk at k=64 vs dense KD"),
+    ("sampled", "kd_dense", "sampled (the bytes of k=64) vs dense KD"),
+    ("tail", "topk", "tail vs topk"),
+    ("tail", "renormalize", "tail vs renormalize"),
+    ("tail", "sampled", "tail vs sampled"),
+    ("copy_then_kd", "tail", "copying embedding and norms vs a random start"),
+    ("lti_then_kd", "copy_then_kd", "what LTI adds to the copies"),
+    ("lti_attn_then_kd", "tail", "LTI of attention alone vs a random start"),
+    ("blockwise_then_kd", "copy_then_kd", "what blockwise adds to the copies"),
+)
+
+
+def compare(row: dict, ref: dict) -> dict:
+  """Difference of mean held-out CE (row - ref), its standard error, and whether it exceeds Z of them.
+
+  `seeds_needed`: if the difference and the per-seed scatter stayed as measured, the seeds per row at
+  which the difference would reach Z standard errors (the standard error falls as 1/sqrt(seeds)).
+  """
+  diff = row["eval_ce_mean"] - ref["eval_ce_mean"]
+  se = math.sqrt(row["eval_ce_se"] ** 2 + ref["eval_ce_se"] ** 2)
+  n = min(len(row["eval_ce"]), len(ref["eval_ce"]))
+  separated = abs(diff) > Z * se
+  if separated or math.isnan(se) or diff == 0:
+    needed = None  # separated already, or nothing to estimate from
+  else:
+    needed = max(n + 1, math.ceil(n * (Z * se / abs(diff)) ** 2))
+  return {"row": row["slug"], "ref": ref["slug"], "diff": diff, "se": se, "separated": separated,
+          "seeds_needed": needed}
+
+
 def summarise(rows: list[dict], teacher_ce: float) -> dict:
-  """Adds the gain recovered and the verdict against CE-only to each row; returns the summary."""
+  """Adds mean, standard error, gain recovered and the verdict against CE-only to each row; returns the summary.
+
+  Each row needs `slug`, `label`, `eval_ce` and `eval_kd` (per-seed values, in seed order).
+  """
+  for r in rows:
+    r["eval_ce_mean"], r["eval_ce_se"] = mean_se(r["eval_ce"])
+    r["eval_kd_mean"], r["eval_kd_se"] = mean_se(r["eval_kd"])
+    r["eval_ce_min"], r["eval_ce_max"] = min(r["eval_ce"]), max(r["eval_ce"])
   by = {r["slug"]: r for r in rows}
   base, dense = by["ce_only"], by.get("kd_dense")
-  max_spread = max(r["eval_ce_spread"] for r in rows)
+  gain = base["eval_ce_mean"] - dense["eval_ce_mean"] if dense is not None else None
   for r in rows:
-    if dense is not None and r["slug"] not in ("ce_only",):
-      gain = base["eval_ce_mean"] - dense["eval_ce_mean"]
-      r["gain_recovered"] = (base["eval_ce_mean"] - r["eval_ce_mean"]) / gain if gain > 0 else None
-    diff = r["eval_ce_mean"] - base["eval_ce_mean"]
-    noise = max(r["eval_ce_spread"], base["eval_ce_spread"])
-    if r["slug"] == "ce_only":
-      r["verdict"] = "baseline"
-    elif abs(diff) <= noise:
-      r["verdict"] = f"within seed spread ({diff:+.3f})"
+    if r is base:
+      r["gain_recovered"], r["verdict"] = None, "baseline"
+      continue
+    r["gain_recovered"] = (base["eval_ce_mean"] - r["eval_ce_mean"]) / gain if gain else None
+    c = compare(r, base)
+    r["vs_ce_only"] = c
+    if c["separated"]:
+      r["verdict"] = f"{'better' if c['diff'] < 0 else 'worse'} by {abs(c['diff']):.3f} ({abs(c['diff']) / c['se']:.1f} SE)"
     else:
-      r["verdict"] = f"{'better' if diff < 0 else 'worse'} by {abs(diff):.3f}, beyond the spread"
+      r["verdict"] = f"not separated ({c['diff']:+.3f} ± {c['se']:.3f})"
+  comparisons = [dict(compare(by[a], by[b]), what=what) for a, b, what in COMPARISONS if a in by and b in by]
+  max_se = max(r["eval_ce_se"] for r in rows)
   gap = base["eval_ce_mean"] - teacher_ce
-  others = [r for r in rows if r["slug"] != "ce_only"]
-  within = [[a["label"], b["label"]] for i, a in enumerate(others) for b in others[i + 1:]
-            if abs(a["eval_ce_mean"] - b["eval_ce_mean"]) <= max(a["eval_ce_spread"], b["eval_ce_spread"])]
-  return {"pairs_within_spread": within,"teacher_eval_ce": teacher_ce, "ce_only_eval_ce": base["eval_ce_mean"], "gap": gap,
-          "max_spread": max_spread, "gap_over_spread": gap / max_spread if max_spread > 0 else float("inf")}
+  return {"teacher_eval_ce": teacher_ce, "ce_only_eval_ce": base["eval_ce_mean"], "gap": gap, "z": Z,
+          "max_se": max_se, "gap_over_max_se": gap / max_se if max_se > 0 else math.inf,
+          "comparisons": comparisons,
+          "not_separated": [c for c in comparisons if not c["separated"]]}
 
 
 def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> None:
@@ -434,7 +570,7 @@ def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> Non
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="CI-sized budgets (a few minutes); writes under "
+  parser.add_argument("--quick", action="store_true", help="CI-sized budgets (a small corpus, 8 student steps); writes under "
                       "--out-dir and --results-dir like the full report, so point those elsewhere.")
   parser.add_argument("--data-dir", default=None, help="Prepared dataset, prepared when missing (default "
                       f"{DEFAULT.data}; with --quick {QUICK.data}, 40 files).")
@@ -443,25 +579,31 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--results-dir", default=None, help="Where quality.json and quality.png go (default "
                       "benchmarks/results; with --quick, <out-dir>).")
   parser.add_argument("--rows", default=None, help="Comma-separated row slugs to run (default: every "
-                      f"available row: {', '.join(r.slug for r in ROWS)}); ce_only is always included.")
+                      f"available row but {', '.join(r.slug for r in ROWS if not r.default)}; all: "
+                      f"{', '.join(r.slug for r in ROWS)}); ce_only is always included.")
   args = parser.parse_args(argv)
   budget = QUICK if args.quick else DEFAULT
   out = REPO / (args.out_dir or ("runs/quality_quick" if args.quick else "runs/quality"))
   results_dir = Path(args.results_dir) if args.results_dir else (out if args.quick else RESULTS_DIR)
   data = REPO / (args.data_dir or budget.data)
   started = time.perf_counter()
+  commit = git_commit()  # before this report writes its own (tracked) results
   if not (data / "manifest.json").exists():
     sh([PY, "-m", "distill_core.prepare", f"output_dir={data}", *budget.prepare])
   wanted = set(args.rows.split(",")) | {"ce_only"} if args.rows else None
-  rows = [r for r in ROWS if r.available() and (wanted is None or r.slug in wanted)]
+  rows = [r for r in ROWS if r.available() and (r.slug in wanted if wanted else r.default)]
+  if wanted and wanted - {r.slug for r in ROWS}:
+    raise SystemExit(f"--rows: unknown {', '.join(sorted(wanted - {r.slug for r in ROWS}))} (known: "
+                     f"{', '.join(r.slug for r in ROWS)})")
   skipped = [r.slug for r in ROWS if not r.available()]
   if skipped:
     print(f"rows this trainer does not offer, left out: {', '.join(skipped)}", flush=True)
   ctx = Context(budget, data, out, out / "teacher" / "hf")
   out.mkdir(parents=True, exist_ok=True)
-  train_teacher(ctx)
-  teacher_digest = _digest([hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(ctx.teacher_hf.iterdir())
-                            if p.is_file()])
+  code = code_digest()
+  print(f"code digest {code} (finished runs are reused only when it is unchanged)", flush=True)
+  train_teacher(ctx, code)
+  key = {"teacher": dir_digest(ctx.teacher_hf), "code": code}
   if any("dump" in r.needs for r in rows):
     dump_answers(ctx)
   server = serve(ctx, out / "teacher_server.log") if any("remote" in r.needs for r in rows) else None
@@ -471,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     runs, failed = {}, []
     for r in rows:
       try:
-        runs[r.slug] = [train_student(ctx, r, s, teacher_digest) for s in budget.seeds]
+        runs[r.slug] = [train_student(ctx, r, s, key) for s in budget.seeds]
       except RuntimeError as e:  # one row's failure must not cost the others' runs; reported below
         print(f"row {r.slug} FAILED: {e}", file=sys.stderr, flush=True)
         failed.append(r.slug)
@@ -489,10 +631,8 @@ def main(argv: list[str] | None = None) -> int:
   table = []
   for r in rows:
     scores = [ev.evaluate(phases[-1][0] / "hf") for phases in runs[r.slug]]
-    ces, kds = [s["ce"] for s in scores], [s["kd"] for s in scores]
-    table.append({"slug": r.slug, "label": r.label, "eval_ce": ces, "eval_kd": kds,
-                  "eval_ce_mean": sum(ces) / len(ces), "eval_ce_spread": max(ces) - min(ces),
-                  "eval_kd_mean": sum(kds) / len(kds), "eval_kd_spread": max(kds) - min(kds),
+    table.append({"slug": r.slug, "label": r.label, "seeds": list(budget.seeds),
+                  "eval_ce": [s["ce"] for s in scores], "eval_kd": [s["kd"] for s in scores],
                   "curves": [curve(phases, batch_tokens) for phases in runs[r.slug]]})
   summary = summarise(table, teacher_ce)
   results_dir.mkdir(parents=True, exist_ok=True)
@@ -500,16 +640,24 @@ def main(argv: list[str] | None = None) -> int:
   plot(table, teacher_curve[-1][1] if teacher_curve else teacher_ce, results_dir / "quality.png", budget)
   report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
                       "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
+                      "first_steps": first_steps(budget),
                       "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data)},
-            "rows": table, "failed_rows": failed, "summary": summary, "wire": ctx.wire, "command": invocation(), "commit": git_commit(),
+            "rows": table, "failed_rows": failed, "summary": summary, "wire": ctx.wire, "command": invocation(),
+            "commit": commit, "code_digest": code,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "seconds": time.perf_counter() - started}
   (results_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
-  print(f"\nteacher held-out CE {teacher_ce:.3f} on {ev.tokens:,} tokens")
+  print(f"\nteacher held-out CE {teacher_ce:.3f} on {ev.tokens:,} tokens; {len(budget.seeds)} seeds, "
+        f"± = standard error of the mean")
   for row in table:
-    print(f"  {row['label']:32s} CE {row['eval_ce_mean']:.3f} (spread {row['eval_ce_spread']:.3f})  "
+    print(f"  {row['label']:48s} CE {row['eval_ce_mean']:.3f} ± {row['eval_ce_se']:.3f}  "
           f"KD {row['eval_kd_mean']:.3f}  {row['verdict']}")
-  print(f"gap teacher -> CE only {summary['gap']:.3f} = {summary['gap_over_spread']:.1f}x the largest spread")
+  print(f"gap teacher -> CE only {summary['gap']:.3f} = {summary['gap_over_max_se']:.1f}x the largest standard error")
+  for c in summary["comparisons"]:
+    print(f"  {c['what']:48s} {c['diff']:+.3f} ± {c['se']:.3f}  " + (
+        "separated" if c["separated"] else f"NOT separated at {budget.student_steps} steps x "
+        f"{len(budget.seeds)} seeds" + (f"; would need ~{c['seeds_needed']} seeds per row" if c["seeds_needed"]
+                                        else "")))
   print(f"wrote {results_dir / 'quality.json'} and {results_dir / 'quality.png'}")
   if failed:
     print(f"rows that FAILED and are missing from the report: {', '.join(failed)}", file=sys.stderr)

@@ -93,33 +93,46 @@ def render_quality(quality: dict | None) -> str:
   if not quality:
     return "Not measured yet: run `python -m benchmarks.quality`.\n"
   budget = quality["setup"]
-  lines = [f"Student `{budget['student']}`, {budget['student_tokens']:,} training tokens per student, "
-           f"{len(budget['seeds'])} seeds; teacher `{budget['teacher']}` trained on {budget['teacher_tokens']:,} "
-           f"tokens. Held-out CE on {budget['eval_tokens']:,} tokens.", "",
-           "| run | held-out CE (mean) | seed spread (max - min) | KD to teacher | dense-KD gain recovered | vs CE only |",
+  summary = quality["summary"]
+  seeds = len(budget["seeds"])
+  lines = [f"Student `{budget['student']}`, {budget['student_steps']} steps = {budget['student_tokens']:,} training "
+           f"tokens per student (two-phase rows: {budget['first_steps']} + {budget['student_steps'] - budget['first_steps']}"
+           f" steps, each phase with its own warm-up and cosine schedule), {seeds} seeds (each its own initialisation "
+           f"and data order); teacher `{budget['teacher']}` trained on {budget['teacher_tokens']:,} tokens. Held-out "
+           f"CE on {budget['eval_tokens']:,} tokens; ± is the standard error of the mean over seeds.", "",
+           "| run | held-out CE (mean ± SE) | min - max | KD to teacher | dense-KD gain recovered | vs CE only |",
            "|---|---|---|---|---|---|"]
   for row in quality["rows"]:
     recovered = row.get("gain_recovered")
-    lines.append(f"| {row['label']} | {row['eval_ce_mean']:.3f} | {row['eval_ce_spread']:.3f} | "
-                 f"{fmt(row.get('eval_kd_mean'))} | "
+    lines.append(f"| {row['label']} | {row['eval_ce_mean']:.3f} ± {row['eval_ce_se']:.3f} | "
+                 f"{row['eval_ce_min']:.3f} - {row['eval_ce_max']:.3f} | {fmt(row.get('eval_kd_mean'))} | "
                  f"{'' if recovered is None else f'{100 * recovered:.0f} %'} | {row['verdict']} |")
   wire = quality.get("wire") or {}
   if "sampled_n" in wire:
     lines += ["", f"The sampled row draws N = {wire['sampled_n']} samples per position beside an exact top-8: "
               f"{wire['sampled_bytes_per_token']:.0f} answer bytes per token on the wire, next to "
               f"{wire['topk_bytes_per_token']:.0f} for the top-64 rows (both measured on the server)."]
-  summary = quality["summary"]
+  z = summary["z"]
   lines += ["", f"Teacher held-out CE {summary['teacher_eval_ce']:.3f}; CE-only student "
             f"{summary['ce_only_eval_ce']:.3f}; teacher-to-CE-only gap {summary['gap']:.3f} = "
-            f"{summary['gap_over_spread']:.1f}x the largest seed spread ({summary['max_spread']:.3f}). "
-            f"Spread = max - min over seeds; a difference no larger than the larger of two rows' spreads is "
-            f"within noise."]
-  pairs = summary.get("pairs_within_spread") or []
-  if pairs:
-    lines += ["", "Within the seed spread of each other (not distinguished by this report): "
-              + "; ".join(f"{a} vs {b}" for a, b in pairs) + "."]
+            f"{summary['gap_over_max_se']:.1f}x the largest standard error ({summary['max_se']:.3f}). Two means are "
+            f"*separated* when their difference exceeds {z:g} standard errors of the difference.",
+            "", "| comparison | difference in held-out CE | separated? |", "|---|---|---|"]
+  for c in summary["comparisons"]:
+    if c["separated"]:
+      verdict = "yes"
+    elif c["seeds_needed"]:
+      verdict = f"no; about {c['seeds_needed']} seeds per row would separate it at this step count"
+    else:
+      verdict = "no"
+    lines.append(f"| {c['what']} (`{c['row']}` - `{c['ref']}`) | {c['diff']:+.3f} ± {c['se']:.3f} | {verdict} |")
+  if summary["not_separated"]:
+    lines += ["", f"This budget cannot tell apart the comparisons marked *no*. The seeds that would are computed "
+              f"from the measured difference and per-seed scatter (the standard error falls as 1/sqrt(seeds)), "
+              f"assuming both stay as measured at {budget['student_steps']} steps."]
   lines += ["", f"Measured by `{quality['command']}` at commit `{quality.get('commit') or '?'}` on "
-            f"{quality['date'][:10]} ({machine_text(quality.get('machine', {}))}); that invocation took "
+            f"{quality['date'][:10]} ({machine_text(quality.get('machine', {}))}); runs are reused only when trained "
+            f"by the same code (digest `{quality.get('code_digest', '?')}`); that invocation took "
             f"{quality['seconds'] / 60:.0f} min, reusing the runs an earlier one had finished."]
   return "\n".join(lines) + "\n"
 

@@ -71,8 +71,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_lti_plan(cfg: TrainConfig) -> int:
   from student_trainer.lti.build import plan_for
   from student_trainer.lti.surgery import LTIPlanError
-  if not cfg.lti.enabled:
-    print("error: --lti-plan needs lti.enabled=true (and lti.kernels_from)", file=sys.stderr)
+  if not cfg.from_teacher:
+    print("error: --lti-plan needs lti.enabled=true or copy_from_teacher (and lti.kernels_from)", file=sys.stderr)
     return 2
   try:
     plan, _ = plan_for(cfg)

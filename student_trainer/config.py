@@ -14,7 +14,7 @@ from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
 from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
-from student_trainer.lti.config import LTIConfig
+from student_trainer.lti.config import LTIConfig, PathRule
 
 # What `python -m student_trainer` with no arguments trains on (prepared on first use).
 DEFAULT_DATA_PATH = "data/stdlib_tiny"
@@ -236,6 +236,26 @@ class TrainConfig(ConfigBase):
   logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Metrics output.")
   export_hf: bool = Field(True, description="Export the final student to <run_dir>/hf in Hugging Face format.")
   lti: LTIConfig = Field(default_factory=LTIConfig, description="Learn-to-init (see docs/lti.md).")
+  copy_from_teacher: list[PathRule] = Field(
+      default_factory=list, description="Teacher tensors copied into the student when it is built (shapes must "
+      "match), with or without learn-to-init: read from lti.kernels_from / lti.kernels_path, student layer j "
+      r"from teacher layer lti.layer_map[j], e.g. {student: '^(embed_tokens\.embedding|norm\.scale)$'}. "
+      "Every parameter trains unless lti.enabled (then lti.train applies). See docs/lti.md.")
+
+  @pydantic.model_validator(mode="before")
+  @classmethod
+  def _moved_keys(cls, data):
+    """`lti.copy_from_teacher` (before copying worked without learn-to-init) loads as `copy_from_teacher`."""
+    lti = data.get("lti") if isinstance(data, dict) else None
+    if isinstance(lti, dict) and "copy_from_teacher" in lti:
+      if "copy_from_teacher" in data:
+        raise ValueError("lti.copy_from_teacher moved to the top-level key copy_from_teacher; give only that one")
+      import logging
+      logging.getLogger(__name__).warning("lti.copy_from_teacher is now the top-level key copy_from_teacher "
+                                          "(loaded as that; rename it in the config)")
+      lti = dict(lti)
+      data = {**data, "lti": lti, "copy_from_teacher": lti.pop("copy_from_teacher")}
+    return data
 
   @pydantic.model_validator(mode="after")
   def _check(self) -> "TrainConfig":
@@ -249,9 +269,19 @@ class TrainConfig(ConfigBase):
     if (self.teacher.source == "cached" or self.teacher.remote.on_timeout == "cached_shards") \
         and not self.teacher.cached.path:
       raise ValueError("teacher.cached.path: required by the cached source and the cached_shards policy")
+    if self.copy_from_teacher and self.lti.kernels_from is None:
+      raise ValueError("copy_from_teacher: needs lti.kernels_from (hf, orbax or remote), where the teacher's "
+                       "tensors are read")
+    if self.copy_from_teacher and self.lti.kernels_from in ("hf", "orbax") and not self.lti.kernels_path:
+      raise ValueError(f"copy_from_teacher: needs lti.kernels_path for lti.kernels_from={self.lti.kernels_from}")
     if self.loss.ever_blockwise:
       self._check_blockwise()
     return self
+
+  @property
+  def from_teacher(self) -> bool:
+    """Whether the student is built from teacher tensors (learn-to-init, copies, or both)."""
+    return self.lti.enabled or bool(self.copy_from_teacher)
 
   def _check_blockwise(self) -> None:
     """What can be known before any teacher is loaded or reached (sources check the rest when they start)."""

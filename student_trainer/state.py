@@ -65,7 +65,7 @@ class TrainState:
 def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
   """Initialises model and optimizer directly into their shardings (no host copy)."""
   tx = build_optimizer(cfg.optim, cfg.steps)
-  if cfg.lti.enabled:
+  if cfg.from_teacher:
     from student_trainer.lti.build import build_lti_model
     model, wrt, record = build_lti_model(cfg)
     graphdef, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=wrt)))

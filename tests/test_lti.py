@@ -12,7 +12,7 @@ from distill_core.model.hf import save_hf_checkpoint
 from distill_core.model.transformer import Transformer, create_model
 from student_trainer.collapse import collapse_model
 from student_trainer.lti import kernels
-from student_trainer.lti.config import LTIConfig
+from student_trainer.lti.config import LTIConfig, PathRule
 from student_trainer.lti.modules import LTIProj, TeacherKernel
 from student_trainer.lti.surgery import LTIPlanError, apply_plan, make_plan
 from student_trainer.lti.teacher import HFTeacherParams
@@ -45,9 +45,10 @@ def lti_cfg(teacher_dir, **kw) -> LTIConfig:
                       **kw})
 
 
-def surgered(teacher_dir, scan: bool = False, seed: int = 0, **kw):
+def surgered(teacher_dir, scan: bool = False, seed: int = 0, copy_from_teacher=(), **kw):
   teacher = HFTeacherParams(teacher_dir)
-  plan = make_plan(student_cfg(scan_layers=scan), lti_cfg(teacher_dir, **kw), teacher)
+  plan = make_plan(student_cfg(scan_layers=scan), lti_cfg(teacher_dir, **kw), teacher,
+                   [PathRule(**r) for r in copy_from_teacher])
   model = Transformer(student_cfg(scan_layers=scan), rngs=nnx.Rngs(seed))
   wrt = apply_plan(model, plan, teacher.fetch(plan.teacher_names()))
   return model, plan, wrt
@@ -203,7 +204,7 @@ def test_plan_share_copy_train(teacher_dir):
      r"cannot copy teacher layers.0.mlp.up_proj.kernel \(32, 96\) into student layers.0.mlp.up_proj.kernel"),
     (False, dict(copy_from_teacher=[{"student": r"^norm\.scale$", "teacher": "final_norm.scale"}]),
      r"the teacher has no parameter final_norm.scale \(for student norm.scale\)"),
-    (False, dict(copy_from_teacher=[{"student": r"^nothing$"}]), r"lti.copy_from_teacher\[0\].student '\^nothing\$' matches no"),
+    (False, dict(copy_from_teacher=[{"student": r"^nothing$"}]), r"copy_from_teacher\[0\].student '\^nothing\$' matches no"),
     (False, dict(share=[{"param": r"layers\.1\.self_attn\.q_proj\.a$", "to": "layers.0.self_attn.k_proj.a"}]),
      r"cannot tie layers.1.self_attn.q_proj.a \(4, 2\) to layers.0.self_attn.k_proj.a \(2, 1\)"),
     (False, dict(share=[{"param": r"layers\.1\.self_attn\.q_proj\.a$", "to": "layers.9.q.a"}]),
@@ -213,9 +214,10 @@ def test_plan_share_copy_train(teacher_dir):
     (False, dict(layer_map=[0]), r"needs one teacher layer per student layer \(2\)"),
 ])
 def test_rule_errors_name_the_rule_and_paths(teacher_dir, scan, kw, message):
+  copy = [PathRule(**r) for r in kw.pop("copy_from_teacher", ())]
   cfg = lti_cfg(teacher_dir, **kw)
   with pytest.raises(LTIPlanError, match=message):
-    make_plan(student_cfg(scan_layers=scan), cfg, HFTeacherParams(teacher_dir))
+    make_plan(student_cfg(scan_layers=scan), cfg, HFTeacherParams(teacher_dir), copy)
 
 
 def test_wider_student_heads_are_refused(teacher_dir):
@@ -233,11 +235,11 @@ def test_lti_plan_dry_run_prints_every_match(teacher_dir, capsys):
   from student_trainer.__main__ import main
   args = ["--config", "configs/tiny_ce.yaml", "--lti-plan", "lti.enabled=true", "lti.kernels_from=hf",
           f"lti.kernels_path={teacher_dir}", "lti.layer_map=[0,2]", "model.model_type=qwen2",
-          "model.attention_bias=true", r"lti.copy_from_teacher=[{student: '^norm\.scale$'}]"]
+          "model.attention_bias=true", r"copy_from_teacher=[{student: '^norm\.scale$'}]"]
   assert main(args) == 0
   out = capsys.readouterr().out
   assert "layers.1.self_attn.o_proj.kernel <- C = teacher layers.2.self_attn.o_proj.kernel (4, 8, 32)" in out
-  assert "lti.copy_from_teacher[0] '^norm\\\\.scale$': 1 copied" in out and "train  layers.0.self_attn.q_proj.a" in out
+  assert "copy_from_teacher[0] '^norm\\\\.scale$': 1 copied" in out and "train  layers.0.self_attn.q_proj.a" in out
   assert main(args + ["model.scan_layers=true", r"lti.train=['layers\.0\.']"]) == 2
   assert "names single layers, but the student's layers are scanned" in capsys.readouterr().err
 
@@ -252,3 +254,70 @@ def test_orbax_teacher_gives_the_same_kernels_as_hf(teacher_dir, tmp_path):
   for name, value in hf.fetch(names).items():
     np.testing.assert_array_equal(orbax.fetch([name])[name], value)
   assert orbax.record() == {"kernels_from": "orbax", "kernels_path": str((tmp_path / "orbax").resolve())}
+
+
+# ----------------------------------------------------------------------------- copy_from_teacher alone
+
+
+COPY_RULES = [{"student": r"^(embed_tokens\.embedding|norm\.scale|lm_head\.kernel)$"},
+              {"student": r"layers\.(\d+\.)?(input|post_attention)_layernorm\.scale$"}]
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_copy_without_lti_copies_exactly_and_trains_everything(teacher_dir, scan):
+  model, plan, wrt = surgered(teacher_dir, scan=scan, enabled=False, copy_from_teacher=COPY_RULES)
+  fresh = Transformer(student_cfg(scan_layers=scan), rngs=nnx.Rngs(0))
+  assert not plan.projections and not any(isinstance(n, LTIProj) for _, n in nnx.iter_graph(model))
+  t = HFTeacherParams(teacher_dir).fetch(["embed_tokens.embedding", "norm.scale", "lm_head.kernel",
+                                          "layers.0.input_layernorm.scale", "layers.2.post_attention_layernorm.scale"])
+  np.testing.assert_array_equal(np.asarray(model.embed_tokens.embedding[...]), t["embed_tokens.embedding"])
+  np.testing.assert_array_equal(np.asarray(model.lm_head.kernel[...]), t["lm_head.kernel"])
+  # Student layer 1 reads teacher layer layer_map[1] = 2.
+  post = model.layers.post_attention_layernorm.scale[...][1] if scan else \
+      model.layers[1].post_attention_layernorm.scale[...]
+  np.testing.assert_array_equal(np.asarray(post), t["layers.2.post_attention_layernorm.scale"])
+  # Attention and MLP keep the seed's random initialisation.
+  q = (lambda m: m.layers.self_attn.q_proj.kernel[...]) if scan else (lambda m: m.layers[0].self_attn.q_proj.kernel[...])
+  np.testing.assert_array_equal(np.asarray(q(model)), np.asarray(q(fresh)))
+  every = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  assert wrt.paths == every and not plan.frozen
+  assert "without learn-to-init every parameter" in plan.describe()
+
+
+def test_copy_from_teacher_moved_out_of_lti(teacher_dir):
+  from student_trainer.config import TrainConfig
+  lti = {"kernels_from": "hf", "kernels_path": str(teacher_dir)}
+  old = TrainConfig(**{"lti": {**lti, "copy_from_teacher": COPY_RULES}})
+  new = TrainConfig(**{"lti": lti, "copy_from_teacher": COPY_RULES})
+  assert old == new and [r.student for r in new.copy_from_teacher] == [r["student"] for r in COPY_RULES]
+  assert new.from_teacher and not new.lti.enabled
+  with pytest.raises(ValueError, match="moved to the top-level key copy_from_teacher; give only that one"):
+    TrainConfig(**{"lti": {**lti, "copy_from_teacher": COPY_RULES}, "copy_from_teacher": COPY_RULES})
+  with pytest.raises(ValueError, match=r"copy_from_teacher: needs lti.kernels_from"):
+    TrainConfig(**{"copy_from_teacher": COPY_RULES})
+  with pytest.raises(ValueError, match=r"copy_from_teacher: needs lti.kernels_path for lti.kernels_from=hf"):
+    TrainConfig(**{"lti": {"kernels_from": "hf"}, "copy_from_teacher": COPY_RULES})
+
+
+def test_demo_lti_recipe_plans_on_the_demo_pair(tmp_path):
+  """configs/demo/lti.yaml on the demo pair (unequal head counts): its rules match and start from the teacher."""
+  from distill_core.config import load_config
+  from student_trainer.config import TrainConfig
+  from student_trainer.lti.build import plan_for
+  teacher = build(ModelConfig, resolve_preset("demo_teacher"))
+  save_hf_checkpoint(create_model(teacher, seed=1), tmp_path)
+  cfg = load_config(TrainConfig, "configs/demo/lti.yaml", ["lti.kernels_from=hf", f"lti.kernels_path={tmp_path}"])
+  assert cfg.model.num_attention_heads < teacher.num_attention_heads
+  plan, source = plan_for(cfg)
+  assert len(plan.projections) == 4 * cfg.model.num_hidden_layers
+  assert {s for _, s, _ in plan.copy} == {"embed_tokens.embedding", "norm.scale"} | {
+      f"layers.{j}.{n}_layernorm.scale" for j in range(2) for n in ("input", "post_attention")}
+  model = Transformer(cfg.model, rngs=nnx.Rngs(0))
+  apply_plan(model, plan, source.fetch(plan.teacher_names()))
+  # select + identity: the student's one kv head is the teacher's kv head 0, and its 2 query heads are
+  # that kv head's group, teacher query heads 0 and 1 (at teacher layer layer_map[1] = 5).
+  t = source.fetch(["layers.5.self_attn.q_proj.kernel", "layers.5.self_attn.k_proj.kernel"])
+  np.testing.assert_allclose(np.asarray(model.layers[1].self_attn.q_proj.kernel()),
+                             t["layers.5.self_attn.q_proj.kernel"][:, :2], atol=1e-6)
+  np.testing.assert_allclose(np.asarray(model.layers[1].self_attn.k_proj.kernel()),
+                             t["layers.5.self_attn.k_proj.kernel"][:, :1], atol=1e-6)

@@ -86,7 +86,7 @@ def test_lti_phase_collapse_then_kd_against_a_teacher_server(tiny_dataset, tmp_p
               "loss.alpha=1.0", "teacher.remote.backoff_max_s=0.5"]
     lti = make_cfg(tiny_dataset, tmp_path / "lti", *STUDENT, *remote, "steps=4", "export_hf=true",
                    "lti.enabled=true", "lti.kernels_from=remote", "lti.layer_map=[0,2]",
-                   r"lti.copy_from_teacher=[{student: 'embed_tokens|^norm|lm_head|layernorm'}]")
+                   r"copy_from_teacher=[{student: 'embed_tokens|^norm|lm_head|layernorm'}]")
     result = run(lti, keep_state=True)
     assert result.step == 4 and np.isfinite(result.last_metrics["train/kd_loss"])
     meta = json.loads((tmp_path / "lti" / "checkpoints" / "4" / "meta" / "metadata").read_text())

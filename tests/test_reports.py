@@ -90,21 +90,93 @@ def test_render_results_uses_values_units_definitions_and_sources():
 
 
 def _row(slug, ces):
-  return {"slug": slug, "label": slug, "eval_ce_mean": sum(ces) / len(ces), "eval_ce_spread": max(ces) - min(ces)}
+  return {"slug": slug, "label": slug, "eval_ce": list(ces), "eval_kd": [0.5] * len(ces)}
 
 
 def test_quality_summary_gain_recovered_and_verdicts():
-  rows = [_row("ce_only", [5.0, 5.1]), _row("kd_dense", [4.5, 4.6]), _row("tail", [4.7, 4.8]),
-          _row("topk", [5.02, 5.06])]
+  rows = [_row("ce_only", [5.0, 5.1, 5.2]), _row("kd_dense", [4.5, 4.6, 4.7]), _row("tail", [4.66, 4.71, 4.76]),
+          _row("topk", [5.02, 5.06, 5.22])]
   summary = quality.summarise(rows, teacher_ce=4.0)
   by = {r["slug"]: r for r in rows}
-  assert by["tail"]["gain_recovered"] == pytest.approx((5.05 - 4.75) / (5.05 - 4.55))
+  se = 0.1 / math.sqrt(3)  # sample sd 0.1 of three values 0.1 apart, over sqrt(3)
+  assert by["ce_only"]["eval_ce_mean"] == pytest.approx(5.1) and by["ce_only"]["eval_ce_se"] == pytest.approx(se)
+  assert by["tail"]["gain_recovered"] == pytest.approx((5.1 - 4.71) / (5.1 - 4.6))
   assert by["kd_dense"]["gain_recovered"] == pytest.approx(1.0)
-  assert by["tail"]["verdict"].startswith("better by 0.300")
-  assert by["topk"]["verdict"].startswith("within seed spread")
+  assert by["tail"]["verdict"].startswith("better by 0.390")
+  assert by["topk"]["verdict"].startswith("not separated")
   assert by["ce_only"]["verdict"] == "baseline"
-  assert summary["gap"] == pytest.approx(1.05)
-  assert summary["gap_over_spread"] == pytest.approx(1.05 / 0.1)
+  assert summary["gap"] == pytest.approx(1.1)
+  tail_topk = next(c for c in summary["comparisons"] if (c["row"], c["ref"]) == ("tail", "topk"))
+  assert tail_topk["separated"] and tail_topk["seeds_needed"] is None
+  tail_dense = next(c for c in summary["comparisons"] if (c["row"], c["ref"]) == ("tail", "kd_dense"))
+  se_diff = math.sqrt(se ** 2 + (se / 2) ** 2)  # tail's values are half as far apart
+  assert not tail_dense["separated"] and tail_dense["diff"] == pytest.approx(0.11)
+  assert tail_dense["se"] == pytest.approx(se_diff)
+  # 0.11 = 2 * se_diff * sqrt(3 / n)  =>  n = 3 * (2 * se_diff / 0.11) ** 2 = 4.13, rounded up.
+  assert tail_dense["seeds_needed"] == 5
+  assert tail_dense in summary["not_separated"]
+
+
+def test_quality_runs_key_on_code_and_seed_the_data_order(tmp_path):
+  b = quality.QUICK
+  assert "data.seed=2" in quality.common_overrides(b, tmp_path, tmp_path, 8, 2)
+  for d in ("distill_core", "student_trainer", "teacher_server", "configs/models"):
+    (tmp_path / d).mkdir(parents=True)
+  (tmp_path / "student_trainer" / "a.py").write_text("x = 1\n")
+  (tmp_path / "configs" / "models" / "demo_student.yaml").write_text("hidden_size: 8\n")
+  before = quality.code_digest(tmp_path)
+  (tmp_path / "student_trainer" / "a.py").write_text("x = 2\n")
+  assert quality.code_digest(tmp_path) != before
+  (tmp_path / "student_trainer" / "a.py").write_text("x = 1\n")
+  assert quality.code_digest(tmp_path) == before
+  (tmp_path / "configs" / "models" / "demo_student.yaml").write_text("hidden_size: 16\n")
+  assert quality.code_digest(tmp_path) != before
+  assert len(quality.code_digest()) == 16
+
+
+def test_quality_two_phase_rows_have_their_own_schedules():
+  b = quality.DEFAULT
+  first = quality.first_steps(b)
+  assert 0 < first < b.student_steps
+  for steps in (first, b.student_steps - first, b.student_steps):
+    assert f"optim.warmup_steps={quality.warmup(steps)}" in quality.common_overrides(b, b, b, steps, 0)
+  assert quality.warmup(24) == 3 and quality.warmup(7) == 1
+
+
+def check_quality_arithmetic(data: dict) -> None:
+  """Every derived figure of a quality report, recomputed from its per-seed values."""
+  import statistics
+  rows = {r["slug"]: r for r in data["rows"]}
+  for r in data["rows"]:
+    n = len(r["seeds"])
+    assert n >= 3 and len(r["eval_ce"]) == n == len(r["eval_kd"]) and len(set(r["seeds"])) == n
+    assert r["eval_ce_mean"] == pytest.approx(statistics.fmean(r["eval_ce"]), abs=1e-12)
+    assert r["eval_ce_se"] == pytest.approx(statistics.stdev(r["eval_ce"]) / math.sqrt(n), abs=1e-12)
+    assert r["eval_kd_mean"] == pytest.approx(statistics.fmean(r["eval_kd"]), abs=1e-12)
+    assert (r["eval_ce_min"], r["eval_ce_max"]) == (min(r["eval_ce"]), max(r["eval_ce"]))
+  base, dense = rows["ce_only"], rows["kd_dense"]
+  for r in data["rows"]:
+    if r["slug"] != "ce_only":
+      want = (statistics.fmean(base["eval_ce"]) - statistics.fmean(r["eval_ce"])) / (
+          statistics.fmean(base["eval_ce"]) - statistics.fmean(dense["eval_ce"]))
+      assert r["gain_recovered"] == pytest.approx(want, rel=1e-9)
+  z = data["summary"]["z"]
+  for c in data["summary"]["comparisons"]:
+    a, b = rows[c["row"]], rows[c["ref"]]
+    se = math.sqrt(statistics.variance(a["eval_ce"]) / len(a["eval_ce"]) +
+                   statistics.variance(b["eval_ce"]) / len(b["eval_ce"]))
+    diff = statistics.fmean(a["eval_ce"]) - statistics.fmean(b["eval_ce"])
+    assert c["diff"] == pytest.approx(diff, abs=1e-12) and c["se"] == pytest.approx(se, rel=1e-9)
+    assert c["separated"] == (abs(diff) > z * se)
+  assert data["summary"]["gap"] == pytest.approx(base["eval_ce_mean"] - data["summary"]["teacher_eval_ce"])
+
+
+def test_committed_quality_report_adds_up():
+  """The committed benchmarks/results/quality.json: means, errors and gains follow from its per-seed values."""
+  data = json.loads(report.QUALITY.read_text())
+  check_quality_arithmetic(data)
+  assert data["commit"] and not data["commit"].endswith("+dirty")
+  assert {"ce_only", "kd_dense", "copy_then_kd", "lti_then_kd", "lti_attn_then_kd"} <= {r["slug"] for r in data["rows"]}
 
 
 @pytest.mark.slow
@@ -119,10 +191,16 @@ def test_quality_quick_end_to_end(tmp_path):
   assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
   data = json.loads((tmp_path / "results" / "quality.json").read_text())
   slugs = [r["slug"] for r in data["rows"]]
-  assert slugs[:5] == ["ce_only", "kd_dense", "tail", "renormalize", "topk"]
+  assert slugs == [r.slug for r in quality.ROWS if r.default]
   for row in data["rows"]:
-    assert len(row["eval_ce"]) == 2 and all(math.isfinite(x) for x in row["eval_ce"] + row["eval_kd"])
+    assert all(math.isfinite(x) for x in row["eval_ce"] + row["eval_kd"])
     assert row["curves"] and all(row["curves"])
+  check_quality_arithmetic(data)
+  # Each seed trains on its own data order, and every run records the code that trained it.
+  for s in data["setup"]["seeds"]:
+    stamp = json.loads((tmp_path / "runs" / "ce_only" / f"seed{s}" / "quality_settings.json").read_text())
+    assert f"data.seed={s}" in stamp["overrides"] and f"seed={s}" in stamp["overrides"]
+    assert stamp["code"] == data["code_digest"] == quality.code_digest()
   assert data["summary"]["teacher_eval_ce"] < data["summary"]["ce_only_eval_ce"]
   assert (tmp_path / "results" / "quality.png").read_bytes()[:4] == b"\x89PNG"
   assert "| CE only |" in report.render_quality(data)

@@ -2,11 +2,14 @@
 
 `build_lti_model(cfg)` opens the teacher-parameter source, plans (failing
 before anything is allocated), fetches only the planned tensors, builds the
-student (fresh, or from `init_hf_checkpoint`) and applies the plan. It returns
-the model, the optimizer's `wrt` filter and the LTI record that every
-checkpoint stores: the teacher source, the fingerprint of the teacher kernels
-(C) and of the server's weights (remote), so a restore fetches C again from
-the same place and refuses kernels that differ.
+student (fresh, or from `init_hf_checkpoint`) and applies the plan: LTI
+projections when `lti.enabled`, and the run's `copy_from_teacher` (which also
+works alone). It returns the model, the optimizer's `wrt` filter and the LTI
+record that every checkpoint of an LTI run stores: the teacher source, the
+fingerprint of the teacher kernels (C) and of the server's weights (remote),
+so a restore fetches C again from the same place and refuses kernels that
+differ. A copy-only run has no C and no record (None): its copies are
+ordinary parameters, saved in its checkpoints.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ log = logging.getLogger(__name__)
 def plan_for(cfg, teacher: TeacherParams | None = None) -> tuple[Plan, TeacherParams]:
   """The surgery plan of a TrainConfig (`cfg.lti` on `cfg.model`); reads teacher shapes only."""
   teacher = teacher or open_teacher(cfg.lti, cfg.teacher.remote)
-  return make_plan(cfg.model, cfg.lti, teacher), teacher
+  return make_plan(cfg.model, cfg.lti, teacher, cfg.copy_from_teacher), teacher
 
 
 def kernel_fingerprint(model: nnx.Module) -> str:
@@ -37,16 +40,21 @@ def kernel_fingerprint(model: nnx.Module) -> str:
   return arrays_fingerprint(flat)
 
 
-def build_lti_model(cfg) -> tuple[Transformer, TrainablePaths, dict[str, Any]]:
-  """(student with LTI projections, trainable filter, record) for a TrainConfig with `lti.enabled`."""
+def build_lti_model(cfg) -> tuple[Transformer, TrainablePaths, dict[str, Any] | None]:
+  """(student, trainable filter, record) for a TrainConfig with `lti.enabled` or `copy_from_teacher`.
+
+  The record is None without `lti.enabled` (nothing frozen to fetch again on resume).
+  """
   plan, teacher = plan_for(cfg)
-  log.info("learn-to-init plan:\n%s", plan.describe())
+  log.info("%s plan:\n%s", "learn-to-init" if cfg.lti.enabled else "copy_from_teacher", plan.describe())
   arrays = teacher.fetch(plan.teacher_names())
   if cfg.init_hf_checkpoint:
     model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, **cfg.model.runtime_fields())
   else:
     model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
   wrt = apply_plan(model, plan, arrays)
+  if not cfg.lti.enabled:
+    return model, wrt, None
   record = {"teacher": teacher.record(), "kernel_fingerprint": kernel_fingerprint(model),
             "trainable": sorted(wrt.paths)}
   return model, wrt, record

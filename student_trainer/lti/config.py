@@ -54,14 +54,17 @@ class LTIConfig(ConfigBase):
   """Learn-to-init: student attention projections computed from frozen teacher kernels.
 
   Applied in this order: `projections` (which become LTI), `share` (tie student
-  parameters), `copy_from_teacher` (copy teacher weights), `train`. Paths are the student's parameter paths joined by dots, as
-  GetParameters names them: `layers.3.self_attn.q_proj.kernel` unrolled,
-  `layers.self_attn.q_proj.kernel` (the whole stack) with scanned layers.
+  parameters), then the run's top-level `copy_from_teacher` (copy teacher weights), `train`.
+  Paths are the student's parameter paths joined by dots, as GetParameters names them:
+  `layers.3.self_attn.q_proj.kernel` unrolled, `layers.self_attn.q_proj.kernel` (the whole
+  stack) with scanned layers. `kernels_from`, `kernels_path`, `parameters_token_file` and
+  `layer_map` also say where `copy_from_teacher` reads, with or without `enabled`.
   """
 
   enabled: bool = Field(False, description="Build the student with LTI projections (needs kernels_from).")
   kernels_from: Literal["hf", "orbax", "remote"] | None = Field(
-      None, description="Where the teacher kernels come from: a local Hugging Face or Orbax teacher "
+      None, description="Where the teacher kernels (and the tensors of the run's copy_from_teacher) come "
+      "from: a local Hugging Face or Orbax teacher "
       "checkpoint (kernels_path), or the teacher server's GetParameters (teacher.remote's address and "
       "credentials; the server must run with serve_parameters=true).")
   kernels_path: str | None = Field(None, description="Teacher checkpoint directory for kernels_from hf/orbax.")
@@ -85,9 +88,6 @@ class LTIConfig(ConfigBase):
       "(e.g. [1, 3] for a 2-layer student of a 4-layer teacher); null = the same index.")
   share: list[ShareRule] = Field(default_factory=list, description="Student parameters to tie, applied after "
                                  "the projections.")
-  copy_from_teacher: list[PathRule] = Field(
-      default_factory=list, description="Teacher weights copied into the student (shapes must match), "
-      r"e.g. {student: 'embed_tokens|norm|lm_head'}.")
   train: list[str] = Field(
       default_factory=lambda: [".*"], description="Regexes over student parameter paths the optimizer "
       "updates; every other parameter is frozen (C is never trainable).")

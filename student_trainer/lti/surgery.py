@@ -11,7 +11,9 @@ what `--lti-plan` prints. `apply_plan` then performs it on a concrete student:
    whose C is the teacher kernel (stacked over the layer map for scanned layers)
    and whose A, B (or W) and bias start as the configured slice of the teacher;
 2. share: every path matching a share rule becomes the variable at its target;
-3. copy: teacher tensors are copied into matching student parameters;
+3. copy: teacher tensors are copied into matching student parameters (the
+   run's top-level `copy_from_teacher`; with `lti.enabled` false this is the
+   only step, and every parameter trains);
 4. train: the parameters the optimizer updates (`TrainablePaths`); all others
    stay bit-identical.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +30,7 @@ from flax import nnx
 
 from distill_core.model.config import ModelConfig
 from student_trainer.lti import kernels
-from student_trainer.lti.config import LTIConfig
+from student_trainer.lti.config import LTIConfig, PathRule
 from student_trainer.lti.modules import LTIProj, locate
 from student_trainer.lti.teacher import TeacherParams
 
@@ -65,6 +68,7 @@ class Plan:
   """What every rule matched (all paths are student paths unless named teacher)."""
 
   cfg: LTIConfig
+  copy_rules: list[PathRule]
   scanned: bool
   projections: list[Projection]
   share: list[tuple[int, str, str]]  # (rule, alias path, target path)
@@ -103,13 +107,14 @@ class Plan:
       hits = [(a, t) for r, a, t in self.share if r == i]
       lines.append(f"lti.share[{i}] {rule.param!r} -> {rule.to!r}: {len(hits)} tied")
       lines += [f"  {a} = {t} {self.shapes[t]}" for a, t in hits]
-    for i, rule in enumerate(cfg.copy_from_teacher):
+    for i, rule in enumerate(self.copy_rules):
       hits = [(s, t) for r, s, t in self.copy if r == i]
-      lines.append(f"lti.copy_from_teacher[{i}] {rule.student!r}: {len(hits)} copied")
+      lines.append(f"copy_from_teacher[{i}] {rule.student!r}: {len(hits)} copied")
       for s, t in hits:
         src = t[0] if len(t) == 1 else f"stack of {', '.join(t)}"
         lines.append(f"  {s} {self.shapes[s]} <- teacher {src}")
-    lines.append(f"lti.train {cfg.train}: {len(self.trainable)} trainable, {len(self.frozen)} frozen")
+    lines.append(f"{'lti.train ' + str(cfg.train) if cfg.enabled else 'without learn-to-init every parameter'}: "
+                 f"{len(self.trainable)} trainable, {len(self.frozen)} frozen")
     lines += [f"  train  {p} {self.shapes[p]}" for p in self.trainable]
     lines += [f"  frozen {p} {self.shapes[p]}" for p in self.frozen]
     return "\n".join(lines)
@@ -182,8 +187,12 @@ def _stacked(student_path: str, scanned: bool) -> bool:
   return scanned and student_path.startswith("layers.")
 
 
-def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> Plan:
-  """Resolves every rule; raises LTIPlanError naming the rule, pattern and paths on any problem."""
+def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams, copy_rules: Sequence[PathRule] = ()) -> Plan:
+  """Resolves every rule; raises LTIPlanError naming the rule, pattern and paths on any problem.
+
+  `copy_rules` are the run's `copy_from_teacher`. With `cfg.enabled` false only they apply (no
+  projections, no ties) and every student parameter trains.
+  """
   scanned = student.scan_layers
   shapes = _param_shapes(student)
   unrolled = _param_shapes(student.model_copy(update={"scan_layers": False})) if scanned else shapes
@@ -192,7 +201,7 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
 
   projections: list[Projection] = []
   claimed: dict[str, int] = {}
-  for i, rule in enumerate(cfg.projections):
+  for i, rule in enumerate(cfg.projections if cfg.enabled else ()):
     section = f"lti.projections[{i}]"
     hits = _matches(f"{section}.student", rule.student, shapes, scanned, unrolled)
     for path in hits:
@@ -244,7 +253,7 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
     unrolled = list(unrolled) + [f"layers.{j}.{p[len('layers.'):]}" for p in after if p.startswith("layers.")
                                  for j in range(student.num_hidden_layers)]
   share, aliases = [], {}
-  for i, rule in enumerate(cfg.share):
+  for i, rule in enumerate(cfg.share if cfg.enabled else ()):
     section = f"lti.share[{i}]"
     hits = _matches(f"{section}.param", rule.param, after, scanned, unrolled)
     for path in hits:
@@ -259,8 +268,8 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
       aliases[path] = target
 
   copy = []
-  for i, rule in enumerate(cfg.copy_from_teacher):
-    section = f"lti.copy_from_teacher[{i}]"
+  for i, rule in enumerate(copy_rules):
+    section = f"copy_from_teacher[{i}]"
     hits = _matches(f"{section}.student", rule.student, after, scanned, unrolled)
     for path in hits:
       names = resolve.names(section, path, re.search(rule.student, path), rule.teacher)
@@ -275,13 +284,13 @@ def make_plan(student: ModelConfig, cfg: LTIConfig, teacher: TeacherParams) -> P
   group = {p: [p] for p in canonical}
   for alias, target in aliases.items():
     group[_root(target, aliases)].append(alias)
-  trainable = set()
-  for i, pattern in enumerate(cfg.train):
+  trainable = set() if cfg.enabled else set(canonical)
+  for i, pattern in enumerate(cfg.train if cfg.enabled else ()):
     hits = [p for p in canonical if any(re.search(pattern, n) for n in group[p])]
     if not hits:
       raise _no_match(f"lti.train[{i}]", pattern, after, scanned, unrolled)
     trainable.update(hits)
-  return Plan(cfg, scanned, projections, share, copy, sorted(trainable),
+  return Plan(cfg, list(copy_rules), scanned, projections, share, copy, sorted(trainable),
               sorted(p for p in canonical if p not in trainable), after, dict(teacher.shapes), teacher.record())
 
 
