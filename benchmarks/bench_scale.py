@@ -278,17 +278,19 @@ V5P_BY_CHIPS = {4: "v5p:2x2x1", 8: "v5p:2x2x2", 16: "v5p:2x2x4", 32: "v5p:2x4x4"
 
 def _depth_flops(make_lowered, cfg, analytic, devices) -> tuple[float, float, bool]:
   """(compiled, analytic FLOPs per token at cfg's depth, exact): from unrolled 1- and 2-layer compiles
-  (`make_lowered(cfg, devices)`), on the v5p slice of as many chips where this chip refuses them."""
+  (`make_lowered(cfg, devices)`, one row per chip: a token's work does not depend on the rows beside it),
+  on the v5p slice of as many chips where this chip refuses them; NaN where that refuses them too."""
+  from distill_core import memory
   per_depth, exact = [], True
   for depth in (1, 2):
     small = cfg.model_copy(update={"num_hidden_layers": depth, "scan_layers": False})
     lowered, tokens, chips = make_lowered(small, devices)
-    from distill_core import memory
     compiled, _ = memory.compile_or_estimate("flops", lowered)
     if compiled is None and len(devices) in V5P_BY_CHIPS:
       lowered, tokens, chips = make_lowered(small, topology_devices(V5P_BY_CHIPS[len(devices)]))
-      compiled = lowered.compile()
+      compiled, _ = memory.compile_or_estimate("flops", lowered)
     if compiled is None:
+      log.warning("%s: even one row per chip exceeds the chip's HBM; its FLOPs are not counted", cfg.model_type)
       return float("nan"), analytic, False
     exact = exact and not _has_loop(compiled)
     per_depth.append(_flops(compiled) * chips / tokens)
@@ -306,9 +308,11 @@ def run_teacher(case: Case, topology: str, args, overrides: dict, skipped: list[
     [(name, lowered)] = teacher_programs(cfg, devices, [(b, t)], case.mesh, args.max_k)
     lowering_s = time.perf_counter() - start
 
-    def small(c, devs, b=b, t=t):
-      [(_, low)] = teacher_programs(c, devs, [(b, t)], case.mesh, args.max_k)
-      return low, b * t, len(devs)
+    def small(c, devs, t=t):
+      from distill_core.sharding import MeshConfig, batch_parallelism, make_mesh
+      rows = batch_parallelism(make_mesh(MeshConfig(**case.mesh), devs))  # one row per data x fsdp chip
+      [(_, low)] = teacher_programs(c, devs, [(rows, t)], case.mesh, args.max_k)
+      return low, rows * t, len(devs)
 
     flops = _depth_flops(small, cfg, analytic_flops_per_token(cfg, t, train=False, remat=False), devices)
     rows.append(_memory_row(case, cfg, topology, devices, name, lowered, b * t, flops, skipped, lowering_s))
@@ -325,7 +329,7 @@ def run_student(case: Case, topology: str, args, overrides: dict, loss: dict, sk
   lowering_s = time.perf_counter() - start
 
   def small(c, devs):
-    _, low, n = student_program(c, devs, per_chip, t, case.mesh, loss, 1, args.value_dtype)
+    _, low, n = student_program(c, devs, 1, t, case.mesh, loss, 1, args.value_dtype)
     return low, n, len(devs)
 
   flops = _depth_flops(small, cfg, analytic_flops_per_token(cfg, t, train=True, remat=is_remat(cfg)), devices)
@@ -361,77 +365,6 @@ def run_case(case: Case, args, overrides: dict, loss: dict, skipped: list[str]) 
       return rows
   log.error("%s: no topology of --search %s fits", case.label, " ".join(args.search))
   return []
-
-
-# ---------------------------------------------------------------- on a real accelerator
-
-
-def measure_engine(preset: str, overrides: dict, bucket: tuple[int, int], max_k: int, repeats: int = 3) -> float:
-  """Engine tokens/s at one full bucket on the local devices (random weights)."""
-  import numpy as np
-  from distill_core import checkpoints
-  from distill_core.sharding import MeshConfig
-  from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch
-  cfg = model_config(preset, overrides)
-  engine = JaxEngine(checkpoints.load_model(cfg, seed=0), buckets=[bucket], max_k=max_k, max_temperatures=1,
-                     selectable_layers=[], state_names=[], mesh=MeshConfig(data=1, fsdp=-1))
-  b, t = bucket
-  rng = np.random.default_rng(0)
-  ones = np.ones((b, t), np.int32)
-  batch = EngineBatch(rng.integers(0, cfg.real_vocab_size, (b, t), dtype=np.int32), ones,
-                      np.cumsum(ones, axis=1, dtype=np.int32) - 1, np.ones((b, 1), np.float32),
-                      Fetch(k=max_k), None)
-  engine.forward(batch)  # compile
-  start = time.perf_counter()
-  for _ in range(repeats):
-    engine.forward(batch)  # ends with the host copy: synchronous
-  return repeats * b * t / (time.perf_counter() - start)
-
-
-def measure_student(preset: str, overrides: dict, per_chip: int, seq_len: int, loss: dict,
-                    repeats: int = 3) -> tuple[float, float | None]:
-  """(tokens/s, model FLOPs utilisation or None where the peak is unknown) of the kd train step on the
-  local devices, FSDP over all of them, with random teacher targets."""
-  import jax
-  import numpy as np
-  from distill_core import memory
-  from distill_core.data import Batch
-  from distill_core.sharding import make_mesh, rules_table, shard_batch
-  from distill_core.targets import TeacherTargets
-  from student_trainer import step as step_lib
-  from student_trainer.config import TrainConfig
-  from student_trainer.state import create_train_state
-  cfg = model_config(preset, overrides)
-  train_cfg = TrainConfig.model_validate({"model": cfg.model_dump(), "loss": loss, "mesh": {"data": 1, "fsdp": -1}})
-  mesh = make_mesh(train_cfg.mesh)
-  state = create_train_state(train_cfg, mesh, rules_table(train_cfg.mesh))
-  rows = per_chip * mesh.devices.size
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.real_vocab_size, (rows, seq_len), dtype=np.int32)
-  ones = np.ones_like(tokens)
-  batch = Batch.from_examples({"example_ids": np.arange(rows), "tokens": tokens, "segment_ids": ones,
-                               "positions": np.cumsum(ones, axis=1, dtype=np.int32) - 1})
-  k = train_cfg.loss.top_k
-  ids = rng.integers(0, cfg.real_vocab_size - k, (rows, seq_len, 1)) + np.arange(k)  # k distinct ids
-  logits = np.sort(rng.random((rows, seq_len, k), np.float32), axis=-1)[..., ::-1] * 5 - 5  # sorted, max 0
-  targets = TeacherTargets(topk_ids=shard_batch(ids.astype(np.int32), mesh),
-                           topk_logits=shard_batch(logits.astype(np.float16), mesh),
-                           logsumexp=shard_batch(np.full((rows, seq_len, 1), 2.0, np.float32), mesh),
-                           temperatures=[1.0])
-  fn = step_lib.make_train_step(state.graphdef, train_cfg, "kd", state.shardings)
-  hyper = step_lib.hyperparameters(train_cfg, 0)
-  device_batch = shard_batch(batch, mesh)
-  params, metrics = fn(state.params, device_batch, targets, hyper)
-  jax.block_until_ready(metrics)
-  start = time.perf_counter()
-  for _ in range(repeats):
-    params, metrics = fn(params, device_batch, targets, hyper)
-  jax.block_until_ready(metrics)
-  tokens_per_s = repeats * rows * seq_len / (time.perf_counter() - start)
-  peak = memory.peak_flops(jax.devices()[0])
-  model_flops = analytic_flops_per_token(cfg, seq_len, train=True, remat=False)  # MFU counts no recompute
-  return tokens_per_s, (tokens_per_s * model_flops / (peak * mesh.devices.size) if peak else None)
 
 
 # ---------------------------------------------------------------- results
@@ -547,14 +480,20 @@ def main(argv: list[str] | None = None) -> int:
   import jax
   device = jax.devices()[0]
   if device.platform in ("gpu", "tpu"):
-    for case in teachers[:1]:
-      tps = measure_engine(case.preset, overrides, case.shapes[0], args.max_k)
-      measured[f"scale_engine_tokens_per_s_{case.preset}"] = (tps, "tokens/s")
-    for case in students[:1]:
-      tps, mfu = measure_student(case.preset, {**remat_override(args.remat), **overrides}, *case.shapes[0], loss)
-      measured[f"scale_student_tokens_per_s_{case.preset}"] = (tps, "tokens/s")
-      if mfu is not None:
-        measured[f"scale_student_mfu_{case.preset}"] = (mfu, "fraction")
+    from benchmarks.scale_device import measure_engine, measure_student
+    try:
+      for case in teachers[:1]:
+        tps = measure_engine(case.preset, overrides, case.shapes[0], args.max_k)
+        measured[f"scale_engine_tokens_per_s_{case.preset}"] = (tps, "tokens/s")
+      for case in students[:1]:
+        tps, mfu = measure_student(case.preset, {**remat_override(args.remat), **overrides}, *case.shapes[0],
+                                   loss)
+        measured[f"scale_student_tokens_per_s_{case.preset}"] = (tps, "tokens/s")
+        if mfu is not None:
+          measured[f"scale_student_mfu_{case.preset}"] = (mfu, "fraction")
+    except Exception as e:  # noqa: BLE001 - e.g. out of memory on this device: the compiled figures still count
+      log.exception("measuring on %s failed", device.device_kind)
+      failed.append(f"measuring on {device.device_kind}: {type(e).__name__}")
     log.info("measured on %d x %s: %s", jax.device_count(), device.device_kind, measured)
   for line in failed:
     print(f"FAILED {line}", file=sys.stderr)

@@ -167,3 +167,11 @@ def test_bench_scale_compiles_a_tiny_model_for_a_tpu_topology(tmp_path, monkeypa
   assert 0.9 < results["scale_student_flops_ratio"]["value"] < 2
   assert results["scale_teacher_tiny_v5e4_gib"]["value"] == pytest.approx(teacher["total_gib"])
   assert results["scale_student_tiny_v5e4_hbm_fraction"]["value"] == pytest.approx(student["total_gib"] / 16)
+
+
+def test_accelerator_measurements_run_on_the_local_devices():
+  """The tokens/s and MFU path bench_scale takes on a GPU or TPU, here on the CPU devices (no peak: no MFU)."""
+  from benchmarks.scale_device import measure_engine, measure_student
+  assert measure_engine("tiny", {}, (8, 32), max_k=8, repeats=1) > 0
+  tokens_per_s, mfu = measure_student("tiny", {}, 1, 32, {"top_k": 8}, repeats=1)
+  assert tokens_per_s > 0 and mfu is None  # CPU: no peak FLOP/s known
