@@ -14,7 +14,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml deploy/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet -c deploy/constraints.txt -e '.[dev]'
+	$(VPY) -m pip install --quiet -c deploy/constraints.txt -e '.[dev,tpu]'
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -13,6 +13,8 @@ A table is a block between two marker comments:
 unit, and the command, commit, date and machine that measured them), with the
 definition of each key taken from `benchmarks/README.md`. `quality` renders
 `benchmarks/results/quality.json` (written by `python -m benchmarks.quality`).
+`scale` renders every program of `benchmarks/results/scale.json` (written by
+`python -m benchmarks.bench_scale`): per-chip bytes on each TPU slice.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from benchmarks.results import LATEST, RESULTS_DIR
 
 REPO = RESULTS_DIR.parent.parent
 QUALITY = RESULTS_DIR / "quality.json"
+SCALE = RESULTS_DIR / "scale.json"
 DEFINITIONS = REPO / "benchmarks" / "README.md"
-MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality) -->\n)(.*?)(<!-- /(?:results|quality) -->)", re.S)
+MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality|scale) -->\n)(.*?)(<!-- /(?:results|quality|scale) -->)",
+                    re.S)
 
 
 def documents(repo: Path = REPO) -> list[Path]:
@@ -137,11 +141,42 @@ def render_quality(quality: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
-def render_text(text: str, results: dict, quality: dict | None, defs: dict[str, str]) -> str:
+def render_scale(scale: dict | None) -> str:
+  """One row per compiled program: per-chip bytes against the chip's HBM, and FLOPs against the model's."""
+  if not scale:
+    return "Not measured yet: run `python -m benchmarks.bench_scale`.\n"
+  lines = ["| program | slice | mesh | arguments GiB | temporaries GiB | total GiB | chip HBM GiB | fits | "
+           "compiled / model FLOPs |", "|---|---|---|---|---|---|---|---|---|"]
+  for r in scale["rows"]:
+    refused = " (compiler refused: temporaries from its message)" if r.get("refused") else ""
+    ratio = "n/a" if r["flops_ratio"] != r["flops_ratio"] else f"{r['flops_ratio']:.3f}"
+    lines.append(f"| {r['side']} `{r['preset']}` {r['program']} | {r['topology']} ({r['chips']} chips) | "
+                 f"{r['mesh']} | {r['argument_gib']:.2f} | {r['temp_gib']:.2f} | {r['total_gib']:.2f} | "
+                 f"{r['hbm_gib']:.0f} | {'yes' if r['fits'] else 'no' + refused} | "
+                 f"{ratio}{'' if r['flops_exact'] else ' *'} |")
+  if scale.get("skipped_fields"):
+    lines += ["", "Options this code does not have yet (skipped): "
+              + ", ".join(f"`{f}`" for f in scale["skipped_fields"]) + "."]
+  from distill_core.memory import GIB, TPU_CHIPS  # the chip table the benchmark compared against
+  lines += ["", "| chip | HBM per chip GiB | bf16 peak per chip TFLOP/s |", "|---|---|---|"]
+  lines += [f"| {c.name} | {c.hbm_bytes / GIB:.0f} | {c.peak_bf16_flops / 1e12:.0f} |" for c in TPU_CHIPS.values()]
+  lines += ["", f"Measured by `{scale['command']}` at commit `{scale.get('commit') or '?'}` on "
+            f"{scale['date'][:10]} ({machine_text(scale.get('machine', {}))}), compile only."]
+  return "\n".join(lines) + "\n"
+
+
+def load_scale() -> dict | None:
+  return json.loads(SCALE.read_text()) if SCALE.exists() else None
+
+
+def render_text(text: str, results: dict, quality: dict | None, defs: dict[str, str],
+                scale: dict | None = None) -> str:
   def block(match: re.Match) -> str:
     head, kind, _, tail = match.groups()
     if kind == "quality":
       body = render_quality(quality)
+    elif kind == "scale":
+      body = render_scale(scale if scale is not None else load_scale())
     else:
       keys = [k.strip() for k in kind.split(":", 1)[1].split(",") if k.strip()]
       body = render_results(keys, results, defs)

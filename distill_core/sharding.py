@@ -1,9 +1,19 @@
 """Device mesh and logical-axis sharding rules.
 
+The mesh has three axes, ``(data, fsdp, tensor)``:
+
+* ``data``: replicas of the parameters, each taking other rows of the batch;
+* ``fsdp``: parameters split along their ``embed`` dimension (gathered per layer
+  when used) while every device still takes other rows of the batch;
+* ``tensor``: attention heads, the MLP width and the vocabulary split across
+  devices (Megatron-style), so one layer's weights span several chips; the
+  devices of one tensor group see the same rows.
+
 Parameters carry logical axis names (``embed``, ``mlp``, ``q_heads``...); one
 rules table maps each logical name onto mesh axes. A dimension is only sharded
 when its size divides the product of the mesh axes it maps to; otherwise it is
-replicated (so tiny test models run on any mesh).
+replicated (so tiny test models run on any mesh, and 8 kv heads stay whole on a
+16-way tensor axis).
 """
 
 from __future__ import annotations
@@ -24,13 +34,16 @@ log = logging.getLogger(__name__)
 
 MeshAxes = str | tuple[str, ...] | None
 
-# FSDP: shard the large weight dimension over `fsdp`; `data` replicates parameters.
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over these; `tensor` groups share rows
+
+# `embed` over `fsdp`; heads, MLP width and vocabulary over `tensor`; `data` replicates.
 DEFAULT_RULES: dict[str, MeshAxes] = {
-    "vocab": None,
+    "vocab": "tensor",
     "embed": "fsdp",
-    "mlp": None,
-    "q_heads": None,
-    "kv_heads": None,
+    "mlp": "tensor",
+    "q_heads": "tensor",
+    "kv_heads": "tensor",
     "head_dim": None,
     "norm": None,
     "layers": None,
@@ -38,12 +51,34 @@ DEFAULT_RULES: dict[str, MeshAxes] = {
 
 
 class MeshConfig(ConfigBase):
-  """How the devices are arranged."""
+  """How the devices are arranged: data x fsdp x tensor (see the module docstring)."""
 
-  data: int = Field(-1, description="Size of the data-parallel axis; -1 = all devices not used by fsdp.")
-  fsdp: int = Field(1, description="Size of the fully-sharded (parameter) axis.")
+  data: int = Field(-1, ge=-1, description="Size of the data-parallel axis; -1 = all devices not used by the "
+                    "other axes.")
+  fsdp: int = Field(1, ge=-1, description="Size of the fully-sharded (parameter) axis; -1 = all devices not "
+                    "used by the other axes (FSDP over every chip: set data: 1).")
+  tensor: int = Field(1, ge=1, description="Size of the tensor-parallel axis (heads, MLP width and vocabulary "
+                      "split across its devices); use it when one copy of a layer's weights must span chips.")
   rules: dict[str, str | list[str] | None] = Field(
       default_factory=dict, description="Overrides of the logical-axis -> mesh-axis rules table.")
+  device_memory_bytes: int | None = Field(
+      None, gt=0, description="Memory per device that every compiled program must fit in, checked before the "
+      "first batch (distill_core.memory); None = the device's own limit where it reports one "
+      "(memory_stats bytes_limit), else unchecked.")
+
+  def sizes(self, n: int) -> dict[str, int]:
+    """{axis: size} on `n` devices, the one -1 axis filled in; raises ValueError when they do not fit."""
+    sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+    free = [a for a, v in sizes.items() if v == -1]
+    if len(free) > 1:
+      raise ValueError(f"mesh: only one of data, fsdp may be -1 (got data={self.data}, fsdp={self.fsdp})")
+    fixed = int(np.prod([v for v in sizes.values() if v != -1]))
+    if free:
+      sizes[free[0]] = n // fixed
+    if min(sizes.values()) < 1 or int(np.prod(list(sizes.values()))) > n:
+      raise ValueError(f"mesh.data={self.data} x mesh.fsdp={self.fsdp} x mesh.tensor={self.tensor} does not fit "
+                       f"the {n} available devices")
+    return sizes
 
 
 def environment_is_multiprocess(env: Mapping[str, str] | None = None) -> bool:
@@ -78,17 +113,33 @@ def maybe_initialize_distributed(**kwargs) -> bool:
 
 
 def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh over `devices` (default: all; or a TPU topology's compile-only devices).
+
+  On TPU the devices are laid out by `mesh_utils.create_device_mesh`, so the
+  innermost axis (`tensor`) lies along physically neighbouring chips.
+  """
   devices = list(devices if devices is not None else jax.devices())
   n = len(devices)
-  fsdp = cfg.fsdp
-  data = cfg.data if cfg.data != -1 else n // max(fsdp, 1)
-  if fsdp < 1 or data < 1 or data * fsdp > n:
-    raise ValueError(f"mesh.data={cfg.data} x mesh.fsdp={cfg.fsdp} does not fit the {n} available devices")
-  if data * fsdp < n:
+  sizes = cfg.sizes(n)
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  used = int(np.prod(shape))
+  if used < n:
     if jax.process_count() > 1:
-      raise ValueError(f"mesh.data x mesh.fsdp = {data * fsdp} must use all {n} devices of a multi-process run")
-    log.warning("mesh uses %d of %d devices", data * fsdp, n)
-  return Mesh(np.asarray(devices[:data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
+      raise ValueError(f"mesh.data x mesh.fsdp x mesh.tensor = {used} must use all {n} devices of a "
+                       "multi-process run")
+    log.warning("mesh uses %d of %d devices", used, n)
+  devices = devices[:used]
+  if devices[0].platform == "tpu" and used == n:
+    from jax.experimental import mesh_utils
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  else:
+    grid = np.asarray(devices).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  """Devices taking distinct rows of a batch (data x fsdp): a batch's B must divide by it."""
+  return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
 
 
 def rules_table(cfg: MeshConfig) -> dict[str, MeshAxes]:
@@ -152,8 +203,8 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxes]) -> An
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
-  """Batches are split along B over both mesh axes (fsdp devices also take distinct examples)."""
-  return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+  """Batches are split along B over data and fsdp (fsdp devices also take distinct examples)."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def shard_batch(tree: Any, mesh: Mesh) -> Any:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from distill_core import records
 from distill_core.data import load_manifest, num_batches
+from distill_core.memory import MemoryBudgetError
 from student_trainer.config import DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from distill_core.shards_io import MissingAnswers
   from student_trainer.checkpoint import ConfigChanged
   from student_trainer.sources.remote_stream import RemoteTeacherError
-  return (RunError, ConfigChanged, RemoteTeacherError, RecordError, ShardError, MissingAnswers)
+  return (RunError, ConfigChanged, RemoteTeacherError, RecordError, ShardError, MissingAnswers,
+          MemoryBudgetError)
 
 
 def one_line(error: BaseException) -> str:

@@ -72,10 +72,7 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
     shardings = state_shardings(params, mesh, rules)
     return TrainState(graphdef, jax.device_put(params, shardings), shardings, lti=record)
 
-  def fresh():
-    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
+  fresh = _fresh(cfg, tx)
   graphdef, abstract = nnx.split(nnx.eval_shape(fresh))
   shardings = state_shardings(abstract, mesh, rules)
   if cfg.init_hf_checkpoint:
@@ -86,6 +83,25 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
     params = jax.device_put(params, shardings)
   else:
     params = jax.jit(lambda: nnx.split(fresh())[1], out_shardings=shardings)()
+  return TrainState(graphdef, params, shardings)
+
+
+def _fresh(cfg: TrainConfig, tx):
+  def fresh():
+    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return fresh
+
+
+def abstract_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
+  """The (model, optimizer) state of a plain student as `jax.ShapeDtypeStruct`s with their shardings.
+
+  Nothing is allocated: the step can be compiled for `mesh` (e.g. a TPU topology's
+  compile-only devices) to read its memory and FLOPs (`benchmarks.bench_scale`).
+  """
+  graphdef, abstract = nnx.split(nnx.eval_shape(_fresh(cfg, build_optimizer(cfg.optim, cfg.steps))))
+  shardings = state_shardings(abstract, mesh, rules)
+  params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
   return TrainState(graphdef, params, shardings)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from distill_core import memory
 from distill_core.data import Batch, BatchIterator, make_eval_iterator, make_iterator
 from distill_core.sharding import make_mesh, rules_table, shard_batch
 from student_trainer import distributed
@@ -211,6 +212,8 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         targets = _trimmed(cfg, targets, step)
         wait = (waiting, time.perf_counter())
         phase = programs.phase(step, targets)
+        if step == start:  # before the first step allocates anything: stop here if it cannot fit
+          _check_memory(cfg, mesh, programs.train(phase), (state.params, device_batch, targets, hyper), phase)
         if targets is None:
           state.params, metrics = fallback_step(state.params, device_batch, hyper)
         else:
@@ -267,6 +270,22 @@ def shared_cores_note(cfg: TrainConfig) -> str | None:
             f"{os.cpu_count()} CPU cores (and devices), so perf/tokens_per_s and perf/teacher_wait_fraction "
             "measure both together")
   return None
+
+
+def _check_memory(cfg: TrainConfig, mesh, train_fn, args, phase: str) -> None:
+  """Compiles the first step ahead and raises MemoryBudgetError (one line) if it exceeds a device's memory.
+
+  Only where a budget is known (`mesh.device_memory_bytes`, or the device's bytes_limit); the
+  compiled program stays in JAX's cache, so the step itself does not compile it again.
+  """
+  device = mesh.devices.flat[0]
+  if memory.device_budget(device, cfg.mesh.device_memory_bytes)[0] is None:
+    return
+  b, t = args[1].tokens.shape
+  name = f"{phase} step (batch {b}x{t} over {mesh.devices.size} devices, grad_accum {cfg.optim.grad_accum})"
+  [program] = memory.compiled_programs_fit([(name, train_fn.lower(*args).compile())], device,
+                                           cfg.mesh.device_memory_bytes, where="train", knobs=memory.TRAINER_KNOBS)
+  log.info("%s: %s", name, program.summary())
 
 
 def _states_kwarg(cfg: TrainConfig, step: int) -> dict:

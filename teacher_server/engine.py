@@ -47,11 +47,12 @@ import orbax.checkpoint as ocp
 import tokenizers
 from flax import nnx
 
-from distill_core import checkpoints, wire
+from distill_core import checkpoints, memory, wire
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
-from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batch, state_shardings
+from distill_core.sharding import (MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table, shard_batch,
+                                   state_shardings)
 from distill_core.targets import compute_targets_from_hidden
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
@@ -134,11 +135,14 @@ class JaxEngine(Engine):
     max_samples: sample draw slots per position in a batch that samples (0: no sampling).
     chunk_size: positions per block of the lm_head, top-k, logsumexp and draws (0 or None: the
       whole row at once); the logits temporaries are O(B x chunk_size x V), not O(B x T x V).
+    devices: the mesh's devices (default: all). With an abstract `model`
+      (`checkpoints.abstract_model`) and a TPU topology's compile-only devices, the engine's
+      programs can be compiled (`lower`) for a slice this machine does not have, never run.
   """
 
   def __init__(self, model: Transformer, *, buckets, max_k: int, max_temperatures: int,
                selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = "",
-               max_samples: int = 0, chunk_size: int | None = DEFAULT_CHUNK_SIZE):
+               max_samples: int = 0, chunk_size: int | None = DEFAULT_CHUNK_SIZE, devices=None):
     cfg: ModelConfig = model.cfg
     selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
     bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
@@ -149,10 +153,14 @@ class JaxEngine(Engine):
     if max(t for _, t in buckets) > cfg.max_position_embeddings:
       raise ValueError(f"bucket length {max(t for _, t in buckets)} exceeds the model's "
                        f"max_position_embeddings {cfg.max_position_embeddings}")
-    self._mesh = make_mesh(mesh or MeshConfig())
-    n_dev = self._mesh.devices.size
+    self._mesh = make_mesh(mesh or MeshConfig(), devices)
+    self._memory_budget = (mesh or MeshConfig()).device_memory_bytes
+    n_dev = batch_parallelism(self._mesh)
     if any(b % n_dev for b, _ in buckets):
-      raise ValueError(f"every bucket batch must divide by the mesh size {n_dev}: {list(buckets)}")
+      raise ValueError(f"every bucket batch must divide by the mesh size {n_dev} (data x fsdp: devices taking "
+                       f"distinct rows): {list(buckets)}")
+    graphdef, state = nnx.split(model)
+    abstract = all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(state))
     start = time.perf_counter()
     self._info = EngineInfo(
         model_type=cfg.model_type, vocab_size=cfg.real_vocab_size, padded_vocab_size=cfg.vocab_size,
@@ -162,12 +170,14 @@ class JaxEngine(Engine):
         buckets=tuple(sorted(buckets, key=lambda bt: (bt[1], bt[0]))),
         max_k=min(max_k, cfg.real_vocab_size), max_temperatures=max_temperatures,
         selectable_layers=selectable, state_names=tuple(state_names),
-        weights_fingerprint=weights_fingerprint(model), tokenizer_fingerprint=tokenizer_fingerprint,
+        weights_fingerprint="" if abstract else weights_fingerprint(model),
+        tokenizer_fingerprint=tokenizer_fingerprint,
         max_samples=max_samples)
     log.info("weights fingerprint %s (%.1f s)", self._info.weights_fingerprint[:16], time.perf_counter() - start)
-    graphdef, state = nnx.split(model)
     self._graphdef = graphdef
-    self._state = jax.device_put(state, state_shardings(state, self._mesh, rules_table(mesh or MeshConfig())))
+    shardings = state_shardings(state, self._mesh, rules_table(mesh or MeshConfig()))
+    self._state = (jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+                   if abstract else jax.device_put(state, shardings))
     if chunk_size is not None and chunk_size < 0:
       raise ValueError(f"logits_chunk_size: {chunk_size} must be >= 0 (0: no chunking)")
     self._chunk_size = chunk_size
@@ -225,23 +235,58 @@ class JaxEngine(Engine):
     sampling = (False, True) if self._info.max_samples else (False,)
     return [(b, t, d, smp) for b, t in self._info.buckets for d in state_dtypes for smp in sampling]
 
-  def warmup(self) -> dict[str, float]:
-    timings = {}
+  def _warmup_batch(self, b: int, t: int, state_dtype: str | None, with_samples: bool) -> EngineBatch:
     info = self._info
+    ones = np.ones((b, t), np.int32)
+    states = dict(layers=info.selectable_layers[:1], states=info.state_names[:1],
+                  state_dtype=state_dtype) if state_dtype else {}
+    draws = SampleBatch.empty(b) if with_samples else None
+    if draws is not None:
+      draws.num_samples[:] = 1
+    return EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
+                       np.ones((b, info.max_temperatures), np.float32),
+                       Fetch(k=info.max_k, samples=1 if with_samples else 0, **states), draws)
+
+  def programs(self) -> list[tuple[str, jax.stages.Lowered]]:
+    """(name, lowered program) of every variant `warmup` compiles, from shapes alone (nothing runs).
+
+    The arguments are those `forward` passes to the same jitted function, as
+    `jax.ShapeDtypeStruct`s with the mesh's shardings, so `.compile()` gives the
+    very program a batch of that bucket runs.
+    """
+    out = []
     for b, t, state_dtype, with_samples in self._variants():
+      batch = self._warmup_batch(b, t, state_dtype, with_samples)
+      spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(self._mesh, x.ndim))  # noqa: E731
+      inputs = tuple(spec(x) for x in (batch.tokens, batch.segment_ids, batch.positions, batch.temperatures))
+      d = batch.samples
+      draws = None if d is None else tuple(spec(x) for x in (d.num_samples, d.temperatures, d.seeds,
+                                                                d.example_ids, d.exclude))
+      out.append((_variant_name(b, t, state_dtype, with_samples), self._fn.lower(self._state, *inputs, draws, state_dtype=state_dtype)))
+    return out
+
+  def check_memory(self) -> list[memory.ProgramMemory]:
+    """Compiles every variant ahead and stops (MemoryBudgetError, one line) if one exceeds a device's memory.
+
+    The budget is `mesh.device_memory_bytes` or the device's own limit; with
+    neither (CPU) nothing is compiled here. The compiled programs stay in JAX's
+    cache, so the warm-up's forwards do not compile them again.
+    """
+    device = self._mesh.devices.flat[0]
+    if memory.device_budget(device, self._memory_budget)[0] is None:
+      return []
+    compiled = ((name, lowered.compile()) for name, lowered in self.programs())
+    return memory.compiled_programs_fit(compiled, device, self._memory_budget, where="teacher engine bucket",
+                                        knobs=memory.ENGINE_KNOBS)
+
+  def warmup(self) -> dict[str, float]:
+    for program in self.check_memory():  # before anything is allocated: a start that cannot fit stops here
+      log.info("bucket %s: %s", program.name, program.summary())
+    timings = {}
+    for variant in self._variants():
       start = time.perf_counter()
-      ones = np.ones((b, t), np.int32)
-      states = dict(layers=info.selectable_layers[:1], states=info.state_names[:1],
-                    state_dtype=state_dtype) if state_dtype else {}
-      draws = SampleBatch.empty(b) if with_samples else None
-      if draws is not None:
-        draws.num_samples[:] = 1
-      batch = EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
-                          np.ones((b, info.max_temperatures), np.float32),
-                          Fetch(k=info.max_k, samples=1 if with_samples else 0, **states), draws)
-      self.forward(batch)
-      name = f"{b}x{t}{'+' + state_dtype if state_dtype else ''}{'+samples' if with_samples else ''}"
-      timings[name] = time.perf_counter() - start
+      self.forward(self._warmup_batch(*variant))
+      timings[_variant_name(*variant)] = time.perf_counter() - start
     return timings
 
   def forward(self, batch: EngineBatch) -> EngineOutput:
@@ -280,6 +325,10 @@ class JaxEngine(Engine):
 
   def compilations(self) -> int:
     return self._fn._cache_size()  # noqa: SLF001 - jitted-function cache: one entry per compiled variant
+
+
+def _variant_name(b: int, t: int, state_dtype: str | None, with_samples: bool) -> str:
+  return f"{b}x{t}{'+' + state_dtype if state_dtype else ''}{'+samples' if with_samples else ''}"
 
 
 def _chunks(ladder: tuple[int, ...]) -> tuple[tuple[int, int], ...]:

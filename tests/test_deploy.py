@@ -280,7 +280,7 @@ def test_constraints_check_catches_what_is_wrong():
 def test_every_install_uses_the_constraints():
   """make setup (and so CI, which runs make test) and both images install from the same pinned file."""
   makefile = (REPO / "Makefile").read_text()
-  assert re.search(r"pip install .*-c deploy/constraints\.txt -e '\.\[dev\]'", makefile)
+  assert re.search(r"pip install .*-c deploy/constraints\.txt -e '\.\[dev,tpu\]'", makefile)
   assert re.search(r"^\$\(STAMP\): .*deploy/constraints\.txt", makefile, re.M)
   assert "make test" in (REPO / ".ci" / "run").read_text()
 
