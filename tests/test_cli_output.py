@@ -349,7 +349,7 @@ def test_plaintext_client_against_a_tls_server_names_the_mismatch(caplog, monkey
 def test_diagnosis_of_a_tls_client_against_a_plaintext_port():
   import socket
 
-  from student_trainer.sources.remote_checks import diagnose_connection
+  from distill_core.stream.checks import diagnose_connection
   with socket.socket() as plain:  # a plaintext listener that never speaks TLS
     plain.bind(("127.0.0.1", 0))
     plain.listen()

@@ -125,7 +125,7 @@ def test_setup_logging_wins_over_an_earlier_basic_config():
 def test_bucket_fill_names_the_bucket_that_would_fit():
   from distill_core.proto import teacher_pb2 as pb
   from remote_utils import fake_requirements
-  from student_trainer.sources.remote_checks import RequestPlan, bucket_fill
+  from distill_core.stream.checks import RequestPlan, bucket_fill
   plan = RequestPlan(k=4, value_dtype="float16", layers=(), states=(), state_dtype="float32", pack_ids=True,
                      rows_per_request=8)
   need = fake_requirements(seq_len=256, batch_rows=8)
