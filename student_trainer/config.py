@@ -7,14 +7,15 @@ from typing import Annotated, Literal
 import pydantic
 from pydantic import Field
 
-from distill_core.stream.config import StreamClientConfig
 from distill_core.config import ConfigBase
 from distill_core.data import DataConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
+from distill_core.stream.config import StreamClientConfig
 from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig
+from student_trainer.policy import policy_names
 
 # What `python -m student_trainer` with no arguments trains on (prepared on first use).
 DEFAULT_DATA_PATH = "data/stdlib_tiny"
@@ -72,7 +73,6 @@ class RemoteTeacherConfig(StreamClientConfig):
   @pydantic.field_validator("on_timeout")
   @classmethod
   def _check_policy(cls, value: str) -> str:
-    from student_trainer.sources.policy import policy_names
     if value not in policy_names():
       raise ValueError(f"unknown policy {value!r} (known: {', '.join(policy_names())})")
     return value

@@ -145,7 +145,7 @@ def test_remote_source_warns_once_about_a_half_empty_bucket(caplog):
   from distill_core.config import build
   from distill_core.sharding import MeshConfig, make_mesh
   from student_trainer.config import RemoteTeacherConfig
-  from student_trainer.sources.policy import WaitPolicy
+  from student_trainer.policy import WaitPolicy
   from student_trainer.sources.remote import RemoteTeacher
   from teacher_server.fake_engine import FakeEngine, fake_info
   caplog.set_level(logging.WARNING)

@@ -24,7 +24,7 @@ from distill_core.config import ConfigError, build, load_config
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import RemoteTeacherConfig, TrainConfig
-from student_trainer.sources.policy import CEOnlyPolicy, WaitPolicy
+from student_trainer.policy import CEOnlyPolicy, WaitPolicy
 from student_trainer.sources.remote import RemoteTeacher
 from distill_core.stream.checks import TeacherMismatch, plan_requests
 from distill_core.stream.pool import RemoteTeacherError

@@ -17,7 +17,7 @@ from server_utils import free_port
 from distill_core.config import build
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import RemoteTeacherConfig
-from student_trainer.sources.policy import CEOnlyPolicy
+from student_trainer.policy import CEOnlyPolicy
 from student_trainer.sources.remote import RemoteTeacher
 
 

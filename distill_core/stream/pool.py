@@ -46,8 +46,8 @@ from distill_core import wire
 from distill_core.client import TeacherClient, TeacherError, TeacherStream, answer_error
 from distill_core.data import Batch
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.stream.checks import RequestPlan, RequestShape, Requirements, TeacherMismatch, bucket_fill, plan_requests, \
-    replica_problems
+from distill_core.stream.checks import RequestPlan, RequestShape, Requirements, TeacherMismatch, bucket_fill, \
+    plan_requests, replica_problems
 from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets, check_values, concat
 

@@ -27,10 +27,9 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from distill_core.data import Batch, load_manifest
-from distill_core.sharding import batch_sharding
 from distill_core.stream.checks import Requirements
 from distill_core.stream.pool import Item, RemoteTeacherError
 from distill_core.stream.runner import StreamRunner
@@ -38,26 +37,13 @@ from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
 from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
+from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
+from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.25  # how often a blocked next() re-checks for fatal errors and the timeout
 WAITING_LOG_S = 10.0  # how often the wait for a first teacher says what it has tried
-
-
-def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
-  """Host targets -> global arrays on `mesh`, split along B (axis 1 of the (L, B, T, E) states)."""
-  states = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None, None))
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def put(sharding, x):
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-  placed = targets.map_rows(lambda x, axis: put(states if axis else batch_sharding(mesh, np.ndim(x)), x))
-  tau = targets.sample_temperature
-  return placed.replace(temperatures=put(replicated, targets.temperatures),
-                        sample_temperature=None if tau is None else put(replicated, tau))
 
 
 class RemoteTeacher(TeacherSource):
@@ -133,7 +119,6 @@ class RemoteTeacher(TeacherSource):
   @classmethod
   def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
     """The source for a `TrainConfig` whose teacher.source is remote."""
-    from student_trainer.sources import feature_teacher_layers, teacher_state_names  # the package imports us
     manifest = load_manifest(cfg.data.path)
     need = Requirements(
         k=cfg.loss.request_k, samples=cfg.loss.sampling, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
