@@ -345,6 +345,11 @@ class TeacherStream:
     return len(self._pending)
 
   @property
+  def is_open(self) -> bool:
+    """Whether requests can still be sent (opened, not half-closed, the call not ended)."""
+    return not self._closed and self._reader is not None and not self._reader.done()
+
+  @property
   def reader(self) -> asyncio.Task | None:
     """The task reading the answers; done once the call has ended and every future is settled."""
     return self._reader

@@ -238,7 +238,8 @@ class Lane:
   def send(self, chunk: _Chunk, request: pb.ForwardRequest) -> None:
     self.inflight[request.request_id] = chunk
     self.sent += 1
-    self._stream.send(request).add_done_callback(self._answered)
+    if self._stream.is_open:  # else it ended (or was aborted) a moment ago: `_down` hands the request back
+      self._stream.send(request).add_done_callback(self._answered)
 
 
 class StreamCore:
