@@ -75,10 +75,12 @@ class RequestPlan:
     """The planned state names a batch asking for `states` gets (None: all planned)."""
     return self.states if states is None else tuple(name for name in self.states if name in states)
 
-  def spec(self, temperatures: tuple[float, ...], states: tuple[str, ...] | None = None) -> OutputSpec:
-    """The request spec; `states` narrows the planned state names for one batch (None: all of them)."""
+  def spec(self, temperatures: float | tuple[float, ...], states: tuple[str, ...] | None = None) -> OutputSpec:
+    """The request spec at one temperature or several; `states` narrows the planned state names for one
+    batch (None: all of them)."""
     names = self.names(states)
-    return OutputSpec(k=self.k, temperatures=tuple(float(t) for t in temperatures), value_dtype=self.value_dtype,
+    temps = (temperatures,) if isinstance(temperatures, (int, float)) else temperatures
+    return OutputSpec(k=self.k, temperatures=tuple(float(t) for t in temps), value_dtype=self.value_dtype,
                       layers=self.layers if names else (), states=names, state_dtype=self.state_dtype,
                       pack_ids=self.pack_ids, samples=self.samples)
 
