@@ -513,6 +513,7 @@ _EPILOG = """\
 Examples:
   python -m teacher_server.dump teacher.model.source=hf teacher.model.path=runs/demo/teacher/hf
   python -m teacher_server.dump --remote 127.0.0.1:50051 k=128 zstd_level=3
+  python -m teacher_server.dump 'remote.address=[10.0.0.5:50051,10.0.0.6:50051]'   # replicas, with failover
   python -m teacher_server.dump --process-index 1 --process-count 4 ...   # writer 1 of 4
 
 Options (key=value, nested keys with dots):
@@ -527,7 +528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       epilog=_EPILOG + "\n".join("  " + line for line in describe(DumpConfig)))
   parser.add_argument("-h", "--help", action="help", help="show this help (every option) and exit")
   parser.add_argument("--config", help="YAML config file (may name a `base:` file)")
-  parser.add_argument("--remote", metavar="ADDRESS", help="ask the teacher server at ADDRESS (= remote.address)")
+  parser.add_argument("--remote", metavar="ADDRESS", help="ask the teacher server at ADDRESS (= remote.address; for several replicas, "
+                      "which the dump fails over between, remote.address=[A,B])")
   parser.add_argument("--process-index", type=int, help="this writer's index (= process_index)")
   parser.add_argument("--process-count", type=int, help="number of writers (= process_count)")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
