@@ -15,6 +15,9 @@ and, for per-request errors, the request id and the field at fault.
 Several replicas: pass a list of IP ``host:port`` targets, or one
 ``dns:///name:port`` target (e.g. a Kubernetes headless Service); calls are
 spread with gRPC's round_robin policy (one stream sticks to one replica).
+For streams that fail over between replicas, reconnect and check every
+answer, use :class:`distill_core.stream.runner.StreamRunner` (built on
+:class:`TeacherStream`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from distill_core.proto import teacher_pb2_grpc
 from distill_core.targets import TeacherTargets, check_values
 from distill_core.wire import OutputSpec
 
-__all__ = ["OutputSpec", "TeacherClient", "TeacherError", "TeacherStream"]
+__all__ = ["OutputSpec", "TeacherClient", "TeacherError", "TeacherStream", "answer_error"]
 
 
 class TeacherError(Exception):
@@ -237,9 +240,10 @@ class TeacherClient:
       raise TeacherError.from_rpc(e) from None
     return download.arrays()
 
-  def stream(self, window: int | None = None) -> "TeacherStream":
-    """A bidirectional stream; ``window`` bounds the unanswered requests (None = unbounded)."""
-    return TeacherStream(self, window)
+  def stream(self, window: int | None = None, *, raw: bool = False) -> "TeacherStream":
+    """A bidirectional stream; ``window`` bounds the unanswered requests (None = unbounded); ``raw``: futures
+    resolve to the ``ForwardResponse`` (see :class:`TeacherStream`)."""
+    return TeacherStream(self, window, raw=raw)
 
 
 class ParameterDownload:
@@ -280,26 +284,45 @@ class ParameterDownload:
     return out
 
 
+def answer_error(resp: pb.ForwardResponse) -> TeacherError | None:
+  """The per-request error an answer carries, as a :class:`TeacherError` (None for an answer with targets)."""
+  if not resp.HasField("error"):
+    return None
+  code = _CODES.get(resp.error.code, grpc.StatusCode.UNKNOWN)
+  return TeacherError(code, resp.error.message, field=resp.error.field, request_id=resp.request_id)
+
+
 class TeacherStream:
   """Many requests over one ``Stream`` call; use as ``async with client.stream() as s``.
 
   :meth:`submit` returns a future per request (resolved with ``TeacherTargets``
   or failed with :class:`TeacherError`); answers arrive in submission order.
+  With ``raw=True`` every future resolves to the ``ForwardResponse`` itself
+  (per-request errors included, see :func:`answer_error`), for callers that
+  decode elsewhere and look at the replica each answer names
+  (``distill_core.stream.pool``). When the call ends, :attr:`error` says why
+  (None: the server ended it) and every unanswered future fails.
   """
 
-  def __init__(self, client: TeacherClient, window: int | None = None):
+  def __init__(self, client: TeacherClient, window: int | None = None, *, raw: bool = False):
     self._client = client
+    self._raw = raw
     self._window = asyncio.Semaphore(window) if window else None
     self._pending: dict[int, asyncio.Future] = {}
     self._outbox: asyncio.Queue[pb.ForwardRequest | None] = asyncio.Queue()
     self._call = None
     self._reader: asyncio.Task | None = None
     self._closed = False
+    self.error: TeacherError | None = None
 
-  async def __aenter__(self) -> "TeacherStream":
+  def open(self) -> "TeacherStream":
+    """Starts the call and its reader (inside the running event loop)."""
     self._call = self._client.stub.Stream(self._requests(), metadata=self._client.metadata)
     self._reader = asyncio.create_task(self._read())
     return self
+
+  async def __aenter__(self) -> "TeacherStream":
+    return self.open()
 
   async def __aexit__(self, exc_type, *exc) -> None:
     if exc_type is None:
@@ -312,9 +335,24 @@ class TeacherStream:
       yield req
 
   @property
+  def call(self):
+    """The underlying ``grpc.aio`` stream call (None before :meth:`open`)."""
+    return self._call
+
+  @property
   def pending(self) -> int:
     """Requests submitted but not yet answered."""
     return len(self._pending)
+
+  @property
+  def is_open(self) -> bool:
+    """Whether requests can still be sent (opened, not half-closed, the call not ended)."""
+    return not self._closed and self._reader is not None and not self._reader.done()
+
+  @property
+  def reader(self) -> asyncio.Task | None:
+    """The task reading the answers; done once the call has ended and every future is settled."""
+    return self._reader
 
   async def submit(self, tokens: np.ndarray, spec: OutputSpec, segment_ids: np.ndarray | None = None,
                    positions: np.ndarray | None = None, *, example_ids: np.ndarray | None = None,
@@ -325,16 +363,29 @@ class TeacherStream:
         positions, example_ids))
 
   async def submit_request(self, req: pb.ForwardRequest) -> asyncio.Future:
-    """Sends a prepared ``ForwardRequest``; returns its future."""
+    """Sends a prepared ``ForwardRequest`` (waiting while the window is full); returns its future."""
+    self._check_open(req)
+    if self._window is not None:
+      await self._window.acquire()
+    return self._enqueue(req)
+
+  def send(self, req: pb.ForwardRequest) -> asyncio.Future:
+    """Sends a prepared ``ForwardRequest`` at once, outside the window; returns its future."""
+    self._check_open(req)
+    if self._window is not None:
+      raise ValueError("send() bypasses the window: use submit_request() on a stream with a window")
+    return self._enqueue(req)
+
+  def _check_open(self, req: pb.ForwardRequest) -> None:
     if self._closed or self._reader is None or self._reader.done():
       raise TeacherError(grpc.StatusCode.FAILED_PRECONDITION, "the stream is not open", request_id=req.request_id)
     if req.request_id in self._pending:
       raise ValueError(f"request id {req.request_id} is already in flight on this stream")
-    if self._window is not None:
-      await self._window.acquire()
+
+  def _enqueue(self, req: pb.ForwardRequest) -> asyncio.Future:
     future = asyncio.get_running_loop().create_future()
     self._pending[req.request_id] = future
-    await self._outbox.put(req)
+    self._outbox.put_nowait(req)
     return future
 
   def _resolve(self, request_id: int, result=None, error: Exception | None = None) -> None:
@@ -350,23 +401,33 @@ class TeacherStream:
     else:
       future.set_result(result)
 
+  def _answer(self, resp: pb.ForwardResponse) -> None:
+    rid = resp.request_id
+    if self._raw:
+      self._resolve(rid, resp)
+      return
+    error = answer_error(resp)
+    if error is not None:
+      self._resolve(rid, error=error)
+      return
+    try:
+      self._resolve(rid, wire.response_to_targets(resp))
+    except wire.WireError as e:
+      self._resolve(rid, error=TeacherError(grpc.StatusCode.DATA_LOSS, str(e), field=e.field, request_id=rid))
+
   async def _read(self) -> None:
     error: grpc.aio.AioRpcError | TeacherError | None = None
     try:
       async for resp in self._call:
-        rid = resp.request_id
-        if resp.HasField("error"):
-          code = _CODES.get(resp.error.code, grpc.StatusCode.UNKNOWN)
-          self._resolve(rid, error=TeacherError(code, resp.error.message, field=resp.error.field, request_id=rid))
-          continue
-        try:
-          self._resolve(rid, wire.response_to_targets(resp))
-        except wire.WireError as e:
-          self._resolve(rid, error=TeacherError(grpc.StatusCode.DATA_LOSS, str(e), field=e.field, request_id=rid))
+        self._answer(resp)
     except grpc.aio.AioRpcError as e:
       error = e
     except asyncio.CancelledError:
       error = TeacherError(grpc.StatusCode.CANCELLED, "the stream was cancelled")
+    if isinstance(error, grpc.aio.AioRpcError):
+      self.error = TeacherError.from_rpc(error)
+    else:
+      self.error = error
     for rid in list(self._pending):
       if isinstance(error, grpc.aio.AioRpcError):
         self._resolve(rid, error=TeacherError.from_rpc(error, rid))
@@ -375,16 +436,20 @@ class TeacherStream:
                          (grpc.StatusCode.UNAVAILABLE, "the stream ended before the answer"))
         self._resolve(rid, error=TeacherError(code, message, request_id=rid))
 
-  async def close(self) -> None:
-    """Half-closes the stream and waits for every outstanding answer."""
+  def half_close(self) -> None:
+    """Ends the request side; the reader keeps reading the outstanding answers."""
     if not self._closed:
       self._closed = True
-      await self._outbox.put(None)
+      self._outbox.put_nowait(None)
+
+  async def close(self) -> None:
+    """Half-closes the stream and waits for every outstanding answer."""
+    self.half_close()
     if self._reader is not None:
       await self._reader
 
   def cancel(self) -> None:
     """Abandons the stream; outstanding futures fail with CANCELLED."""
-    self._closed = True
+    self.half_close()
     if self._call is not None:
       self._call.cancel()

@@ -12,6 +12,8 @@ from typing import Sequence
 import pydantic
 from pydantic import Field
 
+from distill_core.addresses import PLAINTEXT_TOKEN_RULE, is_loopback_target
+from distill_core.client import TeacherClient
 from distill_core.config import ConfigBase
 
 
@@ -37,7 +39,6 @@ class ClientSecurityConfig(ConfigBase):
 
   def check_plaintext_token(self, targets: Sequence[str]) -> None:
     """A token only travels over TLS, except to a loopback address (ValueError otherwise)."""
-    from distill_core.addresses import PLAINTEXT_TOKEN_RULE, is_loopback_target
     if (self.token or self.token_file) and not (self.tls or self.root_certificates):
       remote = [t for t in targets if not is_loopback_target(t)]
       if remote:
@@ -47,9 +48,8 @@ class ClientSecurityConfig(ConfigBase):
     """The bearer token (from token_file when given)."""
     return Path(self.token_file).read_text().strip() if self.token_file else self.token
 
-  def make_client(self, target: str | Sequence[str], options: Sequence[tuple[str, int | str]] = ()):
+  def make_client(self, target: str | Sequence[str], options: Sequence[tuple[str, int | str]] = ()) -> TeacherClient:
     """A `distill_core.client.TeacherClient` for `target` with these options."""
-    from distill_core.client import TeacherClient  # pylint: disable=import-outside-toplevel
     return TeacherClient(target, token=self.read_token(), tls=self.tls, root_certificates=self.root_certificates,
                          client_cert=self.client_cert, client_key=self.client_key,
                          server_name_override=self.server_name_override,

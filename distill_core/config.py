@@ -20,6 +20,8 @@ from typing import Any, Mapping, Sequence, TypeVar
 import pydantic
 import yaml
 
+from distill_core.wire import echo
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 MODEL_PRESET_DIR = CONFIG_DIR / "models"
 
@@ -118,7 +120,6 @@ SECRET_PARTS = ("token", "secret", "password", "key")  # config keys whose value
 
 def _shown_input(loc: tuple, value: Any) -> str:
   """What an error shows of the offending value: short, never a secret, never a whole section."""
-  from distill_core.wire import echo
   if isinstance(value, Mapping):
     return ""  # a section-level error: its location names it, and the section may hold secrets
   if any(part in str(name).lower() for name in loc for part in SECRET_PARTS):

@@ -31,6 +31,8 @@ import math
 
 import numpy as np
 
+from distill_core.bitpack import WireError, pack_uints, unpack_uints
+
 _UINTS = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
@@ -74,8 +76,6 @@ def _widths(deltas: np.ndarray, bits: int) -> np.ndarray:
 
 def encode(values: np.ndarray) -> bytes:
   """The layout above for `values` (check :func:`applicable` first)."""
-  from distill_core.wire import pack_uints  # pylint: disable=import-outside-toplevel
-
   values = np.asarray(values)
   uint, bits = _layout(values.dtype)
   _, mags, _ = _magnitudes(values)
@@ -94,9 +94,7 @@ def encode(values: np.ndarray) -> bytes:
 
 
 def decode(data: bytes, dtype: np.dtype, shape: tuple[int, ...], field: str = "data") -> np.ndarray:
-  """Inverse of :func:`encode`; raises ``wire.WireError`` naming `field` on malformed bytes."""
-  from distill_core.wire import WireError, unpack_uints  # pylint: disable=import-outside-toplevel
-
+  """Inverse of :func:`encode`; raises ``WireError`` naming `field` on malformed bytes."""
   dtype = np.dtype(dtype)
   try:
     uint, bits = _layout(dtype)

@@ -1,7 +1,8 @@
 """`python -m student_trainer.collapse`: an LTI student checkpoint -> a plain student checkpoint.
 
-Each LTI projection's effective kernel is computed once (`LTIProj.kernel`) and
-written as the plain projection's kernel; every other parameter is copied. The
+Each LTI projection's effective kernel is computed once (`LTIProj.kernel`,
+see `plain_model.py`, which `state.py` also uses to export) and written as the
+plain projection's kernel; every other parameter is copied. The
 result has no LTI parameters and no teacher kernels, and its logits equal the
 LTI model's (exactly in float32, since the LTI forward uses the same kernel).
 
@@ -19,40 +20,23 @@ Face directory (with the run's tokenizer.json).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
-import jax.numpy as jnp
-from flax import nnx
-
-from distill_core.checkpoints import abstract_model, save_model_orbax
+from distill_core.checkpoints import save_model_orbax
+from distill_core.config import apply_overrides, build, deep_merge
+from distill_core.logs import add_log_level_argument, setup_logging
 from distill_core.model.transformer import Transformer
+from distill_core.sharding import make_mesh, rules_table
+from student_trainer.checkpoint import Checkpointer
+from student_trainer.config import TrainConfig
+from student_trainer.lti.build import check_restored
+from student_trainer.plain_model import collapse_model
+from student_trainer.state import create_train_state, export_student
 
 log = logging.getLogger(__name__)
-
-
-def has_lti(model: nnx.Module) -> bool:
-  from student_trainer.lti.modules import LTIProj
-  return any(isinstance(node, LTIProj) for _, node in nnx.iter_graph(model))
-
-
-def collapse_model(model: Transformer) -> Transformer:
-  """The same function with plain projections (returns `model` itself when it has no LTI projection)."""
-  from student_trainer.lti.modules import LTIProj, locate
-  if not has_lti(model):
-    return model
-  cfg = model.cfg
-  graphdef, state = nnx.split(abstract_model(cfg))
-  dtype = jnp.dtype(cfg.param_dtype)
-  for path, var in nnx.to_flat_state(state):
-    holder, attr = locate(model, ".".join(map(str, path)))
-    if isinstance(holder, LTIProj):
-      value = holder.kernel(layered=cfg.scan_layers) if attr == "kernel" else getattr(holder, attr)[...]
-    else:
-      value = getattr(holder, attr)[...]
-    var.set_value(jnp.asarray(value).astype(dtype if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype))
-  return nnx.merge(graphdef, state)
 
 
 def save_collapsed(state, path: str | Path) -> Path:
@@ -66,15 +50,6 @@ def collapse_run(run_dir: str | Path, *, step: int | None = None, checkpoint_dir
                  orbax_out: str | Path | None = None, hf_out: str | Path | None = None,
                  overrides: list[str] = ()) -> Transformer:
   """Restores an LTI run's checkpoint (teacher kernels refetched and checked) and writes the collapsed student."""
-  import json
-
-  from distill_core.config import build, deep_merge, apply_overrides
-  from distill_core.sharding import make_mesh, rules_table
-  from student_trainer.checkpoint import Checkpointer
-  from student_trainer.config import TrainConfig
-  from student_trainer.lti.build import check_restored
-  from student_trainer.state import create_train_state, export_student
-
   run_dir = Path(run_dir)
   config_file = run_dir / "config.json"
   if not config_file.is_file():
@@ -125,12 +100,10 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--orbax-out", default=None, help="Orbax model directory to write (default: RUN_DIR/collapsed).")
   parser.add_argument("--hf-out", default=None, help="Hugging Face directory to write (default: RUN_DIR/hf).")
   parser.add_argument("--no-hf", action="store_true", help="Write only the Orbax directory.")
-  from distill_core.logs import add_log_level_argument
   add_log_level_argument(parser)
   parser.add_argument("overrides", nargs="*", metavar="key=value",
                       help="Overrides of the run's config, e.g. teacher.remote.token_file=... for the server.")
   args = parser.parse_args(argv)
-  from distill_core.logs import setup_logging
   setup_logging(level=args.log_level)
   run_dir = Path(args.run_dir)
   orbax_out = args.orbax_out or run_dir / "collapsed"

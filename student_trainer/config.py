@@ -7,14 +7,15 @@ from typing import Annotated, Literal
 import pydantic
 from pydantic import Field
 
-from distill_core.client_config import ClientSecurityConfig
 from distill_core.config import ConfigBase
 from distill_core.data import DataConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
+from distill_core.stream.config import StreamClientConfig
 from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig, PathRule
+from student_trainer.policy import policy_names
 
 # What `python -m student_trainer` with no arguments trains on (prepared on first use).
 DEFAULT_DATA_PATH = "data/stdlib_tiny"
@@ -50,13 +51,10 @@ class LocalTeacherConfig(ConfigBase):
   seed: int = Field(0, description="Seed of a randomly initialised teacher (tests only).")
 
 
-class RemoteTeacherConfig(ClientSecurityConfig):
-  """A teacher server (one or several replicas) answering over gRPC streams (TLS/token options inherited)."""
+class RemoteTeacherConfig(StreamClientConfig):
+  """A teacher server (one or several replicas) answering over gRPC streams (addresses, reconnects,
+  failover and TLS/token options inherited from distill_core.stream.config)."""
 
-  address: str | list[str] = Field(
-      "127.0.0.1:50051", description="Teacher server as host:port, a list of host:port replicas (one "
-      "channel each, balanced by requests in flight), or a gRPC name such as dns:///teacher:50051 "
-      "(resolved and balanced round-robin by gRPC; use streams_per_address > 1 to spread over its replicas).")
   window: int = Field(8, ge=1, description="Prefetch window: batches sent to the teacher ahead of the one "
                       "being trained on.")
   timeout_s: float = Field(120.0, gt=0, description="After this long without teacher progress on an unanswered "
@@ -65,65 +63,19 @@ class RemoteTeacherConfig(ClientSecurityConfig):
                           "'ce_only' (overdue batches train on cross-entropy alone, counted and logged) or "
                           "'cached_shards' (overdue batches found in teacher.cached.path are served from it, "
                           "the rest get teacher.cached.secondary).")
-  request_timeout_s: float | None = Field(
-      60.0, gt=0, description="A request unanswered this long marks its replica hung: the stream is "
-      "dropped and its requests are re-sent elsewhere (null: never).")
-  connect_timeout_s: float = Field(10.0, gt=0, description="Deadline of each health/info call when connecting.")
-  backoff_initial_s: float = Field(0.2, gt=0, description="First reconnect delay; doubles per failed attempt.")
-  backoff_max_s: float = Field(10.0, gt=0, description="Largest reconnect delay (each delay is drawn from "
-                               "50-100% of its cap).")
-  streams_per_address: int = Field(1, ge=1, description="Streams opened per address (for a DNS name, "
-                                   "about its replica count, so gRPC spreads them).")
   rows_per_request: int | None = Field(
       None, ge=1, description="Rows of a batch per request (null: as many as the server's limits allow); "
       "smaller requests spread one batch over several replicas.")
   state_dtype: Literal["float32", "bfloat16"] = Field(
       "bfloat16", description="dtype of streamed layer states (float32 doubles their bytes).")
   pack_ids: bool = Field(True, description="Ask for bit-packed top-k ids (lossless, fewer bytes).")
-  max_request_errors: int = Field(3, ge=1, description="Per-request server failures (e.g. engine errors) "
-                                  "tolerated for one batch before training stops with the error.")
-  on_weights_change: Literal["stop", "drain"] = Field(
-      "stop", description="A replica serves other weights than the run's (a rolling update): 'stop' ends "
-      "training with the error; 'drain' moves to the new weights at a batch boundary (replicas with the old "
-      "weights get no more requests; every batch's answers come from one set of weights, never mixed).")
-  stream_max_age_s: float | None = Field(
-      600.0, gt=0, description="Reconnect a stream after this long (after its answers are in), so streams "
-      "spread over replicas added since (pair with the server's max_connection_age_s for dns:/// names, "
-      "which makes gRPC re-resolve); null: never.")
-  allow_teacher_change: bool = Field(False, description="Resume from a checkpoint whose teacher stream came "
-                                     "from different teacher weights (refused by default).")
-  @pydantic.field_validator("address")
-  @classmethod
-  def _check_address(cls, value: str | list[str]) -> str | list[str]:
-    entries = [value] if isinstance(value, str) else list(value)
-    if not entries:
-      raise ValueError("give at least one address")
-    for entry in entries:
-      host, _, port = entry.rpartition(":")
-      if not (host and port.isdigit()) and entry.split(":", 1)[0] not in ("dns", "unix", "ipv4", "ipv6"):
-        raise ValueError(f"{entry!r} is not host:port or a gRPC target such as dns:///name:port")
-    if len(set(entries)) != len(entries):
-      raise ValueError(f"duplicate addresses in {entries}")
-    return value
 
   @pydantic.field_validator("on_timeout")
   @classmethod
   def _check_policy(cls, value: str) -> str:
-    from student_trainer.sources.policy import policy_names
     if value not in policy_names():
       raise ValueError(f"unknown policy {value!r} (known: {', '.join(policy_names())})")
     return value
-
-  @pydantic.model_validator(mode="after")
-  def _check(self) -> "RemoteTeacherConfig":
-    self.check_plaintext_token(self.addresses)
-    if self.backoff_max_s < self.backoff_initial_s:
-      raise ValueError(f"backoff_max_s ({self.backoff_max_s}) < backoff_initial_s ({self.backoff_initial_s})")
-    return self
-
-  @property
-  def addresses(self) -> list[str]:
-    return [self.address] if isinstance(self.address, str) else list(self.address)
 
 
 class OfflineTeacherConfig(ConfigBase):

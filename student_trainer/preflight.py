@@ -33,7 +33,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from distill_core.shards import ShardError
   from distill_core.shards_io import MissingAnswers
   from student_trainer.checkpoint import ConfigChanged
-  from student_trainer.sources.remote_stream import RemoteTeacherError
+  from distill_core.stream.pool import RemoteTeacherError
   return (RunError, ConfigChanged, RemoteTeacherError, RecordError, ShardError, MissingAnswers,
           MemoryBudgetError)
 

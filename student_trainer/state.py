@@ -9,14 +9,19 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from distill_core.checkpoints import load_model
+from distill_core.model.hf import save_hf_checkpoint
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import state_shardings
 from student_trainer.config import TrainConfig
+from student_trainer.distributed import barrier
+from student_trainer.lti.build import build_lti_model
 from student_trainer.lti.modules import TeacherKernel
 from student_trainer.optim import build_optimizer
+from student_trainer.plain_model import collapse_model
 
 
 @dataclasses.dataclass
@@ -66,7 +71,6 @@ def create_train_state(cfg: TrainConfig, mesh: Mesh, rules) -> TrainState:
   """Initialises model and optimizer directly into their shardings (no host copy)."""
   tx = build_optimizer(cfg.optim, cfg.steps)
   if cfg.from_teacher:
-    from student_trainer.lti.build import build_lti_model
     model, wrt, record = build_lti_model(cfg)
     graphdef, params = nnx.split((model, nnx.Optimizer(model, tx, wrt=wrt)))
     shardings = state_shardings(params, mesh, rules)
@@ -114,15 +118,11 @@ def export_student(state: TrainState, path: str | Path, tokenizer_file: str | Pa
   gathering each parameter (one at a time, so a host holds at most one whole
   tensor beyond its shards) and process 0 writes the files.
   """
-  from distill_core.model.hf import save_hf_checkpoint
-  from student_trainer.collapse import collapse_model
   path = Path(path)
   model = collapse_model(state.model())
   if jax.process_count() == 1:
     save_hf_checkpoint(model, path, overwrite=True)
   else:
-    from jax.experimental import multihost_utils
-    from student_trainer.distributed import barrier
     save_hf_checkpoint(model, path, overwrite=True, write=jax.process_index() == 0,
                        fetch=lambda x: multihost_utils.process_allgather(x, tiled=True))
     barrier("distill-export")  # the export is complete when any process returns

@@ -3,7 +3,12 @@
     python -m teacher_server.dump data=data/stdlib output=runs/answers model-or-remote-options...
 
 The teacher is either loaded in this process (the server's own engine and
-batcher, so the answers are the server's) or asked over gRPC (``--remote``).
+batcher, so the answers are the server's) or asked over gRPC (``--remote``)
+through the trainer's stream client (``distill_core.stream``): requests are
+spread over every replica, a replica that dies, hangs or drains hands its
+requests to the others, lanes reconnect with backoff, and every answer is
+checked (ids in the vocabulary, the requested temperatures, one set of
+teacher weights for the whole dump).
 Writer i of N (``--process-index/--process-count``, default: the JAX process)
 answers the i-th contiguous block of the example ids, in shards of
 ``records_per_shard``. Three stages overlap: the teacher (event loop, ``window``
@@ -29,13 +34,22 @@ from pathlib import Path
 from typing import Awaitable
 
 import numpy as np
+import uvloop
+from etils import epath
+from rich import progress as rich_progress
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from distill_core import shards, wire
+from distill_core.client import TeacherError
 from distill_core.config import ConfigError, describe, load_config
-from distill_core.data import DataConfig, open_split
-from distill_core.proto import teacher_pb2 as pb
+from distill_core.data import Batch, DataConfig, open_split
+from distill_core.logs import setup_logging
 from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
 from distill_core.shards_io import ShardWriter, file_sha256
+from distill_core.stream.checks import RequestShape, Requirements
+from distill_core.stream.pool import Item, RemoteTeacherError
+from distill_core.stream.runner import StreamRunner
 from distill_core.targets import TeacherTargets, slice_batch
 from teacher_server.dump_config import DumpConfig
 
@@ -70,6 +84,8 @@ class DumpSummary:
   wall_s: float
   teacher_busy_fraction: float | None  # in process: engine time / wall time
   manifest: shards.Manifest | None
+  failovers: int | None = None  # remote: streams lost (replica died, hung or drained) whose requests went elsewhere
+  retries: int | None = None  # remote: requests sent again after a failure
 
   @property
   def bytes_per_position(self) -> float:
@@ -84,7 +100,8 @@ class DumpSummary:
     return (f"dump {self.writer}: {self.records} examples in {self.written_shards} new shards "
             f"({self.kept_shards} kept), {self.positions / max(self.wall_s, 1e-9):.0f} tokens/s, "
             f"{self.bytes_per_position:.1f} bytes/token, {self.bytes_per_entry:.3f} bytes per top-k entry, "
-            f"teacher busy {busy}, {self.wall_s:.1f} s")
+            f"teacher busy {busy}, {self.wall_s:.1f} s"
+            + ("" if self.failovers is None else f", {self.failovers} failovers, {self.retries} retries"))
 
 
 def writer_name(index: int, count: int) -> str:
@@ -97,7 +114,6 @@ _WRITER = re.compile(r"^p(\d{5})-of-(\d{5})$")
 def check_layout(root, count: int) -> None:
   """Refuses to add writers of `count` to an output that holds writers of another count: the two
   layouts cut the examples differently, so their shards would overlap and the manifest count twice."""
-  from etils import epath
   root = epath.Path(root)
   if not root.exists():
     return
@@ -188,10 +204,11 @@ class _InProcess:
   """The server's engine and batcher in this process."""
 
   def __init__(self, cfg: DumpConfig, seq_len: int):
-    from teacher_server.batcher import Batcher
-    from teacher_server.engine import JaxEngine
-    from teacher_server.metrics import Metrics
-    from teacher_server.servicer import info_message
+    # The engine pulls in JAX and the model: loaded only when the teacher runs in this process.
+    from teacher_server.batcher import Batcher  # pylint: disable=import-outside-toplevel
+    from teacher_server.engine import JaxEngine  # pylint: disable=import-outside-toplevel
+    from teacher_server.metrics import Metrics  # pylint: disable=import-outside-toplevel
+    from teacher_server.servicer import info_message  # pylint: disable=import-outside-toplevel
     server = cfg.teacher
     if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
       server = server.model_copy(update={"batcher": server.batcher.model_copy(
@@ -208,6 +225,8 @@ class _InProcess:
                            max_inflight_batches=b.max_inflight_batches, metrics=self.metrics)
     self.limits = server.limits
     self.info = info_message(self.engine.info, server)
+    self.spec = cfg.output_spec()
+    self._request_ids = 0
 
   async def __aenter__(self):
     await self.batcher.start()
@@ -216,37 +235,87 @@ class _InProcess:
   async def __aexit__(self, *exc):
     await self.batcher.close()
 
-  async def submit(self, req: pb.ForwardRequest) -> Awaitable[TeacherTargets]:
-    from teacher_server.validation import prepare
-    return await self.batcher.submit(prepare(req, self.engine.info, self.limits))
+  async def submit(self, request: "Request") -> Awaitable[TeacherTargets]:
+    from teacher_server.validation import prepare  # pylint: disable=import-outside-toplevel - with the engine
+    self._request_ids += 1
+    msg = wire.make_request(self._request_ids, request.tokens, self.spec, request.segment_ids, request.positions,
+                            request.ids)
+    return await self.batcher.submit(prepare(msg, self.engine.info, self.limits))
 
   def busy_seconds(self) -> float:
     return float(self.metrics.registry.get_sample_value("teacher_engine_seconds_sum") or 0.0)
 
+  def counters(self) -> dict[str, int]:
+    return {}
+
+
+_POLL_S = 0.25  # how often a wait for an answer re-checks for fatal errors and the timeout
+
 
 class _Remote:
-  """A teacher server over one gRPC stream."""
+  """Teacher server replicas through the stream client (``distill_core.stream``), as the trainer asks them."""
 
-  def __init__(self, cfg: DumpConfig):
-    self.client = cfg.remote.make_client(cfg.remote.address)
-    self.timeout = cfg.remote.connect_timeout_s
+  def __init__(self, cfg: DumpConfig, examples: "_Examples"):
+    manifest = examples.manifest
+    layers = tuple(cfg.layers)
+    self.need = Requirements(
+        k=cfg.k, value_dtype=cfg.value_dtype, vocab_size=None, data_vocab_size=manifest.vocab_size,
+        seq_len=manifest.seq_len, batch_rows=cfg.rows_per_request,
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=None,
+        feature_layers=lambda depth: layers, state_names=tuple(cfg.states) or ("attn_out",), samples=cfg.samples)
+    self.cfg = cfg
+    self.remote = cfg.remote
+    self.runner: StreamRunner | None = None
     self.info = None
 
   async def __aenter__(self):
-    await self.client.wait_until_serving(self.timeout)
-    self.info = await self.client.info(timeout=self.timeout)
-    self.stream = await self.client.stream().__aenter__()
+    self.runner = StreamRunner(self.remote, self.need, place=lambda targets: targets,
+                               shape=RequestShape.of(self.cfg), options="remote.")
+    try:
+      contact = await asyncio.to_thread(self.runner.core.first_contact.wait, self.remote.timeout_s)
+      self.runner.raise_if_fatal()
+      if not contact:
+        raise RemoteTeacherError(f"no teacher reachable at {self.remote.address} after {self.remote.timeout_s:g} s "
+                                 f"({self.runner.describe()}{self.runner.diagnosis()})")
+    except BaseException:
+      self.runner.close()
+      raise
+    self.info = self.runner.core.info
+    log.info("teacher: %d replica address(es), weights %s...", len(self.remote.addresses),
+             self.info.weights_fingerprint[:16])
     return self
 
   async def __aexit__(self, *exc):
-    await self.stream.close()
-    await self.client.close()
+    await asyncio.to_thread(self.runner.close)
 
-  async def submit(self, req: pb.ForwardRequest) -> Awaitable[TeacherTargets]:
-    return await self.stream.submit_request(req)
+  async def submit(self, request: "Request") -> Awaitable[TeacherTargets]:
+    batch = Batch.from_examples({"example_ids": request.ids, "tokens": request.tokens,
+                                 "segment_ids": request.segment_ids, "positions": request.positions})
+    return self._answer(self.runner.enqueue(batch, tuple(self.cfg.temperatures)))
+
+  async def _answer(self, item: Item) -> TeacherTargets:
+    """The item's targets; stops after remote.timeout_s without any answer (every replica down or silent)."""
+    timeout = self.remote.timeout_s
+    while not await asyncio.to_thread(item.done.wait, _POLL_S):
+      self.runner.raise_if_fatal()
+      stalled = time.monotonic() - max(self.runner.core.last_progress, item.created)
+      if stalled > timeout:
+        raise RemoteTeacherError(f"no answer from the teacher for {stalled:.0f} s (remote.timeout_s={timeout:g}); "
+                                 f"replicas: {self.runner.describe()}{self.runner.diagnosis()}")
+    if item.error is not None:
+      raise RemoteTeacherError(str(item.error)) from item.error
+    if item.weights != self.info.weights_fingerprint:  # on_weights_change=stop makes this unreachable
+      raise RemoteTeacherError(f"answers from teacher weights {item.weights[:16]}..., the dump started with "
+                               f"{self.info.weights_fingerprint[:16]}...")
+    return item.targets
 
   def busy_seconds(self) -> None:
     return None
+
+  def counters(self) -> dict[str, int]:
+    """Failovers and retries of the stream client so far."""
+    totals = self.runner.stats.totals
+    return {"failovers": totals["failovers"], "retries": totals["retries"]}
 
 
 def stored_spec(cfg: DumpConfig, info) -> StoredSpec:
@@ -260,9 +329,6 @@ class _Progress:
   """A rich bar (examples, tokens/s, ETA) on a terminal; a log line every 10 s otherwise."""
 
   def __init__(self, total: int, done: int, enabled: bool, writer: str):
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
     self._total, self._done, self._writer = total, done, writer
     self._resumed_at = done  # examples a resumed dump already had: not part of this run's rate
     self._start, self._last_log, self._tokens = time.monotonic(), time.monotonic(), 0
@@ -270,7 +336,7 @@ class _Progress:
     self._bar = None
     self._enabled = enabled
     if enabled and console.is_terminal:
-      self._bar = Progress(TextColumn(f"[bold]dump {writer}"), BarColumn(), MofNCompleteColumn(),
+      self._bar = rich_progress.Progress(TextColumn(f"[bold]dump {writer}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[rate]} tokens/s"), TimeElapsedColumn(), TextColumn("ETA"),
                            TimeRemainingColumn(), console=console)
       self._task = self._bar.add_task("dump", total=total, completed=done, rate="-")
@@ -337,10 +403,9 @@ def _write_loop(inbox: queue.Queue, writer: ShardWriter, bar: _Progress, seq_len
 
 
 async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
-  from etils import epath
   examples = _Examples(cfg)
   seq_len = examples.dataset.seq_len
-  teacher = _Remote(cfg) if cfg.remote.address else _InProcess(cfg, seq_len)
+  teacher = _Remote(cfg, examples) if cfg.remote.address else _InProcess(cfg, seq_len)
   async with teacher:
     info = teacher.info
     name = writer_name(index, count)
@@ -392,19 +457,18 @@ async def _run(cfg: DumpConfig, index: int, count: int) -> DumpSummary:
       raise errors[0]
     wall = time.monotonic() - start
     busy = teacher.busy_seconds()
+    counters = teacher.counters()
     manifest = shards.write_manifest(root)
   return DumpSummary(writer=name, records=totals["records"], kept_shards=len(kept), written_shards=totals["shards"],
                      positions=totals["records"] * seq_len, tokens=totals["tokens"], bytes=totals["bytes"], k=cfg.k,
                      wall_s=wall, teacher_busy_fraction=None if busy is None else (busy - busy0) / max(wall, 1e-9),
-                     manifest=manifest)
+                     manifest=manifest, **counters)
 
 
 async def _produce(cfg: DumpConfig, examples: _Examples, todo: list[np.ndarray], first_shard: int, teacher,
                    to_encode: queue.Queue, errors: list) -> None:
   """Sends every request (``window`` in flight) and hands the answers, in order, to the encoder."""
-  spec = cfg.output_spec()
   inflight: list[tuple[Request, Awaitable]] = []
-  request_id = 0
 
   async def settle(request: Request, future) -> None:
     targets = await future
@@ -420,10 +484,7 @@ async def _produce(cfg: DumpConfig, examples: _Examples, todo: list[np.ndarray],
                         segment_ids=np.stack([r["segment_ids"] for r in rows]),
                         positions=np.stack([r["positions"] for r in rows]),
                         last_of_shard=lo + cfg.rows_per_request >= len(positions))
-      request_id += 1
-      msg = wire.make_request(request_id, request.tokens, spec, request.segment_ids, request.positions,
-                              request.ids)
-      inflight.append((request, await teacher.submit(msg)))
+      inflight.append((request, await teacher.submit(request)))
       if len(inflight) >= cfg.window:
         await settle(*inflight.pop(0))
   for request, future in inflight:
@@ -434,15 +495,14 @@ def dump(cfg: DumpConfig) -> DumpSummary:
   """Runs one writer of the dump described by `cfg` (see the module docstring)."""
   index, count = cfg.process_index, cfg.process_count
   if index is None or count is None:
-    import jax
-    from distill_core.sharding import maybe_initialize_distributed
+    import jax  # pylint: disable=import-outside-toplevel - only when the writer index comes from JAX
+    from distill_core.sharding import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
     maybe_initialize_distributed()
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count
   if index >= count:
     raise ValueError(f"process_index {index} must be < process_count {count}")
   check_layout(cfg.output, count)  # before the teacher is loaded
-  import uvloop
   with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
     return runner.run(_run(cfg, index, count))
 
@@ -453,6 +513,7 @@ _EPILOG = """\
 Examples:
   python -m teacher_server.dump teacher.model.source=hf teacher.model.path=runs/demo/teacher/hf
   python -m teacher_server.dump --remote 127.0.0.1:50051 k=128 zstd_level=3
+  python -m teacher_server.dump 'remote.address=[10.0.0.5:50051,10.0.0.6:50051]'   # replicas, with failover
   python -m teacher_server.dump --process-index 1 --process-count 4 ...   # writer 1 of 4
 
 Options (key=value, nested keys with dots):
@@ -467,7 +528,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
       epilog=_EPILOG + "\n".join("  " + line for line in describe(DumpConfig)))
   parser.add_argument("-h", "--help", action="help", help="show this help (every option) and exit")
   parser.add_argument("--config", help="YAML config file (may name a `base:` file)")
-  parser.add_argument("--remote", metavar="ADDRESS", help="ask the teacher server at ADDRESS (= remote.address)")
+  parser.add_argument("--remote", metavar="ADDRESS", help="ask the teacher server at ADDRESS (= remote.address; for several replicas, "
+                      "which the dump fails over between, remote.address=[A,B])")
   parser.add_argument("--process-index", type=int, help="this writer's index (= process_index)")
   parser.add_argument("--process-count", type=int, help="number of writers (= process_count)")
   parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
@@ -488,12 +550,10 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"dump: {e}", file=sys.stderr)
     return 2
-  from distill_core.logs import setup_logging
   setup_logging(cfg.teacher.log_format, cfg.teacher.log_level)
-  from distill_core.client import TeacherError
   try:
     summary = dump(cfg)
-  except (ShardError, ValueError, OSError, TeacherError) as e:
+  except (ShardError, ValueError, OSError, TeacherError, RemoteTeacherError) as e:
     print(f"dump: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
   except KeyboardInterrupt:

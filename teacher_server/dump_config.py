@@ -8,24 +8,28 @@ import pydantic
 from pydantic import Field
 
 from distill_core import wire
-from distill_core.client_config import ClientSecurityConfig
 from distill_core.config import ConfigBase
+from distill_core.stream.config import StreamClientConfig
 from distill_core.targets import STATE_NAMES, SampleRequest
 from teacher_server.config import ServerConfig
 
 
-class RemoteConfig(ClientSecurityConfig):
-  """A running teacher server to ask instead of loading the teacher in this process (TLS/token options
-  as for the trainer's teacher.remote)."""
+class RemoteConfig(StreamClientConfig):
+  """Running teacher server replicas to ask instead of loading the teacher in this process, through the
+  trainer's stream client: the same addresses, failover, reconnect and TLS/token options as teacher.remote."""
 
-  address: str | None = Field(None, description="host:port or a gRPC target (dns:///name:port) of the "
-                              "teacher server; null = run the teacher in this process (see `teacher`).")
-  connect_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the server to be SERVING.")
+  address: str | list[str] | None = Field(
+      None, description="host:port, a list of host:port replicas, or a gRPC name (dns:///name:port) of the "
+      "teacher server; requests are spread over the replicas and fail over between them; null = run the "
+      "teacher in this process (see `teacher`).")
+  timeout_s: float = Field(120.0, gt=0, description="How long the dump waits without any answer (no replica "
+                           "reachable yet, or every one down or silent) before it stops with the error.")
 
   @pydantic.model_validator(mode="after")
-  def _check_token(self) -> "RemoteConfig":
-    if self.address:
-      self.check_plaintext_token([self.address])
+  def _check_dump(self) -> "RemoteConfig":
+    if self.on_weights_change != "stop":
+      raise ValueError(f"on_weights_change: {self.on_weights_change!r}; a dump stores one teacher's answers, "
+                       "so a replica with other weights stops it ('stop')")
     return self
 
 

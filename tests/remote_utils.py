@@ -15,7 +15,7 @@ from server_utils import REPO, fake_config
 
 from distill_core import netutil
 from distill_core.data import Batch
-from student_trainer.sources.remote_checks import Requirements
+from distill_core.stream.checks import Requirements
 from teacher_server.engine_api import Engine
 from teacher_server.fake_engine import FakeEngine
 from teacher_server.server import TeacherServer

@@ -251,7 +251,7 @@ def test_phase_schedule():
 def test_remote_plan_asks_for_both_states_and_narrows_per_batch():
   from remote_utils import fake_requirements
   from test_remote_source import info_response, plan
-  from student_trainer.sources.remote_checks import TeacherMismatch
+  from distill_core.stream.checks import TeacherMismatch
   need = fake_requirements(feature_layers=lambda depth: (1,), state_names=("attn_in", "attn_out"),
                            tokenizer_fingerprint="tok")
   planned = plan(info_response(), need)

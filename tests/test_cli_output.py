@@ -299,7 +299,7 @@ def _wait_for_teacher(address: str, caplog, monkeypatch, **changes) -> list[str]
   from remote_utils import fake_requirements
   from student_trainer.config import RemoteTeacherConfig
   from student_trainer.sources import remote
-  from student_trainer.sources.policy import CEOnlyPolicy
+  from student_trainer.policy import CEOnlyPolicy
   monkeypatch.setattr(remote, "WAITING_LOG_S", 0.2)
   caplog.set_level(logging.INFO, logger="student_trainer.sources.remote")
   cfg = build(RemoteTeacherConfig, dict(address=address, window=1, timeout_s=4.0, backoff_initial_s=0.05,
@@ -349,7 +349,7 @@ def test_plaintext_client_against_a_tls_server_names_the_mismatch(caplog, monkey
 def test_diagnosis_of_a_tls_client_against_a_plaintext_port():
   import socket
 
-  from student_trainer.sources.remote_checks import diagnose_connection
+  from distill_core.stream.checks import diagnose_connection
   with socket.socket() as plain:  # a plaintext listener that never speaks TLS
     plain.bind(("127.0.0.1", 0))
     plain.listen()

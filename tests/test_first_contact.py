@@ -125,7 +125,7 @@ def test_setup_logging_wins_over_an_earlier_basic_config():
 def test_bucket_fill_names_the_bucket_that_would_fit():
   from distill_core.proto import teacher_pb2 as pb
   from remote_utils import fake_requirements
-  from student_trainer.sources.remote_checks import RequestPlan, bucket_fill
+  from distill_core.stream.checks import RequestPlan, bucket_fill
   plan = RequestPlan(k=4, value_dtype="float16", layers=(), states=(), state_dtype="float32", pack_ids=True,
                      rows_per_request=8)
   need = fake_requirements(seq_len=256, batch_rows=8)
@@ -145,7 +145,7 @@ def test_remote_source_warns_once_about_a_half_empty_bucket(caplog):
   from distill_core.config import build
   from distill_core.sharding import MeshConfig, make_mesh
   from student_trainer.config import RemoteTeacherConfig
-  from student_trainer.sources.policy import WaitPolicy
+  from student_trainer.policy import WaitPolicy
   from student_trainer.sources.remote import RemoteTeacher
   from teacher_server.fake_engine import FakeEngine, fake_info
   caplog.set_level(logging.WARNING)

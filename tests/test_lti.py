@@ -10,7 +10,7 @@ from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.hf import save_hf_checkpoint
 from distill_core.model.transformer import Transformer, create_model
-from student_trainer.collapse import collapse_model
+from student_trainer.plain_model import collapse_model
 from student_trainer.lti import kernels
 from student_trainer.lti.config import LTIConfig, PathRule
 from student_trainer.lti.modules import LTIProj, TeacherKernel

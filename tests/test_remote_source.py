@@ -24,10 +24,10 @@ from distill_core.config import ConfigError, build, load_config
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import RemoteTeacherConfig, TrainConfig
-from student_trainer.sources.policy import CEOnlyPolicy, WaitPolicy
+from student_trainer.policy import CEOnlyPolicy, WaitPolicy
 from student_trainer.sources.remote import RemoteTeacher
-from student_trainer.sources.remote_checks import TeacherMismatch, plan_requests
-from student_trainer.sources.remote_stream import RemoteTeacherError
+from distill_core.stream.checks import TeacherMismatch, plan_requests
+from distill_core.stream.pool import RemoteTeacherError
 from teacher_server.fake_engine import FakeEngine, fake_info
 
 K = 4
@@ -518,8 +518,8 @@ def test_training_without_teacher_falls_back_to_ce(tiny_dataset, tmp_path):
 
 @pytest.mark.parametrize("policy", ["stop", "drain"])
 def test_later_replicas_are_checked_and_weight_changes_follow_the_policy(policy):
-  from student_trainer.sources.remote_metrics import StreamStats
-  from student_trainer.sources.remote_stream import Lane, StreamCore
+  from distill_core.stream.stats import StreamStats
+  from distill_core.stream.pool import Lane, StreamCore
   cfg = RemoteTeacherConfig(on_weights_change=policy)
   core = StreamCore(cfg, fake_requirements(seq_len=16, tokenizer_fingerprint="tok"), lambda t: t, StreamStats())
   lanes = [Lane(core, None, f"lane{i}") for i in range(4)]

@@ -27,7 +27,7 @@ from distill_core.proto import teacher_pb2_grpc
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import TrainConfig
 from student_trainer.sources.remote import RemoteTeacher
-from student_trainer.sources.remote_stream import RemoteTeacherError
+from distill_core.stream.pool import RemoteTeacherError
 
 OLD_SEED, NEW_SEED = 3, 4
 

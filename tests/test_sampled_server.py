@@ -201,7 +201,7 @@ def test_engine_draws_match_the_local_computation_whatever_the_row(chunk_size):
 async def test_student_plan_checks_the_server_sampling_limit():
   from remote_utils import fake_requirements
 
-  from student_trainer.sources.remote_checks import TeacherMismatch, plan_requests
+  from distill_core.stream.checks import TeacherMismatch, plan_requests
   need = fake_requirements(samples=SampleRequest(12, 1.0, 3, exclude=4))
   async with fake_server(engine=FakeEngine(fake_info(max_samples=0))) as (_, address), TeacherClient(address) as c:
     with pytest.raises(TeacherMismatch, match=r"num_samples: .* 12 draws .* no sampled targets .*max_samples >= 12"):

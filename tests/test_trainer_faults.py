@@ -17,7 +17,7 @@ from server_utils import free_port
 from distill_core.config import build
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import RemoteTeacherConfig
-from student_trainer.sources.policy import CEOnlyPolicy
+from student_trainer.policy import CEOnlyPolicy
 from student_trainer.sources.remote import RemoteTeacher
 
 
@@ -110,7 +110,7 @@ def faults_cfg(dataset, run_dir, address, *overrides):
 def test_out_of_range_ids_from_a_teacher_process_stop_the_run(tiny_dataset, tmp_path):
   """The teacher process answers with an id outside the vocabulary (which would make the loss NaN):
   every attempt is refused as malformed, and the run stops naming the field; nothing trained on it."""
-  from student_trainer.sources.remote_stream import RemoteTeacherError
+  from distill_core.stream.pool import RemoteTeacherError
   from student_trainer.train import run
   server = fake_teacher(tmp_path, "--corrupt", "ids")
   try:

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from distill_core import wire
+from distill_core import bitpack, wire
 from distill_core.proto import codegen
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.targets import TeacherTargets
@@ -176,7 +176,7 @@ def test_request_builder_and_spec():
 
 @pytest.mark.parametrize("bits", [1, 5, 17, 31])
 def test_packing_across_chunk_boundaries_matches_a_bit_loop(monkeypatch, bits):
-  monkeypatch.setattr(wire, "_PACK_CHUNK", 16)  # many chunks on a small input
+  monkeypatch.setattr(bitpack, "_PACK_CHUNK", 16)  # many chunks on a small input
   rng = np.random.default_rng(bits)
   for n in (0, 1, 15, 16, 17, 50):
     values = rng.integers(0, (1 << bits) - 1, n, endpoint=True).astype(np.int32)

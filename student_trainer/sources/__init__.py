@@ -1,27 +1,20 @@
-"""Teacher sources: one batch in, `TeacherTargets` out (or None for CE-only)."""
+"""Teacher sources: one batch in, `TeacherTargets` out (or None for CE-only).
+
+`make_source` imports only the source the config names (each pulls in its own dependencies).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
+from student_trainer.sources.common import feature_teacher_layers, teacher_state_names
 
 if TYPE_CHECKING:
   from jax.sharding import Mesh
   from student_trainer.config import TrainConfig
   from student_trainer.sources.base import TeacherSource
 
-
-def feature_teacher_layers(cfg: "TrainConfig", teacher_layers: int) -> tuple[int, ...]:
-  """Teacher layers whose states the losses read (the mapped layers; empty when no loss reads states)."""
-  if not teacher_state_names(cfg):
-    return ()
-  _, layers = cfg.loss.layer_pairs(cfg.model.num_hidden_layers, teacher_layers)
-  return tuple(sorted(set(layers)))
-
-
-def teacher_state_names(cfg: "TrainConfig") -> tuple[str, ...]:
-  """State names the losses read at those layers: attn_in and attn_out for blockwise, attn_out for beta > 0."""
-  from student_trainer.blockwise import state_names_needed
-  return state_names_needed(cfg.loss)
+__all__ = ["feature_teacher_layers", "make_source", "teacher_state_names"]
 
 
 def make_source(cfg: "TrainConfig", mesh: "Mesh", rules, *, interrupt=None) -> "TeacherSource":

@@ -43,8 +43,10 @@ from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, T
 from distill_core.shards_io import AnswerStore, ShardWriter
 from distill_core.targets import TeacherTargets, concat, slice_batch
 from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.common import feature_teacher_layers, teacher_state_names
 from student_trainer.sources.offline import check_answers, place_on
-from student_trainer.sources.policy import CEOnlyPolicy, Decision, FallbackPolicy, Overdue, PolicyContext, WaitPolicy
+from student_trainer.sources.remote import RemoteTeacher
+from student_trainer.policy import CEOnlyPolicy, Decision, FallbackPolicy, Overdue, PolicyContext, WaitPolicy
 
 log = logging.getLogger(__name__)
 _DONE = object()
@@ -52,7 +54,6 @@ _DONE = object()
 
 def _needs(cfg, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
   """(k, teacher layers, state names) the student's steps ask for (`states` narrows the names)."""
-  from student_trainer.sources import feature_teacher_layers, teacher_state_names
   layers = feature_teacher_layers(cfg, num_layers)
   names = teacher_state_names(cfg) if layers else ()
   names = names if states is None else tuple(name for name in names if name in states)
@@ -164,7 +165,6 @@ class CachedTeacher(TeacherSource):
   falls_back_per_process = True  # the remote policy's CE-only answer for one process's missing rows
 
   def __init__(self, cfg, mesh: Mesh, *, process_index: int = 0):
-    from student_trainer.sources.remote import RemoteTeacher
     self._cfg = cfg
     self._mesh = mesh
     self.store = _open_cache(cfg)

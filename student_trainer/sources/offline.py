@@ -36,8 +36,10 @@ from distill_core.data import Batch, load_manifest, ordered_batches
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore, MissingAnswers
 from distill_core.targets import TeacherTargets
+from student_trainer.blockwise import check_blockwise
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,6 @@ class _SplitIds:
 
 
 def place_on(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
-  from student_trainer.sources.remote import place_targets  # pylint: disable=import-outside-toplevel
   return place_targets(targets, mesh)
 
 
@@ -179,7 +180,6 @@ class OfflineTeacher(TeacherSource):
   falls_back_per_process = True  # a process whose rows are missing trains CE-only
 
   def __init__(self, cfg, mesh: Mesh, *, shard_index: int = 0, shard_count: int = 1):
-    from student_trainer.sources import feature_teacher_layers, teacher_state_names
     ocfg = cfg.teacher.offline
     self.cfg = ocfg
     self.lookahead = ocfg.lookahead
@@ -189,7 +189,6 @@ class OfflineTeacher(TeacherSource):
     manifest = self.store.manifest
     where = f"teacher.offline.path={ocfg.path}"
     if cfg.loss.ever_blockwise:
-      from student_trainer.blockwise import check_blockwise
       check_blockwise(cfg.loss, student_layers=cfg.model.num_hidden_layers, student_width=cfg.model.hidden_size,
                       teacher_layers=manifest.teacher.num_layers, teacher_width=manifest.teacher.hidden_size,
                       where=f"{where}: teacher")

@@ -5,61 +5,45 @@
 
 The train loop calls `submit` for each upcoming batch (up to `window` ahead)
 and `next` for the oldest; both are synchronous. Sending, receiving, decoding
-and placing the answers on the trainer's mesh happen on a background thread
-running a uvloop event loop (`remote_stream.py`), so `next` blocks only when
-the oldest batch's answer has not arrived yet. Answers come back strictly in
-submission order, each batch exactly once. When the teacher makes no progress
-for `timeout_s`, the configured `FallbackPolicy` (`policy.py`) decides.
+and placing the answers on the trainer's mesh happen in the stream client
+(`distill_core.stream`: lanes, failover, reconnects, answer checks, on its own
+uvloop thread; `python -m teacher_server.dump --remote` uses the same one), so
+`next` blocks only when the oldest batch's answer has not arrived yet. Answers
+come back strictly in submission order, each batch exactly once. What is the
+trainer's own stays here: when the teacher makes no progress for `timeout_s`,
+the configured `FallbackPolicy` (`policy.py`) decides; metrics; the
+checkpointed cursor.
 """
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import functools
-import itertools
 import logging
 import threading
 import time
 import zlib
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import numpy as np
-import uvloop
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from distill_core.client import TeacherClient
-from distill_core.data import Batch
-from distill_core.sharding import batch_sharding
+from distill_core.data import Batch, load_manifest
+from distill_core.stream.checks import Requirements
+from distill_core.stream.pool import Item, RemoteTeacherError
+from distill_core.stream.runner import StreamRunner
+from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
+from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.policy import FallbackPolicy, Overdue
-from student_trainer.sources.remote_checks import Requirements, diagnose_connection
-from student_trainer.sources.remote_metrics import StreamStats
-from student_trainer.sources.remote_stream import Item, Lane, RemoteTeacherError, StreamCore
+from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
+from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
 
 _POLL_S = 0.25  # how often a blocked next() re-checks for fatal errors and the timeout
 WAITING_LOG_S = 10.0  # how often the wait for a first teacher says what it has tried
-_CLOSE_TIMEOUT_S = 30.0
-
-
-def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
-  """Host targets -> global arrays on `mesh`, split along B (axis 1 of the (L, B, T, E) states)."""
-  states = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None, None))
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def put(sharding, x):
-    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-  placed = targets.map_rows(lambda x, axis: put(states if axis else batch_sharding(mesh, np.ndim(x)), x))
-  tau = targets.sample_temperature
-  return placed.replace(temperatures=put(replicated, targets.temperatures),
-                        sample_temperature=None if tau is None else put(replicated, tau))
 
 
 class RemoteTeacher(TeacherSource):
@@ -85,22 +69,14 @@ class RemoteTeacher(TeacherSource):
     self._mesh = mesh
     self._stats = StreamStats()
     self._place = place or functools.partial(place_targets, mesh=mesh)
-    self._core = StreamCore(cfg, need, self._place, self._stats)
+    self._runner = StreamRunner(cfg, need, self._place, stats=self._stats)
+    self._core = self._runner.core
     self._queue: collections.deque[Item] = collections.deque()
-    self._seq = itertools.count()
     self._consumed = 0
     self._last_ids: list[int] = []
     self.last_weights = ""  # weights fingerprint of the last batch returned with targets
     self._closed = False
-    self._token = Path(cfg.token_file).read_text().strip() if cfg.token_file else cfg.token
-    self._loop = uvloop.new_event_loop()
-    self._core.loop = self._loop
-    self._stop: asyncio.Event | None = None
-    self._started = threading.Event()
-    self._thread = threading.Thread(target=self._run_loop, name="remote-teacher", daemon=True)
-    self._thread.start()
-    self._started.wait()
-    if self._thread.is_alive() and not self._wait_first_contact(cfg.timeout_s):
+    if self._runner.alive and not self._wait_first_contact(cfg.timeout_s):
       log.warning("no teacher reachable at %s after %.0f s (%s%s); starting anyway, on_timeout=%s applies",
                   cfg.address, cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
     if self._core.fatal is not None:
@@ -134,10 +110,8 @@ class RemoteTeacher(TeacherSource):
     return True
 
   def _diagnosis(self) -> str:
-    """'; <what a direct look at each address finds>' or '' (see remote_checks.diagnose_connection)."""
-    tls = bool(self.cfg.tls or self.cfg.root_certificates or self.cfg.client_cert)
-    found = [d for d in (diagnose_connection(a, tls=tls) for a in self.cfg.addresses) if d]
-    return "".join(f"; {d}" for d in found)
+    """'; <what a direct look at each address finds>' or '' (see checks.diagnose_connection)."""
+    return self._runner.diagnosis()
 
   def _interrupted(self) -> bool:
     return self.interrupt is not None and self.interrupt.is_set()
@@ -145,9 +119,6 @@ class RemoteTeacher(TeacherSource):
   @classmethod
   def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
     """The source for a `TrainConfig` whose teacher.source is remote."""
-    from distill_core.data import load_manifest
-    from student_trainer.sources import feature_teacher_layers, teacher_state_names
-    from student_trainer.sources.policy import PolicyContext, make_policy
     manifest = load_manifest(cfg.data.path)
     need = Requirements(
         k=cfg.loss.request_k, samples=cfg.loss.sampling, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
@@ -158,84 +129,15 @@ class RemoteTeacher(TeacherSource):
     policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
     return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy, **kwargs)
 
-  # -- the loop thread ------------------------------------------------------------------------------
-
-  def _run_loop(self) -> None:
-    asyncio.set_event_loop(self._loop)
-    try:
-      self._loop.run_until_complete(self._main())
-    except BaseException as e:  # noqa: BLE001 - reported to the train loop by next()
-      self._core.fail(RemoteTeacherError(f"the remote teacher thread failed: {type(e).__name__}: {e}"))
-    finally:
-      self._started.set()
-      # Like asyncio.run: let gRPC's own tasks see their cancellation before the loop closes.
-      leftover = asyncio.all_tasks(self._loop)
-      for task in leftover:
-        task.cancel()
-      self._loop.run_until_complete(asyncio.gather(*leftover, return_exceptions=True))
-      self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-      self._loop.close()
-
-  async def _main(self) -> None:
-    cfg = self.cfg
-    self._stop = asyncio.Event()
-    options = [("grpc.initial_reconnect_backoff_ms", int(cfg.backoff_initial_s * 1000)),
-               ("grpc.max_reconnect_backoff_ms", int(cfg.backoff_max_s * 1000))]
-    clients = [TeacherClient(address, token=self._token, tls=cfg.tls, root_certificates=cfg.root_certificates,
-                             client_cert=cfg.client_cert, client_key=cfg.client_key,
-                             server_name_override=cfg.server_name_override,
-                             max_message_bytes=cfg.max_message_mb << 20, options=options)
-               for address in cfg.addresses]
-    for client, address in zip(clients, cfg.addresses):
-      for i in range(cfg.streams_per_address):
-        name = address if cfg.streams_per_address == 1 else f"{address}#{i}"
-        self._core.lanes.append(Lane(self._core, client, name))
-    tasks = [asyncio.create_task(lane.run(), name=f"lane {lane.name}") for lane in self._core.lanes]
-    tasks.append(asyncio.create_task(self._watchdog(), name="deadlines"))
-    self._started.set()
-    try:
-      await self._stop.wait()
-    finally:
-      self._core.closing = True
-      for task in tasks:
-        task.cancel()
-      await asyncio.gather(*tasks, return_exceptions=True)
-      await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
-      self._core.close()
-
-  async def _watchdog(self) -> None:
-    period = min(1.0, (self.cfg.request_timeout_s or 4.0) / 4)
-    while True:
-      await asyncio.sleep(period)
-      self._core.check_deadlines()
-
-  def _on_loop(self, fn: Callable, *args) -> Any:
-    """Runs `fn(*args)` on the loop thread and returns its result."""
-    future: concurrent.futures.Future = concurrent.futures.Future()
-
-    def call():
-      try:
-        future.set_result(fn(*args))
-      except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-        future.set_exception(e)
-
-    self._loop.call_soon_threadsafe(call)
-    return future.result(_CLOSE_TIMEOUT_S)
-
   def _raise_if_fatal(self) -> None:
-    if self._core.fatal is not None:
-      raise RemoteTeacherError(str(self._core.fatal)) from self._core.fatal
+    self._runner.raise_if_fatal()
 
   # -- the TeacherSource interface (train-loop thread) ---------------------------------------------
 
   def _enqueue(self, batch: Batch, temperature: float, priority: int, states: tuple[str, ...] | None) -> Item:
     if self._closed:
       raise RuntimeError("the remote teacher source is closed")
-    self._raise_if_fatal()
-    item = Item(seq=next(self._seq), priority=priority, batch=batch, temperature=float(temperature),
-                states=None if states is None else tuple(states))
-    self._loop.call_soon_threadsafe(self._core.add, item)
-    return item
+    return self._runner.enqueue(batch, (float(temperature),), priority=priority, states=states)
 
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
     self._queue.append(self._enqueue(batch, temperature, priority=1, states=states))
@@ -276,7 +178,7 @@ class RemoteTeacher(TeacherSource):
       if stalled < timeout:
         item.done.wait(min(timeout - stalled, _POLL_S))
         continue
-      decision = self._policy.decide(Overdue(item.batch, item.temperature, now - start, stalled))
+      decision = self._policy.decide(Overdue(item.batch, item.temperatures[0], now - start, stalled))
       if decision.wait:
         if now >= warn_at:
           self._stats.count("stall_warnings")
@@ -288,7 +190,7 @@ class RemoteTeacher(TeacherSource):
         continue
       if item.done.is_set():  # the answer arrived while the policy decided
         break
-      self._loop.call_soon_threadsafe(self._core.cancel, item)
+      self._runner.cancel(item)
       self._stats.count("fallbacks")
       log.warning("teacher: fallback #%d for batch %d (example ids %s...) by policy %s: %s; replicas: %s",
                   self._stats.totals["fallbacks"], self._consumed,
@@ -311,7 +213,6 @@ class RemoteTeacher(TeacherSource):
     drain = self.cfg.on_weights_change == "drain"
     if jax.process_count() == 1 or (self._policy.name == "wait" and not drain):
       return targets
-    from student_trainer.distributed import gather_ints
     digest = zlib.crc32(weights.encode()) & 0x7FFFFFFF if drain else 0  # int32 on the device
     have, digests = gather_ints(int(targets is not None), digest)
     missing = [p for p, ok in enumerate(have) if not ok]
@@ -349,7 +250,7 @@ class RemoteTeacher(TeacherSource):
       self._core.expected_weights = expected
 
     try:
-      self._on_loop(check)
+      self._runner.on_loop(check)
     except RemoteTeacherError:
       self.close()  # refused: nothing will use this source
       raise
@@ -361,8 +262,8 @@ class RemoteTeacher(TeacherSource):
 
   def metrics(self) -> dict[str, float]:
     out = self._stats.flush()
-    if not self._closed and self._thread.is_alive():
-      snap = self._on_loop(self._core.snapshot)
+    if not self._closed and self._runner.alive:
+      snap = self._runner.on_loop(self._core.snapshot)
       out.update(replicas_ready=float(snap["ready_lanes"]), inflight_requests=float(snap["inflight"]))
     return out
 
@@ -371,9 +272,5 @@ class RemoteTeacher(TeacherSource):
     if self._closed:
       return
     self._closed = True
-    if self._thread.is_alive() and self._stop is not None:
-      self._loop.call_soon_threadsafe(self._stop.set)
-      self._thread.join(_CLOSE_TIMEOUT_S)
-      if self._thread.is_alive():
-        log.error("the remote teacher thread did not stop within %.0f s", _CLOSE_TIMEOUT_S)
+    self._runner.close()
     self._policy.close()

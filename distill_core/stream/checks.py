@@ -1,7 +1,7 @@
-"""Connect-time checks of a teacher server against the student, and the request plan they yield.
+"""Connect-time checks of a teacher server against its caller, and the request plan they yield.
 
-The student refuses to train against a teacher whose answers would not mean
-what the losses assume: another vocabulary, another tokenizer, sequences it
+The caller (a student, or a dump) refuses a teacher whose answers would not
+mean what it assumes: another vocabulary, another tokenizer, sequences it
 cannot take, layers it does not offer. A teacher whose embedding table is
 padded beyond its real vocabulary is fine (the server masks the padded ids).
 """
@@ -9,7 +9,9 @@ padded beyond its real vocabulary is fine (the server masks the padded ids).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import socket
+import ssl
+from typing import Any, Callable
 
 import numpy as np
 
@@ -25,19 +27,35 @@ class TeacherMismatch(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Requirements:
-  """What the student's losses and data need from a teacher."""
+  """What the caller's losses (or stored answers) and data need from a teacher."""
 
   k: int  # top-k ids per position (loss.top_k)
   value_dtype: str  # dtype of the top-k values
-  vocab_size: int  # the student's real vocabulary; must equal the teacher's
+  vocab_size: int | None  # the student's real vocabulary; must equal the teacher's (None: the teacher's)
   data_vocab_size: int  # token ids in the data are below this
   seq_len: int  # T of every batch
   batch_rows: int  # rows of this process's batches
   tokenizer_fingerprint: str  # of the prepared dataset ("" = unknown)
-  hidden_size: int  # student width (states are compared with it)
+  hidden_size: int | None  # student width (states are compared with it; None: the teacher's)
   feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose states are needed
   state_names: tuple[str, ...] = ("attn_out",)  # states needed at those layers (attn_in too for blockwise)
   samples: SampleRequest | None = None  # sampled targets the loss needs (kd_mode sampled)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestShape:
+  """How the caller asks: request sizes and encodings (not what the answers mean)."""
+
+  state_dtype: str = "bfloat16"  # dtype of streamed layer states
+  pack_ids: bool = True  # bit-packed top-k ids
+  rows_per_request: int | None = None  # cap on rows per request (None: the server's limits decide)
+  window: int = 1  # batches in flight ahead of the one consumed (for the padding warning)
+
+  @classmethod
+  def of(cls, cfg: Any) -> "RequestShape":
+    """From a config with these four fields (the trainer's teacher.remote, the dump's config)."""
+    return cls(state_dtype=cfg.state_dtype, pack_ids=cfg.pack_ids, rows_per_request=cfg.rows_per_request,
+               window=cfg.window)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,10 +75,12 @@ class RequestPlan:
     """The planned state names a batch asking for `states` gets (None: all planned)."""
     return self.states if states is None else tuple(name for name in self.states if name in states)
 
-  def spec(self, temperature: float, states: tuple[str, ...] | None = None) -> OutputSpec:
-    """The request spec; `states` narrows the planned state names for one batch (None: all of them)."""
+  def spec(self, temperatures: float | tuple[float, ...], states: tuple[str, ...] | None = None) -> OutputSpec:
+    """The request spec at one temperature or several; `states` narrows the planned state names for one
+    batch (None: all of them)."""
     names = self.names(states)
-    return OutputSpec(k=self.k, temperatures=(float(temperature),), value_dtype=self.value_dtype,
+    temps = (temperatures,) if isinstance(temperatures, (int, float)) else temperatures
+    return OutputSpec(k=self.k, temperatures=tuple(float(t) for t in temps), value_dtype=self.value_dtype,
                       layers=self.layers if names else (), states=names, state_dtype=self.state_dtype,
                       pack_ids=self.pack_ids, samples=self.samples)
 
@@ -88,7 +108,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
   """Checks `info` against `need`; returns the request plan or raises TeacherMismatch naming every problem."""
   problems: list[str] = []
   limits = info.limits
-  if info.vocab_size != need.vocab_size:
+  if need.vocab_size is not None and info.vocab_size != need.vocab_size:
     padded = f" (embedding rows {info.padded_vocab_size})" if info.padded_vocab_size != info.vocab_size else ""
     problems.append(f"vocabulary: the teacher has {info.vocab_size} real ids{padded}, the student "
                     f"{need.vocab_size}")
@@ -130,7 +150,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
     if absent:
       problems.append(f"layers: the teacher does not offer {', '.join(absent)} states (offered: "
                       f"{list(info.state_names)})")
-    if info.hidden_size != need.hidden_size:
+    if need.hidden_size is not None and info.hidden_size != need.hidden_size:
       problems.append(f"layers: teacher width {info.hidden_size} != student width {need.hidden_size} "
                       f"(the losses compare {' and '.join(need.state_names)} states; model.hidden_size "
                       "must equal the teacher's)")
@@ -210,12 +230,11 @@ def probe_target(target: str) -> tuple[str, int] | None:
   return host.strip("[]"), int(port)
 
 
-def diagnose_connection(target: str, *, tls: bool, timeout_s: float = 2.0) -> str:
+def diagnose_connection(target: str, *, tls: bool, timeout_s: float = 2.0, options: str = "teacher.remote.") -> str:
   """What a direct look at `target` finds, in words: nothing listening, no answer, or a TLS mismatch
   (the server completes a TLS handshake while the client speaks plaintext, or the other way round).
-  Empty when it finds nothing wrong at that level (the gRPC error then says more)."""
-  import socket
-  import ssl
+  Empty when it finds nothing wrong at that level (the gRPC error then says more). `options`: the
+  prefix of the client's config keys in the advice."""
   where = probe_target(target)
   if where is None:
     return ""
@@ -243,10 +262,10 @@ def diagnose_connection(target: str, *, tls: bool, timeout_s: float = 2.0) -> st
     speaks_tls = False
   if speaks_tls and not tls:
     return (f"the server at {host}:{port} speaks TLS but this client connects in plaintext: set "
-            "teacher.remote.tls=true (and teacher.remote.root_certificates=CA.pem when its certificate is not "
+            f"{options}tls=true (and {options}root_certificates=CA.pem when its certificate is not "
             "publicly trusted)")
   if tls and not speaks_tls:
     return (f"the server at {host}:{port} does not complete a TLS handshake (a plaintext server?) but this client "
-            "uses TLS: set teacher.remote.tls=false and no root_certificates, or start the server with "
+            f"uses TLS: set {options}tls=false and no root_certificates, or start the server with "
             "security.tls_cert and security.tls_key")
   return ""

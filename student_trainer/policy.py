@@ -14,7 +14,12 @@ source:
       return MyPolicy(context.cfg.teacher...)
 
 Built in: `wait` (keep waiting, warn at every interval), `ce_only`, and `cached_shards`
-(`cached.py`: serve overdue batches from cached answer shards, the rest by a secondary policy).
+(`sources/cached.py`: serve overdue batches from cached answer shards, the rest by a secondary policy; named
+here as "module:factory" and imported on first use, because that module pulls in JAX and the answer store).
+
+This module sits outside `student_trainer.sources` and imports nothing of the trainer, so the config
+(`student_trainer.config`, which checks `teacher.remote.on_timeout` against `policy_names()`) can import
+it at the top without importing the sources, which import the config.
 """
 
 from __future__ import annotations

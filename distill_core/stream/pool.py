@@ -1,7 +1,8 @@
-"""The event-loop side of the remote teacher source: streams, dispatch, retries, failover.
+"""The event-loop side of the stream client: lanes, dispatch, retries, failover, answer checks.
 
-Everything here runs on one background thread's event loop (uvloop). A *lane*
-is one bidirectional `Stream` call to a teacher replica; it connects (opens
+Everything here runs on one background thread's event loop (uvloop, see
+`runner.py`). A *lane* is one `TeacherStream` (one bidirectional `Stream`
+call) to a teacher replica, reopened after a failure; it connects (opens
 the stream and checks the replica that stream reached, from the GetInfo the
 server sends in the stream's initial metadata: behind a load-balanced name a
 separate GetInfo call may reach another replica), streams requests, and on
@@ -42,13 +43,13 @@ import grpc
 import numpy as np
 
 from distill_core import wire
-from distill_core.client import TeacherClient, TeacherError
+from distill_core.client import TeacherClient, TeacherError, TeacherStream, answer_error
 from distill_core.data import Batch
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import TeacherTargets, check_values, concat
-from student_trainer.sources.remote_checks import RequestPlan, Requirements, TeacherMismatch, bucket_fill, \
+from distill_core.stream.checks import RequestPlan, RequestShape, Requirements, TeacherMismatch, bucket_fill, \
     plan_requests, replica_problems
-from student_trainer.sources.remote_metrics import StreamStats
+from distill_core.stream.stats import StreamStats
+from distill_core.targets import TeacherTargets, check_values, concat
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,6 @@ _RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.Status
 # Call errors that no reconnect can fix.
 _CONFIG_ERRORS = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
                   grpc.StatusCode.UNIMPLEMENTED}
-_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
 class RemoteTeacherError(RuntimeError):
@@ -73,7 +73,7 @@ class Item:
   seq: int
   priority: int  # 0: out of band (evaluation), 1: training stream
   batch: Batch
-  temperature: float
+  temperatures: tuple[float, ...]  # asked for (and checked in) every answer
   states: tuple[str, ...] | None = None  # state names this batch needs (None: every planned one)
   created: float = dataclasses.field(default_factory=time.monotonic)  # when the train loop enqueued it
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
@@ -126,8 +126,7 @@ class Lane:
     self.rotating = False  # drained because of its age (stream_max_age_s), not a failure
     self.answers = 0  # answers received on the current connection
     self.last_error = "not connected yet"
-    self._outbox: asyncio.Queue | None = None
-    self._call = None
+    self._stream: TeacherStream | None = None
     self._abort_reason = ""
 
   async def run(self) -> None:
@@ -153,7 +152,7 @@ class Lane:
         if e.code() in _CONFIG_ERRORS:
           self.core.fail(RemoteTeacherError(f"teacher at {self.name}: {self.last_error}"))
           return
-      except Exception as e:  # a bug here must stop training, not silently lose this lane's requests
+      except Exception as e:  # a bug here must stop the run, not silently lose this lane's requests
         log.exception("teacher %s: unexpected error", self.name)
         self.core.fail(RemoteTeacherError(f"teacher at {self.name}: unexpected {type(e).__name__}: {e}"))
         return
@@ -174,61 +173,62 @@ class Lane:
   async def _connect(self) -> None:
     """Opens the stream and checks the replica it reached (its GetInfo comes in the initial metadata)."""
     timeout = self.core.cfg.connect_timeout_s
-    self._outbox = asyncio.Queue()
     self._abort_reason = ""
-    self._call = self.client.stub.Stream(_drain(self._outbox), metadata=self.client.metadata)
+    self._stream = self.client.stream(raw=True).open()
+    call = self._stream.call
     try:
-      metadata = await asyncio.wait_for(self._call.initial_metadata(), timeout)
+      metadata = await asyncio.wait_for(call.initial_metadata(), timeout)
     except asyncio.TimeoutError:
       raise _Broken(f"no answer to the stream within {timeout:g} s") from None
     info, ready = wire.stream_info(metadata)
     if info is None:
-      if self._call.done():  # refused (unreachable, unauthenticated...): the call's status says why
-        code, details = await self._call.code(), await self._call.details()
+      if call.done():  # refused (unreachable, unauthenticated...): the call's status says why
+        code, details = await call.code(), await call.details()
         raise TeacherError(code, details or "the stream ended")
       raise _Broken("the server sent no replica info with the stream (a server older than this client?)")
     if not ready:
       raise _Broken(f"replica {info.replica_id} is warming up")
     problems = self.core.accept(self, info)
     if problems:
-      log.error("teacher %s (replica %s) cannot take this student's requests: %s", self.name, info.replica_id,
+      log.error("teacher %s (replica %s) cannot take these requests: %s", self.name, info.replica_id,
                 "; ".join(problems))
       raise _Broken(f"replica {info.replica_id}: " + "; ".join(problems))
 
   async def _serve(self) -> None:
+    """Until the stream ends: answers reach the core through `_answered` (the stream's futures)."""
     self.ready, self.draining, self.drain_reason = True, False, ""
     self.opened_at = time.monotonic()
     self.connections += 1
     self.core.lane_ready(self)
     self.rotating = False
-    try:
-      async for resp in self._call:
-        self.answers += 1
-        self.core.on_response(self, resp)
-        if self.draining and not self.inflight:
-          raise _Broken(self.drain_reason or "the replica is shutting down")
-    except asyncio.CancelledError:
-      task = asyncio.current_task()
-      if self._abort_reason and task is not None and not task.cancelling():
-        raise _Broken(self._abort_reason) from None
-      raise
-    except grpc.aio.AioRpcError as e:
-      raise _Broken(f"stream failed: {e.code().name}: {e.details()}") from None
+    # asyncio.wait, not await: cancelling this task (closing) must not be swallowed by the reader's end.
+    await asyncio.wait({self._stream.reader})
+    if self._abort_reason:
+      raise _Broken(self._abort_reason)
+    error = self._stream.error
+    if error is not None:
+      raise _Broken(f"stream failed: {error.code.name}: {error.message}")
     raise _Broken("the server ended the stream")
+
+  def _answered(self, future: asyncio.Future) -> None:
+    if future.cancelled() or future.exception() is not None:
+      return  # the stream failed: `_down` hands the unanswered requests back to the dispatcher
+    self.answers += 1
+    self.core.on_response(self, future.result())
+    if self.draining and not self.inflight and self.ready:
+      self.abort(self.drain_reason or "the replica is shutting down")
 
   def abort(self, reason: str) -> None:
     """Drops the stream (e.g. a hung replica); its requests go back to the dispatcher."""
-    if self._call is not None and not self._call.done():
-      self._abort_reason = reason
-      self._call.cancel()
+    if self._stream is not None and not self._stream.reader.done():
+      self._abort_reason = self._abort_reason or reason
+      self._stream.cancel()
 
   def _down(self, was_serving: bool) -> None:
     self.ready = False
-    if self._outbox is not None:
-      self._outbox.put_nowait(None)  # ends the request iterator
-    if self._call is not None and not self._call.done():
-      self._call.cancel()
-    self._call, self._outbox = None, None
+    if self._stream is not None:
+      self._stream.cancel()
+    self._stream = None
     orphans = list(self.inflight.values())
     self.inflight.clear()
     if was_serving and not self.core.closing and not self.rotating:
@@ -238,21 +238,18 @@ class Lane:
   def send(self, chunk: _Chunk, request: pb.ForwardRequest) -> None:
     self.inflight[request.request_id] = chunk
     self.sent += 1
-    self._outbox.put_nowait(request)
-
-
-async def _drain(outbox: asyncio.Queue):
-  while (request := await outbox.get()) is not None:
-    yield request
+    if self._stream.is_open:  # else it ended (or was aborted) a moment ago: `_down` hands the request back
+      self._stream.send(request).add_done_callback(self._answered)
 
 
 class StreamCore:
   """Dispatcher and bookkeeping shared by the lanes (event-loop thread only, except `fatal`/`progress`)."""
 
   def __init__(self, cfg, need: Requirements, place: Callable[[TeacherTargets], TeacherTargets],
-               stats: StreamStats):
-    self.cfg = cfg  # RemoteTeacherConfig
+               stats: StreamStats, shape: RequestShape | None = None):
+    self.cfg = cfg  # a StreamClientConfig
     self.need = need
+    self.shape = shape or RequestShape.of(cfg)
     self.place = place
     self.stats = stats
     self.lanes: list[Lane] = []
@@ -281,8 +278,8 @@ class StreamCore:
     """Checks a connecting replica; returns why it cannot serve (fatal problems stop the source)."""
     if self.plan is None:
       try:
-        plan = plan_requests(info, self.need, state_dtype=self.cfg.state_dtype, pack_ids=self.cfg.pack_ids,
-                             rows_per_request=self.cfg.rows_per_request,
+        plan = plan_requests(info, self.need, state_dtype=self.shape.state_dtype, pack_ids=self.shape.pack_ids,
+                             rows_per_request=self.shape.rows_per_request,
                              max_message_bytes=self.cfg.max_message_mb << 20)
         self.check_weights(info.weights_fingerprint, self.expected_weights)
       except (TeacherMismatch, RemoteTeacherError) as e:
@@ -358,7 +355,7 @@ class StreamCore:
 
   def _warn_fill(self, info: pb.GetInfoResponse, plan: RequestPlan) -> None:
     """Once per source: a loud line when the server's buckets make most of its work padding."""
-    found = bucket_fill(info, plan, self.need, rows_in_flight=self.need.batch_rows * max(self.cfg.window, 1))
+    found = bucket_fill(info, plan, self.need, rows_in_flight=self.need.batch_rows * max(self.shape.window, 1))
     if found is not None:
       fill, (b, t), (fb, ft) = found
       log.warning("teacher: requests of %d rows x %d tokens run in the server's %dx%d bucket, %.0f%% real "
@@ -433,7 +430,7 @@ class StreamCore:
       item = chunk.item
       b = item.batch
       rows = slice(chunk.start, chunk.stop)
-      spec = self.plan.spec(item.temperature, item.states)
+      spec = self.plan.spec(item.temperatures, item.states)
       request = wire.make_request(next(self._request_ids), b.tokens[rows], spec, b.segment_ids[rows],
                                   b.positions[rows], np.asarray(b.example_ids)[rows])
       if chunk.sends:
@@ -462,9 +459,9 @@ class StreamCore:
         lane.drain_reason = lane.drain_reason or f"replica {resp.replica.replica_id} serves retired weights"
         self.requeue([chunk])
         return
-    if resp.HasField("error"):
-      code = _CODES.get(resp.error.code, grpc.StatusCode.UNKNOWN)
-      error = TeacherError(code, resp.error.message, field=resp.error.field, request_id=resp.request_id)
+    error = answer_error(resp)
+    if error is not None:
+      code = error.code
       if code == grpc.StatusCode.UNAVAILABLE:
         lane.draining = True  # warming up or shutting down: no more requests to this replica
         self.requeue([chunk])
@@ -482,8 +479,9 @@ class StreamCore:
       plan = self.plan
       names = plan.names(chunk.item.states)
       targets.validate(batch_size=chunk.stop - chunk.start, seq_len=chunk.item.batch.tokens.shape[1],
-                       k=plan.k, n_temps=1, state_names=names, state_layers=plan.layers if names else ())
-      check_values(targets, vocab_size=self.need.vocab_size, temperatures=(chunk.item.temperature,))
+                       k=plan.k, n_temps=len(chunk.item.temperatures), state_names=names,
+                       state_layers=plan.layers if names else ())
+      check_values(targets, vocab_size=self.info.vocab_size, temperatures=chunk.item.temperatures)
     except ValueError as e:  # a malformed answer: treat like an engine failure (never trained on)
       self.stats.count("malformed")
       self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")
