@@ -1,8 +1,51 @@
-"""Pieces shared by the benchmarks: teacher targets served from memory."""
+"""Pieces shared by the benchmarks: interleaved timing rounds and their ratios, teacher targets served from memory."""
 
 from __future__ import annotations
 
+import statistics
+from typing import Callable, Mapping, Sequence
+
+from benchmarks.results import Ratio
 from student_trainer.sources.base import TeacherSource
+
+
+def interleaved(measurements: Mapping[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+  """Runs every measurement once per round, in order, for `rounds` rounds (A, B, A, B, ...).
+
+  Two figures timed minutes apart on a shared machine see different neighbours;
+  interleaving puts each round's A next to its B, so their ratio compares like
+  with like. Returns {name: [value of round 0, round 1, ...]}.
+  """
+  if rounds < 1:
+    raise ValueError(f"rounds must be at least 1, got {rounds}")
+  out: dict[str, list[float]] = {name: [] for name in measurements}
+  for _ in range(rounds):
+    for name, measure in measurements.items():
+      out[name].append(float(measure()))
+  return out
+
+
+def paired_ratio(numerator: Sequence[float], denominator: Sequence[float], *, limit: float | None = None,
+                 why: str = "") -> Ratio:
+  """The median over rounds of numerator[i] / denominator[i], with the lowest and highest round.
+
+  `limit` is the ratio's physical upper bound (`why` says what bounds it). A
+  median above it is recorded with a note when some round lies at or below it
+  (the excess is within the rounds' spread: noise); when every round lies above
+  it the measurement itself is wrong, and this raises instead of recording it.
+  """
+  if len(numerator) != len(denominator) or not numerator:
+    raise ValueError(f"paired rounds needed, got {len(numerator)} and {len(denominator)} values")
+  ratios = [a / b for a, b in zip(numerator, denominator)]
+  median, low, high = statistics.median(ratios), min(ratios), max(ratios)
+  note = None
+  if limit is not None and median > limit:
+    if low > limit:
+      raise ValueError(f"every round's ratio ({low:.4g} to {high:.4g}) is above the physical limit {limit} "
+                       f"({why}): the measurement is wrong; not recorded")
+    note = (f"median {median:.3g} is above the physical limit {limit} ({why}), within the spread of the rounds "
+            f"({low:.3g} to {high:.3g}): measurement noise of a shared machine, the true ratio is at most {limit}")
+  return Ratio(value=median, low=low, high=high, rounds=len(ratios), limit=limit, note=note)
 
 
 class InMemorySource(TeacherSource):
