@@ -5,11 +5,9 @@
 
 Four measurements in one run, on the same teacher weights and shapes:
 
-1. Engine host bytes per batch (in this process): what the teacher engine copies
-   from its device to the host for one blockwise batch (top-k at k in the value
-   dtype, attn_in and attn_out of the mapped layers in bfloat16), against what it
-   copied before it trimmed on the device (top-k at max_k in float32 and both
-   states of every selectable layer in the model's dtype, for any batch with states).
+1. Engine host bytes per batch (in a child process): what the teacher engine
+   copies from its device to the host for one blockwise batch (top-k at k in
+   the value dtype, attn_in and attn_out of the mapped layers in bfloat16).
 2. State bytes per token on the wire: one real `Forward` answer of the teacher
    server, its layer-state tensors' bytes divided by B * T.
 3. Served-state bandwidth: blockwise requests streamed to the teacher server
@@ -21,7 +19,11 @@ Four measurements in one run, on the same teacher weights and shapes:
    targets (states included) already in memory (`blockwise_streaming_efficiency`).
 
 Servers run in child processes on the second half of the cores, the student on
-the first (as in bench_streaming).
+the first (as in bench_streaming). The teacher server and the loopback server
+are up together, and each ratio's two sides are interleaved over `--rounds`
+rounds (served, loopback, served, ...; memory, remote, memory, ...): each ratio
+is the median of its rounds' ratios with the lowest and highest round
+(benchmarks.common.paired_ratio).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -45,7 +48,8 @@ _STREAM = "/distill.teacher.v1.Teacher/Stream"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--student", default="demo_student", help="student model preset (configs/models)")
   p.add_argument("--teacher", default="demo_teacher", help="teacher model preset (same width and vocabulary)")
   p.add_argument("--layer-map", default="1,3", help="teacher layer of each student layer, comma-separated")
@@ -57,6 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--requests", type=int, default=40, help="requests per bandwidth measurement")
   p.add_argument("--log-every", type=int, default=5, help="steps per training measurement interval")
   p.add_argument("--steps", type=int, default=20, help="measured training steps (after one warm-up interval)")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each ratio's two sides")
   p.add_argument("--max-files", type=int, default=200, help="standard-library files in the benchmark corpus")
   p.add_argument("--workdir", default="runs/bench_blockwise", help="data and run directories")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -91,8 +96,7 @@ def blockwise_spec(args):
 
 
 def engine_bytes(args) -> dict:
-  from distill_core.config import build, load_config, resolve_preset
-  from distill_core.model.config import ModelConfig
+  from distill_core.config import load_config
   from teacher_server.config import ServerConfig
   from teacher_server.engine import JaxEngine
   from teacher_server.engine_api import EngineBatch, Fetch
@@ -105,10 +109,7 @@ def engine_bytes(args) -> dict:
                 state_dtype=spec.state_dtype)
   engine.forward(EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, 1, dtype=np.int32) - 1,
                              np.ones((b, info.max_temperatures), np.float32), fetch))
-  model_itemsize = np.dtype(build(ModelConfig, resolve_preset(args.teacher)).dtype).itemsize
-  before = (b * t * info.max_k * (4 + 4) + b * t * info.max_temperatures * 4
-            + len(info.selectable_layers) * len(info.state_names) * b * t * info.hidden_size * model_itemsize)
-  return {"after": engine.last_host_bytes, "before": before}
+  return {"host_bytes": engine.last_host_bytes}
 
 
 # -- 2./3. wire bytes and bandwidth -----------------------------------------------------------------
@@ -138,20 +139,28 @@ async def stream_bytes(address: str, requests: list[bytes], window: int) -> tupl
     return time.perf_counter() - start, sum(sizes), len(sizes)
 
 
-def teacher_bandwidth(args, address: str) -> dict:
+def blockwise_requests(args) -> list[bytes]:
   from distill_core import wire
-  from distill_core.proto import teacher_pb2 as pb
   rng = np.random.default_rng(0)
-  spec = blockwise_spec(args)
   tokens = [rng.integers(0, 256, (args.batch, args.seq_len), dtype=np.int32) for _ in range(4)]
-  requests = [wire.make_request(i, tokens[i % 4], spec).SerializeToString() for i in range(args.requests)]
-  asyncio.run(stream_bytes(address, requests[:args.window * 2], args.window))  # warm the connection and code
-  seconds, total, count = asyncio.run(stream_bytes(address, requests, args.window))
-  one = pb.ForwardResponse.FromString(_first_answer(address, requests[0]))
+  return [wire.make_request(i, tokens[i % 4], blockwise_spec(args)).SerializeToString()
+          for i in range(args.requests)]
+
+
+def answer_sizes(args, address: str) -> dict:
+  """Bytes of one real blockwise answer: its message, its states per token, the whole answer per token."""
+  from distill_core.proto import teacher_pb2 as pb
+  one = pb.ForwardResponse.FromString(_first_answer(address, blockwise_requests(args)[0]))
   state_bytes = sum(len(t.data) for t in one.layer_states.values())
-  return {"served_bytes_per_s": total / seconds, "message_bytes": total // count,
-          "state_bytes_per_token": state_bytes / (args.batch * args.seq_len),
+  return {"message_bytes": one.ByteSize(), "state_bytes_per_token": state_bytes / (args.batch * args.seq_len),
           "response_bytes_per_token": one.ByteSize() / (args.batch * args.seq_len)}
+
+
+def stream_bandwidth(args, address: str, requests: list[bytes]) -> float:
+  """Answer bytes per second of `requests` streamed `--window` ahead (after a warm-up of two windows)."""
+  asyncio.run(stream_bytes(address, requests[:args.window * 2], args.window))  # warm the connection and code
+  seconds, total, _ = asyncio.run(stream_bytes(address, requests, args.window))
+  return total / seconds
 
 
 def _first_answer(address: str, request: bytes) -> bytes:
@@ -189,23 +198,14 @@ def loopback_server(size: int, port: int) -> None:
   asyncio.run(serve())
 
 
-def loopback_bandwidth(args, message_bytes: int, cores) -> float:
-  from distill_core import wire
+def start_loopback(message_bytes: int, cores) -> tuple[subprocess.Popen, str]:
+  """The loopback server answering `message_bytes`-byte messages, serving; (process, address)."""
   from distill_core.netutil import free_port, wait_serving
   port = free_port()
   proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_blockwise", f"--loopback-server={message_bytes}",
                            f"--address=127.0.0.1:{port}"], cwd=REPO, preexec_fn=_pinned(cores))
-  try:
-    address = f"127.0.0.1:{port}"
-    wait_serving(proc, address, timeout=120, what="the loopback server")
-    tokens = np.zeros((args.batch, args.seq_len), np.int32)
-    request = wire.make_request(0, tokens, blockwise_spec(args)).SerializeToString()
-    asyncio.run(stream_bytes(address, [request] * (args.window * 2), args.window))
-    seconds, total, _ = asyncio.run(stream_bytes(address, [request] * args.requests, args.window))
-  finally:
-    proc.terminate()
-    proc.wait(60)
-  return total / seconds
+  wait_serving(proc, f"127.0.0.1:{port}", timeout=120, what="the loopback server")
+  return proc, f"127.0.0.1:{port}"
 
 
 # -- 4. student tokens/s ----------------------------------------------------------------------------
@@ -263,6 +263,7 @@ def main(argv=None) -> int:
   if args.phase:  # JAX runs in child processes only, so the parent can fork the servers safely
     print(json.dumps(engine_bytes(args) if args.phase == "engine" else run_phase(args)))
     return 0
+  from benchmarks.common import interleaved, paired_ratio
   from distill_core.netutil import free_port, wait_serving
   from distill_core.prepare import PrepareConfig, prepare
   from distill_core.config import build, resolve_preset
@@ -277,39 +278,54 @@ def main(argv=None) -> int:
   server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
                              *server_overrides(args), f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"],
                             cwd=REPO, env=env, preexec_fn=_pinned(teacher_cores))
+  loopback = None
   try:
     wait_serving(server, address, timeout=600)
-    wire_figures = teacher_bandwidth(args, address)
+    sizes = answer_sizes(args, address)
+    loopback, loopback_address = start_loopback(sizes["message_bytes"], teacher_cores)
+    zeros = np.zeros((args.batch, args.seq_len), np.int32)
+    from distill_core import wire
+    same_size = [wire.make_request(0, zeros, blockwise_spec(args)).SerializeToString()] * args.requests
+    bandwidth = interleaved({"served": lambda: stream_bandwidth(args, address, blockwise_requests(args)),
+                             "loopback": lambda: stream_bandwidth(args, loopback_address, same_size)}, args.rounds)
     args.address = address
-    training = {phase: child(args, phase, student_cores, address) for phase in PHASES}
+    training = interleaved({phase: (lambda phase=phase: child(args, phase, student_cores, address)["tokens_per_s"])
+                            for phase in PHASES}, args.rounds)
   finally:
-    server.terminate()
-    server.wait(60)
-  loopback = loopback_bandwidth(args, wire_figures["message_bytes"], teacher_cores)
+    for proc in (server, loopback):
+      if proc is not None:
+        proc.terminate()
+        proc.wait(60)
   figures = {
-      "engine_host_bytes_per_batch": (host["after"], "bytes"),
-      "engine_host_bytes_per_batch_untrimmed": (host["before"], "bytes"),
-      "engine_host_bytes_reduction": (host["before"] / host["after"], "ratio"),
-      "state_bytes_per_token": (wire_figures["state_bytes_per_token"], "bytes/token"),
-      "blockwise_response_bytes_per_token": (wire_figures["response_bytes_per_token"], "bytes/token"),
-      "served_state_mb_per_s": (wire_figures["served_bytes_per_s"] / 1e6, "MB/s"),
-      "loopback_grpc_mb_per_s": (loopback / 1e6, "MB/s"),
-      "state_bandwidth_fraction": (wire_figures["served_bytes_per_s"] / loopback, "ratio"),
-      "blockwise_memory_tokens_per_s": (training["memory"]["tokens_per_s"], "tokens/s"),
-      "blockwise_remote_tokens_per_s": (training["remote"]["tokens_per_s"], "tokens/s"),
-      "blockwise_streaming_efficiency": (training["remote"]["tokens_per_s"] / training["memory"]["tokens_per_s"],
+      "engine_host_bytes_per_batch": (host["host_bytes"], "bytes"),
+      "state_bytes_per_token": (sizes["state_bytes_per_token"], "bytes/token"),
+      "blockwise_response_bytes_per_token": (sizes["response_bytes_per_token"], "bytes/token"),
+      "served_state_mb_per_s": (statistics.median(bandwidth["served"]) / 1e6, "MB/s"),
+      "loopback_grpc_mb_per_s": (statistics.median(bandwidth["loopback"]) / 1e6, "MB/s"),
+      "state_bandwidth_fraction": (paired_ratio(bandwidth["served"], bandwidth["loopback"], limit=1.0,
+                                                why="the teacher's answers travel over the same transport"),
+                                   "ratio"),
+      "blockwise_memory_tokens_per_s": (statistics.median(training["memory"]), "tokens/s"),
+      "blockwise_remote_tokens_per_s": (statistics.median(training["remote"]), "tokens/s"),
+      "blockwise_streaming_efficiency": (paired_ratio(training["remote"], training["memory"], limit=1.0,
+                                                      why="streaming cannot beat the same answers in memory"),
                                          "ratio"),
   }
   from benchmarks.results import record
   record(figures)
   if args.json:
-    print(json.dumps({key: value for key, (value, _) in figures.items()}))
+    print(json.dumps({key: getattr(value, "value", value) for key, (value, _) in figures.items()}))
     return 0
   print(f"student {args.student} <- teacher {args.teacher} layers [{args.layer_map}], B={args.batch} "
         f"T={args.seq_len} k={args.k}, window {args.window}; servers on cores {sorted(teacher_cores or [])}, "
         f"student on {sorted(student_cores or [])}")
+  print(f"  {args.rounds} interleaved rounds: medians; ratios are the median of the rounds' ratios "
+        f"[lowest, highest]")
   for key, (value, unit) in figures.items():
-    print(f"  {key:40s} {value:14,.3f} {unit}")
+    spread = f" [{value.low:.3f}, {value.high:.3f}]" if hasattr(value, "rounds") else ""
+    print(f"  {key:40s} {getattr(value, 'value', value):14,.3f} {unit}{spread}")
+    if getattr(value, "note", None):
+      print(f"    note: {value.note}")
   return 0
 
 

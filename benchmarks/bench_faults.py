@@ -42,7 +42,8 @@ MIB = 1 << 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--slow-requests", type=int, default=64, help="requests of the slow reader (its window is 64)")
   p.add_argument("--idle-streams", type=int, default=500, help="idle Stream calls opened")
   p.add_argument("--connections", type=int, default=20, help="client connections the idle streams use")

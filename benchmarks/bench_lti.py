@@ -33,7 +33,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.bench_train import ensure_data
+from benchmarks.bench_train import HelpFormatter, ensure_data
 from benchmarks.results import record
 from student_trainer.metrics import read_metrics
 
@@ -97,7 +97,7 @@ def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, fl
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
   parser.add_argument("--data", default="data/stdlib", help="Prepared dataset (prepared here when missing).")
   parser.add_argument("--teacher", default="runs/demo/teacher/hf",
                       help="Demo teacher HF directory (trained with configs/demo/teacher.yaml when missing).")

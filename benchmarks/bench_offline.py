@@ -12,7 +12,8 @@
    layout (no delta coding) and the bytes per entry of one row's ids and values alone.
 4. Read: the `offline` source serving the dumped batches (grain lookup by id, decode, trim, place
    on the device) with 1 and 2 read threads, batches from memory; next to the student's own
-   training tokens/s from the same shards.
+   training tokens/s from the same shards. The 2-thread read and the student run take turns over
+   `--rounds` rounds; their ratio is the median of the rounds' ratios (benchmarks.common).
 
 Figures go to the benchmark results file (benchmarks/results.py); keys in benchmarks/README.md.
 """
@@ -20,11 +21,15 @@ Figures go to the benchmark results file (benchmarks/results.py); keys in benchm
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.bench_train import HelpFormatter
 
 K_VALUES = (16, 64, 128)
 ZSTD_LEVEL = 3
@@ -145,7 +150,7 @@ def read_throughput(cfg, batches: list, threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
   parser.add_argument("--data", default="data/stdlib", help="Prepared dataset (prepared here when missing).")
   parser.add_argument("--teacher", default="demo_teacher", help="Teacher preset (random weights unless --teacher-hf).")
   parser.add_argument("--teacher-hf", default=None, help="Hugging Face teacher folder (e.g. runs/demo/teacher/hf).")
@@ -154,8 +159,11 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--size-examples", type=int, default=256, help="Synthetic examples per size measurement.")
   parser.add_argument("--batch-size", type=int, default=8, help="Student batch size.")
   parser.add_argument("--steps", type=int, default=24, help="Student training steps (the first 4 hold compilation).")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="Interleaved rounds of the 2-thread read and the student run (the speed-up's two sides).")
   args = parser.parse_args(argv)
   from benchmarks.bench_train import ensure_data, throughput
+  from benchmarks.common import interleaved, paired_ratio
   from benchmarks.results import record
   from distill_core.config import load_config
   from distill_core.data import load_manifest, make_iterator
@@ -184,16 +192,22 @@ def main(argv: list[str] | None = None) -> int:
     data = make_iterator(cfg.data, "train")
     batches = [next(data) for _ in range(args.examples // args.batch_size)]
     data.close()
-    for threads in (1, 2):
-      figures[f"shard_read_tokens_per_s_{threads}_thread{'s' if threads > 1 else ''}"] = (
-          read_throughput(cfg, batches, threads), "tokens/s")
-    run(cfg)
-    student = throughput(out / "student", "offline student")
-  figures["offline_student_tokens_per_s"] = (student, "tokens/s")
-  figures["shard_read_speedup_over_student"] = (figures["shard_read_tokens_per_s_2_threads"][0] / student, "ratio")
+    figures["shard_read_tokens_per_s_1_thread"] = (read_throughput(cfg, batches, 1), "tokens/s")
+
+    def student_run() -> float:
+      shutil.rmtree(out / "student", ignore_errors=True)  # a fresh run: no earlier round's checkpoint or metrics
+      run(cfg)
+      return throughput(out / "student", "offline student")
+
+    rounds = interleaved({"read": lambda: read_throughput(cfg, batches, 2), "student": student_run}, args.rounds)
+  figures["shard_read_tokens_per_s_2_threads"] = (statistics.median(rounds["read"]), "tokens/s")
+  figures["offline_student_tokens_per_s"] = (statistics.median(rounds["student"]), "tokens/s")
+  figures["shard_read_speedup_over_student"] = (paired_ratio(rounds["read"], rounds["student"]), "ratio")
   width = max(map(len, figures))
   for key, (value, unit) in figures.items():
-    print(f"{key:<{width}}  {value:12.4g} {unit}")
+    spread = f"  (median of {value.rounds} interleaved rounds, {value.low:.4g} to {value.high:.4g})" \
+        if hasattr(value, "rounds") else ""
+    print(f"{key:<{width}}  {getattr(value, 'value', value):12.4g} {unit}{spread}")
   record(figures)
   return 0
 

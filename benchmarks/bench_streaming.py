@@ -20,8 +20,16 @@ hardware as (b) in total; `--local-cores student` gives it only the student's
 half, like a teacher sharing the student's accelerator). The split is printed. Throughput is measured after
 the first log interval (compilation), over the remaining ones.
 
-Prints tokens/s of each run, b/a (streaming efficiency), b/c (speed-up over
-the co-located teacher) and the teacher wait fraction of (b).
+The three runs are interleaved over `--rounds` rounds ((a), (b), (c), (a), (b),
+(c), ...; the teacher server stays up), so a neighbour's load on a shared
+machine hits every side of a ratio alike; each ratio is the median of its
+rounds' ratios, recorded with the lowest and highest round
+(benchmarks.common.paired_ratio).
+
+Prints tokens/s of each run (median over rounds), b/a (streaming efficiency,
+at most 1), b/c (remote over co-located: above 1 when the teacher on its own
+cores beats the co-located one, below 1 when it does not) and the teacher wait
+fraction of (b).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,7 +49,8 @@ PHASES = ("memory", "remote", "local")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--student", default="demo_student", help="student model preset (configs/models)")
   p.add_argument("--teacher", default="demo_teacher", help="teacher model preset (same vocabulary)")
   p.add_argument("--batch", type=int, default=8, help="global batch B")
@@ -49,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--window", type=int, default=4, help="prefetch window of the remote source")
   p.add_argument("--log-every", type=int, default=10, help="steps per measurement interval")
   p.add_argument("--steps", type=int, default=30, help="measured steps (after one warm-up interval)")
+  p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the three runs")
   p.add_argument("--max-files", type=int, default=200, help="standard-library files in the benchmark corpus")
   p.add_argument("--local-cores", choices=("all", "student"), default="all",
                  help="cores of (c): all (the same hardware as (b) in total) or only the student's")
@@ -154,37 +165,52 @@ def main(argv=None) -> int:
   prepare(PrepareConfig(max_files=args.max_files, vocab_size=vocab.pop(), seq_len=args.seq_len,
                         output_dir=str(data_dir(args))), show_progress=False)
   student_cores, teacher_cores = core_split()
-  results = {"memory": child(args, "memory", student_cores)}
+  local_cores = student_cores if args.local_cores == "student" else (
+      student_cores | teacher_cores if student_cores else None)
+  from benchmarks.common import interleaved, paired_ratio
+  from distill_core.netutil import wait_serving
+  runs: dict[str, list[dict]] = {phase: [] for phase in PHASES}
+
+  def phase_run(phase: str, cores, address=None):
+    def once() -> float:
+      runs[phase].append(child(args, phase, cores, address))
+      return runs[phase][-1]["tokens_per_s"]
+    return once
+
   server, address = start_server(args, teacher_cores)
   try:
-    from distill_core.netutil import wait_serving
     wait_serving(server, address, timeout=600)
-    results["remote"] = child(args, "remote", student_cores, address)
+    rounds = interleaved({"memory": phase_run("memory", student_cores),
+                          "remote": phase_run("remote", student_cores, address),
+                          "local": phase_run("local", local_cores)}, args.rounds)
   finally:
     server.terminate()
     server.wait(60)
-  local_cores = student_cores if args.local_cores == "student" else (
-      student_cores | teacher_cores if student_cores else None)
-  results["local"] = child(args, "local", local_cores)
-  summary = {"streaming_efficiency": results["remote"]["tokens_per_s"] / results["memory"]["tokens_per_s"],
-             "speedup_over_local": results["remote"]["tokens_per_s"] / results["local"]["tokens_per_s"],
+  median = {phase: statistics.median(rounds[phase]) for phase in PHASES}
+  results = {phase: {key: statistics.median(r[key] for r in runs[phase]) for key in
+                     ("tokens_per_s", "step_ms", "teacher_wait_fraction")} for phase in PHASES}
+  streaming = paired_ratio(rounds["remote"], rounds["memory"], limit=1.0,
+                           why="streaming cannot beat the same targets already in memory")
+  colocated = paired_ratio(rounds["remote"], rounds["local"])
+  summary = {"streaming_efficiency": streaming, "remote_over_colocated_tokens_per_s": colocated,
              "teacher_wait_fraction": results["remote"]["teacher_wait_fraction"],
              "student_cores": sorted(student_cores or []), "teacher_cores": sorted(teacher_cores or []),
-             "local_cores": sorted(local_cores or []),
+             "local_cores": sorted(local_cores or []), "rounds": rounds,
              "setup": dict(student=args.student, teacher=args.teacher, batch=args.batch, seq_len=args.seq_len,
-                           k=args.k, window=args.window, measured_steps=results["remote"]["measured_steps"])}
+                           k=args.k, window=args.window, measured_steps=runs["remote"][0]["measured_steps"])}
   from benchmarks.results import record
-  record({"memory_tokens_per_s": (results["memory"]["tokens_per_s"], "tokens/s"),
-          "remote_tokens_per_s": (results["remote"]["tokens_per_s"], "tokens/s"),
-          "local_tokens_per_s": (results["local"]["tokens_per_s"], "tokens/s"),
-          "streaming_efficiency": (summary["streaming_efficiency"], "ratio"),
-          "speedup_over_colocated": (summary["speedup_over_local"], "ratio"),
+  record({"memory_tokens_per_s": (median["memory"], "tokens/s"),
+          "remote_tokens_per_s": (median["remote"], "tokens/s"),
+          "local_tokens_per_s": (median["local"], "tokens/s"),
+          "streaming_efficiency": (streaming, "ratio"),
+          "remote_over_colocated_tokens_per_s": (colocated, "ratio"),
           "teacher_wait_fraction": (summary["teacher_wait_fraction"], "fraction")})
   if args.json:
-    print(json.dumps({**results, **summary}))
+    print(json.dumps({**results, **{k: vars(v) if hasattr(v, "rounds") else v for k, v in summary.items()}}))
     return 0
   print(f"student {args.student}, teacher {args.teacher}, B={args.batch} T={args.seq_len} k={args.k}, "
-        f"window {args.window}, {summary['setup']['measured_steps']} measured steps")
+        f"window {args.window}, {summary['setup']['measured_steps']} measured steps per run, {args.rounds} "
+        f"interleaved rounds (medians; ratios: median of the rounds' ratios [lowest, highest])")
   if student_cores:
     print(f"cores: (a) and the student of (b) on {sorted(student_cores)}, the teacher server of (b) on "
           f"{sorted(teacher_cores)}, (c) on {sorted(local_cores)}")
@@ -195,8 +221,10 @@ def main(argv=None) -> int:
     r = results[phase]
     print(f"  {names[phase]:24s} {r['tokens_per_s']:10,.0f} tokens/s  {r['step_ms']:8.1f} ms/step  "
           f"teacher wait {r['teacher_wait_fraction']:6.1%}")
-  print(f"  streaming efficiency b/a  {summary['streaming_efficiency']:.2f}")
-  print(f"  speed-up over co-located b/c  {summary['speedup_over_local']:.2f}")
+  print(f"  streaming efficiency b/a  {streaming.value:.3f} [{streaming.low:.3f}, {streaming.high:.3f}]")
+  print(f"  remote over co-located b/c  {colocated.value:.3f} [{colocated.low:.3f}, {colocated.high:.3f}]")
+  if streaming.note:
+    print(f"  note: {streaming.note}")
   print(f"  teacher wait fraction of (b)  {summary['teacher_wait_fraction']:.1%}")
   return 0
 

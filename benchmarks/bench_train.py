@@ -13,7 +13,11 @@ intervals after the first (which holds compilation).
 - KD with a local teacher: the teacher's forward runs next to the student's;
   `kd_local_over_ce` = this / CE only.
 
-The figures are recorded in the benchmark results file (benchmarks/results.py).
+The three runs are interleaved over `--rounds` rounds (CE, memory, local, CE,
+...), so a neighbour's load on a shared machine hits both sides of each ratio
+alike; each ratio is the median of its rounds' ratios, recorded with the lowest
+and highest round (benchmarks.common.paired_ratio). The figures are recorded in
+the benchmark results file (benchmarks/results.py).
 `--data` defaults to data/stdlib; it is prepared (`python -m distill_core.prepare`)
 when missing.
 """
@@ -21,6 +25,7 @@ when missing.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import tempfile
 from pathlib import Path
@@ -28,6 +33,10 @@ from pathlib import Path
 from distill_core.config import load_config
 from student_trainer.config import TrainConfig
 from student_trainer.train import run
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+  """The module docstring as written, and every option's default."""
 
 
 def overrides(name: str, data: str, out: Path, args, *extra: str) -> list[str]:
@@ -57,7 +66,7 @@ def ensure_data(path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
   parser.add_argument("--data", default="data/stdlib", help="Prepared dataset (prepared here when missing).")
   parser.add_argument("--student", default="demo_student", help="Student model preset.")
   parser.add_argument("--teacher", default="demo_teacher", help="Teacher model preset (random weights).")
@@ -65,27 +74,47 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--steps", type=int, default=30, help="Steps per run, the first interval included.")
   parser.add_argument("--interval", type=int, default=5, help="Steps per throughput sample.")
   parser.add_argument("--top-k", type=int, default=64, help="Teacher top-k of both KD runs.")
+  parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the three runs.")
   args = parser.parse_args(argv)
   ensure_data(args.data)
-  from benchmarks.common import precompute_targets, run_from_memory
+  from benchmarks.common import interleaved, paired_ratio, precompute_targets, run_from_memory
   from benchmarks.results import record
   kd = ("teacher.source=local", f"teacher.local.model={args.teacher}", f"loss.top_k={args.top_k}")
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp)
-    run(load_config(TrainConfig, None, overrides("ce", args.data, out, args, "teacher.source=none")))
-    ce = throughput(out / "ce", "ce")
-    cfg = load_config(TrainConfig, None, overrides("kd_memory", args.data, out, args, *kd))
-    run_from_memory(cfg, precompute_targets(cfg, args.steps))
-    memory = throughput(out / "kd_memory", "kd_memory")
-    run(load_config(TrainConfig, None, overrides("kd_local", args.data, out, args, *kd)))
-    local = throughput(out / "kd_local", "kd_local")
-  print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, k={args.top_k}")
+    configs = {name: load_config(TrainConfig, None, overrides(name, args.data, out, args, *extra))
+               for name, extra in (("ce", ("teacher.source=none",)), ("kd_memory", kd), ("kd_local", kd))}
+    targets = precompute_targets(configs["kd_memory"], args.steps)
+
+    def measure(name: str):
+      def once() -> float:
+        shutil.rmtree(out / name, ignore_errors=True)  # a fresh run: no checkpoint, no earlier round's metrics
+        if name == "kd_memory":
+          run_from_memory(configs[name], list(targets))
+        else:
+          run(configs[name])
+        return throughput(out / name, name)
+      return once
+
+    rounds = interleaved({name: measure(name) for name in configs}, args.rounds)
+  ce, memory, local = (statistics.median(rounds[name]) for name in configs)
+  overhead = paired_ratio(rounds["kd_memory"], rounds["ce"], limit=1.0,
+                          why="the KD step does the CE step's work and more")
+  colocated = paired_ratio(rounds["kd_local"], rounds["ce"], limit=1.0,
+                           why="the local-teacher step does the CE step's work and the teacher's forward")
+  print(f"student {args.student}, teacher {args.teacher}, batch {args.batch_size}, k={args.top_k}, "
+        f"{args.rounds} interleaved rounds (medians; ratios: median of the rounds' ratios [lowest, highest])")
   print(f"CE-only                : {ce:10.0f} tokens/s")
-  print(f"KD, targets in memory  : {memory:10.0f} tokens/s   ratio to CE {memory / ce:.3f}")
-  print(f"KD, local teacher      : {local:10.0f} tokens/s   ratio to CE {local / ce:.3f}")
+  print(f"KD, targets in memory  : {memory:10.0f} tokens/s   ratio to CE {overhead.value:.3f} "
+        f"[{overhead.low:.3f}, {overhead.high:.3f}]")
+  print(f"KD, local teacher      : {local:10.0f} tokens/s   ratio to CE {colocated.value:.3f} "
+        f"[{colocated.low:.3f}, {colocated.high:.3f}]")
+  for ratio in (overhead, colocated):
+    if ratio.note:
+      print(f"note: {ratio.note}")
   record({"ce_tokens_per_s": (ce, "tokens/s"), "kd_memory_tokens_per_s": (memory, "tokens/s"),
-          "kd_local_tokens_per_s": (local, "tokens/s"), "kd_overhead_over_ce": (memory / ce, "ratio"),
-          "kd_local_over_ce": (local / ce, "ratio")})
+          "kd_local_tokens_per_s": (local, "tokens/s"), "kd_overhead_over_ce": (overhead, "ratio"),
+          "kd_local_over_ce": (colocated, "ratio")})
   return 0
 
 

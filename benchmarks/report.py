@@ -10,7 +10,9 @@ A table is a block between two marker comments:
     <!-- /results -->
 
 `results:KEYS` renders those keys of `benchmarks/results/latest.json` (value,
-unit, and the command, commit, date and machine that measured them), with the
+unit, for ratios over interleaved rounds the median with the lowest and highest
+round and any note, and the command, commit, date and machine that measured
+them), with the
 definition of each key taken from `benchmarks/README.md`. `quality` renders
 `benchmarks/results/quality.json` (written by `python -m benchmarks.quality`).
 `scale` renders every program of `benchmarks/results/scale.json` (written by
@@ -70,6 +72,15 @@ def fmt(value: float, unit: str = "") -> str:
   return f"{value:.3f}"
 
 
+def value_text(entry: dict) -> str:
+  """The value cell: the figure, and for a ratio over interleaved rounds its median with the range of rounds."""
+  text = fmt(entry["value"], entry["unit"])
+  if "rounds" in entry:
+    text += (f" (median of {entry['rounds']} interleaved rounds, {fmt(entry['low'], entry['unit'])} to "
+             f"{fmt(entry['high'], entry['unit'])})")
+  return text
+
+
 def machine_text(machine: dict) -> str:
   text = f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores"
   return text + (f", {machine['accelerator']}" if machine.get("accelerator") else ", no accelerator")
@@ -78,16 +89,19 @@ def machine_text(machine: dict) -> str:
 def render_results(keys: list[str], results: dict[str, dict], defs: dict[str, str]) -> str:
   rows = ["| figure | value | unit | definition |", "|---|---|---|---|"]
   sources: dict[str, list[str]] = {}
+  notes: list[str] = []
   for key in keys:
     entry = results.get(key)
     if entry is None:
       rows.append(f"| `{key}` | not measured | | {defs.get(key, '')} |")
       continue
-    rows.append(f"| `{key}` | {fmt(entry['value'], entry['unit'])} | {entry['unit']} | {defs.get(key, '')} |")
+    rows.append(f"| `{key}` | {value_text(entry)} | {entry['unit']} | {defs.get(key, '')} |")
+    if entry.get("note"):
+      notes.append(f"`{key}`: {entry['note']}.  ")
     source = (f"`{entry['command']}` at commit `{entry.get('commit') or '?'}` on {entry['date'][:10]} "
               f"({machine_text(entry.get('machine', {}))})")
     sources.setdefault(source, []).append(key)
-  lines = rows + [""]
+  lines = rows + [""] + notes
   for source, measured in sources.items():
     lines.append(f"Measured by {source}.  ")
   return "\n".join(lines).rstrip(" ") + "\n"

@@ -62,7 +62,7 @@ def test_missing_token_file_is_one_message_naming_it(tiny_dataset):
   code, err = trainer_main("--config", "configs/student_remote_replicas.yaml", f"data.path={tiny_dataset}",
                            "model=tiny", "loss.top_k=8")
   assert code == 1 and "Traceback" not in err
-  assert re.search(r"error: teacher\.remote\.token_file: /var/run/secrets/teacher/token does not exist .*"
+  assert re.search(r"error: teacher\.remote\.token_file: /var/run/secrets/teacher-token/token does not exist .*"
                    r"teacher\.remote\.token_file=null", err), err
 
 

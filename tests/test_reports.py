@@ -10,15 +10,43 @@ import pytest
 
 from benchmarks import quality, report, results
 
-# A measured figure in prose: a number followed by a throughput, size or time unit, or a loss value.
-FIGURE = re.compile(r"\b\d[\d,]*(?:\.\d+)?\s*(?:tokens/s|tok/s|bytes/token|bytes per token|bytes/entry|"
-                    r"bytes per entry|ms/step|MB/s|GB/s|x faster)|\b(?:eval|held-out) CE (?:of )?\d\.\d", re.I)
+# A measured figure in prose: a number followed by a throughput or size unit, a loss value, or an
+# approximate duration or share ("about 13 s", "~3 s", "about a minute", "a few minutes", "about 15 %").
+# Durations and percentages that are settings or bounds ("a 90 s termination grace", "timeout_s=1.5 s")
+# are not approximate and stay allowed.
+_APPROX = r"(?:about|~|roughly|around|approximately|nearly|almost|under|up to)\s*"
+_COUNT = r"(?:a|an|one|two|three|four|five|ten|twenty|thirty|half an?|a few|several|a couple of)"
+FIGURE = re.compile(
+    r"\b\d[\d,]*(?:\.\d+)?\s*(?:tokens/s|tok/s|bytes/token|bytes per token|bytes/entry|"
+    r"bytes per entry|ms/step|MB/s|GB/s|x faster)|\b(?:eval|held-out) CE (?:of )?\d\.\d"
+    rf"|{_APPROX}\d[\d,]*(?:\.\d+)?(?:\s*-\s*\d+(?:\.\d+)?)?\s*(?:s|ms|sec|seconds?|min|minutes?|h|hours?|%)(?![\w/])"
+    rf"|{_APPROX}{_COUNT}\s+(?:seconds?|minutes?|hours?)\b"
+    r"|\b(?:a few|several|a couple of) (?:seconds|minutes|hours)\b", re.I)
 
 
 def _outside_generated(text: str) -> str:
-  """The text without rendered blocks and code fences (commands may carry numbers as options)."""
+  """The text without rendered blocks, and of code fences only their comments (options carry numbers)."""
   text = report.MARKER.sub("", text)
-  return re.sub(r"```.*?```", "", text, flags=re.S)
+  return re.sub(r"```.*?```", lambda m: "\n".join(line.partition(" #")[2] for line in m.group(0).splitlines()),
+                text, flags=re.S)
+
+
+@pytest.mark.parametrize("text", [
+    "takes about 13 s on an otherwise idle machine", "(about 25 s while other jobs share the cores)",
+    "| `tests/test_wire.py` | round trips | ~3 s |", "# tiny model, default limits, about a minute on 2 cores",
+    "runs vary by about 15 % from one run", "under a minute cold", "at CI size, a few minutes",
+    "up to an hour on 2 CPU cores", "vocabulary 384; about ten seconds", "~10-30 s", "2,637 tokens/s",
+    "held-out CE of 3.13"])
+def test_figure_pattern_finds_hand_typed_measurements(text):
+  assert FIGURE.search(_outside_generated(text)), text
+
+
+@pytest.mark.parametrize("text", [
+    "a 90 s termination grace (> `shutdown_grace_s`)", "`timeout_s`=1.5 s", "the wait ends within 0.25 s",
+    "One WARNING line per 10 s", "a teacher process whose engine takes 8 seconds",
+    "```bash\npython -m x --steps 30 --seconds 20\n```", "blockwise (30 %), then tail KD"])
+def test_figure_pattern_leaves_settings_alone(text):
+  assert not FIGURE.search(_outside_generated(text)), text
 
 
 def test_rendered_tables_equal_the_committed_results():
@@ -35,9 +63,12 @@ def test_rendered_tables_equal_the_committed_results():
 
 def test_no_figure_is_typed_by_hand():
   hits = []
-  for path in report.documents():
+  for path in [*report.documents(), report.DEFINITIONS]:
     if path.exists():
-      for match in FIGURE.finditer(_outside_generated(path.read_text())):
+      text = path.read_text()
+      if path == report.DEFINITIONS:  # its key table holds definitions (targets included), rendered as tables
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("| `"))
+      for match in FIGURE.finditer(_outside_generated(text)):
         hits.append(f"{path.name}: {match.group(0)!r}")
   assert not hits, "measured figures outside generated tables (record them and render a table):\n" + "\n".join(hits)
 
@@ -204,3 +235,98 @@ def test_quality_quick_end_to_end(tmp_path):
   assert data["summary"]["teacher_eval_ce"] < data["summary"]["ce_only_eval_ce"]
   assert (tmp_path / "results" / "quality.png").read_bytes()[:4] == b"\x89PNG"
   assert "| CE only |" in report.render_quality(data)
+
+
+# -- ratios over interleaved rounds -----------------------------------------------------------------
+
+def test_interleaved_alternates_the_measurements_round_by_round():
+  from benchmarks.common import interleaved
+  calls = []
+  counter = iter(range(100))
+  out = interleaved({"a": lambda: calls.append("a") or next(counter),
+                     "b": lambda: calls.append("b") or next(counter)}, 3)
+  assert calls == ["a", "b", "a", "b", "a", "b"]
+  assert out == {"a": [0.0, 2.0, 4.0], "b": [1.0, 3.0, 5.0]}
+  with pytest.raises(ValueError, match="rounds must be at least 1"):
+    interleaved({"a": lambda: 1.0}, 0)
+
+
+def test_paired_ratio_is_the_median_of_the_rounds_ratios():
+  from benchmarks.common import paired_ratio
+  # a machine that slows down between rounds: each round's pair shares its slowdown
+  engine, served = [100.0, 50.0, 80.0, 40.0], [90.0, 46.0, 76.0, 34.0]
+  ratio = paired_ratio(served, engine, limit=1.0, why="x")
+  expected = sorted(s / e for s, e in zip(served, engine))
+  assert ratio.value == pytest.approx((expected[1] + expected[2]) / 2)  # NumPy-free median of 4
+  assert (ratio.low, ratio.high, ratio.rounds, ratio.note) == (pytest.approx(expected[0]),
+                                                              pytest.approx(expected[-1]), 4, None)
+  assert ratio.value != pytest.approx(sum(served) / sum(engine))  # not the ratio of the means
+
+
+def test_a_ratio_above_its_limit_is_always_noted():
+  from benchmarks.common import paired_ratio
+  noisy = paired_ratio([1.12, 0.95, 1.05], [1.0, 1.0, 1.0], limit=1.0, why="the server runs the same engine")
+  assert noisy.value == pytest.approx(1.05) and noisy.low == pytest.approx(0.95)
+  assert "above the physical limit 1.0 (the server runs the same engine), within the rounds' spread" in noisy.note
+  every = paired_ratio([1.1, 1.2], [1.0, 1.0], limit=1.0, why="w")
+  assert every.value == pytest.approx(1.15)
+  assert "every round (1.1 to 1.2 over 2 rounds) are above the physical limit 1.0 (w): not a gain" in every.note
+  assert paired_ratio([0.9, 1.05, 0.95], [1.0, 1.0, 1.0], limit=1.0).note is None  # median 0.95: below the limit
+  with pytest.raises(ValueError, match="above its physical limit 1.0 and no note says why"):
+    results.Ratio(value=1.1, low=1.0, high=1.2, rounds=3, limit=1.0)
+  with pytest.raises(ValueError, match="paired rounds needed"):
+    paired_ratio([1.0], [1.0, 2.0])
+  assert paired_ratio([3.0], [1.0]).value == 3.0  # no limit: any value
+
+
+def test_record_stores_a_ratios_spread_and_note(tmp_path, monkeypatch):
+  path = tmp_path / "latest.json"
+  monkeypatch.setenv(results.ENV_PATH, str(path))
+  ratio = results.Ratio(value=1.02, low=0.97, high=1.08, rounds=5, limit=1.0, note="within noise")
+  results.record({"r": (ratio, "ratio"), "plain": (2.0, "ratio")}, command="python -m x")
+  data = json.loads(path.read_text())
+  assert {k: data["r"][k] for k in ("value", "low", "high", "rounds", "limit", "note")} == {
+      "value": 1.02, "low": 0.97, "high": 1.08, "rounds": 5, "limit": 1.0, "note": "within noise"}
+  assert "rounds" not in data["plain"]
+  machine = {"cpu": "C", "cores": 2, "accelerator": None}
+  res = {key: {**entry, "date": "2026-12-01T00:00:00+00:00", "machine": machine} for key, entry in data.items()}
+  out = report.render_text("<!-- results:r,plain -->\n<!-- /results -->\n", res, None, {"r": "def"})
+  assert "| `r` | 1.02 (median of 5 interleaved rounds, 0.970 to 1.08) | ratio | def |" in out
+  assert "\n`r`: within noise.  \n" in out
+  assert "| `plain` | 2.00 | ratio |" in out
+
+
+def test_recording_the_committed_file_re_renders_the_tables(tmp_path, monkeypatch):
+  rendered = []
+  monkeypatch.setattr(report, "main", lambda argv=None: rendered.append(argv) or 0)
+  monkeypatch.setattr(results, "LATEST", tmp_path / "latest.json")
+  monkeypatch.delenv(results.ENV_PATH, raising=False)
+  results.record({"a": (1.0, "ratio")}, command="x")
+  assert rendered == [[]]
+  results.record({"a": (1.0, "ratio")}, command="x", path=tmp_path / "other.json")
+  assert rendered == [[]]  # a trial file renders nothing
+
+
+def test_only_the_benchmarks_own_output_leaves_the_commit_clean(tmp_path):
+  """Results files and rendered tables changed since HEAD are the benchmarks' output, not a dirty tree."""
+  import shutil
+  import subprocess
+  if shutil.which("git") is None:
+    pytest.skip("git is not installed")
+  (tmp_path / "docs").mkdir()
+  (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+  readme = tmp_path / "README.md"
+  readme.write_text("prose\n<!-- results:a -->\nold table\n<!-- /results -->\nmore prose\n")
+  (tmp_path / "benchmarks" / "results" / "latest.json").write_text("{}\n")
+  (tmp_path / "code.py").write_text("x = 1\n")
+  git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+  subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+  subprocess.run([*git, "add", "-A"], cwd=tmp_path, check=True)
+  subprocess.run([*git, "commit", "-qm", "x"], cwd=tmp_path, check=True)
+  readme.write_text("prose\n<!-- results:a -->\nnew table\n<!-- /results -->\nmore prose\n")
+  (tmp_path / "benchmarks" / "results" / "latest.json").write_text('{"a": 1}\n')
+  outputs = ["README.md", "benchmarks/results/latest.json"]
+  assert not results._changed_outside_outputs(outputs, tmp_path)
+  readme.write_text("changed prose\n<!-- results:a -->\nnew table\n<!-- /results -->\nmore prose\n")
+  assert results._changed_outside_outputs(outputs, tmp_path)
+  assert results._changed_outside_outputs(["code.py"], tmp_path)
