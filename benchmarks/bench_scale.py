@@ -17,8 +17,11 @@ For each it records per-chip bytes (`distill_core.memory`) against the chip's
 HBM, whether it fits, and compiled FLOPs per token against the analytic count.
 XLA's cost analysis counts a loop body once, so the FLOPs come from two extra
 compiles of the same program with 1 and 2 unrolled layers (the count is linear
-in depth) and grad_accum 1; loops left inside a layer (a chunked kernel) are
-still counted once, which `flops_exact` reports.
+in depth) and grad_accum 1, built loop-free: dense (`xla`) attention, the
+engine's logits and the student's fused loss unchunked (a chunked kernel's loop
+would be counted once, a Pallas kernel not at all; the arithmetic is the same,
+and dense attention computes the full T x T scores the analytic count assumes).
+A loop still left inside a layer makes `flops_exact` false.
 
 On a real accelerator (`jax.devices()[0].platform` gpu or tpu) the same cases
 are also run on the local devices: engine tokens/s and the train step's model
@@ -181,13 +184,15 @@ def _has_loop(compiled) -> bool:
   return " while(" in compiled.as_text()
 
 
-def teacher_programs(cfg, devices, buckets, mesh: dict, max_k: int):
-  """(name, lowered) of every bucket of a `JaxEngine` over abstract weights on `devices`."""
+def teacher_programs(cfg, devices, buckets, mesh: dict, max_k: int, chunk_size: int | None = None):
+  """(name, lowered) of every bucket of a `JaxEngine` over abstract weights on `devices` (`chunk_size`:
+  the engine's logits chunk; None: its default)."""
   from distill_core import checkpoints
   from distill_core.sharding import MeshConfig
-  from teacher_server.engine import JaxEngine
+  from teacher_server.engine import DEFAULT_CHUNK_SIZE, JaxEngine
   engine = JaxEngine(checkpoints.abstract_model(cfg), buckets=buckets, max_k=max_k, max_temperatures=1,
-                     selectable_layers=[], state_names=[], mesh=MeshConfig(**mesh), devices=devices)
+                     selectable_layers=[], state_names=[], mesh=MeshConfig(**mesh), devices=devices,
+                     chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
   return engine.programs()
 
 
@@ -222,7 +227,7 @@ def student_program(cfg, devices, per_chip: int, seq_len: int, mesh: dict, loss:
   targets = TeacherTargets(topk_ids=spec((*bt, k), "int32"), topk_logits=spec((*bt, k), value_dtype),
                            logsumexp=spec((*bt, 1), "float32"), temperatures=spec((1,), "float32", sharded=False))
   hyper = {name: spec((), "float32", sharded=False) for name in ("alpha", "beta", "temperature")}
-  step = make_train_step(state.graphdef, train_cfg, "kd", state.shardings)
+  step = make_train_step(state.graphdef, train_cfg, "kd", state.shardings, mesh_obj)
   name = f"{per_chip}x{seq_len} per chip x {mesh_obj.devices.size} chips, grad_accum {grad_accum}"
   return name, step.lower(state.params, batch, targets, hyper), rows * seq_len
 
@@ -283,7 +288,12 @@ def _depth_flops(make_lowered, cfg, analytic, devices) -> tuple[float, float, bo
   from distill_core import memory
   per_depth, exact = [], True
   for depth in (1, 2):
-    small = cfg.model_copy(update={"num_hidden_layers": depth, "scan_layers": False})
+    # Loop-free: XLA's cost analysis counts a loop body once (and a Pallas kernel not at all), so the
+    # count runs dense attention; the memory rows keep the configured kernel.
+    update = {"num_hidden_layers": depth, "scan_layers": False}
+    if "attention" in type(cfg).model_fields:
+      update["attention"] = "xla"
+    small = cfg.model_copy(update=update)
     lowered, tokens, chips = make_lowered(small, devices)
     compiled, _ = memory.compile_or_estimate("flops", lowered)
     if compiled is None and len(devices) in V5P_BY_CHIPS:
@@ -311,7 +321,7 @@ def run_teacher(case: Case, topology: str, args, overrides: dict, skipped: list[
     def small(c, devs, t=t):
       from distill_core.sharding import MeshConfig, batch_parallelism, make_mesh
       rows = batch_parallelism(make_mesh(MeshConfig(**case.mesh), devs))  # one row per data x fsdp chip
-      [(_, low)] = teacher_programs(c, devs, [(rows, t)], case.mesh, args.max_k)
+      [(_, low)] = teacher_programs(c, devs, [(rows, t)], case.mesh, args.max_k, chunk_size=0)  # loop-free
       return low, rows * t, len(devs)
 
     flops = _depth_flops(small, cfg, analytic_flops_per_token(cfg, t, train=False, remat=False), devices)
@@ -329,7 +339,8 @@ def run_student(case: Case, topology: str, args, overrides: dict, loss: dict, sk
   lowering_s = time.perf_counter() - start
 
   def small(c, devs):
-    _, low, n = student_program(c, devs, 1, t, case.mesh, loss, 1, args.value_dtype)
+    _, low, n = student_program(c, devs, 1, t, case.mesh, {**loss, "chunk_size": 0}, 1,  # loop-free
+                                args.value_dtype)
     return low, n, len(devs)
 
   flops = _depth_flops(small, cfg, analytic_flops_per_token(cfg, t, train=True, remat=is_remat(cfg)), devices)

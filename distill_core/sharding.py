@@ -18,9 +18,10 @@ replicated (so tiny test models run on any mesh, and 8 kv heads stay whole on a
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -135,6 +136,21 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
   else:
     grid = np.asarray(devices).reshape(shape)
   return Mesh(grid, MESH_AXES)
+
+
+def traced_on(mesh: Mesh | None, fn: Callable) -> Callable:
+  """`fn`, traced with `mesh` as the abstract mesh: kernels that read it (`model.attention: auto`
+  choosing by the mesh's platform, splash attention's shard_map over the batch axes) build for
+  the mesh, also when the program is compiled ahead for a TPU topology on another host. Only the
+  tracing sees it: model construction keeps its own sharding rules."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return wrapped
 
 
 def batch_parallelism(mesh: Mesh) -> int:

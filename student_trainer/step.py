@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 
 from distill_core.data import Batch
+from distill_core.sharding import traced_on
 from distill_core.targets import TeacherTargets
 from student_trainer import losses
 from student_trainer.blockwise import BlockwiseLoss
@@ -108,11 +110,14 @@ def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):
   return micro_batch, targets.map_rows(rows)
 
 
-def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd", shardings=None):
+def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd", shardings=None,
+                    mesh: Mesh | None = None):
   """Returns `step(params, batch, targets, hyper) -> (params, metrics)`, jitted, params donated.
 
   `shardings` (of params) pins the returned params to the same layout as the given ones, so the
   first step's inputs and every later step's match and the program is not compiled twice.
+  `mesh`: traced with it as the abstract mesh (`distill_core.sharding.traced_on`), so the
+  attention kernel is the one for the mesh's platform and runs sharded over it.
 
   A `blockwise` step needs targets with `attn_in` and `attn_out` states (use the `kd` step
   for a batch without an answer).
@@ -161,10 +166,10 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phas
     return new_params, metrics
 
   out = None if shardings is None else (shardings, None)  # None: metrics placed as XLA likes
-  return jax.jit(train_step, donate_argnums=0, out_shardings=out)
+  return jax.jit(traced_on(mesh, train_step), donate_argnums=0, out_shardings=out)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd"):
+def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase = "kd", mesh: Mesh | None = None):
   """Returns `eval_step(params, batch, targets, hyper) -> metric sums` (ce, kd, tokens...)."""
   loss_fn = objective(cfg, phase)
 
@@ -173,14 +178,14 @@ def make_eval_step(graphdef: nnx.GraphDef, cfg: TrainConfig, phase: losses.Phase
     num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
     return loss_fn.evaluate(model, batch, targets, hyper, num_tokens)
 
-  return jax.jit(eval_step)
+  return jax.jit(traced_on(mesh, eval_step))
 
 
 class Programs:
   """The jitted train and eval step of each objective, built on first use (each compiles once)."""
 
-  def __init__(self, graphdef: nnx.GraphDef, cfg: TrainConfig, shardings=None):
-    self._graphdef, self._cfg, self._shardings = graphdef, cfg, shardings
+  def __init__(self, graphdef: nnx.GraphDef, cfg: TrainConfig, shardings=None, mesh: Mesh | None = None):
+    self._graphdef, self._cfg, self._shardings, self._mesh = graphdef, cfg, shardings, mesh
     self._train: dict[str, object] = {}
     self._eval: dict[str, object] = {}
 
@@ -190,12 +195,12 @@ class Programs:
 
   def train(self, phase: losses.Phase):
     if phase not in self._train:
-      self._train[phase] = make_train_step(self._graphdef, self._cfg, phase, self._shardings)
+      self._train[phase] = make_train_step(self._graphdef, self._cfg, phase, self._shardings, self._mesh)
     return self._train[phase]
 
   def eval(self, phase: losses.Phase):
     if phase not in self._eval:
-      self._eval[phase] = make_eval_step(self._graphdef, self._cfg, phase)
+      self._eval[phase] = make_eval_step(self._graphdef, self._cfg, phase, self._mesh)
     return self._eval[phase]
 
   def compilations(self) -> dict[str, int]:

@@ -177,7 +177,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     if note:
       log.info("%s", note)
 
-    programs = step_lib.Programs(state.graphdef, cfg, state.shardings)
+    programs = step_lib.Programs(state.graphdef, cfg, state.shardings, mesh)
     fallback_step = _FallbackStep(programs, cfg)
     writer = ids_log = None
     if jax.process_index() == 0:

@@ -52,7 +52,7 @@ from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import (MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table, shard_batch,
-                                   state_shardings)
+                                   state_shardings, traced_on)
 from distill_core.targets import compute_targets_from_hidden
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
@@ -183,7 +183,8 @@ class JaxEngine(Engine):
     self._chunk_size = chunk_size
     self._chunks = _chunks(k_ladder(self._info.max_k))
     self._sample_chunks = _chunks(k_ladder(max_samples)) if max_samples else ()
-    self._fn = jax.jit(self._forward, static_argnames=("state_dtype",))
+    # Traced on the mesh: `attention: auto` builds for its platform, splash runs in shard_map over it.
+    self._fn = jax.jit(traced_on(self._mesh, self._forward), static_argnames=("state_dtype",))
     self.last_host_bytes = 0  # bytes copied to the host by the latest forward
 
   @classmethod
