@@ -157,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _in_repo(path: Path) -> Path:
+  """`path` relative to the checkout where it lies inside it: every stage runs there, and the configs it
+  writes then match the README's commands (`data.path=data/stdlib`), which can resume the demo's runs."""
+  path = (ROOT / path).resolve()
+  return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def _demo(args: argparse.Namespace) -> int:
-  run_dir, data_dir = ROOT / args.run_dir, ROOT / args.data_dir
+  os.chdir(ROOT)  # every stage runs in the checkout; paths below are relative to it where they lie inside
+  run_dir, data_dir = _in_repo(Path(args.run_dir)), _in_repo(Path(args.data_dir))
   t0 = time.perf_counter()
   timings: dict[str, float] = {}
 

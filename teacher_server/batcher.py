@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import concurrent.futures
 import dataclasses
 import logging
@@ -304,7 +305,8 @@ class Batcher:
       err = RequestError(grpc.StatusCode.INTERNAL, "", f"engine failure: {type(e).__name__}: {e}")
       for s in taken:
         if not s.job.future.done():
-          s.job.future.set_exception(err)
+          with contextlib.suppress(asyncio.InvalidStateError):  # cancelled meanwhile, as above
+            s.job.future.set_exception(err)
       return
     finally:
       self._inflight.release()
@@ -313,4 +315,6 @@ class Batcher:
       job.pieces[s.start] = piece
       job.rows_done += s.stop - s.start
       if job.rows_done == job.req.rows and not job.future.done():
-        job.future.set_result(concat([job.pieces[i] for i in sorted(job.pieces)]))
+        # A SIGINT handler may cancel the waiter (and so this future) between the check and the call.
+        with contextlib.suppress(asyncio.InvalidStateError):
+          job.future.set_result(concat([job.pieces[i] for i in sorted(job.pieces)]))

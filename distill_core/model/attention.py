@@ -113,7 +113,7 @@ def resolve_attention(impl: AttentionImpl, seq_len: int, platform: str | None = 
 
 @functools.cache
 def _log_choice(impl: str, name: str, seq_len: int) -> None:
-  log.info("attention %r runs the %r kernel (T=%d)", impl, name, seq_len)
+  log.debug("attention %r runs the %r kernel (T=%d)", impl, name, seq_len)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, *, impl: AttentionImpl = "xla",
