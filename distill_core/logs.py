@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 
@@ -93,3 +94,20 @@ def setup_logging(fmt: str = "text", level: str | int = "INFO") -> None:
     root.removeHandler(old)
   root.addHandler(handler)
   root.setLevel(number)
+  skip_absent_tpu()
+
+
+def skip_absent_tpu() -> None:
+  """Keeps JAX from starting its TPU backend on a machine with no TPU chip.
+
+  The `tpu` extra installs libtpu everywhere so that programs can be compiled ahead for TPU
+  topologies (`benchmarks.bench_scale`); JAX would then try to open a TPU in every process, and
+  libtpu prints a page of warnings to stderr before JAX falls back. With no chip attached (JAX's
+  own hardware check), no `JAX_PLATFORMS` chosen and no `JAX_FORCE_TPU_INIT`, the backend is left
+  out; compiling for a topology (`jax.experimental.topologies`) does not use it and still works.
+  """
+  if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
+    return
+  from jax._src import hardware_utils, xla_bridge  # noqa: PLC0415 - JAX only once logging is set up
+  if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+    xla_bridge._backend_factories.pop("tpu", None)  # noqa: SLF001 - no public switch for one backend

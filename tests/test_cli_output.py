@@ -37,13 +37,17 @@ THIRD_PARTY_INFO = re.compile(r"INFO (absl|orbax|jax)[.:]|Unable to initialize b
 
 def test_trainer_prints_its_own_lines_and_no_library_info(tiny_dataset, tmp_path):
   """A real run that checkpoints through orbax and lets jax probe every backend (JAX_PLATFORMS unset, as
-  on a user's machine): no absl/orbax INFO line, no `Unable to initialize backend 'tpu'` line."""
+  on a user's machine): no absl/orbax INFO line, no `Unable to initialize backend 'tpu'` line, and
+  none of the warnings libtpu (installed by the `tpu` extra) prints when it is started with no TPU chip
+  (ALLOW_MULTIPLE_LIBTPU_LOAD: it would otherwise stop at another test process's lock, silently)."""
   out = run_cli("student_trainer", f"data.path={tiny_dataset}", f"run_dir={tmp_path / 'run'}", *TRAIN_ARGS,
-                JAX_PLATFORMS=None)
+                JAX_PLATFORMS=None, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   assert out.returncode == 0, out.stderr[-3000:]
   assert (tmp_path / "run" / "checkpoints").exists() or any((tmp_path / "run").rglob("_CHECKPOINT_METADATA"))
   text = out.stdout + out.stderr
   assert not THIRD_PARTY_INFO.search(text), [line for line in text.splitlines() if THIRD_PARTY_INFO.search(line)]
+  for libtpu_noise in ("TPU_ACCELERATOR_TYPE", "InitGoogle", "libtpu"):
+    assert libtpu_noise not in text, text[-3000:]
   assert re.search(r"INFO student_trainer\.\S+: ", out.stderr), out.stderr[-2000:]  # the project's lines stay
   assert "finished at step 2" in out.stdout
 
