@@ -104,10 +104,17 @@ def skip_absent_tpu() -> None:
   topologies (`benchmarks.bench_scale`); JAX would then try to open a TPU in every process, and
   libtpu prints a page of warnings to stderr before JAX falls back. With no chip attached (JAX's
   own hardware check), no `JAX_PLATFORMS` chosen and no `JAX_FORCE_TPU_INIT`, the backend is left
-  out; compiling for a topology (`jax.experimental.topologies`) does not use it and still works.
+  out (it declines at once); compiling for a topology (`jax.experimental.topologies`) does not use it
+  and still works.
   """
   if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
     return
   from jax._src import hardware_utils, xla_bridge  # noqa: PLC0415 - JAX only once logging is set up
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-    xla_bridge._backend_factories.pop("tpu", None)  # noqa: SLF001 - no public switch for one backend
+    # The same registration JAX makes (so `tpu` stays a known platform for lowering rules), with a
+    # factory that declines at once instead of starting libtpu; JAX then moves on to the next backend.
+    xla_bridge.register_backend_factory("tpu", _no_tpu_chip, priority=300, fail_quietly=True)
+
+
+def _no_tpu_chip():
+  raise RuntimeError("no TPU chip on this machine (distill_core.logs.skip_absent_tpu)")

@@ -52,6 +52,22 @@ def test_trainer_prints_its_own_lines_and_no_library_info(tiny_dataset, tmp_path
   assert "finished at step 2" in out.stdout
 
 
+def test_logging_set_up_before_jax_imports_keeps_every_platform_and_libtpu_quiet():
+  """The demo sets up logging before it imports flax: JAX's TPU backend is declined without starting
+  libtpu, yet `tpu` stays a platform lowering rules can register for (Pallas does so on import), and
+  the program runs on what the machine has. (Compiling for a TPU topology, which does start libtpu,
+  is tested in test_scale.py.)"""
+  code = ("from distill_core.logs import setup_logging; setup_logging()\n"
+          "import jax; from flax import nnx; from jax.experimental import pallas\n"
+          "print(jax.default_backend())\n")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=cli_env(JAX_PLATFORMS=None, ALLOW_MULTIPLE_LIBTPU_LOAD="1"))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.split() == ["cpu"], out.stdout
+  for libtpu_noise in ("TPU_ACCELERATOR_TYPE", "InitGoogle", "libtpu", "Unable to initialize backend"):
+    assert libtpu_noise not in out.stderr, out.stderr[-3000:]
+
+
 def test_third_party_info_is_held_one_step_below_the_project(capfd):
   """The filter setup_logging installs, on real records of the loggers that were noisy."""
   from distill_core.logs import setup_logging
