@@ -155,10 +155,18 @@ class Attention(nnx.Module):
     self.o_proj = OutProj(h, d, e, use_bias=o_bias, **kw)
     self.impl, self.chunk = cfg.attention, cfg.attention_chunk
 
-  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
-    """x (B, T, E), rope tables (B, T, D), segment_ids (B, T) -> (B, T, E)."""
+  def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """x (B, T, E), rope tables (B, T, D) -> rotated q (B, T, H, D), rotated k and v (B, T, K, D).
+
+    What a KV cache stores (`distill_core.model.generate`) is this k and v.
+    """
     q = checkpoint_name(apply_rope(self.q_proj(x), cos, sin), "query_proj")  # (B, T, H, D)
     k = checkpoint_name(apply_rope(self.k_proj(x), cos, sin), "key_proj")  # (B, T, K, D)
     v = checkpoint_name(self.v_proj(x), "value_proj")  # (B, T, K, D)
+    return q, k, v
+
+  def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
+    """x (B, T, E), rope tables (B, T, D), segment_ids (B, T) -> (B, T, E)."""
+    q, k, v = self.qkv(x, cos, sin)
     y = attend(q, k, v, segment_ids, impl=self.impl, chunk=self.chunk)
     return self.o_proj(y)  # (B, T, E)
