@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
 from distill_core.config import ConfigError, build, resolve_preset
-from distill_core.data import DataConfig, ordered_batches
+from distill_core.data import DataConfig, open_split, ordered_batches
 from distill_core.generation import (GenerationConfig, Prompts, corpus_prefix, generate_batch, make_prompt_set,
                                      prefix_length, to_batch)
 from distill_core.model.config import ModelConfig
@@ -20,6 +22,9 @@ from distill_core.model.generate import (Generation, decode_step, empty_cache, g
                                          mask_vocab, prefill, sample_logits, to_left_padding, token_keys)
 from distill_core.model.layout import to_scanned
 from distill_core.model.transformer import create_model
+from distill_core.records import read_manifest
+from distill_core.sharding import MeshConfig, make_mesh, rules_table, state_shardings
+from distill_core.tokenizer import Tokenizer
 
 PAD = 0
 
@@ -264,6 +269,17 @@ def test_one_compilation_per_shape(model):
   assert sampler._cache_size() == 1  # noqa: SLF001 - jit cache size
 
 
+def test_a_train_state_samples_as_its_model(model):
+  """A train state's (model, optimizer) graph and parameters sample what the model alone does."""
+  state_def, state = nnx.split((model, nnx.Optimizer(model, optax.adamw(1e-3), wrt=nnx.Param)))
+  lengths = np.array([2, 4], np.int32)
+  prompts = right_padded(np.random.default_rng(10), lengths, 4)
+  keys = key_data(0, 7, [3, 4])
+  sampler = make_sampler(state_def, max_new_tokens=4, pad_id=PAD)
+  out = sampler(state, prompts, lengths, keys, np.float32(1.0), np.float32(1.0))
+  np.testing.assert_array_equal(np.asarray(out.tokens), run(model, prompts, lengths, keys, 4).tokens)
+
+
 def test_bad_requests_are_refused_by_name(model):
   prompts, lengths, keys = np.ones((2, 4), np.int32), np.array([2, 5], np.int32), key_data(0, 0, [0, 1])
   with pytest.raises(ValueError, match=r"prompt_lengths must lie in \[1, 4\]"):
@@ -291,8 +307,6 @@ def test_generation_config_names_the_bad_key():
 
 
 def test_corpus_prompts_are_prefixes_of_the_records(small_dataset):
-  from distill_core.data import open_split
-  from distill_core.records import read_manifest
   data = DataConfig(path=str(small_dataset), batch_size=4, seed=0)
   manifest = read_manifest(small_dataset)
   cfg = GenerationConfig(seed=3, prompts={"min_len": 3, "max_len": 12})
@@ -319,14 +333,12 @@ def test_corpus_prompts_are_prefixes_of_the_records(small_dataset):
   reseeded = make_prompt_set(cfg.model_copy(update={"seed": 4}), data)
   assert any(reseeded[i]["prompt_length"] != prompts[i]["prompt_length"] for i in range(0, len(source), 37))
   # the data pipeline's order and batching apply to a prompt set as to the corpus
-  import grain
   batch = Prompts.stack(ordered_batches(grain.MapDataset.source(prompts), data, "train")[0])
   assert batch.tokens.shape == (4, 12) and batch.example_ids.dtype == np.int64
   assert corpus_prefix(np.array([5, 6, 1, 7, 8, 9]), np.array([1, 1, 1, 2, 2, 0]), 5, eos_id=1).tolist() == [5, 6]
 
 
 def test_jsonl_prompts_are_tokenized_and_bad_lines_named(small_dataset, tmp_path):
-  from distill_core.tokenizer import Tokenizer
   data = DataConfig(path=str(small_dataset))
   tok = Tokenizer.from_file(small_dataset / "tokenizer.json")
   texts = ["def main():", "import os\nprint(os.getcwd())", "x" * 400]
@@ -350,7 +362,6 @@ def test_jsonl_prompts_are_tokenized_and_bad_lines_named(small_dataset, tmp_path
 
 
 def test_generate_batch_from_corpus_prompts(small_dataset, model):
-  from distill_core.records import read_manifest
   manifest = read_manifest(small_dataset)
   data = DataConfig(path=str(small_dataset), batch_size=3)
   cfg = GenerationConfig(max_new_tokens=6, prompts={"min_len": 2, "max_len": 8})
@@ -366,10 +377,11 @@ def test_generate_batch_from_corpus_prompts(small_dataset, model):
     generate_batch(model, prompts, cfg, step=2, seq_len=12, pad_id=manifest.pad_id, eos_id=manifest.eos_id)
 
 
-def test_sharded_generation_equals_one_device(model):
+@pytest.mark.parametrize("layout", ["unrolled", "scanned"])
+def test_sharded_generation_equals_one_device(model, layout):
+  model = to_scanned(model) if layout == "scanned" else model
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
-  from distill_core.sharding import MeshConfig, make_mesh, rules_table, state_shardings
   rng = np.random.default_rng(9)
   lengths = rng.integers(1, 7, 8).astype(np.int32)
   prompts = right_padded(rng, lengths, 6)
