@@ -261,11 +261,13 @@ def _packed(left: jax.Array, prompt_lengths: jax.Array, generated: jax.Array, pa
 
 
 def cache_sharding(mesh: Mesh, rules, model_cfg, batch: int) -> NamedSharding:
-  """(L, B, S, K, D): rows over the batch axes (where they divide B), kv heads as the rules place them."""
+  """(L, B, S, K, D): kv heads as the rules place them, rows over the batch axes where they divide B (and
+  the rules use neither for the heads)."""
   cfg = model_cfg
   shape = (cfg.num_hidden_layers, batch, 1, cfg.num_key_value_heads, cfg.dim_per_head)
   spec = list(logical_to_spec((LAYERS_AXIS, None, None, "kv_heads", "head_dim"), shape, rules, mesh))
-  if batch % batch_parallelism(mesh) == 0:
+  used = {a for axes in spec if axes is not None for a in ((axes,) if isinstance(axes, str) else axes)}
+  if batch % batch_parallelism(mesh) == 0 and not used & set(BATCH_AXES):
     spec[1] = BATCH_AXES
   return NamedSharding(mesh, PartitionSpec(*spec))
 
