@@ -135,8 +135,9 @@ def _categories(student_logits: Array, teacher: TeacherScores, counted: Array, i
   log_q = jnp.where(keep, (jnp.take_along_axis(s, ids, axis=-1) - m) * inv_t - lse_s[..., None], 0.0)
   # Student tail: summed directly over the ids outside U (exact however close sum_U q is to 1).
   b, t = ids.shape[:2]
-  in_u = jnp.zeros(s.shape, jnp.int32).at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], ids].add(
-      keep.astype(jnp.int32)) > 0
+  out = jnp.where(keep, ids, s.shape[-1])  # slots not in U scatter out of bounds (dropped); kept ids are distinct
+  in_u = jnp.zeros(s.shape, bool).at[jnp.arange(b)[:, None, None], jnp.arange(t)[None, :, None], out].set(
+      True, mode="drop")
   tail_sum = jnp.sum(jnp.where(in_u, 0.0, jnp.exp((s - m) * inv_t)), axis=-1)
   log_q_tail = jnp.log(jnp.maximum(tail_sum, _TAIL_FLOOR)) - lse_s
   # Teacher tail from its exact logsumexp (kd_mode tail's formula; slot 0 is its top entry when top-k is given).
@@ -182,7 +183,8 @@ def _union_metrics(c: _Categories, reverse_kl: Array, loss_mask: Array) -> dict[
 
 
 def sampled_reverse_kl(student_logits: Array, teacher: TeacherScores, loss_mask: Array, *, temperature: Any = 1.0,
-                       true_vocab_size: int | None = None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+                       sampler_logprobs: Array | None = None, true_vocab_size: int | None = None,
+                       ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
   """tau^2 * the sampled-token on-policy loss: a REINFORCE estimate of the reverse KL gradient.
 
   At each counted position t the student sampled x_t = scored_ids[..., 0]; with
@@ -198,11 +200,22 @@ def sampled_reverse_kl(student_logits: Array, teacher: TeacherScores, loss_mask:
   whose scored slot 0 is invalid (non-finite value, id outside the real
   vocabulary) counts with value and gradient 0.
 
+  Args:
+    sampler_logprobs: (B, T) log mu(x_t), the probability the sampler actually drew
+      x_t with (its own parameters, temperature and top-p), or None when mu is q at
+      tau (fresh parameters, no truncation). Given, each position is weighted by the
+      importance ratio w_t = q(x_t) / mu(x_t) (stop-gradient): loss = -tau^2 * mean_t
+      w_t A_t log q(x_t), unbiased again for samples drawn from mu wherever mu > 0.
+
   Returns:
-    (loss, metrics): `reverse_kl`, mean_t (log q(x_t) - log p(x_t)) (no tau^2), an
-    unbiased estimate of KL(q || p) at tau when the samples were drawn from q at tau.
+    (loss, metrics): `reverse_kl`, mean_t w_t (log q(x_t) - log p(x_t)) (no tau^2), an
+    unbiased estimate of KL(q || p) at tau; with sampler_logprobs also
+    `importance_weight`, mean_t w_t (1 in expectation: a check of the weights).
   """
   teacher.check(student_logits)
+  if sampler_logprobs is not None and tuple(sampler_logprobs.shape) != tuple(student_logits.shape[:2]):
+    raise ValueError(f"sampler_logprobs: expected shape {tuple(student_logits.shape[:2])}, "
+                     f"got {tuple(sampler_logprobs.shape)}")
   inv_t = 1.0 / jnp.asarray(temperature, jnp.float32)
   stop = jax.lax.stop_gradient
   counted = loss_mask > 0
@@ -214,10 +227,16 @@ def sampled_reverse_kl(student_logits: Array, teacher: TeacherScores, loss_mask:
   x = jnp.where(valid, x, 0)
   log_p = jnp.where(valid, z * inv_t - stop(teacher.lse.astype(jnp.float32)), 0.0)
   m, lse_s = _normaliser(s, inv_t)
-  log_q = (jnp.take_along_axis(s, x[..., None], axis=-1)[..., 0] - m[..., 0]) * inv_t - lse_s
-  log_ratio = jnp.where(valid, log_q - log_p, 0.0)  # one-sample reverse KL; -A_t
-  surrogate = stop(log_ratio) * jnp.where(valid, log_q, 0.0)  # = -A_t log q(x_t)
-  metrics = {"reverse_kl": masked_sum(stop(log_ratio), loss_mask)}
+  log_q = jnp.where(valid, (jnp.take_along_axis(s, x[..., None], axis=-1)[..., 0] - m[..., 0]) * inv_t - lse_s, 0.0)
+  log_ratio = stop(log_q - log_p)  # one-sample reverse KL; -A_t
+  metrics = {}
+  if sampler_logprobs is not None:
+    log_mu = jnp.where(valid, stop(sampler_logprobs.astype(jnp.float32)), 0.0)
+    weight = jnp.where(valid, jnp.exp(stop(log_q) - log_mu), 0.0)
+    log_ratio = weight * log_ratio
+    metrics["importance_weight"] = masked_sum(weight, loss_mask)
+  metrics["reverse_kl"] = masked_sum(log_ratio, loss_mask)
+  surrogate = log_ratio * log_q  # = -w_t A_t log q(x_t)
   return masked_sum(surrogate / (inv_t * inv_t), loss_mask), metrics
 
 
@@ -291,27 +310,31 @@ ON_POLICY_LOSSES: dict[str, Callable[..., tuple[MaskedSum, dict[str, MaskedSum]]
 
 
 def on_policy_kd(student_logits: Array, teacher: TeacherScores, loss_mask: Array, *, mode: OnPolicyMode,
-                 temperature: Any = 1.0, beta: float = 0.5, true_vocab_size: int | None = None,
-                 ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
-  """The on-policy KD term `mode` names (`ON_POLICY_LOSSES`); `beta` is used by `gkd` only."""
+                 temperature: Any = 1.0, beta: float = 0.5, sampler_logprobs: Array | None = None,
+                 true_vocab_size: int | None = None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """The on-policy KD term `mode` names (`ON_POLICY_LOSSES`).
+
+  `beta` is read by `gkd` only, `sampler_logprobs` by `sampled_reverse_kl` only (the
+  exact divergences do not depend on how the positions were sampled).
+  """
   if mode not in ON_POLICY_LOSSES:
     raise ValueError(f"mode: {mode!r} not in {', '.join(ON_POLICY_LOSSES)}")
-  extra = {"beta": beta} if mode == "gkd" else {}
+  extra = {"gkd": {"beta": beta}, "reverse_kl_sampled": {"sampler_logprobs": sampler_logprobs}}.get(mode, {})
   return ON_POLICY_LOSSES[mode](student_logits, teacher, loss_mask, temperature=temperature,
                                 true_vocab_size=true_vocab_size, **extra)
 
 
 def fused_on_policy_kd(hidden: Array, head: Callable[[Array], Array], teacher: TeacherScores, loss_mask: Array, *,
                        mode: OnPolicyMode, temperature: Any = 1.0, beta: float = 0.5,
-                       true_vocab_size: int | None = None, chunk_size: int | None = None,
-                       ) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+                       sampler_logprobs: Array | None = None, true_vocab_size: int | None = None,
+                       chunk_size: int | None = None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
   """`on_policy_kd` on head(hidden), per chunk of `chunk_size` positions (`losses.chunked`).
 
   The (B, T, V) student logits and their gradient never exist whole; the result equals
   the unchunked one up to the order of the float32 sums.
   """
-  def fn(logits, teacher, loss_mask):
+  def fn(logits, teacher, loss_mask, sampler_logprobs):
     return on_policy_kd(logits, teacher, loss_mask, mode=mode, temperature=temperature, beta=beta,
-                        true_vocab_size=true_vocab_size)
+                        sampler_logprobs=sampler_logprobs, true_vocab_size=true_vocab_size)
 
-  return chunked(fn, hidden, head, teacher, loss_mask, chunk_size=chunk_size)
+  return chunked(fn, hidden, head, teacher, loss_mask, sampler_logprobs, chunk_size=chunk_size)

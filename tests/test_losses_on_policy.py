@@ -230,32 +230,36 @@ def test_gkd_beta_limits_are_scaled_forward_and_reverse_kl(bucket):
 # ---------------------------------------------------------------- sampled-token reverse KL
 
 
-def _ref_sampled(p, temp):
-  """(surrogate, log q(x) - log p(x), d surrogate / d logits) per position, from the REINFORCE formula."""
+def _ref_sampled(p, temp, log_mu=None):
+  """(surrogate, w (log q(x) - log p(x)), d surrogate / d logits) per position, from the REINFORCE formula."""
   value, ratio, grad = np.zeros((B, T)), np.zeros((B, T)), np.zeros((B, T, V))
   for b in range(B):
     for t in range(T):
       x = p["scored_ids"][b, t, 0]
       log_q = _log_softmax(p["s"][b, t, :TRUE_V] / temp)
       log_p = _log_softmax(p["z"][b, t] / temp)
-      ratio[b, t] = log_q[x] - log_p[x]
-      advantage = -ratio[b, t]
-      value[b, t] = -advantage * log_q[x] * temp * temp
-      # grad_s log q(x) = (onehot(x) - q) / temp; the advantage is a constant.
+      weight = 1.0 if log_mu is None else np.exp(log_q[x] - log_mu[b, t])
+      advantage = log_p[x] - log_q[x]
+      ratio[b, t] = -weight * advantage
+      value[b, t] = -weight * advantage * log_q[x] * temp * temp
+      # grad_s log q(x) = (onehot(x) - q) / temp; the weight and the advantage are constants.
       score = -np.exp(log_q)
       score[x] += 1.0
-      grad[b, t, :TRUE_V] = -advantage * score / temp * temp * temp
+      grad[b, t, :TRUE_V] = -weight * advantage * score / temp * temp * temp
   return value, ratio, grad
 
 
+@pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("temp", TEMPS)
-def test_sampled_reverse_kl_value_metric_and_gradient_equal_the_reinforce_formula(temp):
+def test_sampled_reverse_kl_value_metric_and_gradient_equal_the_reinforce_formula(temp, weighted):
   p = _problem(7, temp=temp)
   teacher, mask = _scores(p, temp), p["mask"]
-  value, ratio, grad = _ref_sampled(p, temp)
+  log_mu = np.random.default_rng(8).normal(size=(B, T)) - 2.0 if weighted else None
+  value, ratio, grad = _ref_sampled(p, temp, log_mu)
 
   def f(s):
-    loss, metrics = op.sampled_reverse_kl(s, teacher, jnp.asarray(mask), temperature=temp, true_vocab_size=TRUE_V)
+    loss, metrics = op.sampled_reverse_kl(s, teacher, jnp.asarray(mask), temperature=temp, true_vocab_size=TRUE_V,
+                                          sampler_logprobs=None if log_mu is None else jnp.asarray(log_mu, jnp.float32))
     return loss.mean(), metrics
 
   (loss, metrics), g = jax.jit(jax.value_and_grad(f, has_aux=True))(jnp.asarray(p["s"]))
@@ -263,15 +267,19 @@ def test_sampled_reverse_kl_value_metric_and_gradient_equal_the_reinforce_formul
   _close(metrics["reverse_kl"].mean(), _masked_mean(ratio, mask))
   _close(g, grad * mask[..., None] / mask.sum(), rtol=1e-4, atol=1e-7)
   assert np.all(np.asarray(g)[..., TRUE_V:] == 0.0)
+  assert ("importance_weight" in metrics) == weighted
 
 
-@pytest.mark.parametrize("temp", [1.0, 1.5])
-def test_sampled_gradient_is_unbiased_for_the_reverse_kl_gradient(temp):
-  """Averaged over many samples x ~ q, the estimator's gradient approaches grad tau^2 KL(q || p).
+@pytest.mark.parametrize("temp,sampler", [(1.0, "fresh"), (1.5, "fresh"), (1.0, "stale")])
+def test_sampled_gradient_is_unbiased_for_the_reverse_kl_gradient(temp, sampler):
+  """Averaged over many samples, the estimator's gradient approaches grad tau^2 KL(q || p).
 
-  Each component must lie within 4 standard errors of the exact gradient. A control, the
-  gradient with the teacher's log-probability alone as the reward (no -log q term), fails
-  the same check: the tolerance tells a right estimator from a wrong one.
+  `fresh`: x ~ q at tau. `stale`: x ~ mu, a sampler with other parameters and a higher
+  temperature, corrected by its log-probabilities (importance weights q / mu). Each
+  component must lie within 4 standard errors of the exact gradient. A control fails
+  the same check, so the tolerance tells a right estimator from a wrong one: fresh,
+  the teacher's log-probability alone as the reward (no -log q term); stale, the same
+  samples without the weights.
   """
   n, v = 8192, 8
   rng = np.random.default_rng(11)
@@ -282,20 +290,28 @@ def test_sampled_gradient_is_unbiased_for_the_reverse_kl_gradient(temp):
   q = np.exp(log_q)
   kl = np.sum(q * (log_q - log_p))
   exact = temp * q * (log_q - log_p - kl)  # d/ds tau^2 KL(softmax(s/tau) || softmax(z/tau))
-  x = rng.choice(v, size=n, p=q)
+  log_mu = log_q if sampler == "fresh" else _log_softmax((s + rng.normal(size=v) * 0.5) / (1.3 * temp))
+  x = rng.choice(v, size=n, p=np.exp(log_mu))
   teacher = op.TeacherScores(scored_ids=jnp.asarray(x.reshape(n, 1, 1), jnp.int32),
                              scored_logits=jnp.asarray(z[x].reshape(n, 1, 1), jnp.float32),
                              lse=jnp.full((n, 1), np.log(np.sum(np.exp(z / temp))), jnp.float32))
   logits = jnp.asarray(np.broadcast_to(s, (n, 1, v)), jnp.float32)
-  per_sample = jax.jit(jax.grad(lambda lg: op.sampled_reverse_kl(lg, teacher, jnp.ones((n, 1)),
-                                                                 temperature=temp)[0].sum))(logits)
-  per_sample = np.asarray(per_sample, np.float64)[:, 0]  # (n, v): the gradient of each sample's loss
-  score = np.eye(v)[x] - q  # tau * grad log q(x)
-  control = temp * temp * (-log_p[x])[:, None] * score / temp
-  for samples, ok in ((per_sample, True), (control, False)):
+
+  def per_sample_gradients(sampler_logprobs):
+    grad = jax.jit(jax.grad(lambda lg, mu: op.sampled_reverse_kl(lg, teacher, jnp.ones((n, 1)), temperature=temp,
+                                                                  sampler_logprobs=mu)[0].sum))
+    return np.asarray(grad(logits, sampler_logprobs), np.float64)[:, 0]  # (n, v): each sample's loss gradient
+
+  if sampler == "fresh":
+    estimate = per_sample_gradients(None)
+    control = temp * (-log_p[x])[:, None] * (np.eye(v)[x] - q)  # reward log p alone, times tau^2 grad log q(x)
+  else:
+    estimate = per_sample_gradients(jnp.asarray(log_mu[x].reshape(n, 1), jnp.float32))
+    control = per_sample_gradients(None)
+  for samples, ok in ((estimate, True), (control, False)):
     mean, se = samples.mean(axis=0), samples.std(axis=0) / np.sqrt(n)
     assert np.all(np.abs(mean - exact) <= 4 * se + 1e-6) == ok
-  mean = per_sample.mean(axis=0)
+  mean = estimate.mean(axis=0)
   assert np.dot(mean, exact) / (np.linalg.norm(mean) * np.linalg.norm(exact)) > 0.99
 
 
@@ -370,13 +386,17 @@ def test_masked_positions_never_leak_and_weights_apply(mode):
   mask = p["mask"] * np.where(np.arange(T) % 2 == 0, 1.0, 0.5)[None].astype(np.float32)  # weighted mask
   teacher = _scores(p, 2.0)
 
-  def f(s, teacher, m):
-    loss, metrics = op.on_policy_kd(s, teacher, m, mode=mode, temperature=2.0, beta=0.3, true_vocab_size=TRUE_V)
+  log_mu = np.full((B, T), -1.5, np.float32)
+  dirty_mu = np.where(mask > 0, log_mu, np.nan).astype(np.float32)
+
+  def f(s, teacher, m, mu):
+    loss, metrics = op.on_policy_kd(s, teacher, m, mode=mode, temperature=2.0, beta=0.3, true_vocab_size=TRUE_V,
+                                    sampler_logprobs=mu)
     return loss.mean(), metrics
 
   step = jax.jit(jax.value_and_grad(f, has_aux=True))
-  (clean, metrics), g_clean = step(jnp.asarray(p["s"]), teacher, jnp.asarray(mask))
-  (dirty, _), g_dirty = step(jnp.asarray(p["s"]), _garbage(teacher, mask), jnp.asarray(mask))
+  (clean, metrics), g_clean = step(jnp.asarray(p["s"]), teacher, jnp.asarray(mask), jnp.asarray(log_mu))
+  (dirty, _), g_dirty = step(jnp.asarray(p["s"]), _garbage(teacher, mask), jnp.asarray(mask), jnp.asarray(dirty_mu))
   assert np.isfinite(float(clean)) and np.all(np.isfinite(np.asarray(g_dirty)))
   _close(dirty, clean, rtol=1e-6)
   _close(g_dirty, g_clean, rtol=1e-6, atol=1e-9)
@@ -384,11 +404,12 @@ def test_masked_positions_never_leak_and_weights_apply(mode):
   assert float(metrics["reverse_kl"].count) == pytest.approx(float(mask.sum()))
   # Weights: the token-weighted mean of the per-position values.
   per = _per_position(lambda s, t, m: op.on_policy_kd(s, t, m, mode=mode, temperature=2.0, beta=0.3,
-                                                      true_vocab_size=TRUE_V), jnp.asarray(p["s"]), teacher,
-                      (mask > 0).astype(np.float32))
+                                                      true_vocab_size=TRUE_V, sampler_logprobs=jnp.asarray(log_mu)),
+                      jnp.asarray(p["s"]), teacher, (mask > 0).astype(np.float32))
   _close(clean, np.sum(per * mask) / mask.sum())
   # Nothing counted: loss 0, gradient 0.
-  (empty, _), g_empty = step(jnp.asarray(p["s"]), _garbage(teacher, np.zeros_like(mask)), jnp.zeros((B, T)))
+  (empty, _), g_empty = step(jnp.asarray(p["s"]), _garbage(teacher, np.zeros_like(mask)), jnp.zeros((B, T)),
+                             jnp.full((B, T), np.nan))
   assert float(empty) == 0.0 and not np.any(np.asarray(g_empty))
 
 
@@ -422,10 +443,12 @@ def test_fused_per_chunk_equals_whole_logits_values_metrics_and_gradients(mode):
   hidden = jnp.asarray(rng.normal(size=(B, T, 6)), jnp.float32)
   weight = jnp.asarray(rng.normal(size=(6, V)), jnp.float32)
   teacher, mask = _scores(p, 2.0), jnp.asarray(p["mask"])
+  log_mu = jnp.asarray(rng.normal(size=(B, T)) - 2.0, jnp.float32)
 
   def f(h, w, chunk):
     loss, metrics = op.fused_on_policy_kd(h, lambda x: jnp.einsum("bte,ev->btv", x, w), teacher, mask, mode=mode,
-                                          temperature=2.0, beta=0.7, true_vocab_size=TRUE_V, chunk_size=chunk)
+                                          temperature=2.0, beta=0.7, sampler_logprobs=log_mu,
+                                          true_vocab_size=TRUE_V, chunk_size=chunk)
     return loss.sum, metrics
 
   want = jax.jit(jax.value_and_grad(lambda h, w: f(h, w, 0), argnums=(0, 1), has_aux=True))(hidden, weight)
@@ -451,6 +474,8 @@ def test_bad_inputs_raise_naming_the_field():
     op.gkd(s, teacher.replace(topk_logits=None), mask)
   with pytest.raises(ValueError, match="scored_ids"):
     op.gkd(s, teacher.replace(scored_ids=teacher.scored_ids.astype(jnp.float32)), mask)
+  with pytest.raises(ValueError, match="sampler_logprobs"):
+    op.sampled_reverse_kl(s, teacher, mask, sampler_logprobs=jnp.zeros((B, T, 1)))
   with pytest.raises(ValueError, match="beta"):
     op.gkd(s, teacher, mask, beta=1.5)
   with pytest.raises(ValueError, match="mode"):
