@@ -480,3 +480,27 @@ def test_bad_inputs_raise_naming_the_field():
     op.gkd(s, teacher, mask, beta=1.5)
   with pytest.raises(ValueError, match="mode"):
     op.on_policy_kd(s, teacher, mask, mode="forward_kl")
+
+
+@pytest.mark.parametrize("mode", sorted(op.ON_POLICY_LOSSES))
+def test_memory_holds_at_most_one_vocab_sized_buffer(mode):
+  """Loss + gradient keep the student's (B, T, V) temporaries to about one float32 buffer (as the KD modes do)."""
+  b, t, v, k = 4, 32, 2048, 16
+  rng = np.random.default_rng(20)
+  s = jnp.asarray(rng.normal(size=(b, t, v)).astype(np.float32))
+  z = rng.normal(size=(b, t, v - 8))
+  z = z - z.max(axis=-1, keepdims=True)
+  top = np.argsort(-z, axis=-1)[..., :k]
+  scored = np.concatenate([rng.integers(0, v - 8, size=(b, t, 1)), np.argsort(-np.asarray(s)[..., :v - 8])[..., :k]],
+                          axis=-1)
+  teacher = op.TeacherScores(scored_ids=jnp.asarray(scored, jnp.int32),
+                             scored_logits=jnp.asarray(np.take_along_axis(z, scored, -1), jnp.float16),
+                             lse=jnp.asarray(np.log(np.exp(z).sum(-1)), jnp.float32),
+                             topk_ids=jnp.asarray(top, jnp.int32),
+                             topk_logits=jnp.asarray(np.take_along_axis(z, top, -1), jnp.float16))
+
+  def loss(x):
+    return op.on_policy_kd(x, teacher, jnp.ones((b, t)), mode=mode, temperature=2.0, true_vocab_size=v - 8)[0].mean()
+
+  stats = jax.jit(jax.value_and_grad(loss)).lower(s).compile().memory_analysis()
+  assert stats.temp_size_in_bytes <= 1.5 * b * t * v * 4 + 64 * 1024, stats
