@@ -141,7 +141,7 @@ def _categories(student_logits: Array, teacher: TeacherScores, counted: Array, i
   tail_sum = jnp.sum(jnp.where(in_u, 0.0, jnp.exp((s - m) * inv_t)), axis=-1)
   log_q_tail = jnp.log(jnp.maximum(tail_sum, _TAIL_FLOOR)) - lse_s
   # Teacher tail from its exact logsumexp (kd_mode tail's formula; slot 0 is its top entry when top-k is given).
-  has_tail = jnp.sum(keep, axis=-1) < n_real
+  has_tail = counted & (jnp.sum(keep, axis=-1) < n_real)
   r = jnp.where(has_tail, _teacher_tail(zt, keep, lse_t), 0.0)
   return _Categories(keep=keep, log_q=log_q, log_p=log_p, has_tail=has_tail, log_q_tail=log_q_tail,
                      log_p_tail=jnp.log(jnp.maximum(r, _TAIL_FLOOR)),

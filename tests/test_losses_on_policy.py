@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from distill_core.targets import compute_targets
 from student_trainer import losses_on_policy as op
 
 B, T, V, TRUE_V = 2, 5, 12, 10
@@ -431,6 +432,29 @@ def test_tiny_probabilities_keep_values_exact_and_gradients_finite(mode):
   if mode == "gkd":
     want = _ref_union(p, 1.0, _divergence("jsd", 0.5))
     _close(loss, _masked_mean(want[..., 0], mask), rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["reverse_kl_union", "gkd"])
+def test_f16_wire_values_meet_the_accuracy_budget(mode):
+  """Teacher values sent as float16 (raw logits ~20-30, shifted by the teacher's compute_targets): within 1e-3."""
+  rng = np.random.default_rng(21)
+  b, t, v, k = 4, 16, 256, 32
+  z = (rng.normal(size=(b, t, v)) * 2.5 + 25.0).astype(np.float32)
+  shifted = z - z.max(axis=-1, keepdims=True)
+  mask = jnp.ones((b, t))
+  for s in (z + rng.normal(size=z.shape), rng.normal(size=z.shape) * 2.5 + 22.0):  # a student near, one far
+    scored = np.concatenate([rng.integers(0, v, size=(b, t, 1)), np.argsort(-s, axis=-1)[..., :k]], axis=-1)
+    for temp in TEMPS:
+      got = {}
+      for dtype in ("float32", "float16"):
+        targets = compute_targets(jnp.asarray(z), k=k, temperatures=(temp,), true_vocab_size=v, value_dtype=dtype)
+        teacher = op.TeacherScores(
+            scored_ids=jnp.asarray(scored, jnp.int32),
+            scored_logits=jnp.asarray(np.take_along_axis(shifted, scored, axis=-1)).astype(dtype),
+            lse=targets.logsumexp[..., 0], topk_ids=targets.topk_ids, topk_logits=targets.topk_logits)
+        got[dtype] = float(jax.jit(lambda x, tt: op.on_policy_kd(x, tt, mask, mode=mode, temperature=temp)[0].mean())(
+            jnp.asarray(s, jnp.float32), teacher))
+      assert abs(got["float16"] / got["float32"] - 1.0) < 1e-3
 
 
 # ---------------------------------------------------------------- chunked, API
