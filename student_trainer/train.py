@@ -22,12 +22,12 @@ from student_trainer import step as step_lib
 from student_trainer.blockwise import keep_states, phase_note, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
 from student_trainer.collapse import save_collapsed
-from student_trainer.config import TrainConfig
+from student_trainer.config import RemoteTeacherConfig, TrainConfig
 from student_trainer.lti.build import check_restored
 from student_trainer.metrics import (DeviceClock, ExampleIdLog, MetricsWriter, ProgressDisplay, StepWindow,
                                      read_example_ids, token_means)
 from student_trainer.preflight import RunError, preflight, user_errors  # noqa: F401 (user_errors: re-exported)
-from student_trainer.sources import make_source
+from student_trainer.sources import make_source, source_kind
 from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.state import TrainState, create_train_state, export_student
 
@@ -104,16 +104,15 @@ class _FallbackStep:
 
   A batch with no answer (a fallback) is another pytree, hence another program:
   compiling it when the teacher goes down would stall training at the worst
-  moment, so for every source that may fall back (not `none`, `local`, or `remote`
-  with the `wait` policy) it is compiled ahead, at the first batch.
+  moment, so when the source may fall back (`ahead`: its kind may, see
+  `sources/registry.py`, and its options allow it: a remote source whose policy
+  waits never does) it is compiled ahead, at the first batch.
   """
 
-  def __init__(self, programs: step_lib.Programs, cfg: TrainConfig):
+  def __init__(self, programs: step_lib.Programs, *, ahead: bool):
     self._programs = programs
     self._compiled = None
-    source = cfg.teacher.source  # `local` always answers; remote with `wait` waits instead
-    waits = source == "remote" and cfg.teacher.remote.on_timeout == "wait"
-    self._ahead = source not in ("none", "local") and not waits
+    self._ahead = ahead
 
   def prepare(self, params, batch, hyper) -> None:
     if self._ahead and self._compiled is None:
@@ -178,7 +177,8 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
       log.info("%s", note)
 
     programs = step_lib.Programs(state.graphdef, cfg, state.shardings, mesh)
-    fallback_step = _FallbackStep(programs, cfg)
+    kind = source_kind(cfg.teacher.source)
+    fallback_step = _FallbackStep(programs, ahead=kind.may_fall_back and source.may_fall_back)
     writer = ids_log = None
     if jax.process_index() == 0:
       writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
@@ -207,7 +207,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         waiting = time.perf_counter()
         # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained.
         targets = source.next()
-        if source.falls_back_per_process:
+        if kind.falls_back_per_process:
           targets = distributed.agree_targets(targets, step)
         targets = _trimmed(cfg, targets, step)
         wait = (waiting, time.perf_counter())
@@ -230,7 +230,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
           ids_log.write(step, np.asarray(batch.example_ids).reshape(-1))
         step += 1
         window.add(step - 1, metrics, tokens=batch.tokens.size, wait=wait,
-                   fallback=targets is None and cfg.teacher.source != "none")
+                   fallback=targets is None and kind.teacher)
         if step % cfg.logging.every_steps == 0 or step == end:
           local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
           last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
@@ -258,15 +258,18 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
 
 
 def shared_cores_note(cfg: TrainConfig) -> str | None:
-  """One line saying that teacher and student share this machine's cores, when they do."""
-  if cfg.teacher.source == "local":
+  """One line saying that teacher and student share this machine's cores, when they do: a source that
+  computes on the student's devices, or one whose teacher servers (teacher.remote) are all on this machine."""
+  kind = source_kind(cfg.teacher.source)
+  if kind.shares_student_devices:
     return ("the teacher runs in this process: teacher and student share its devices, so perf/tokens_per_s "
             "and perf/teacher_wait_fraction measure both together")
-  if cfg.teacher.source != "remote":
+  remote = next((sub for sub in kind.sub_configs(cfg.teacher) if isinstance(sub, RemoteTeacherConfig)), None)
+  if remote is None:
     return None
-  hosts = [address.rpartition(":")[0].strip("[]") for address in cfg.teacher.remote.addresses]
+  hosts = [address.rpartition(":")[0].strip("[]") for address in remote.addresses]
   if hosts and all(h == "localhost" or h == "::1" or h.startswith("127.") for h in hosts):
-    return (f"the teacher at {cfg.teacher.remote.address} is on this machine: teacher and student share its "
+    return (f"the teacher at {remote.address} is on this machine: teacher and student share its "
             f"{os.cpu_count()} CPU cores (and devices), so perf/tokens_per_s and perf/teacher_wait_fraction "
             "measure both together")
   return None
@@ -312,11 +315,12 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
               writer, step: int) -> dict[str, float]:
   it = make_eval_iterator(cfg.data, shard_index=jax.process_index(), shard_count=jax.process_count())
   temperature = cfg.loss.temperature.value(step)
+  kind = source_kind(cfg.teacher.source)
   rows = []
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
       targets = source.compute(batch, temperature, **_states_kwarg(cfg, step))
-      if source.falls_back_per_process:
+      if kind.falls_back_per_process:
         targets = distributed.agree_targets(targets, step)
       targets = _trimmed(cfg, targets, step)
       eval_fn = programs.eval(programs.phase(step, targets))
