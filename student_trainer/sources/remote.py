@@ -50,7 +50,7 @@ class RemoteTeacher(TeacherSource):
   """Streams batches to a teacher server; see the module docstring.
 
   Args:
-    cfg: `teacher.remote` (a `RemoteTeacherConfig`).
+    remote_cfg: `teacher.remote` (a `RemoteTeacherConfig`).
     need: what the student needs (checked against every replica's GetInfo).
     mesh: the trainer's mesh; targets are placed on it split along B.
     policy: what to do with overdue batches.
@@ -61,27 +61,27 @@ class RemoteTeacher(TeacherSource):
 
   name = "remote"
 
-  def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
+  def __init__(self, remote_cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
                place: Callable[[TeacherTargets], TeacherTargets] | None = None,
                interrupt: threading.Event | None = None):
-    self.cfg = cfg
-    self.lookahead = cfg.window
+    self.cfg = remote_cfg
+    self.lookahead = remote_cfg.window
     self.interrupt = interrupt
     self.may_fall_back = policy.may_fall_back
     self._policy = policy
     self._mesh = mesh
     self._stats = StreamStats()
     self._place = place or functools.partial(place_targets, mesh=mesh)
-    self._runner = StreamRunner(cfg, need, self._place, stats=self._stats)
+    self._runner = StreamRunner(remote_cfg, need, self._place, stats=self._stats)
     self._core = self._runner.core
     self._queue: collections.deque[Item] = collections.deque()
     self._consumed = 0
     self._last_ids: list[int] = []
     self.last_weights = ""  # weights fingerprint of the last batch returned with targets
     self._closed = False
-    if self._runner.alive and not self._wait_first_contact(cfg.timeout_s):
+    if self._runner.alive and not self._wait_first_contact(remote_cfg.timeout_s):
       log.warning("no teacher reachable at %s after %.0f s (%s%s); starting anyway, on_timeout=%s applies",
-                  cfg.address, cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
+                  remote_cfg.address, remote_cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
     if self._core.fatal is not None:
       self.close()
       self._raise_if_fatal()
