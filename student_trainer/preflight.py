@@ -18,7 +18,7 @@ from distill_core.data import load_manifest, num_batches
 from distill_core.memory import MemoryBudgetError
 from student_trainer.config import (DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, LocalTeacherConfig,
                                     RemoteTeacherConfig, TrainConfig)
-from student_trainer.sources.registry import source_kind
+from student_trainer.sources import source_kind
 
 log = logging.getLogger(__name__)
 
