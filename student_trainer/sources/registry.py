@@ -102,10 +102,13 @@ def make_source(train_cfg, mesh: "Mesh", rules, *, interrupt=None) -> "TeacherSo
 
 register_source(SourceKind("none", "student_trainer.sources.none:NoTeacher", teacher=False))
 register_source(SourceKind("local", "student_trainer.sources.local:LocalTeacher", options=("local",),
-                           shares_student_devices=True))
+                           shares_student_devices=True))  # always answers
+# teacher.cached: what its cached_shards policy reads. Its processes agree on fallbacks among themselves.
 register_source(SourceKind("remote", "student_trainer.sources.remote:RemoteTeacher", options=("remote", "cached"),
-                           may_fall_back=True))  # teacher.cached: what its cached_shards policy reads
+                           may_fall_back=True))
+# A process whose rows are missing (on_missing: ce_only) trains CE-only.
 register_source(SourceKind("offline", "student_trainer.sources.offline:OfflineTeacher", options=("offline",),
                            may_fall_back=True, falls_back_per_process=True))
+# The remote policy's CE-only answer for one process's rows the cache lacks.
 register_source(SourceKind("cached", "student_trainer.sources.cached:CachedTeacher", options=("cached", "remote"),
                            may_fall_back=True, falls_back_per_process=True))
