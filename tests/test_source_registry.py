@@ -60,7 +60,8 @@ def test_the_scan_finds_what_it_is_for():
   for code in flagged:
     assert name_comparisons(code, names), code
   left_alone = ['ok = source["kernels_from"] == "remote"', 'ok = self.source in ("hf", "orbax")',
-                'ok = value not in ("none", "false")', 'ok = phase == "remote"', 'ok = state.get("source") != self.name']
+                'ok = value not in ("none", "false")', 'ok = phase == "remote"',
+                'ok = state.get("source") != self.name']
   for code in left_alone:
     assert not name_comparisons(code, names), code
 
