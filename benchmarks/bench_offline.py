@@ -129,10 +129,11 @@ def read_throughput(cfg, batches: list, threads: int) -> float:
   import jax
 
   from distill_core.sharding import make_mesh
+  from student_trainer.sources import Student
   from student_trainer.sources.offline import OfflineTeacher
   cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"offline": cfg.teacher.offline.model_copy(
       update={"read_threads": threads})})})
-  with OfflineTeacher(cfg, make_mesh(cfg.mesh)) as source:
+  with OfflineTeacher(cfg.teacher.offline, Student.of(cfg), make_mesh(cfg.mesh)) as source:
     for batch in batches[:2]:  # warm-up: threads started, first lookups done
       source.submit(batch, 1.0)
       jax.block_until_ready(source.next())

@@ -152,9 +152,13 @@ def _kd_modes() -> tuple[str, ...]:
   return get_args(KDMode)
 
 
-def _sources() -> tuple[str, ...]:
-  from student_trainer.config import TeacherConfig
-  return get_args(TeacherConfig.model_fields["source"].annotation)
+def _has_source(name: str) -> bool:
+  from student_trainer.sources import source_kind
+  try:
+    source_kind(name)
+  except ValueError:
+    return False
+  return True
 
 
 def _has(config: str, field: str) -> bool:
@@ -197,7 +201,7 @@ ROWS: tuple[Row, ...] = (
     # example costs as much as several rows.
     Row("offline_tail", "tail, k=64, offline shards", ("dump",),
         lambda ctx: ["teacher.source=offline", f"teacher.offline.path={ctx.answers}", *_kd(ctx),
-                     "loss.kd_mode=tail"], available=lambda: "offline" in _sources(), default=False),
+                     "loss.kd_mode=tail"], available=lambda: _has_source("offline"), default=False),
     # Two-phase rows: what starting from the teacher adds. `copy_then_kd` is the control of the other
     # three: the recipe's copies (embedding, norms) with random attention and MLPs, then the same KD.
     Row("copy_then_kd", "copy (embedding, norms), then tail KD", ("remote",), _tail,

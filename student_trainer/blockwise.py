@@ -22,6 +22,7 @@ import jax
 from flax import nnx
 
 from distill_core.data import Batch
+from distill_core.model.config import ModelConfig
 from distill_core.targets import TeacherTargets
 from student_trainer import losses
 
@@ -95,10 +96,10 @@ class BlockwiseLoss:
 
   frozen = FROZEN_IN_BLOCKWISE
 
-  def __init__(self, cfg):
-    self.loss_cfg = cfg.loss
-    self.true_vocab = cfg.model.real_vocab_size
-    self.num_layers = cfg.model.num_hidden_layers
+  def __init__(self, loss_cfg: losses.LossConfig, model_cfg: ModelConfig):
+    self.loss_cfg = loss_cfg
+    self.true_vocab = model_cfg.real_vocab_size
+    self.num_layers = model_cfg.num_hidden_layers
 
   def _pairs(self, targets: TeacherTargets) -> tuple[tuple[int, ...], tuple[int, ...]]:
     teacher_depth = max(targets.state_layers) + 1 if self.loss_cfg.layer_map is not None else self.num_layers

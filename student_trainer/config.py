@@ -16,6 +16,7 @@ from student_trainer.distributed import DistributedConfig
 from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig, PathRule
 from student_trainer.policy import policy_names
+from student_trainer.sources import SourceKind, Student, source_kind, source_names
 
 # What `python -m student_trainer` with no arguments trains on (prepared on first use).
 DEFAULT_DATA_PATH = "data/stdlib_tiny"
@@ -41,7 +42,20 @@ class OptimConfig(ConfigBase):
       "and ends the run with an error naming the step.")
 
 
-class LocalTeacherConfig(ConfigBase):
+class SourceOptions(ConfigBase):
+  """The options of one kind of teacher source (`teacher.<name>`), as the run's checks ask them."""
+
+  def missing(self) -> str | None:
+    """What these options lack for their source to start (a message naming the field), or None."""
+    return None
+
+  def known_teacher(self) -> tuple[ModelConfig, str] | None:
+    """(the teacher's architecture, the option that names it) when these options alone decide it, so the
+    run is checked against it before anything loads; None otherwise."""
+    return None
+
+
+class LocalTeacherConfig(SourceOptions):
   """A teacher run inside the student's own process (the co-located baseline)."""
 
   model: Annotated[ModelConfig | None, ModelConfigOrPreset] = Field(
@@ -50,8 +64,16 @@ class LocalTeacherConfig(ConfigBase):
   orbax_checkpoint: str | None = Field(None, description="Orbax checkpoint directory holding the teacher state.")
   seed: int = Field(0, description="Seed of a randomly initialised teacher (tests only).")
 
+  def missing(self) -> str | None:
+    if not (self.model or self.hf_checkpoint):
+      return "teacher.local: set model (a preset) or hf_checkpoint for the local teacher"
+    return None
 
-class RemoteTeacherConfig(StreamClientConfig):
+  def known_teacher(self) -> tuple[ModelConfig, str] | None:
+    return (self.model, "teacher.local.model") if self.model is not None and not self.hf_checkpoint else None
+
+
+class RemoteTeacherConfig(StreamClientConfig, SourceOptions):
   """A teacher server (one or several replicas) answering over gRPC streams (addresses, reconnects,
   failover and TLS/token options inherited from distill_core.stream.config)."""
 
@@ -78,7 +100,7 @@ class RemoteTeacherConfig(StreamClientConfig):
     return value
 
 
-class OfflineTeacherConfig(ConfigBase):
+class OfflineTeacherConfig(SourceOptions):
   """Answers dumped once by `python -m teacher_server.dump`, read by example id (docs/offline.md)."""
 
   path: str | None = Field(None, description="Answers directory (has manifest.json); local path or etils.epath URL.")
@@ -100,8 +122,11 @@ class OfflineTeacherConfig(ConfigBase):
   allow_teacher_change: bool = Field(False, description="Resume from a checkpoint trained on answers of "
                                      "different teacher weights (refused by default).")
 
+  def missing(self) -> str | None:
+    return None if self.path else "teacher.offline.path: required when teacher.source is offline"
 
-class CachedTeacherConfig(ConfigBase):
+
+class CachedTeacherConfig(SourceOptions):
   """The remote teacher with a disk cache of its answers (docs/offline.md)."""
 
   path: str | None = Field(None, description="Cache directory (the answers format; created when missing).")
@@ -111,15 +136,18 @@ class CachedTeacherConfig(ConfigBase):
       "ce_only", description="With on_timeout=cached_shards: what overdue batches the cache cannot serve get.")
   verify_shards: bool = Field(True, description="Check every cache shard's sha256 when opened.")
 
+  def missing(self) -> str | None:
+    return None if self.path else "teacher.cached.path: required by the cached source and the cached_shards policy"
+
 
 class TeacherConfig(ConfigBase):
   """Where teacher targets come from."""
 
-  source: Literal["none", "local", "remote", "offline", "cached"] = Field(
-      "none", description="'none': plain CE training; 'local': teacher forward in this process; "
-      "'remote': stream batches to a teacher server (see teacher.remote); 'offline': answers dumped to "
-      "shards (teacher.offline); 'cached': remote, with every answer kept in teacher.cached.path and cached "
-      "example ids read from disk.")
+  source: str = Field(
+      "none", description=f"One of {'|'.join(source_names())}. 'none': plain CE training; 'local': teacher "
+      "forward in this process; 'remote': stream batches to a teacher server (see teacher.remote); 'offline': "
+      "answers dumped to shards (teacher.offline); 'cached': remote, with every answer kept in "
+      "teacher.cached.path and cached example ids read from disk.")
   value_dtype: Literal["float16", "bfloat16", "float32"] = Field(
       "float16", description="dtype of the top-k logit values (f16 recommended: docs/losses.md, "
       "'The teacher-target contract').")
@@ -130,6 +158,23 @@ class TeacherConfig(ConfigBase):
                                         description="Options of the offline source.")
   cached: CachedTeacherConfig = Field(default_factory=CachedTeacherConfig,
                                       description="Options of the cached source and the cached_shards policy.")
+
+  @pydantic.field_validator("source")
+  @classmethod
+  def _check_source(cls, value: str) -> str:
+    source_kind(value)  # ValueError naming the known sources
+    return value
+
+  @property
+  def kind(self) -> SourceKind:
+    """What the source `source` names is and can do (`sources/registry.py`)."""
+    return source_kind(self.source)
+
+  @property
+  def own_options(self) -> SourceOptions | None:
+    """The source's own sub-config (`teacher.<source>`); None for a source without options."""
+    options = self.kind.sub_configs(self)
+    return options[0] if options else None
 
 
 class CheckpointConfig(ConfigBase):
@@ -214,13 +259,11 @@ class TrainConfig(ConfigBase):
     if self.data.batch_size % self.optim.grad_accum:
       raise ValueError(f"data.batch_size ({self.data.batch_size}) must be divisible by "
                        f"optim.grad_accum ({self.optim.grad_accum})")
-    if self.teacher.source == "local" and not (self.teacher.local.model or self.teacher.local.hf_checkpoint):
-      raise ValueError("teacher.local: set model (a preset) or hf_checkpoint for the local teacher")
-    if self.teacher.source == "offline" and not self.teacher.offline.path:
-      raise ValueError("teacher.offline.path: required when teacher.source is offline")
-    if (self.teacher.source == "cached" or self.teacher.remote.on_timeout == "cached_shards") \
-        and not self.teacher.cached.path:
-      raise ValueError("teacher.cached.path: required by the cached source and the cached_shards policy")
+    own = self.teacher.own_options
+    if own is not None and (problem := own.missing()):
+      raise ValueError(problem)
+    if self.teacher.remote.on_timeout == "cached_shards" and (problem := self.teacher.cached.missing()):
+      raise ValueError(problem)
     if self.copy_from_teacher and self.lti.kernels_from is None:
       raise ValueError("copy_from_teacher: needs lti.kernels_from (hf, orbax or remote), where the teacher's "
                        "tensors are read")
@@ -237,14 +280,14 @@ class TrainConfig(ConfigBase):
 
   def _check_blockwise(self) -> None:
     """What can be known before any teacher is loaded or reached (sources check the rest when they start)."""
-    from student_trainer.blockwise import check_blockwise
-    if self.teacher.source == "none":
-      raise ValueError("loss.blockwise: needs a teacher's layer states, but teacher.source is 'none'")
-    local = self.teacher.local
-    if self.teacher.source == "local" and local.model is not None and not local.hf_checkpoint:
-      check_blockwise(self.loss, student_layers=self.model.num_hidden_layers, student_width=self.model.hidden_size,
-                      teacher_layers=local.model.num_hidden_layers, teacher_width=local.model.hidden_size,
-                      where="teacher.local.model")
+    if not self.teacher.kind.teacher:
+      raise ValueError(f"loss.blockwise: needs a teacher's layer states, but teacher.source is "
+                       f"{self.teacher.source!r}")
+    own = self.teacher.own_options
+    known = own.known_teacher() if own is not None else None
+    if known is not None:
+      teacher, where = known
+      Student.of(self).teacher_layers(layers=teacher.num_hidden_layers, width=teacher.hidden_size, where=where)
     else:  # the teacher's depth is not known yet: check what the student side alone decides
       try:
         self.loss.layer_pairs(self.model.num_hidden_layers, max(self.loss.layer_map or [0]) + 1

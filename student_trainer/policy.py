@@ -11,7 +11,7 @@ source:
 
     @register_policy("my_policy")
     def _make(context: PolicyContext) -> FallbackPolicy:
-      return MyPolicy(context.cfg.teacher...)
+      return MyPolicy(context.cached...)
 
 Built in: `wait` (keep waiting, warn at every interval), `ce_only`, and `cached_shards`
 (`sources/cached.py`: serve overdue batches from cached answer shards, the rest by a secondary policy; named
@@ -65,6 +65,9 @@ class FallbackPolicy(abc.ABC):
   """Decides about overdue batches. Called on the train loop's thread."""
 
   name: str = ""
+  #: Whether `decide` may ever answer with None (the batch trains on cross-entropy alone); the trainer
+  #: compiles that step ahead when it may.
+  may_fall_back: bool = True
 
   @abc.abstractmethod
   def decide(self, overdue: Overdue) -> Decision:
@@ -78,6 +81,7 @@ class WaitPolicy(FallbackPolicy):
   """Never gives up: training pauses until a teacher answers (the source warns at intervals)."""
 
   name = "wait"
+  may_fall_back = False
 
   def decide(self, overdue: Overdue) -> Decision:
     del overdue
@@ -95,9 +99,10 @@ class CEOnlyPolicy(FallbackPolicy):
 
 @dataclasses.dataclass(frozen=True)
 class PolicyContext:
-  """What a policy factory may use: the run config and the trainer's device mesh."""
+  """What a policy factory may use: the student's side of the run, the cache options and the trainer's mesh."""
 
-  cfg: Any  # student_trainer.config.TrainConfig
+  student: Any  # student_trainer.sources.common.Student: the student's model, losses, data and value dtype
+  cached: Any  # student_trainer.config.CachedTeacherConfig (teacher.cached: the cache cached_shards reads)
   mesh: Any  # jax.sharding.Mesh
 
 

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Callable
 
 from distill_core import records
 from distill_core.data import load_manifest, num_batches
 from distill_core.memory import MemoryBudgetError
-from student_trainer.config import DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, TrainConfig
+from student_trainer.config import (DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, LocalTeacherConfig,
+                                    RemoteTeacherConfig, TrainConfig)
+from student_trainer.sources import source_kind
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,25 @@ def _need_file(option: str, value: str | None) -> None:
     raise RunError(f"{option}: {value} does not exist")
 
 
+def _local_paths(local_cfg: LocalTeacherConfig) -> None:
+  _need_file("teacher.local.hf_checkpoint", local_cfg.hf_checkpoint)
+  _need_file("teacher.local.orbax_checkpoint", local_cfg.orbax_checkpoint)
+
+
+def _remote_paths(remote_cfg: RemoteTeacherConfig) -> None:
+  for option in ("token_file", "root_certificates", "client_cert", "client_key"):
+    value = getattr(remote_cfg, option)
+    if value and not Path(value).is_file():
+      hint = (" (a token file a cluster mounts as a secret; off the cluster, point it at a local file or "
+              "set teacher.remote.token_file=null)") if option == "token_file" else ""
+      raise RunError(f"teacher.remote.{option}: {value} does not exist{hint}")
+
+
+# The files a source's options name, checked for every sub-config the run's source reads (sources/registry.py).
+_SOURCE_PATHS: dict[type, Callable[[Any], None]] = {LocalTeacherConfig: _local_paths,
+                                                    RemoteTeacherConfig: _remote_paths}
+
+
 def preflight(cfg: TrainConfig) -> records.Manifest:
   """Raises RunError for every problem found before training; returns the dataset's manifest."""
   data = Path(cfg.data.path)
@@ -88,15 +110,8 @@ def preflight(cfg: TrainConfig) -> records.Manifest:
                      f"{split} batch, so {what} cannot run; prepare it with more files or a larger "
                      f"eval_fraction, or lower data.{'batch_size' if split == 'train' else 'eval_batch_size'}")
   _need_file("init_hf_checkpoint", cfg.init_hf_checkpoint)
-  if cfg.teacher.source == "local":
-    _need_file("teacher.local.hf_checkpoint", cfg.teacher.local.hf_checkpoint)
-    _need_file("teacher.local.orbax_checkpoint", cfg.teacher.local.orbax_checkpoint)
-  if cfg.teacher.source == "remote":
-    remote = cfg.teacher.remote
-    for option in ("token_file", "root_certificates", "client_cert", "client_key"):
-      value = getattr(remote, option)
-      if value and not Path(value).is_file():
-        hint = (" (a token file a cluster mounts as a secret; off the cluster, point it at a local file or "
-                "set teacher.remote.token_file=null)") if option == "token_file" else ""
-        raise RunError(f"teacher.remote.{option}: {value} does not exist{hint}")
+  for options in source_kind(cfg.teacher.source).sub_configs(cfg.teacher):
+    check_paths = _SOURCE_PATHS.get(type(options))
+    if check_paths is not None:
+      check_paths(options)
   return manifest

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from distill_core.data import Batch
+from distill_core.model.config import ModelConfig
 from distill_core.sharding import traced_on
 from distill_core.targets import TeacherTargets
 from student_trainer import losses
@@ -45,10 +46,10 @@ class _LossFn:
 
   frozen = None  # every parameter trains
 
-  def __init__(self, cfg: TrainConfig):
-    self.loss_cfg = cfg.loss
-    self.true_vocab = cfg.model.real_vocab_size
-    self.num_layers = cfg.model.num_hidden_layers
+  def __init__(self, loss_cfg: losses.LossConfig, model_cfg: ModelConfig):
+    self.loss_cfg = loss_cfg
+    self.true_vocab = model_cfg.real_vocab_size
+    self.num_layers = model_cfg.num_hidden_layers
 
   def feature_layers(self, targets: TeacherTargets | None) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(student layers, teacher layers) of the feature loss; empty when there are no teacher states."""
@@ -95,7 +96,7 @@ def objective(cfg: TrainConfig, phase: losses.Phase):
   """The loss object of `phase` (`kd` or `blockwise`)."""
   if phase not in OBJECTIVES:
     raise ValueError(f"phase: {phase!r} not in {', '.join(OBJECTIVES)}")
-  return OBJECTIVES[phase](cfg)
+  return OBJECTIVES[phase](cfg.loss, cfg.model)
 
 
 def _micro(batch: Batch, targets: TeacherTargets | None, index, size: int):

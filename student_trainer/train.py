@@ -22,12 +22,13 @@ from student_trainer import step as step_lib
 from student_trainer.blockwise import keep_states, phase_note, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
 from student_trainer.collapse import save_collapsed
-from student_trainer.config import TrainConfig
+from student_trainer.config import RemoteTeacherConfig, TeacherConfig, TrainConfig
+from student_trainer.losses import LossConfig
 from student_trainer.lti.build import check_restored
 from student_trainer.metrics import (DeviceClock, ExampleIdLog, MetricsWriter, ProgressDisplay, StepWindow,
                                      read_example_ids, token_means)
 from student_trainer.preflight import RunError, preflight, user_errors  # noqa: F401 (user_errors: re-exported)
-from student_trainer.sources import make_source
+from student_trainer.sources import make_source, source_kind
 from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.state import TrainState, create_train_state, export_student
 
@@ -69,8 +70,9 @@ class _Feeder:
   while waiting for its teacher is the first batch of the next run.
   """
 
-  def __init__(self, data: BatchIterator, source: TeacherSource, cfg: TrainConfig, first_step: int):
-    self._data, self._source, self._cfg = data, source, cfg
+  def __init__(self, data: BatchIterator, source: TeacherSource, loss_cfg: LossConfig, *, first_step: int,
+               steps: int):
+    self._data, self._source, self._loss_cfg, self._steps = data, source, loss_cfg, steps
     self._queue: collections.deque[tuple[int, Batch, dict]] = collections.deque()
     self._next_step = first_step
 
@@ -78,14 +80,14 @@ class _Feeder:
     while self._next_step <= upto_step:
       state_before = self._data.get_state()
       batch = next(self._data)
-      temperature = self._cfg.loss.temperature.value(self._next_step)
-      self._source.submit(batch, temperature, **_states_kwarg(self._cfg, self._next_step))
+      temperature = self._loss_cfg.temperature.value(self._next_step)
+      self._source.submit(batch, temperature, **_states_kwarg(self._loss_cfg, self._next_step))
       self._queue.append((self._next_step, batch, state_before))
       self._next_step += 1
 
   def peek(self, step: int) -> Batch:
     """The batch of `step`, after topping up the submissions ahead of it (stays queued)."""
-    self._fill(min(step + max(self._source.lookahead, 0), self._cfg.steps - 1))
+    self._fill(min(step + max(self._source.lookahead, 0), self._steps - 1))
     queued_step, batch, _ = self._queue[0]
     assert queued_step == step, (queued_step, step)
     return batch
@@ -104,16 +106,15 @@ class _FallbackStep:
 
   A batch with no answer (a fallback) is another pytree, hence another program:
   compiling it when the teacher goes down would stall training at the worst
-  moment, so for every source that may fall back (not `none`, `local`, or `remote`
-  with the `wait` policy) it is compiled ahead, at the first batch.
+  moment, so when the source may fall back (`ahead`: its kind may, see
+  `sources/registry.py`, and its options allow it: a remote source whose policy
+  waits never does) it is compiled ahead, at the first batch.
   """
 
-  def __init__(self, programs: step_lib.Programs, cfg: TrainConfig):
+  def __init__(self, programs: step_lib.Programs, *, ahead: bool):
     self._programs = programs
     self._compiled = None
-    source = cfg.teacher.source  # `local` always answers; remote with `wait` waits instead
-    waits = source == "remote" and cfg.teacher.remote.on_timeout == "wait"
-    self._ahead = source not in ("none", "local") and not waits
+    self._ahead = ahead
 
   def prepare(self, params, batch, hyper) -> None:
     if self._ahead and self._compiled is None:
@@ -173,12 +174,13 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
       start = int(meta["step"])
       source.restore(meta.get("teacher", {}))
       log.info("resumed from step %d (%s)", start, ckpt.directory)
-    note = shared_cores_note(cfg)
+    note = shared_cores_note(cfg.teacher)
     if note:
       log.info("%s", note)
 
     programs = step_lib.Programs(state.graphdef, cfg, state.shardings, mesh)
-    fallback_step = _FallbackStep(programs, cfg)
+    kind = source_kind(cfg.teacher.source)
+    fallback_step = _FallbackStep(programs, ahead=kind.may_fall_back and source.may_fall_back)
     writer = ids_log = None
     if jax.process_index() == 0:
       writer = MetricsWriter(run_dir, jsonl=cfg.logging.jsonl, tensorboard=cfg.logging.tensorboard)
@@ -188,7 +190,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         stack.callback(ids_log.close)
     progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
     stack.callback(progress.close)
-    feeder = _Feeder(data, source, cfg, start)
+    feeder = _Feeder(data, source, cfg.loss, first_step=start, steps=cfg.steps)
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     last: dict[str, float] = {}
     clock = DeviceClock()
@@ -207,9 +209,9 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         waiting = time.perf_counter()
         # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained.
         targets = source.next()
-        if source.falls_back_per_process:
+        if kind.falls_back_per_process:
           targets = distributed.agree_targets(targets, step)
-        targets = _trimmed(cfg, targets, step)
+        targets = _trimmed(cfg.loss, targets, step)
         wait = (waiting, time.perf_counter())
         phase = programs.phase(step, targets)
         if step == start:  # before the first step allocates anything: stop here if it cannot fit
@@ -230,7 +232,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
           ids_log.write(step, np.asarray(batch.example_ids).reshape(-1))
         step += 1
         window.add(step - 1, metrics, tokens=batch.tokens.size, wait=wait,
-                   fallback=targets is None and cfg.teacher.source != "none")
+                   fallback=targets is None and kind.teacher)
         if step % cfg.logging.every_steps == 0 or step == end:
           local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
           last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
@@ -257,16 +259,19 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
                      state=state if keep_state else None, compilations=programs.compilations())
 
 
-def shared_cores_note(cfg: TrainConfig) -> str | None:
-  """One line saying that teacher and student share this machine's cores, when they do."""
-  if cfg.teacher.source == "local":
+def shared_cores_note(teacher_cfg: TeacherConfig) -> str | None:
+  """One line saying that teacher and student share this machine's cores, when they do: a source that
+  computes on the student's devices, or one whose teacher servers (teacher.remote) are all on this machine."""
+  kind = source_kind(teacher_cfg.source)
+  if kind.shares_student_devices:
     return ("the teacher runs in this process: teacher and student share its devices, so perf/tokens_per_s "
             "and perf/teacher_wait_fraction measure both together")
-  if cfg.teacher.source != "remote":
+  remote = next((sub for sub in kind.sub_configs(teacher_cfg) if isinstance(sub, RemoteTeacherConfig)), None)
+  if remote is None:
     return None
-  hosts = [address.rpartition(":")[0].strip("[]") for address in cfg.teacher.remote.addresses]
+  hosts = [address.rpartition(":")[0].strip("[]") for address in remote.addresses]
   if hosts and all(h == "localhost" or h == "::1" or h.startswith("127.") for h in hosts):
-    return (f"the teacher at {cfg.teacher.remote.address} is on this machine: teacher and student share its "
+    return (f"the teacher at {remote.address} is on this machine: teacher and student share its "
             f"{os.cpu_count()} CPU cores (and devices), so perf/tokens_per_s and perf/teacher_wait_fraction "
             "measure both together")
   return None
@@ -288,14 +293,14 @@ def _check_memory(cfg: TrainConfig, mesh, train_fn, args, phase: str) -> None:
   log.info("%s: %s", name, program.summary())
 
 
-def _states_kwarg(cfg: TrainConfig, step: int) -> dict:
+def _states_kwarg(loss_cfg: LossConfig, step: int) -> dict:
   """`{"states": names}` for a source when the run's objectives read different teacher states, else {}."""
-  return {"states": state_names_at(cfg.loss, step)} if cfg.loss.ever_blockwise else {}
+  return {"states": state_names_at(loss_cfg, step)} if loss_cfg.ever_blockwise else {}
 
 
-def _trimmed(cfg: TrainConfig, targets, step: int):
+def _trimmed(loss_cfg: LossConfig, targets, step: int):
   """Targets holding only the states the objective of `step` reads (sources may send more)."""
-  return keep_states(targets, state_names_at(cfg.loss, step)) if cfg.loss.ever_blockwise else targets
+  return keep_states(targets, state_names_at(loss_cfg, step)) if loss_cfg.ever_blockwise else targets
 
 
 def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, source: TeacherSource,
@@ -312,13 +317,14 @@ def _evaluate(cfg: TrainConfig, state: TrainState, programs: step_lib.Programs, 
               writer, step: int) -> dict[str, float]:
   it = make_eval_iterator(cfg.data, shard_index=jax.process_index(), shard_count=jax.process_count())
   temperature = cfg.loss.temperature.value(step)
+  kind = source_kind(cfg.teacher.source)
   rows = []
   try:
     for _, batch in zip(range(cfg.eval.batches), it):
-      targets = source.compute(batch, temperature, **_states_kwarg(cfg, step))
-      if source.falls_back_per_process:
+      targets = source.compute(batch, temperature, **_states_kwarg(cfg.loss, step))
+      if kind.falls_back_per_process:
         targets = distributed.agree_targets(targets, step)
-      targets = _trimmed(cfg, targets, step)
+      targets = _trimmed(cfg.loss, targets, step)
       eval_fn = programs.eval(programs.phase(step, targets))
       out = eval_fn(state.params, shard_batch(batch, mesh), targets, step_lib.hyperparameters(cfg, step))
       rows.append(jax.device_get(out))

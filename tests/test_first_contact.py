@@ -192,10 +192,13 @@ def test_shared_cores_are_named_in_one_line():
   from student_trainer.train import shared_cores_note
   local = load_config(TrainConfig, None, ["teacher.source=remote", "teacher.remote.address=127.0.0.1:50051"])
   far = load_config(TrainConfig, None, ["teacher.source=remote", "teacher.remote.address=10.0.0.5:50051"])
-  assert "share its" in shared_cores_note(local) and "CPU cores" in shared_cores_note(local)
-  assert shared_cores_note(far) is None
+  assert "share its" in shared_cores_note(local.teacher) and "CPU cores" in shared_cores_note(local.teacher)
+  assert shared_cores_note(far.teacher) is None
   assert "share its devices" in shared_cores_note(load_config(TrainConfig, None, ["teacher.source=local",
-                                                                                  "teacher.local.model=tiny"]))
+                                                                                  "teacher.local.model=tiny"]).teacher)
+  cached = load_config(TrainConfig, None, ["teacher.source=cached", "teacher.cached.path=c",
+                                           "teacher.remote.address=localhost:50051"])
+  assert "is on this machine" in shared_cores_note(cached.teacher)  # cached reaches its server through teacher.remote
 
 
 # -- papercuts --------------------------------------------------------------------------------------

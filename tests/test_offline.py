@@ -95,7 +95,8 @@ def grads_and_loss(cfg, batch, targets):
   from student_trainer.state import create_train_state
   state = create_train_state(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh))
   model, _ = nnx.merge(state.graphdef, state.params)
-  loss_fn = step_lib._LossFn(cfg)  # noqa: SLF001 - the exact function the train step differentiates
+  # The exact function the train step differentiates.
+  loss_fn = step_lib._LossFn(cfg.loss, cfg.model)  # noqa: SLF001
   hyper = step_lib.hyperparameters(cfg, 0)
   tokens = np.float32(batch.loss_mask.sum())
   (loss, _), grads = nnx.value_and_grad(lambda m: loss_fn(m, batch, targets, hyper, tokens), has_aux=True)(model)

@@ -26,6 +26,7 @@ from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
 from distill_core.sharding import MeshConfig, make_mesh
 from student_trainer.config import TrainConfig
+from student_trainer.sources import Student
 from student_trainer.sources.remote import RemoteTeacher
 from distill_core.stream.pool import RemoteTeacherError
 
@@ -100,7 +101,8 @@ def test_weights_swapped_behind_one_name(tiny_dataset, replicas, policy):
   assert old.replica_id == "replica-a"
   target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)  # one name, two replicas
   cfg = source_cfg(tiny_dataset, target, policy)
-  source = RemoteTeacher.from_train_config(cfg, make_mesh(MeshConfig(data=1)))
+  source = RemoteTeacher.create(cfg.teacher.remote, cfg.teacher.cached, student=Student.of(cfg),
+                                mesh=make_mesh(MeshConfig(data=1)))
   data = make_iterator(cfg.data)
   try:
     def step():

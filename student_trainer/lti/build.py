@@ -1,6 +1,6 @@
 """The trainer's learn-to-init hooks: build the surgered student, fingerprint its teacher kernels.
 
-`build_lti_model(cfg)` opens the teacher-parameter source, plans (failing
+`build_lti_model(train_cfg)` opens the teacher-parameter source, plans (failing
 before anything is allocated), fetches only the planned tensors, builds the
 student (fresh, or from `init_hf_checkpoint`) and applies the plan: LTI
 projections when `lti.enabled`, and the run's `copy_from_teacher` (which also
@@ -15,7 +15,7 @@ ordinary parameters, saved in its checkpoints.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flax import nnx
 
@@ -25,13 +25,16 @@ from student_trainer.lti.modules import TeacherKernel
 from student_trainer.lti.surgery import Plan, TrainablePaths, apply_plan, make_plan
 from student_trainer.lti.teacher import TeacherParams, open_teacher
 
+if TYPE_CHECKING:
+  from student_trainer.config import TrainConfig
+
 log = logging.getLogger(__name__)
 
 
-def plan_for(cfg, teacher: TeacherParams | None = None) -> tuple[Plan, TeacherParams]:
-  """The surgery plan of a TrainConfig (`cfg.lti` on `cfg.model`); reads teacher shapes only."""
-  teacher = teacher or open_teacher(cfg.lti, cfg.teacher.remote)
-  return make_plan(cfg.model, cfg.lti, teacher, cfg.copy_from_teacher), teacher
+def plan_for(train_cfg: "TrainConfig", teacher: TeacherParams | None = None) -> tuple[Plan, TeacherParams]:
+  """The surgery plan of a TrainConfig (`train_cfg.lti` on `train_cfg.model`); reads teacher shapes only."""
+  teacher = teacher or open_teacher(train_cfg.lti, train_cfg.teacher.remote)
+  return make_plan(train_cfg.model, train_cfg.lti, teacher, train_cfg.copy_from_teacher), teacher
 
 
 def kernel_fingerprint(model: nnx.Module) -> str:
@@ -40,20 +43,20 @@ def kernel_fingerprint(model: nnx.Module) -> str:
   return arrays_fingerprint(flat)
 
 
-def build_lti_model(cfg) -> tuple[Transformer, TrainablePaths, dict[str, Any] | None]:
+def build_lti_model(train_cfg: "TrainConfig") -> tuple[Transformer, TrainablePaths, dict[str, Any] | None]:
   """(student, trainable filter, record) for a TrainConfig with `lti.enabled` or `copy_from_teacher`.
 
   The record is None without `lti.enabled` (nothing frozen to fetch again on resume).
   """
-  plan, teacher = plan_for(cfg)
-  log.info("%s plan:\n%s", "learn-to-init" if cfg.lti.enabled else "copy_from_teacher", plan.describe())
+  plan, teacher = plan_for(train_cfg)
+  log.info("%s plan:\n%s", "learn-to-init" if train_cfg.lti.enabled else "copy_from_teacher", plan.describe())
   arrays = teacher.fetch(plan.teacher_names())
-  if cfg.init_hf_checkpoint:
-    model = load_model(hf_checkpoint=cfg.init_hf_checkpoint, **cfg.model.runtime_fields())
+  if train_cfg.init_hf_checkpoint:
+    model = load_model(hf_checkpoint=train_cfg.init_hf_checkpoint, **train_cfg.model.runtime_fields())
   else:
-    model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.seed))
+    model = Transformer(train_cfg.model, rngs=nnx.Rngs(train_cfg.seed))
   wrt = apply_plan(model, plan, arrays)
-  if not cfg.lti.enabled:
+  if not train_cfg.lti.enabled:
     return model, wrt, None
   record = {"teacher": teacher.record(), "kernel_fingerprint": kernel_fingerprint(model),
             "trainable": sorted(wrt.paths)}

@@ -36,11 +36,14 @@ class Interrupted(Exception):
 class TeacherSource(abc.ABC):
   """Maps training batches to teacher targets, in order."""
 
+  #: The name it is registered under (`registry.py`), also in the cursors it checkpoints.
+  name: str = ""
   #: How many batches the trainer should submit ahead of the one being trained.
   lookahead: int = 0
-  #: True when `next` may return None (CE only) on one process and targets on another: with several
-  #: processes the trainer then makes the batch CE-only on all of them (the step is one program).
-  falls_back_per_process: bool = False
+  #: False when this source, as configured, never answers a batch with None while its kind of source
+  #: may (`registry.SourceKind.may_fall_back`): a remote source whose policy waits. What each kind of
+  #: source can do is declared where it is registered (`registry.py`).
+  may_fall_back: bool = True
   #: Set by the trainer on SIGTERM/SIGINT; a blocking `next`/`compute` then raises `Interrupted`.
   interrupt: threading.Event | None = None
 

@@ -43,7 +43,7 @@ from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, T
 from distill_core.shards_io import AnswerStore, ShardWriter
 from distill_core.targets import TeacherTargets, concat, slice_batch
 from student_trainer.sources.base import TeacherSource
-from student_trainer.sources.common import feature_teacher_layers, teacher_state_names
+from student_trainer.sources.common import Student
 from student_trainer.sources.offline import check_answers, place_on
 from student_trainer.sources.remote import RemoteTeacher
 from student_trainer.policy import CEOnlyPolicy, Decision, FallbackPolicy, Overdue, PolicyContext, WaitPolicy
@@ -52,30 +52,29 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
-def _needs(cfg, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
+def _needs(student: Student, num_layers: int, states=None) -> tuple[int, tuple[int, ...], tuple[str, ...]]:
   """(k, teacher layers, state names) the student's steps ask for (`states` narrows the names)."""
-  layers = feature_teacher_layers(cfg, num_layers)
-  names = teacher_state_names(cfg) if layers else ()
+  layers = student.feature_layers(num_layers)
+  names = student.state_names if layers else ()
   names = names if states is None else tuple(name for name in names if name in states)
-  return cfg.loss.request_k, layers if names else (), names
+  return student.loss.request_k, layers if names else (), names
 
 
-def _open_cache(cfg) -> AnswerStore:
-  ccfg = cfg.teacher.cached
+def _open_cache(ccfg, student: Student) -> AnswerStore:
   try:
     store = AnswerStore(ccfg.path, verify=ccfg.verify_shards, must_exist=False)
   except ShardError as e:
     raise ShardError(f"teacher.cached.path: {e}") from None
   if store.manifest is not None:
-    _, layers, states = _needs(cfg, store.manifest.teacher.num_layers)
-    check_answers(store.manifest, cfg, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
+    _, layers, states = _needs(student, store.manifest.teacher.num_layers)
+    check_answers(store.manifest, student, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
                   states=states)
   return store
 
 
-def _served(store: AnswerStore, cfg, ids: np.ndarray, temperature: float, names=None) -> TeacherTargets:
+def _served(store: AnswerStore, student: Student, ids: np.ndarray, temperature: float, names=None) -> TeacherTargets:
   """Host targets of `ids` from the cache, trimmed like a remote answer."""
-  k, layers, states = _needs(cfg, store.manifest.teacher.num_layers, names)
+  k, layers, states = _needs(student, store.manifest.teacher.num_layers, names)
   return shards.select(store.batch(ids), temperature=temperature, k=k, layers=layers, states=states,
                        where=f"teacher.cached.path={store.root}")
 
@@ -86,10 +85,14 @@ def rows_of(batch: Batch, rows: list[int]) -> Batch:
 
 
 class CacheWriter:
-  """Appends answers to the cache on a background thread; a writer name per run and process."""
+  """Appends answers to the cache on a background thread; a writer name per run and process.
 
-  def __init__(self, cfg, *, process_index: int, queue_size: int = 8):
-    self._cfg = cfg
+  `ccfg`: teacher.cached (a `CachedTeacherConfig`); `data_path`: the student's data.path.
+  """
+
+  def __init__(self, ccfg, data_path: str, *, process_index: int, queue_size: int = 8):
+    self._ccfg = ccfg
+    self._data_path = data_path
     self.name = f"cache-p{process_index:05d}-{time.time_ns():x}"
     self._queue: queue.Queue = queue.Queue(queue_size)
     self._writer: ShardWriter | None = None
@@ -99,8 +102,8 @@ class CacheWriter:
     self._thread.start()
 
   def header(self, info, plan_spec: wire.OutputSpec) -> Progress:
-    data = load_manifest(self._cfg.data.path)
-    dataset = DatasetInfo(path=str(self._cfg.data.path), dataset_fingerprint=data.dataset_fingerprint,
+    data = load_manifest(self._data_path)
+    dataset = DatasetInfo(path=str(self._data_path), dataset_fingerprint=data.dataset_fingerprint,
                           tokenizer_fingerprint=data.tokenizer_fingerprint, seq_len=data.seq_len,
                           splits={name: split.examples for name, split in data.splits.items()})
     spec = StoredSpec.build(plan_spec, id_bits=wire.bits_for(info.vocab_size) if plan_spec.pack_ids else 0,
@@ -109,7 +112,7 @@ class CacheWriter:
 
   def put(self, header: Progress, batch: Batch, targets: TeacherTargets) -> None:
     if self._error is not None:
-      raise ShardError(f"teacher.cached.path={self._cfg.teacher.cached.path}: writing the cache failed: "
+      raise ShardError(f"teacher.cached.path={self._ccfg.path}: writing the cache failed: "
                        f"{self._error}") from self._error
     self._queue.put((header, batch, targets))
 
@@ -118,9 +121,9 @@ class CacheWriter:
       while (item := self._queue.get()) is not _DONE:
         header, batch, targets = item
         if self._writer is None:
-          self._writer = ShardWriter(self._cfg.teacher.cached.path, header,
+          self._writer = ShardWriter(self._ccfg.path, header,
                                      name_of=lambda i: f"{self.name}-{i:05d}{shards.SHARD_SUFFIX}",
-                                     records_per_shard=self._cfg.teacher.cached.records_per_shard)
+                                     records_per_shard=self._ccfg.records_per_shard)
         spec = self._writer.progress.spec
         temps = tuple(float(t) for t in np.asarray(targets.temperatures))
         for row, example_id in enumerate(np.asarray(batch.example_ids).tolist()):
@@ -162,15 +165,26 @@ class _Item:
 class CachedTeacher(TeacherSource):
   """The remote source with a disk cache; see the module docstring."""
 
-  falls_back_per_process = True  # the remote policy's CE-only answer for one process's missing rows
+  name = "cached"
 
-  def __init__(self, cfg, mesh: Mesh, *, process_index: int = 0):
-    self._cfg = cfg
+  @classmethod
+  def create(cls, cached_cfg, remote_cfg, *, student: Student, mesh: Mesh, rules,
+             interrupt: threading.Event | None) -> "CachedTeacher":
+    """The registry's constructor (`registry.py`): `teacher.cached` and `teacher.remote`, for this process."""
+    del rules  # answers are placed on `mesh` once merged
+    return cls(cached_cfg, remote_cfg, student, mesh, process_index=jax.process_index(), interrupt=interrupt)
+
+  def __init__(self, ccfg, remote_cfg, student: Student, mesh: Mesh, *, process_index: int = 0,
+               interrupt: threading.Event | None = None):
+    self._ccfg = ccfg
+    self._student = student
     self._mesh = mesh
-    self.store = _open_cache(cfg)
-    self.remote = RemoteTeacher.from_train_config(cfg, mesh, place=lambda targets: targets)
+    self.store = _open_cache(ccfg, student)
+    # Its remote part is what may wait: it watches `interrupt` too.
+    self.remote = RemoteTeacher.create(remote_cfg, ccfg, student=student, mesh=mesh, interrupt=interrupt,
+                                       place=lambda targets: targets)
     self.lookahead = self.remote.lookahead
-    self._writer = CacheWriter(cfg, process_index=process_index)
+    self._writer = CacheWriter(ccfg, student.data.path, process_index=process_index)
     self._header: Progress | None = None
     self._seen_shards = 0
     self._pending: collections.deque[_Item] = collections.deque()
@@ -191,14 +205,14 @@ class CachedTeacher(TeacherSource):
     """This run's cache header, once a teacher has answered; refuses a cache of another teacher."""
     info = self.remote.teacher_info
     if self._header is None and info is not None:
-      k, layers, states = _needs(self._cfg, info.num_layers)
-      plan = wire.OutputSpec(k=k, temperatures=(), value_dtype=self._cfg.teacher.value_dtype, layers=layers,
+      k, layers, states = _needs(self._student, info.num_layers)
+      plan = wire.OutputSpec(k=k, temperatures=(), value_dtype=self._student.value_dtype, layers=layers,
                              states=states, state_dtype=self.remote.cfg.state_dtype, pack_ids=self.remote.cfg.pack_ids,
-                             samples=self._cfg.loss.sampling)
+                             samples=self._student.loss.sampling)
       header = self._writer.header(info, plan)
       stored = self.store.manifest
       if stored is not None:
-        where = f"teacher.cached.path={self._cfg.teacher.cached.path}"
+        where = f"teacher.cached.path={self._ccfg.path}"
         for field in ("teacher", "dataset", "spec"):
           if shards.differs(getattr(stored, field), getattr(header, field)):
             raise ShardError(f"{where}: the cache holds answers with another {field} than this run's "
@@ -215,7 +229,7 @@ class CachedTeacher(TeacherSource):
     missing = set(self.store.missing(ids, temperature))
     missing_rows = [r for r, i in enumerate(ids.tolist()) if i in missing]
     cached_rows = [r for r in range(len(ids)) if r not in set(missing_rows)]
-    cached = _served(self.store, self._cfg, ids[cached_rows], temperature, states) if cached_rows else None
+    cached = _served(self.store, self._student, ids[cached_rows], temperature, states) if cached_rows else None
     self._count("rows_from_cache", len(cached_rows))
     self._count("rows_requested", len(missing_rows))
     return _Item(batch, float(temperature), cached_rows, missing_rows, cached)
@@ -260,13 +274,13 @@ class CachedTeacher(TeacherSource):
     return self._merge(item, fetched)
 
   def state(self) -> dict[str, Any]:
-    return {"source": "cached", "remote": self.remote.state(), "counts": dict(self._counts)}
+    return {"source": self.name, "remote": self.remote.state(), "counts": dict(self._counts)}
 
   def restore(self, state: dict[str, Any]) -> None:
     if not state:
       return
-    if state.get("source") != "cached":
-      raise ValueError(f"teacher.source=cached cannot resume a checkpoint of the {state.get('source')!r} source")
+    if state.get("source") != self.name:
+      raise ValueError(f"teacher.source={self.name} cannot resume a checkpoint of the {state.get('source')!r} source")
     self.remote.restore(state.get("remote", {}))
     self._counts.update(state.get("counts", {}))
 
@@ -291,11 +305,11 @@ class CachedShardsPolicy(FallbackPolicy):
 
   name = "cached_shards"
 
-  def __init__(self, cfg):
-    self._cfg = cfg
-    self._path = cfg.teacher.cached.path
-    self._store = AnswerStore(self._path, verify=cfg.teacher.cached.verify_shards, must_exist=False)
-    self._secondary = WaitPolicy() if cfg.teacher.cached.secondary == "wait" else CEOnlyPolicy()
+  def __init__(self, ccfg, student: Student):
+    self._student = student
+    self._path = ccfg.path
+    self._store = AnswerStore(self._path, verify=ccfg.verify_shards, must_exist=False)
+    self._secondary = WaitPolicy() if ccfg.secondary == "wait" else CEOnlyPolicy()
     self._refreshed = 0.0
 
   def decide(self, overdue: Overdue) -> Decision:
@@ -305,7 +319,7 @@ class CachedShardsPolicy(FallbackPolicy):
       self._refreshed = now
     ids = np.asarray(overdue.batch.example_ids, np.int64)
     if self._store.manifest is not None and not self._store.missing(ids, overdue.temperature):
-      return Decision.use(_served(self._store, self._cfg, ids, overdue.temperature),
+      return Decision.use(_served(self._store, self._student, ids, overdue.temperature),
                           f"served {len(ids)} rows from the cache {self._path}")
     decision = self._secondary.decide(overdue)
     if decision.wait:
@@ -316,4 +330,4 @@ class CachedShardsPolicy(FallbackPolicy):
 
 def make_cached_shards_policy(context: PolicyContext) -> CachedShardsPolicy:
   """The factory registered as `cached_shards` (policy.py)."""
-  return CachedShardsPolicy(context.cfg)
+  return CachedShardsPolicy(context.cached, context.student)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
+from distill_core.checkpoints import load_model
 from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
 from distill_core.sharding import shard_batch, state_shardings
@@ -24,6 +25,7 @@ from distill_core.sampling import split_u64
 from distill_core.targets import DenseHead, SampleRequest, TeacherTargets, compute_targets_from_hidden
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
+from student_trainer.sources.common import Student
 
 
 class LocalTeacher(TeacherSource):
@@ -33,7 +35,23 @@ class LocalTeacher(TeacherSource):
   logsumexp and draws (`compute_targets_from_hidden`); 0 or None: whole rows.
   """
 
+  name = "local"
   lookahead = 1
+
+  @classmethod
+  def create(cls, local_cfg, *, student: Student, mesh: Mesh, rules, interrupt) -> "LocalTeacher":
+    """The registry's constructor (`registry.py`): loads the teacher `teacher.local` names (a
+    `LocalTeacherConfig`) and checks it against the student."""
+    del interrupt  # nothing here waits
+    model = load_model(local_cfg.model, hf_checkpoint=local_cfg.hf_checkpoint,
+                       orbax_checkpoint=local_cfg.orbax_checkpoint, seed=local_cfg.seed)
+    layers = student.teacher_layers(layers=model.cfg.num_hidden_layers, width=model.cfg.hidden_size,
+                                    where="the local teacher")
+    loss_cfg = student.loss
+    return cls(model, k=loss_cfg.request_k, value_dtype=student.value_dtype, mesh=mesh, rules=rules,
+               dense_logits=loss_cfg.use_dense, state_layers=layers, state_names=student.state_names if layers else (),
+               student_vocab_size=student.model.vocab_size, samples=loss_cfg.sampling,
+               chunk_size=loss_cfg.chunk_size)
 
   def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
                dense_logits: bool = False, state_layers: tuple[int, ...] = (),

@@ -11,6 +11,14 @@ from student_trainer.sources.base import TeacherSource
 class NoTeacher(TeacherSource):
   """Answers every batch with None, so the step computes cross-entropy only."""
 
+  name = "none"
+
+  @classmethod
+  def create(cls, *, student, mesh, rules, interrupt) -> "NoTeacher":
+    """The registry's constructor (`registry.py`): nothing to read."""
+    del student, mesh, rules, interrupt
+    return cls()
+
   def __init__(self):
     self._pending: collections.deque[None] = collections.deque()
 

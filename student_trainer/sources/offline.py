@@ -28,6 +28,7 @@ import time
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -36,10 +37,9 @@ from distill_core.data import Batch, load_manifest, ordered_batches
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore, MissingAnswers
 from distill_core.targets import TeacherTargets
-from student_trainer.blockwise import check_blockwise
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
-from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
+from student_trainer.sources.common import Student, place_targets
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +48,22 @@ class AnswersMismatch(RunError):
   """Stored answers that cannot train this student; the message names each field and both values."""
 
 
-def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[int, ...],
-                  temperatures: bool = True, states: tuple[str, ...] = ("attn_out",)) -> None:
-  """Raises AnswersMismatch listing every field where `manifest` does not fit the TrainConfig `cfg`.
+def check_answers(manifest: shards.Manifest, student: Student, *, where: str, layers: tuple[int, ...],
+                  temperatures: bool = True, states: tuple[str, ...] = ("attn_out",),
+                  weights_fingerprint: str | None = None) -> None:
+  """Raises AnswersMismatch listing every field where `manifest` does not fit the student's side of the run.
 
   `temperatures`: require a constant loss temperature to be stored (a cache fills in what is missing).
   `states`: the state names the losses read at `layers`.
+  `weights_fingerprint`: refuse answers of any other teacher weights (teacher.offline.weights_fingerprint).
   """
-  data = load_manifest(cfg.data.path)
+  data = load_manifest(student.data.path)
   spec = manifest.spec
   problems = []
 
-  def differ(field: str, stored, student, what: str = "the student's") -> None:
-    if stored != student:
-      problems.append(f"{field}: stored {stored!r}, {what} {student!r}")
+  def differ(field: str, stored, wanted, what: str = "the student's") -> None:
+    if stored != wanted:
+      problems.append(f"{field}: stored {stored!r}, {what} {wanted!r}")
 
   differ("dataset.tokenizer_fingerprint", manifest.dataset.tokenizer_fingerprint, data.tokenizer_fingerprint,
          "data.path has")
@@ -71,12 +73,12 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
   differ("dataset.dataset_fingerprint", manifest.dataset.dataset_fingerprint, data.dataset_fingerprint,
          "data.path has")
   differ("dataset.seq_len", manifest.dataset.seq_len, data.seq_len, "data.path has")
-  differ("teacher.vocab_size", manifest.teacher.vocab_size, cfg.model.real_vocab_size)
-  if spec.k < cfg.loss.top_k:
-    problems.append(f"spec.k: stored {spec.k}, loss.top_k needs {cfg.loss.top_k}")
-  _check_samples(spec.samples, cfg.loss, problems)
-  differ("spec.value_dtype", spec.value_dtype, cfg.teacher.value_dtype, "teacher.value_dtype is")
-  low, high = cfg.loss.temperature.bounds()
+  differ("teacher.vocab_size", manifest.teacher.vocab_size, student.model.real_vocab_size)
+  if spec.k < student.loss.top_k:
+    problems.append(f"spec.k: stored {spec.k}, loss.top_k needs {student.loss.top_k}")
+  _check_samples(spec.samples, student.loss, problems)
+  differ("spec.value_dtype", spec.value_dtype, student.value_dtype, "teacher.value_dtype is")
+  low, high = student.loss.temperature.bounds()
   stored_temps = [float(np.float32(t)) for t in manifest.temperatures]
   if temperatures and low == high and float(np.float32(low)) not in stored_temps:
     problems.append(f"temperatures: stored {stored_temps}, loss.temperature needs {float(np.float32(low))} "
@@ -89,10 +91,9 @@ def check_answers(manifest: shards.Manifest, cfg, *, where: str, layers: tuple[i
     if absent:
       problems.append(f"spec.states: stored {list(spec.states)}, the losses need {list(states)} "
                       "(blockwise reads attn_in and attn_out)")
-    differ("teacher.hidden_size", manifest.teacher.hidden_size, cfg.model.hidden_size)
-  expected = cfg.teacher.offline.weights_fingerprint if cfg.teacher.source == "offline" else None
-  if expected:
-    differ("teacher.weights_fingerprint", manifest.teacher.weights_fingerprint, expected,
+    differ("teacher.hidden_size", manifest.teacher.hidden_size, student.model.hidden_size)
+  if weights_fingerprint:
+    differ("teacher.weights_fingerprint", manifest.teacher.weights_fingerprint, weights_fingerprint,
            "teacher.offline.weights_fingerprint is")
   if problems:
     raise AnswersMismatch(f"{where}: the stored answers do not fit this student: " + "; ".join(problems))
@@ -177,34 +178,38 @@ class AnswerLookup:
 class OfflineTeacher(TeacherSource):
   """Serves dumped answers in the student's batch order; see the module docstring."""
 
-  falls_back_per_process = True  # a process whose rows are missing trains CE-only
+  name = "offline"
 
-  def __init__(self, cfg, mesh: Mesh, *, shard_index: int = 0, shard_count: int = 1):
-    ocfg = cfg.teacher.offline
+  @classmethod
+  def create(cls, offline_cfg, *, student: Student, mesh: Mesh, rules, interrupt) -> "OfflineTeacher":
+    """The registry's constructor (`registry.py`): `teacher.offline` (an `OfflineTeacherConfig`), this
+    process's share of the batches."""
+    del rules, interrupt  # answers are placed like the remote source's; a following reader polls on its own
+    return cls(offline_cfg, student, mesh, shard_index=jax.process_index(), shard_count=jax.process_count())
+
+  def __init__(self, ocfg, student: Student, mesh: Mesh, *, shard_index: int = 0, shard_count: int = 1):
     self.cfg = ocfg
     self.lookahead = ocfg.lookahead
     self._mesh = mesh
-    self._k = cfg.loss.request_k
+    self._k = student.loss.request_k
     self.store = _open_store(ocfg)
     manifest = self.store.manifest
     where = f"teacher.offline.path={ocfg.path}"
-    if cfg.loss.ever_blockwise:
-      check_blockwise(cfg.loss, student_layers=cfg.model.num_hidden_layers, student_width=cfg.model.hidden_size,
-                      teacher_layers=manifest.teacher.num_layers, teacher_width=manifest.teacher.hidden_size,
-                      where=f"{where}: teacher")
-    self._layers = feature_teacher_layers(cfg, manifest.teacher.num_layers)
-    self._states = teacher_state_names(cfg) if self._layers else ()
-    check_answers(manifest, cfg, where=where, layers=self._layers, states=self._states)
+    self._layers = student.teacher_layers(layers=manifest.teacher.num_layers, width=manifest.teacher.hidden_size,
+                                          where=f"{where}: teacher")
+    self._states = student.state_names if self._layers else ()
+    check_answers(manifest, student, where=where, layers=self._layers, states=self._states,
+                  weights_fingerprint=ocfg.weights_fingerprint)
     if not manifest.complete and not ocfg.follow:
       log.warning("offline teacher: %s holds %d of %d examples (an unfinished dump?); missing ids are %s",
                   ocfg.path, manifest.records, sum(manifest.dataset.splits.values()),
                   "trained on CE only" if ocfg.on_missing == "ce_only" else "an error")
     self.weights_fingerprint = manifest.teacher.weights_fingerprint
     self._lookup = AnswerLookup(self.store, ocfg)
-    data = load_manifest(cfg.data.path)
+    data = load_manifest(student.data.path)
     split = data.splits["train"]
     ids = grain.MapDataset.source(_SplitIds(split.first_example_id, split.examples))
-    ds = ordered_batches(ids, cfg.data, "train", training=True, shard_index=shard_index, shard_count=shard_count)
+    ds = ordered_batches(ids, student.data, "train", training=True, shard_index=shard_index, shard_count=shard_count)
     ds = ds.map(lambda element: (element["example_ids"], self._lookup(element["example_ids"])))
     self._it = ds.to_iter_dataset(grain.ReadOptions(num_threads=ocfg.read_threads,
                                                     prefetch_buffer_size=ocfg.prefetch)).__iter__()
@@ -251,14 +256,14 @@ class OfflineTeacher(TeacherSource):
 
   def state(self) -> dict[str, Any]:
     grain_state = self._pending[0][0] if self._pending else self._it.get_state()
-    return {"source": "offline", "grain": grain_state, "batches": self._batches,
+    return {"source": self.name, "grain": grain_state, "batches": self._batches,
             "weights_fingerprint": self.weights_fingerprint, "ce_only_batches": self._ce_only}
 
   def restore(self, state: dict[str, Any]) -> None:
     if not state:
       return
-    if state.get("source") != "offline":
-      raise ValueError(f"teacher.source=offline cannot resume a checkpoint of the {state.get('source')!r} source")
+    if state.get("source") != self.name:
+      raise ValueError(f"teacher.source={self.name} cannot resume a checkpoint of the {state.get('source')!r} source")
     saved = state.get("weights_fingerprint")
     if saved != self.weights_fingerprint and not self.cfg.allow_teacher_change:
       raise AnswersMismatch(f"teacher.offline.path={self.cfg.path}: teacher.weights_fingerprint: the checkpoint "

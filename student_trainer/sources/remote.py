@@ -37,7 +37,7 @@ from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
 from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
+from student_trainer.sources.common import Student, place_targets
 from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class RemoteTeacher(TeacherSource):
   """Streams batches to a teacher server; see the module docstring.
 
   Args:
-    cfg: `teacher.remote` (a `RemoteTeacherConfig`).
+    remote_cfg: `teacher.remote` (a `RemoteTeacherConfig`).
     need: what the student needs (checked against every replica's GetInfo).
     mesh: the trainer's mesh; targets are placed on it split along B.
     policy: what to do with overdue batches.
@@ -59,26 +59,29 @@ class RemoteTeacher(TeacherSource):
     interrupt: an event (set on SIGTERM/SIGINT) that ends every wait with `Interrupted`.
   """
 
-  def __init__(self, cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
+  name = "remote"
+
+  def __init__(self, remote_cfg, need: Requirements, *, mesh: Mesh, policy: FallbackPolicy,
                place: Callable[[TeacherTargets], TeacherTargets] | None = None,
                interrupt: threading.Event | None = None):
-    self.cfg = cfg
-    self.lookahead = cfg.window
+    self.cfg = remote_cfg
+    self.lookahead = remote_cfg.window
     self.interrupt = interrupt
+    self.may_fall_back = policy.may_fall_back
     self._policy = policy
     self._mesh = mesh
     self._stats = StreamStats()
     self._place = place or functools.partial(place_targets, mesh=mesh)
-    self._runner = StreamRunner(cfg, need, self._place, stats=self._stats)
+    self._runner = StreamRunner(remote_cfg, need, self._place, stats=self._stats)
     self._core = self._runner.core
     self._queue: collections.deque[Item] = collections.deque()
     self._consumed = 0
     self._last_ids: list[int] = []
     self.last_weights = ""  # weights fingerprint of the last batch returned with targets
     self._closed = False
-    if self._runner.alive and not self._wait_first_contact(cfg.timeout_s):
+    if self._runner.alive and not self._wait_first_contact(remote_cfg.timeout_s):
       log.warning("no teacher reachable at %s after %.0f s (%s%s); starting anyway, on_timeout=%s applies",
-                  cfg.address, cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
+                  remote_cfg.address, remote_cfg.timeout_s, self._core.describe(), self._diagnosis(), policy.name)
     if self._core.fatal is not None:
       self.close()
       self._raise_if_fatal()
@@ -117,17 +120,20 @@ class RemoteTeacher(TeacherSource):
     return self.interrupt is not None and self.interrupt.is_set()
 
   @classmethod
-  def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
-    """The source for a `TrainConfig` whose teacher.source is remote."""
-    manifest = load_manifest(cfg.data.path)
+  def create(cls, remote_cfg, cached_cfg, *, student: Student, mesh: Mesh, rules=None,
+             interrupt: threading.Event | None = None, **kwargs) -> "RemoteTeacher":
+    """The registry's constructor (`registry.py`): `teacher.remote` (a `RemoteTeacherConfig`) and
+    `teacher.cached` (what the cached_shards policy reads), for the student's side of the run."""
+    del rules  # the answers are placed on `mesh` as they arrive
+    manifest = load_manifest(student.data.path)
     need = Requirements(
-        k=cfg.loss.request_k, samples=cfg.loss.sampling, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
-        data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
-        batch_rows=cfg.data.batch_size // jax.process_count(),
-        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,
-        feature_layers=functools.partial(feature_teacher_layers, cfg), state_names=teacher_state_names(cfg))
-    policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
-    return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy, **kwargs)
+        k=student.loss.request_k, samples=student.loss.sampling, value_dtype=student.value_dtype,
+        vocab_size=student.model.real_vocab_size, data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
+        batch_rows=student.data.batch_size // jax.process_count(),
+        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=student.model.hidden_size,
+        feature_layers=student.feature_layers, state_names=student.state_names)
+    policy = make_policy(remote_cfg.on_timeout, PolicyContext(student=student, cached=cached_cfg, mesh=mesh))
+    return cls(remote_cfg, need, mesh=mesh, policy=policy, interrupt=interrupt, **kwargs)
 
   def _raise_if_fatal(self) -> None:
     self._runner.raise_if_fatal()
@@ -211,7 +217,7 @@ class RemoteTeacher(TeacherSource):
     A fallback on any process is logged on every process, naming the processes that had no answer.
     """
     drain = self.cfg.on_weights_change == "drain"
-    if jax.process_count() == 1 or (self._policy.name == "wait" and not drain):
+    if jax.process_count() == 1 or (not self._policy.may_fall_back and not drain):
       return targets
     digest = zlib.crc32(weights.encode()) & 0x7FFFFFFF if drain else 0  # int32 on the device
     have, digests = gather_ints(int(targets is not None), digest)
@@ -233,7 +239,7 @@ class RemoteTeacher(TeacherSource):
   def state(self) -> dict[str, Any]:
     info = self._core.info
     weights = self.last_weights or (info.weights_fingerprint if info else self._core.expected_weights)
-    return {"source": "remote", "batches": self._consumed, "last_example_ids": self._last_ids,
+    return {"source": self.name, "batches": self._consumed, "last_example_ids": self._last_ids,
             "weights_fingerprint": weights,
             "tokenizer_fingerprint": info.tokenizer_fingerprint if info else None,
             "fallbacks": self._stats.totals["fallbacks"]}
