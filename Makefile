@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup demo test test-slow bench protos clean
+.PHONY: setup demo test test-unit test-integration test-slow bench protos clean
 
 setup: $(STAMP)
 
@@ -20,8 +20,15 @@ $(STAMP): pyproject.toml deploy/constraints.txt
 demo: $(STAMP)
 	$(VPY) scripts/demo.py
 
+# tests/unit: no process, no server, no training loop; tests/integration: the rest. `test` runs both.
 test: $(STAMP)
 	$(VPY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(VPY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(VPY) -m pytest -q tests/integration
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow

@@ -197,7 +197,7 @@ ROWS: tuple[Row, ...] = (
                                                f"loss.num_samples={ctx.wire['sampled_n']}",
                                                f"loss.sample_temperature={ctx.budget.temperature}"],
         available=lambda: "sampled" in _kd_modes()),
-    # The same losses as `tail` by construction (tests/test_offline*.py); opt-in, as the dump of every
+    # The same losses as `tail` by construction (tests/integration/test_offline*.py); opt-in, as the dump of every
     # example costs as much as several rows.
     Row("offline_tail", "tail, k=64, offline shards", ("dump",),
         lambda ctx: ["teacher.source=offline", f"teacher.offline.path={ctx.answers}", *_kd(ctx),

@@ -14,7 +14,7 @@ It holds pyproject.toml's `[project] dependencies` and its `dev` and `tpu` extra
 and everything they require (for Linux, this Python), at the
 versions installed in the environment that runs this script. Each line says
 which pinned packages need it (`# via ...`), so the file can be checked on its
-own: tests/test_deploy.py checks that it agrees with pyproject.toml and that
+own: tests/unit/test_deploy.py checks that it agrees with pyproject.toml and that
 its closure is complete, never against what a registry serves today. The JAX
 accelerator extra (libtpu, CUDA plugins) is pinned by the `jax` version itself.
 

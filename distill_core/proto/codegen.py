@@ -1,6 +1,6 @@
 """Regenerates the Python protobuf/gRPC modules from ``protos/`` (``make protos``).
 
-The generated files are committed; ``tests/test_wire.py`` regenerates them into
+The generated files are committed; ``tests/unit/test_wire.py`` regenerates them into
 a temporary folder and checks that the committed copies are identical. protoc
 writes ``from distill.teacher.v1 import teacher_pb2``; the import is rewritten
 so the modules live flat in ``distill_core.proto``.
