@@ -25,14 +25,9 @@ _BAR_KEYS = ("train/total_loss", "train/ce_loss", "train/kd_loss", "perf/tokens_
              "teacher/fallbacks_total")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-  """The rows `MetricsWriter` appended to <run_dir>/metrics.jsonl, in order ([] when there is none)."""
-  path = Path(run_dir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 class MetricsWriter:
-  """Writes scalar metrics to JSONL and TensorBoard (each optional)."""
+  """Writes scalar metrics to JSONL and TensorBoard (each optional); `distill_core.harness.read_metrics` reads
+  the JSONL back."""
 
   def __init__(self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True):
     run_dir = Path(run_dir)

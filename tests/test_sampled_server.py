@@ -17,7 +17,7 @@ from distill_core.sharding import MeshConfig
 from distill_core.targets import SampleRequest, compute_targets
 from teacher_server.engine import JaxEngine
 from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
-from teacher_server.fake_engine import FakeEngine, fake_info
+from support.fake_engine import FakeEngine, fake_info
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

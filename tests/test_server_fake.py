@@ -12,7 +12,7 @@ from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
-from teacher_server.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from teacher_server.validation import default_positions
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
