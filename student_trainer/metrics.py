@@ -14,8 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from distill_core.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -60,20 +59,12 @@ class MetricsWriter:
 
 
 class ProgressDisplay:
-  """A rich progress bar (step, losses, tokens/s, ETA); plain log lines when not on a terminal."""
+  """The training progress (step, losses, tokens/s, ETA): a bar on a terminal, a log line at every logged step
+  otherwise (`distill_core.progress`)."""
 
-  def __init__(self, total: int, start: int = 0, *, enabled: bool = True, description: str = "train"):
-    self._console = Console(stderr=True)
-    self._live = enabled and self._console.is_terminal
-    self._progress = None
-    if self._live:
-      self._progress = Progress(
-          TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-          console=self._console, transient=False)
-      self._task = self._progress.add_task(description, total=total, completed=start, info="")
-      self._progress.start()
-    self._total = total
+  def __init__(self, total: int, start: int = 0, *, enabled: bool = True, description: str = "step"):
+    self._bar = ProgressBar(enabled=enabled, log_every_s=float("inf"), logger=log)
+    self._task = self._bar.add_task(description, total=total, completed=start)
 
   @staticmethod
   def summary(metrics: Mapping[str, float]) -> str:
@@ -87,16 +78,10 @@ class ProgressDisplay:
 
   def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
     info = self.summary(metrics) if metrics else None
-    if self._progress is not None:
-      kwargs = {"info": info} if info is not None else {}
-      self._progress.update(self._task, completed=step, **kwargs)
-    elif info:
-      log.info("step %d/%d %s", step, self._total, info)
+    self._bar.update(self._task, completed=step, info=info, log=bool(info))
 
   def close(self) -> None:
-    if self._progress is not None:
-      self._progress.stop()
-      self._progress = None
+    self._bar.close()
 
 
 def token_means(rows: Iterable[Mapping[str, float]], prefix: str) -> dict[str, float]:
