@@ -32,18 +32,19 @@ class _Task:
 
 class ProgressBar:
   """Tasks shown as bars on a terminal, or logged as lines (see the module docstring). Not shown at all unless
-  `enabled`. The API follows rich's: `add_task`, `update`, `advance`; close it (or use it as a context manager).
+  `enabled`; with `bar=False`, log lines on a terminal too. The API follows rich's: `add_task`, `update`,
+  `advance`; close it (or use it as a context manager).
   """
 
-  def __init__(self, *, enabled: bool = True, log_every_s: float = 10.0, description_width: int = 0,
-               console: Console | None = None, logger: logging.Logger = log):
+  def __init__(self, *, enabled: bool = True, bar: bool = True, log_every_s: float = 10.0,
+               description_width: int = 0, console: Console | None = None, logger: logging.Logger = log):
     self._console = console or Console(stderr=True)
     self._log = logger
     self._enabled = enabled
     self._log_every_s = log_every_s
     self._tasks: dict[int, _Task] = {}
     self._bar: Progress | None = None
-    if enabled and self._console.is_terminal:
+    if enabled and bar and self._console.is_terminal:
       width = f":<{description_width}" if description_width else ""
       self._bar = Progress(TextColumn(f"[bold]{{task.description{width}}}"), BarColumn(), MofNCompleteColumn(),
                            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"),

@@ -59,11 +59,11 @@ class MetricsWriter:
 
 
 class ProgressDisplay:
-  """The training progress (step, losses, tokens/s, ETA): a bar on a terminal, a log line at every logged step
-  otherwise (`distill_core.progress`)."""
+  """The training progress (step, losses, tokens/s, ETA): a bar on a terminal when `enabled`, otherwise a log
+  line at every logged step (`distill_core.progress`)."""
 
   def __init__(self, total: int, start: int = 0, *, enabled: bool = True, description: str = "step"):
-    self._bar = ProgressBar(enabled=enabled, log_every_s=float("inf"), logger=log)
+    self._bar = ProgressBar(bar=enabled, log_every_s=float("inf"), logger=log)
     self._task = self._bar.add_task(description, total=total, completed=start)
 
   @staticmethod

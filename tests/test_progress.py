@@ -42,3 +42,18 @@ def test_disabled_shows_nothing_and_a_terminal_gets_a_bar(caplog):
     bar.update(bar.add_task("step", total=4, completed=1), completed=2, info="kd_loss=1.5")
   assert "step" in out.getvalue() and "2/4" in out.getvalue() and "kd_loss=1.5" in out.getvalue()
   assert not caplog.records
+  with caplog.at_level(logging.INFO), ProgressBar(bar=False, console=Console(file=out, force_terminal=True)) as bar:
+    assert not bar.live  # no bar asked for: log lines, on a terminal too
+    bar.update(bar.add_task("step", total=4), completed=2, info="kd_loss=1.5", log=True)
+  assert [r.getMessage().split(", ETA")[0] for r in caplog.records] == ["step 2/4 kd_loss=1.5"]
+
+
+def test_the_trainer_logs_every_logged_step_without_a_bar(caplog):
+  from student_trainer.metrics import ProgressDisplay
+  with caplog.at_level(logging.INFO, logger="student_trainer.metrics"):
+    display = ProgressDisplay(6, 0, enabled=False)
+    display.update(1)
+    display.update(3, {"train/total_loss": 1.25, "perf/tokens_per_s": 1000.4})
+    display.close()
+  assert [(r.name, r.getMessage().split(", ETA")[0]) for r in caplog.records] == [
+      ("student_trainer.metrics", "step 3/6 total_loss=1.25 tokens_per_s=1000")]
