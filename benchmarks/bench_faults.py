@@ -153,8 +153,8 @@ def main(argv=None) -> int:
   from distill_core.netutil import free_port
   log_dir = tempfile.TemporaryDirectory(prefix="bench_faults_")
   log_path = Path(log_dir.name) / "server.log"
-  server = harness.TeacherServerProcess(["model.preset=tiny", "batcher.buckets=[[8,256]]", f"security.auth_token={TOKEN}"],
-                                  log_path, metrics_port=free_port(),
+  server = harness.TeacherServerProcess(["model.preset=tiny", "batcher.buckets=[[8,256]]",
+                                        f"security.auth_token={TOKEN}"], log_path, metrics_port=free_port(),
                                   env={"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
   address, url = server.address, server.metrics_url
   try:

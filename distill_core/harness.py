@@ -306,7 +306,8 @@ class ServerProcess(ChildProcess):
         return self
       except OSError:
         if time.monotonic() > deadline:
-          raise TimeoutError(f"{self.address} was not listening after {timeout:.0f} s:\n{self.logs()[-4000:]}") from None
+          tail = self.logs()[-4000:]
+          raise TimeoutError(f"{self.address} was not listening after {timeout:.0f} s:\n{tail}") from None
         time.sleep(0.1)
 
 
