@@ -155,7 +155,7 @@ def main(argv=None) -> int:
   log_path = Path(log_dir.name) / "server.log"
   server = harness.TeacherServerProcess(["model.preset=tiny", "batcher.buckets=[[8,256]]",
                                         f"security.auth_token={TOKEN}"], log_path, metrics_port=free_port(),
-                                  env={"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+                                        env={"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
   address, url = server.address, server.metrics_url
   try:
     server.wait_serving(timeout=300)
