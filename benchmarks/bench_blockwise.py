@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.bench_streaming import REPO, _pinned, core_split
+from benchmarks.bench_streaming import REPO, core_split
+from distill_core.harness import pinned
 
 PHASES = ("memory", "remote")  # training runs; "engine" is the host-bytes measurement
 _STREAM = "/distill.teacher.v1.Teacher/Stream"
@@ -198,14 +199,14 @@ def loopback_server(size: int, port: int) -> None:
   asyncio.run(serve())
 
 
-def start_loopback(message_bytes: int, cores) -> tuple[subprocess.Popen, str]:
-  """The loopback server answering `message_bytes`-byte messages, serving; (process, address)."""
-  from distill_core.netutil import free_port, wait_serving
-  port = free_port()
-  proc = subprocess.Popen([sys.executable, "-m", "benchmarks.bench_blockwise", f"--loopback-server={message_bytes}",
-                           f"--address=127.0.0.1:{port}"], cwd=REPO, preexec_fn=_pinned(cores))
-  wait_serving(proc, f"127.0.0.1:{port}", timeout=120, what="the loopback server")
-  return proc, f"127.0.0.1:{port}"
+def start_loopback(message_bytes: int, cores):
+  """The loopback server answering `message_bytes`-byte messages, serving (a `distill_core.harness.ServerProcess`)."""
+  from distill_core import harness
+  from distill_core.netutil import free_port
+  address = f"127.0.0.1:{free_port()}"
+  return harness.ServerProcess([sys.executable, "-m", "benchmarks.bench_blockwise",
+                                f"--loopback-server={message_bytes}", f"--address={address}"], address,
+                               cores=cores).wait_serving(timeout=120)
 
 
 # -- 4. student tokens/s ----------------------------------------------------------------------------
@@ -249,7 +250,7 @@ def child(args, phase: str, cores, address: str) -> dict:
          f"--window={args.window}",
          f"--log-every={args.log_every}", f"--steps={args.steps}", f"--workdir={args.workdir}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores), capture_output=True, text=True)
+  out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=pinned(cores), capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"phase {phase} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
@@ -264,7 +265,7 @@ def main(argv=None) -> int:
     print(json.dumps(engine_bytes(args) if args.phase == "engine" else run_phase(args)))
     return 0
   from benchmarks.common import interleaved, paired_ratio
-  from distill_core.netutil import free_port, wait_serving
+  from distill_core import harness
   from distill_core.prepare import PrepareConfig, prepare
   from distill_core.config import build, resolve_preset
   from distill_core.model.config import ModelConfig
@@ -273,16 +274,16 @@ def main(argv=None) -> int:
                         output_dir=str(data_dir(args))), show_progress=False)
   student_cores, teacher_cores = core_split()
   host = child(args, "engine", teacher_cores, "")
-  address = f"127.0.0.1:{free_port()}"
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
-                             *server_overrides(args), f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"],
-                            cwd=REPO, env=env, preexec_fn=_pinned(teacher_cores))
+  server = harness.TeacherServerProcess(["log_level=WARNING", *server_overrides(args),
+                                   f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"],
+                                  env=harness.cpu_env(1), cores=teacher_cores)
+  address = server.address
   loopback = None
   try:
-    wait_serving(server, address, timeout=600)
+    server.wait_serving(timeout=600)
     sizes = answer_sizes(args, address)
-    loopback, loopback_address = start_loopback(sizes["message_bytes"], teacher_cores)
+    loopback = start_loopback(sizes["message_bytes"], teacher_cores)
+    loopback_address = loopback.address
     zeros = np.zeros((args.batch, args.seq_len), np.int32)
     from distill_core import wire
     same_size = [wire.make_request(0, zeros, blockwise_spec(args)).SerializeToString()] * args.requests
@@ -294,8 +295,7 @@ def main(argv=None) -> int:
   finally:
     for proc in (server, loopback):
       if proc is not None:
-        proc.terminate()
-        proc.wait(60)
+        proc.stop()
   figures = {
       "engine_host_bytes_per_batch": (host["host_bytes"], "bytes"),
       "state_bytes_per_token": (sizes["state_bytes_per_token"], "bytes/token"),

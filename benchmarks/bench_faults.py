@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
 TOKEN = "bench-faults-token"
 MIB = 1 << 20
 
@@ -55,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 async def slow_reader(args, address: str, metrics_url: str, pid: int) -> dict:
   from distill_core import wire
   from distill_core.client import OutputSpec, TeacherClient
-  from distill_core.netutil import rss_bytes, scrape_metrics
+  from benchmarks.probes import rss_bytes, scrape_metrics
   tokens = np.random.default_rng(0).integers(0, 384, (64, 256), dtype=np.int32)
   spec = OutputSpec(k=128)
   async with TeacherClient(address, token=TOKEN, max_message_bytes=256 * MIB) as client:
@@ -99,7 +97,7 @@ async def idle_streams(args, address: str) -> dict:
 async def abandoned(address: str, metrics_url: str) -> dict:
   from distill_core import wire
   from distill_core.client import OutputSpec, TeacherClient
-  from distill_core.netutil import scrape_metrics
+  from benchmarks.probes import scrape_metrics
   n = 40
   tokens = np.random.default_rng(1).integers(0, 384, (64, 256), dtype=np.int32)
   before = scrape_metrics(metrics_url).get("teacher_abandoned_requests_total", 0.0)
@@ -117,7 +115,7 @@ async def abandoned(address: str, metrics_url: str) -> dict:
 async def malformed(args, address: str, pid: int, log_path: Path) -> dict:
   import grpc
 
-  from distill_core.netutil import rss_bytes
+  from benchmarks.probes import rss_bytes
   rng = np.random.default_rng(2)
   blobs = [rng.bytes(int(rng.integers(1, 400))) for _ in range(args.malformed)]
   lines_before = log_path.read_text(errors="replace").count("malformed request")
@@ -151,27 +149,23 @@ UNITS = {"faults_slow_reader_held_mib": "MiB", "faults_slow_reader_unbounded_mib
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from distill_core.netutil import free_port, wait_serving
-  address, metrics_address = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+  from distill_core import harness
+  from distill_core.netutil import free_port
   log_dir = tempfile.TemporaryDirectory(prefix="bench_faults_")
   log_path = Path(log_dir.name) / "server.log"
-  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  with open(log_path, "wb") as log:
-    server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}",
-                               f"metrics_address={metrics_address}", "model.preset=tiny",
-                               "batcher.buckets=[[8,256]]", f"security.auth_token={TOKEN}"],
-                              cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-  url = f"http://{metrics_address}/metrics"
+  server = harness.TeacherServerProcess(["model.preset=tiny", "batcher.buckets=[[8,256]]",
+                                        f"security.auth_token={TOKEN}"], log_path, metrics_port=free_port(),
+                                        env={"JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")})
+  address, url = server.address, server.metrics_url
   try:
-    wait_serving(server, address, timeout=300)
+    server.wait_serving(timeout=300)
     results = asyncio.run(slow_reader(args, address, url, server.pid))
     results.update(asyncio.run(idle_streams(args, address)))
     results.update(asyncio.run(abandoned(address, url)))
     results.update(asyncio.run(malformed(args, address, server.pid, log_path)))
     server_log = log_path.read_text(errors="replace")
   finally:
-    server.terminate()
-    server.wait(60)
+    server.stop()
     log_dir.cleanup()
   if "Traceback" in server_log:  # every fault above must be answered without one
     print(f"the server logged a traceback:\n{server_log[max(0, server_log.index('Traceback') - 1500):][:3000]}",

@@ -4,9 +4,10 @@
     python -m benchmarks.bench_lti --steps 20       # shorter
 
 The demo student (configs/models/demo_student.yaml) is distilled from the demo
-teacher (runs/demo/teacher/hf, trained with configs/demo/teacher.yaml when
-missing, as `make demo` does) with the same data, seed, optimizer and KD loss
-(local teacher, `tail`, k = 64, alpha = 0.7), once per row:
+teacher (runs/demo/teacher/hf, trained with configs/demo/teacher.yaml as
+`make demo` does, unless a finished one with the same settings and code is
+there) with the same data, seed, optimizer and KD loss (local teacher, `tail`,
+k = 64, alpha = 0.7), once per row:
 
 - `random`: the student's usual random initialisation;
 - `select_identity`, `average_identity`, `select_svd`: LTI with that A / B
@@ -28,16 +29,13 @@ last 5 steps), in nats per token, into benchmarks/results/latest.json (keys
 from __future__ import annotations
 
 import argparse
-import shlex
-import subprocess
-import sys
+import shutil
 from pathlib import Path
 
-from benchmarks.bench_train import HelpFormatter, ensure_data
+from benchmarks.bench_train import HelpFormatter
 from benchmarks.results import record
-from student_trainer.metrics import read_metrics
+from distill_core import harness
 
-REPO = Path(__file__).resolve().parent.parent
 ROWS = {
     "random": [],
     "select_identity": ["lti.a_init=select", "lti.b_init=identity"],
@@ -59,16 +57,6 @@ def lti_overrides(teacher_hf: Path) -> list[str]:
   return ["--config", "configs/demo/lti.yaml", "lti.kernels_from=hf", f"lti.kernels_path={teacher_hf}"]
 
 
-def ensure_teacher(teacher_hf: Path, data: str) -> None:
-  if (teacher_hf / "config.json").exists():
-    return
-  run_dir = teacher_hf.parent
-  cmd = [sys.executable, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml", f"run_dir={run_dir}",
-         f"data.path={data}", "logging.progress=false"]
-  print(f"{teacher_hf}: no demo teacher, training it: {shlex.join(cmd)}", flush=True)
-  subprocess.run(cmd, cwd=REPO, check=True)
-
-
 def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, float]:
   run_dir = Path(args.out) / name
   if name.endswith("random"):
@@ -81,13 +69,10 @@ def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, fl
                "teacher.source=local", f"teacher.local.hf_checkpoint={teacher_hf}", "lti.collapse_at_end=false",
                *extra]
   if run_dir.exists():
-    import shutil
     shutil.rmtree(run_dir)
-  cmd = [sys.executable, "-m", "student_trainer", *base, *overrides]
-  print(f"$ {shlex.join(cmd)}", flush=True)
-  subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
-  rows = read_metrics(run_dir)
-  rows = [r for r in rows if "train/kd_loss" in r]
+  run_dir.mkdir(parents=True)
+  harness.run_trainer([*base, *overrides], log_path=run_dir / "train.log")
+  rows = harness.read_metrics(run_dir, "train/kd_loss")
   if len(rows) < args.steps:
     raise SystemExit(f"{name}: {len(rows)} logged steps, expected {args.steps}")
   last = rows[-TAIL:]
@@ -99,8 +84,10 @@ def run_row(name: str, extra: list[str], args, teacher_hf: Path) -> dict[str, fl
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
   parser.add_argument("--data", default="data/stdlib", help="Prepared dataset (prepared here when missing).")
-  parser.add_argument("--teacher", default="runs/demo/teacher/hf",
-                      help="Demo teacher HF directory (trained with configs/demo/teacher.yaml when missing).")
+  parser.add_argument("--teacher", default="runs/demo/teacher",
+                      help="Run directory of the demo teacher (trained with configs/demo/teacher.yaml, as `make demo` "
+                      "does, unless a finished one with the same settings and code is there); its HF export is "
+                      "<teacher>/hf.")
   parser.add_argument("--steps", type=int, default=40, help="Optimizer steps per row (N of 'step N').")
   parser.add_argument("--rows", default=",".join(ROWS), help=f"Comma-separated rows out of {', '.join(ROWS)}.")
   parser.add_argument("--out", default="runs/bench_lti", help="Directory for the runs.")
@@ -111,9 +98,8 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [r for r in rows if r not in ROWS]
   if unknown:
     parser.error(f"unknown rows {unknown}; choose from {', '.join(ROWS)}")
-  ensure_data(args.data)
-  teacher_hf = Path(args.teacher)
-  ensure_teacher(teacher_hf, args.data)
+  harness.ensure_corpus(args.data)
+  teacher_hf = harness.ensure_demo_teacher(args.teacher, args.data)
   figures = {}
   print(f"{'row':<18} {'first CE':>9} {'first KD':>9} {f'step {args.steps} CE':>11} {f'step {args.steps} KD':>11}")
   for name in rows:

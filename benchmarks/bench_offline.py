@@ -163,16 +163,17 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, default=3,
                       help="Interleaved rounds of the 2-thread read and the student run (the speed-up's two sides).")
   args = parser.parse_args(argv)
-  from benchmarks.bench_train import ensure_data, throughput
+  from benchmarks.bench_train import throughput
   from benchmarks.common import interleaved, paired_ratio
   from benchmarks.results import record
   from distill_core.config import load_config
   from distill_core.data import load_manifest, make_iterator
+  from distill_core.harness import ensure_corpus
   from distill_core.shards_io import AnswerStore
   from teacher_server.dump import dump
   from teacher_server.dump_config import DumpConfig
   from student_trainer.train import run
-  ensure_data(args.data)
+  ensure_corpus(args.data)
   seq_len = load_manifest(args.data).seq_len
   model = ([f"teacher.model.source=hf", f"teacher.model.path={args.teacher_hf}"] if args.teacher_hf
            else [f"teacher.model.preset={args.teacher}"])

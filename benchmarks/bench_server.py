@@ -126,7 +126,7 @@ class EngineChild:
 
 
 def child_env() -> dict:
-  return dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  return dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # two JAX processes share one accelerator
 
 
 def message_sizes(args, address: str, vocab: int) -> dict:
@@ -225,13 +225,12 @@ def record_results(args, results: dict) -> None:
 def measure(args) -> dict:
   """Every figure, the engine and served tokens/s (and 1 vs N clients) interleaved over `--rounds` rounds."""
   from benchmarks.common import interleaved, paired_ratio
-  from distill_core.netutil import free_port, wait_serving
+  from distill_core import harness
   engine = EngineChild(args)
-  address = f"127.0.0.1:{free_port()}"
-  server = subprocess.Popen([sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING",
-                             *server_overrides(args)], cwd=REPO, env=child_env())
+  server = harness.TeacherServerProcess(["log_level=WARNING", *server_overrides(args)], env=child_env())
+  address = server.address
   try:
-    wait_serving(server, address, timeout=600)
+    server.wait_serving(timeout=600)
     vocab = engine.info["vocab_size"]
     results = message_sizes(args, address, vocab)
     n = args.clients
@@ -242,8 +241,7 @@ def measure(args) -> dict:
         f"batching_{n}": lambda: asyncio.run(batching_phase(args, address, vocab, n)),
     }, args.rounds)
   finally:
-    server.terminate()
-    server.wait(60)
+    server.stop()
     engine.close()
   median = {name: float(np.median(values)) for name, values in rounds.items()}
   results.update({

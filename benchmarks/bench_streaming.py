@@ -44,6 +44,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from distill_core.harness import pinned
+
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("memory", "remote", "local")
 
@@ -124,31 +126,26 @@ def run_phase(args) -> dict:
   return out
 
 
-def _pinned(cores: set[int] | None):
-  return (lambda: os.sched_setaffinity(0, cores)) if cores else None
-
-
 def child(args, phase: str, cores: set[int] | None, address: str | None = None) -> dict:
   cmd = [sys.executable, "-m", "benchmarks.bench_streaming", f"--phase={phase}", f"--student={args.student}",
          f"--teacher={args.teacher}", f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--k={args.k}",
          f"--window={args.window}", f"--log-every={args.log_every}", f"--steps={args.steps}",
          f"--workdir={args.workdir}"] + ([f"--address={address}"] if address else [])
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores), capture_output=True, text=True)
+  out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=pinned(cores), capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"phase {phase} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_server(args, cores: set[int] | None) -> tuple[subprocess.Popen, str]:
-  from distill_core.netutil import free_port
-  address = f"127.0.0.1:{free_port()}"
-  cmd = [sys.executable, "-m", "teacher_server", f"address={address}", "log_level=WARNING", "model.source=preset",
-         f"model.preset={args.teacher}", "model.seed=0", f"batcher.buckets=[[{args.batch},{args.seq_len}]]",
-         f"limits.max_k={args.k}", "limits.selectable_layers=[]", "batcher.max_wait_ms=2",
-         f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
-  return subprocess.Popen(cmd, cwd=REPO, env=env, preexec_fn=_pinned(cores)), address
+def start_server(args, cores: set[int] | None):
+  """The teacher server of phase (b) on `cores` (a `distill_core.harness.TeacherServerProcess`, not yet serving)."""
+  from distill_core import harness
+  return harness.TeacherServerProcess(
+      ["log_level=WARNING", "model.source=preset", f"model.preset={args.teacher}", "model.seed=0",
+       f"batcher.buckets=[[{args.batch},{args.seq_len}]]", f"limits.max_k={args.k}", "limits.selectable_layers=[]",
+       "batcher.max_wait_ms=2", f"tokenizer_path={data_dir(args) / 'tokenizer.json'}"],
+      env=harness.cpu_env(1), cores=cores)
 
 
 def main(argv=None) -> int:
@@ -168,7 +165,6 @@ def main(argv=None) -> int:
   local_cores = student_cores if args.local_cores == "student" else (
       student_cores | teacher_cores if student_cores else None)
   from benchmarks.common import interleaved, paired_ratio
-  from distill_core.netutil import wait_serving
   runs: dict[str, list[dict]] = {phase: [] for phase in PHASES}
 
   def phase_run(phase: str, cores, address=None):
@@ -177,15 +173,15 @@ def main(argv=None) -> int:
       return runs[phase][-1]["tokens_per_s"]
     return once
 
-  server, address = start_server(args, teacher_cores)
+  server = start_server(args, teacher_cores)
+  address = server.address
   try:
-    wait_serving(server, address, timeout=600)
+    server.wait_serving(timeout=600)
     rounds = interleaved({"memory": phase_run("memory", student_cores),
                           "remote": phase_run("remote", student_cores, address),
                           "local": phase_run("local", local_cores)}, args.rounds)
   finally:
-    server.terminate()
-    server.wait(60)
+    server.stop()
   median = {phase: statistics.median(rounds[phase]) for phase in PHASES}
   results = {phase: {key: statistics.median(r[key] for r in runs[phase]) for key in
                      ("tokens_per_s", "step_ms", "teacher_wait_fraction")} for phase in PHASES}

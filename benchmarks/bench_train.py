@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 from distill_core.config import load_config
+from distill_core.harness import ensure_corpus, read_metrics
 from student_trainer.config import TrainConfig
 from student_trainer.train import run
 
@@ -48,21 +49,10 @@ def overrides(name: str, data: str, out: Path, args, *extra: str) -> list[str]:
 
 
 def throughput(run_dir: Path, name: str) -> float:
-  from student_trainer.metrics import read_metrics
-  rows = read_metrics(run_dir)
-  rates = [r["perf/tokens_per_s"] for r in rows if "perf/tokens_per_s" in r][1:]  # drop the compile interval
+  rates = [r["perf/tokens_per_s"] for r in read_metrics(run_dir, "perf/tokens_per_s")][1:]  # drop the compile interval
   if not rates:
     raise SystemExit(f"{name}: too few steps for a measurement; raise --steps above --interval")
   return statistics.median(rates)
-
-
-def ensure_data(path: str) -> None:
-  """Prepares the default corpus into `path` when it holds no prepared dataset yet."""
-  if not (Path(path) / "manifest.json").exists():
-    from distill_core.prepare import PrepareConfig, prepare
-    print(f"{path}: no prepared dataset, preparing it (python -m distill_core.prepare output_dir={path})",
-          flush=True)
-    prepare(PrepareConfig(output_dir=path))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--top-k", type=int, default=64, help="Teacher top-k of both KD runs.")
   parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the three runs.")
   args = parser.parse_args(argv)
-  ensure_data(args.data)
+  ensure_corpus(args.data)
   from benchmarks.common import interleaved, paired_ratio, precompute_targets, run_from_memory
   from benchmarks.results import record
   kd = ("teacher.source=local", f"teacher.local.model={args.teacher}", f"loss.top_k={args.top_k}")

@@ -6,6 +6,7 @@ import statistics
 from typing import Callable, Mapping, Sequence
 
 from benchmarks.results import Ratio
+from distill_core.harness import read_metrics
 from student_trainer.sources.base import TeacherSource
 
 
@@ -74,8 +75,7 @@ class InMemorySource(TeacherSource):
 
 def measured_intervals(run_dir, log_every: int) -> tuple[list[dict], list[float], float]:
   """The logged intervals of a run after the first (which holds compilation): (rows, wall of each, total wall)."""
-  from student_trainer.metrics import read_metrics
-  rows = [r for r in read_metrics(run_dir) if "perf/tokens_per_s" in r][1:]
+  rows = read_metrics(run_dir, "perf/tokens_per_s")[1:]
   walls = [r["perf/step_time_s"] * log_every for r in rows]
   return rows, walls, sum(walls)
 

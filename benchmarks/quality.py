@@ -43,19 +43,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import hashlib
 import json
 import math
 import os
-import shlex
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Callable, get_args
 
 from benchmarks.results import RESULTS_DIR, git_commit, invocation, machine
+from distill_core import harness
+from distill_core.harness import code_digest, dir_digest, read_metrics
 
 REPO = RESULTS_DIR.parent.parent
 PY = sys.executable
@@ -220,49 +218,12 @@ ROWS: tuple[Row, ...] = (
 )
 SAMPLED_TOP_K = 8  # exact ids of the sampled row; its draws cover the tail
 MAX_SAMPLES = 128  # the server's limits.max_samples in this report
-# What a run's result depends on besides its settings: the code that trains and serves, and the
-# YAML files its settings read. Finished runs are reused only when this digest is unchanged.
-CODE = ("distill_core", "student_trainer", "teacher_server")
-CONFIGS = ("configs/demo/*.yaml", "configs/models/demo_*.yaml", "configs/student_remote.yaml")
-
-
-def code_digest(root: Path = REPO) -> str:
-  """sha256 over the path and bytes of every .py file under CODE and every YAML file in CONFIGS."""
-  files = sorted({p for d in CODE for p in (root / d).rglob("*.py") if "__pycache__" not in p.parts}
-                 | {p for pattern in CONFIGS for p in root.glob(pattern)})
-  h = hashlib.sha256()
-  for p in files:
-    h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
-  return h.hexdigest()[:16]
-
-
 # Every command shares one JAX compilation cache: the seeds of a row compile the same programs.
 ENV_CACHE = "JAX_COMPILATION_CACHE_DIR"
 
 
 def _env() -> dict[str, str]:
-  return {**os.environ, ENV_CACHE: os.environ.get(ENV_CACHE) or str(REPO / "runs" / "jax_cache")}
-
-
-def sh(args: list[str], log_path: Path | None = None) -> None:
-  """Runs one of the project's commands, printing it first (its output goes to `log_path` if given)."""
-  print("$ " + shlex.join(str(a) for a in args) + (f"   (log: {log_path})" if log_path else ""), flush=True)
-  if log_path is None:
-    subprocess.run(args, cwd=REPO, check=True, env=_env())
-    return
-  with open(log_path, "w") as f:
-    if subprocess.run(args, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=_env()).returncode:
-      tail = "".join(log_path.read_text().splitlines(keepends=True)[-30:])
-      raise RuntimeError(f"{args[2]} failed (full log: {log_path}):\n{tail}")
-
-
-def dir_digest(path: Path) -> str:
-  """sha256 over the files of a checkpoint directory (a teacher's or a first phase's HF export)."""
-  h = hashlib.sha256()
-  for p in sorted(path.iterdir()):
-    if p.is_file():
-      h.update(p.name.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
-  return h.hexdigest()[:16]
+  return {ENV_CACHE: os.environ.get(ENV_CACHE) or str(REPO / "runs" / "jax_cache")}
 
 
 def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed: int,
@@ -274,43 +235,22 @@ def common_overrides(budget: Budget, data: Path, run_dir: Path, steps: int, seed
           f"checkpoint.every_steps={steps}", "logging.every_steps=4", "logging.tensorboard=false"]
 
 
-def _stamped(run_dir: Path, settings: dict) -> bool:
-  """Whether `run_dir` holds a finished run (its HF export) trained with exactly `settings`."""
-  stamp = run_dir / "quality_settings.json"
-  return (run_dir / "hf").is_dir() and stamp.exists() and json.loads(stamp.read_text()) == settings
-
-
 def train_teacher(ctx: Context, code: str) -> Path:
   """Pretrains the report's teacher with CE on 10x a student's tokens, once (reused when settings and code match)."""
   b = ctx.budget
   run_dir = ctx.out / "teacher"
-  args = ["--config", "configs/demo/teacher.yaml",
+  args = ["--config", harness.DEMO_TEACHER_CONFIG,
           *common_overrides(b, ctx.data, run_dir, b.teacher_steps, 0, eval_every=max(b.teacher_steps // 10, 1)),
           f"model={b.teacher}"]
-  settings = {"overrides": args, "code": code}
-  if _stamped(run_dir, settings):
-    print(f"teacher: reusing {run_dir / 'hf'} ({b.teacher_steps} steps)", flush=True)
-    return run_dir / "hf"
-  if run_dir.exists():
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True)
-  sh([PY, "-m", "student_trainer", *args], run_dir / "train.log")
-  (run_dir / "quality_settings.json").write_text(json.dumps(settings))
+  harness.train_or_reuse(run_dir, args, key={"code": code}, label=f"teacher ({b.teacher_steps} steps)",
+                         log_path=run_dir / "train.log", env=_env())
   return run_dir / "hf"
 
 
 def _run(run_dir: Path, overrides: list[str], key: dict, label: str) -> Path:
-  """Trains one run unless a finished run with the same settings, teacher and code is there; returns its directory."""
-  # The server address changes from run to run; it is not part of what the student learns.
-  settings = {"overrides": [o for o in overrides if not o.startswith("teacher.remote.address=")], **key}
-  if _stamped(run_dir, settings):
-    print(f"{label}: reusing {run_dir}", flush=True)
-    return run_dir
-  if run_dir.exists():  # settings or code changed, or the run died: start it again from nothing
-    shutil.rmtree(run_dir)
-  run_dir.mkdir(parents=True)
-  sh([PY, "-m", "student_trainer", *overrides], run_dir / "train.log")
-  (run_dir / "quality_settings.json").write_text(json.dumps(settings))
+  """Trains one run unless a finished run with the same settings, teacher and code is there (settings or code
+  changed, or the run died: it starts again from nothing); returns its directory."""
+  harness.train_or_reuse(run_dir, overrides, key=key, label=label, log_path=run_dir / "train.log", env=_env())
   return run_dir
 
 
@@ -347,15 +287,14 @@ def dump_answers(ctx: Context) -> None:
   if manifest.exists() and json.loads(manifest.read_text()).get("complete"):
     print(f"offline answers: reusing {ctx.answers}", flush=True)
     return  # an incomplete dump is resumed by the same command
-  sh([PY, "-m", "teacher_server.dump", f"data={ctx.data}", f"output={ctx.answers}", f"k={b.top_k}",
+  harness.run([PY, "-m", "teacher_server.dump", f"data={ctx.data}", f"output={ctx.answers}", f"k={b.top_k}",
       f"temperatures=[{b.temperature}]", "teacher.model.source=hf", f"teacher.model.path={ctx.teacher_hf}",
       f"teacher.tokenizer_path={ctx.data / 'tokenizer.json'}", f"teacher.limits.max_k={b.top_k}",
-      "teacher.limits.selectable_layers=[]"], ctx.out / "dump.log")
+      "teacher.limits.selectable_layers=[]"], log_path=ctx.out / "dump.log", env=_env())
 
 
 def curve(phases: list[tuple[Path, int]], batch_tokens: int) -> list[tuple[int, float]]:
   """(tokens seen, held-out CE) at every periodic evaluation of a run's phases."""
-  from student_trainer.metrics import read_metrics
   points = []
   for run_dir, first_step in phases:
     for row in read_metrics(run_dir):
@@ -414,19 +353,15 @@ class Evaluator:
     return {"ce": ce / self.tokens, "kd": kd / self.tokens if model is not None else 0.0}
 
 
-def serve(ctx: Context, log_path: Path) -> subprocess.Popen:
-  from distill_core.netutil import free_port, wait_serving
+def serve(ctx: Context, log_path: Path) -> harness.ServerProcess:
+  """The report's teacher server on a free loopback port, serving; its address in `ctx.address`."""
   b = ctx.budget
-  ctx.address = f"127.0.0.1:{free_port()}"
-  args = [PY, "-m", "teacher_server", f"address={ctx.address}", "model.source=hf", f"model.path={ctx.teacher_hf}",
-          f"tokenizer_path={ctx.data / 'tokenizer.json'}", f"batcher.buckets=[[{b.batch},{seq_len(ctx.data)}]]",
-          f"limits.max_k={b.top_k}", "serve_parameters=true", "limits.selectable_layers=all",
-          f"limits.max_samples={MAX_SAMPLES}"]
-  print("$ " + shlex.join(args) + f"   (log: {log_path})", flush=True)
-  proc = subprocess.Popen(args, cwd=REPO, stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-                          start_new_session=True, env=_env())
-  wait_serving(proc, ctx.address, timeout=600)
-  return proc
+  server = harness.TeacherServerProcess(
+      ["model.source=hf", f"model.path={ctx.teacher_hf}", f"tokenizer_path={ctx.data / 'tokenizer.json'}",
+       f"batcher.buckets=[[{b.batch},{seq_len(ctx.data)}]]", f"limits.max_k={b.top_k}", "serve_parameters=true",
+       "limits.selectable_layers=all", f"limits.max_samples={MAX_SAMPLES}"], log_path, env=_env(), show=True)
+  ctx.address = server.address
+  return server.wait_serving(timeout=600)
 
 
 def answer_bytes_per_token(ctx: Context, spec) -> float:
@@ -592,8 +527,7 @@ def main(argv: list[str] | None = None) -> int:
   data = REPO / (args.data_dir or budget.data)
   started = time.perf_counter()
   commit = git_commit()  # before this report writes its own (tracked) results
-  if not (data / "manifest.json").exists():
-    sh([PY, "-m", "distill_core.prepare", f"output_dir={data}", *budget.prepare])
+  harness.ensure_corpus(data, *budget.prepare, env=_env())
   wanted = set(args.rows.split(",")) | {"ce_only"} if args.rows else None
   rows = [r for r in ROWS if r.available() and (r.slug in wanted if wanted else r.default)]
   if wanted and wanted - {r.slug for r in ROWS}:
@@ -618,13 +552,12 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
       try:
         runs[r.slug] = [train_student(ctx, r, s, key) for s in budget.seeds]
-      except RuntimeError as e:  # one row's failure must not cost the others' runs; reported below
+      except (harness.CommandFailed, RuntimeError) as e:  # one row's failure must not cost the others'; see below
         print(f"row {r.slug} FAILED: {e}", file=sys.stderr, flush=True)
         failed.append(r.slug)
   finally:
     if server is not None:
-      server.terminate()
-      server.wait(60)
+      server.stop()
   rows = [r for r in rows if r.slug in runs]
   if "ce_only" not in runs:
     raise SystemExit("the CE-only baseline failed; nothing to compare with")

@@ -37,26 +37,3 @@ def wait_serving(proc: subprocess.Popen | None, address: str, timeout: float = 3
       return
     time.sleep(0.2)
   raise TimeoutError(f"{name} was not serving after {timeout:.0f} s")
-
-
-def scrape_metrics(url: str, timeout: float = 10.0) -> dict[str, float]:
-  """Every sample of a Prometheus /metrics page, keyed by name with its labels: `name{k=v,...}`."""
-  import urllib.request
-
-  from prometheus_client.parser import text_string_to_metric_families
-  text = urllib.request.urlopen(url, timeout=timeout).read().decode()
-  out = {}
-  for family in text_string_to_metric_families(text):
-    for sample in family.samples:
-      labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-      out[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
-  return out
-
-
-def rss_bytes(pid: int) -> int:
-  """Resident memory of process `pid` (Linux /proc), in bytes."""
-  with open(f"/proc/{pid}/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) * 1024
-  raise OSError(f"no VmRSS for process {pid}")

@@ -34,6 +34,7 @@ from pydantic import Field, field_validator
 from distill_core import records
 from distill_core.config import ConfigBase, ConfigError, describe, load_config
 from distill_core.logs import add_log_level_argument, setup_logging
+from distill_core.progress import ProgressBar
 from distill_core.tokenizer import Tokenizer, train_bpe
 
 log = logging.getLogger("distill_core.prepare")  # also under `python -m`
@@ -257,11 +258,8 @@ def _tokenize(tok: Tokenizer, texts: list[str], name: str, progress, chunk: int 
   return docs
 
 
-def _progress(show: bool, console):
-  from rich.progress import (BarColumn, MofNCompleteColumn, Progress,  # pylint: disable=import-outside-toplevel
-                             TextColumn, TimeElapsedColumn)
-  return Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, disable=not show)
+def _progress(show: bool, console) -> ProgressBar:
+  return ProgressBar(enabled=show, console=console, description_width=28)
 
 
 def prepare(cfg: PrepareConfig, *, show_progress: bool = True, console=None

@@ -10,8 +10,10 @@
    a PNG of their loss curves, all in the run directory.
 
 Every stage runs the project's own command line exactly as a user would, so
-the printed commands can be copied. Stages that already finished are reused
-(the trainer resumes from its checkpoints), so a second run is quick.
+the printed commands can be copied. Stages that already finished are reused:
+the prepared corpus, the teacher when its settings and the code that trains it
+are unchanged (otherwise its trainer resumes from its checkpoints), and the
+students' trainer resumes from theirs, so a second run is quick.
 """
 
 from __future__ import annotations
@@ -24,25 +26,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-PY = sys.executable
+from distill_core import harness
+from distill_core.harness import last_metrics, read_metrics
+
+ROOT = harness.REPO
 
 
 def banner(text: str) -> None:
   print(f"\n{'=' * 78}\n== {text}\n{'=' * 78}", flush=True)
-
-
-def sh(args: list[str], **kwargs) -> None:
-  print("$ " + " ".join(shlex.quote(a) for a in args), flush=True)
-  subprocess.run(args, cwd=ROOT, check=True, **kwargs)
-
-
-def last_metrics(run_dir: Path) -> dict[str, float]:
-  from student_trainer.metrics import read_metrics
-  merged: dict[str, float] = {}
-  for row in read_metrics(run_dir):
-    merged.update(row)
-  return merged
 
 
 def inspect(data_dir: Path) -> dict[str, float]:
@@ -77,24 +68,15 @@ def inspect(data_dir: Path) -> dict[str, float]:
   return {"untrained_ce": loss, **{f"params/{k}": v for k, v in sizes.items()}}
 
 
-def serve_teacher(hf_dir: Path, tokenizer: Path, port: int, log_path: Path) -> subprocess.Popen:
-  from distill_core.netutil import wait_serving
-  args = [PY, "-m", "teacher_server", f"address=127.0.0.1:{port}", "model.source=hf", f"model.path={hf_dir}",
-          f"tokenizer_path={tokenizer}", "batcher.buckets=[[8,256]]", "limits.max_k=64"]
-  print("$ " + " ".join(shlex.quote(a) for a in args) + f"   (log: {log_path})", flush=True)
-  log = open(log_path, "w")
-  proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-  try:
-    wait_serving(proc, f"127.0.0.1:{port}", timeout=300, what=f"the teacher server (log: {log_path})")
-  except (RuntimeError, TimeoutError):
-    proc.terminate()
-    raise
-  return proc
+def serve_teacher(hf_dir: Path, tokenizer: Path, log_path: Path) -> harness.ServerProcess:
+  """The teacher server on a free loopback port, serving."""
+  return harness.TeacherServerProcess(["model.source=hf", f"model.path={hf_dir}", f"tokenizer_path={tokenizer}",
+                                 "batcher.buckets=[[8,256]]", "limits.max_k=64"], log_path, show=True
+                                ).wait_serving(timeout=300)
 
 
 def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
   """{metric: [(step, value)]} for the train and eval CE of a run."""
-  from student_trainer.metrics import read_metrics
   out: dict[str, list[tuple[int, float]]] = {"train/ce_loss": [], "eval/ce_loss": []}
   for row in read_metrics(run_dir):
     for key in out:
@@ -172,7 +154,7 @@ def _demo(args: argparse.Namespace) -> int:
 
   banner("1/6 prepare the corpus (Python standard library) and the tokenizer")
   t = time.perf_counter()
-  sh([PY, "-m", "distill_core.prepare", f"output_dir={data_dir}"])
+  harness.ensure_corpus(data_dir)
   timings["prepare"] = time.perf_counter() - t
 
   banner("2/6 inspect: model sizes and a forward pass on a held-out batch")
@@ -181,31 +163,25 @@ def _demo(args: argparse.Namespace) -> int:
   banner(f"3/6 pretrain the demo teacher ({args.teacher_steps} steps of cross-entropy)")
   t = time.perf_counter()
   teacher_dir = run_dir / "teacher"
-  sh([PY, "-m", "student_trainer", "--config", "configs/demo/teacher.yaml", f"run_dir={teacher_dir}",
-      f"steps={args.teacher_steps}", f"data.path={data_dir}"])
+  teacher_hf = harness.ensure_demo_teacher(teacher_dir, data_dir, args.teacher_steps)
   timings["teacher"] = time.perf_counter() - t
 
   banner("4/6 serve the teacher over gRPC on a loopback port")
-  from distill_core.netutil import free_port
-  port = free_port()
   student_dir = run_dir / "student"
   student_dir.mkdir(parents=True, exist_ok=True)
-  server = serve_teacher(teacher_dir / "hf", data_dir / "tokenizer.json", port, run_dir / "teacher_server.log")
-  try:
+  with serve_teacher(teacher_hf, data_dir / "tokenizer.json", run_dir / "teacher_server.log") as server:
     banner(f"5/6 distil the demo student from the served teacher ({args.student_steps} steps)")
     t = time.perf_counter()
-    sh([PY, "-m", "student_trainer", "--config", "configs/demo/student.yaml", f"run_dir={student_dir}",
-        f"steps={args.student_steps}", f"data.path={data_dir}", f"teacher.remote.address=127.0.0.1:{port}"])
+    harness.run_trainer(["--config", "configs/demo/student.yaml", f"run_dir={student_dir}",
+                         f"steps={args.student_steps}", f"data.path={data_dir}",
+                         f"teacher.remote.address={server.address}"])
     timings["student"] = time.perf_counter() - t
-  finally:
-    server.terminate()
-    server.wait(timeout=60)
 
   banner(f"6/6 the baseline: the same student on cross-entropy alone ({args.student_steps} steps)")
   t = time.perf_counter()
   baseline_dir = run_dir / "student_ce"
-  sh([PY, "-m", "student_trainer", "--config", "configs/demo/student_ce.yaml", f"run_dir={baseline_dir}",
-      f"steps={args.student_steps}", f"data.path={data_dir}"])
+  harness.run_trainer(["--config", "configs/demo/student_ce.yaml", f"run_dir={baseline_dir}",
+                       f"steps={args.student_steps}", f"data.path={data_dir}"])
   timings["baseline"] = time.perf_counter() - t
 
   teacher, student, baseline = last_metrics(teacher_dir), last_metrics(student_dir), last_metrics(baseline_dir)

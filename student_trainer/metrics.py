@@ -14,8 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from distill_core.progress import ProgressBar
 
 log = logging.getLogger(__name__)
 
@@ -25,14 +24,9 @@ _BAR_KEYS = ("train/total_loss", "train/ce_loss", "train/kd_loss", "perf/tokens_
              "teacher/fallbacks_total")
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
-  """The rows `MetricsWriter` appended to <run_dir>/metrics.jsonl, in order ([] when there is none)."""
-  path = Path(run_dir) / "metrics.jsonl"
-  return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
 class MetricsWriter:
-  """Writes scalar metrics to JSONL and TensorBoard (each optional)."""
+  """Writes scalar metrics to JSONL and TensorBoard (each optional); `distill_core.harness.read_metrics` reads
+  the JSONL back."""
 
   def __init__(self, run_dir: str | Path, *, jsonl: bool = True, tensorboard: bool = True):
     run_dir = Path(run_dir)
@@ -65,20 +59,12 @@ class MetricsWriter:
 
 
 class ProgressDisplay:
-  """A rich progress bar (step, losses, tokens/s, ETA); plain log lines when not on a terminal."""
+  """The training progress (step, losses, tokens/s, ETA): a bar on a terminal when `enabled`, otherwise a log
+  line at every logged step (`distill_core.progress`)."""
 
-  def __init__(self, total: int, start: int = 0, *, enabled: bool = True, description: str = "train"):
-    self._console = Console(stderr=True)
-    self._live = enabled and self._console.is_terminal
-    self._progress = None
-    if self._live:
-      self._progress = Progress(
-          TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-          TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-          console=self._console, transient=False)
-      self._task = self._progress.add_task(description, total=total, completed=start, info="")
-      self._progress.start()
-    self._total = total
+  def __init__(self, total: int, start: int = 0, *, enabled: bool = True, description: str = "step"):
+    self._bar = ProgressBar(bar=enabled, log_every_s=float("inf"), logger=log)
+    self._task = self._bar.add_task(description, total=total, completed=start)
 
   @staticmethod
   def summary(metrics: Mapping[str, float]) -> str:
@@ -92,16 +78,10 @@ class ProgressDisplay:
 
   def update(self, step: int, metrics: Mapping[str, float] | None = None) -> None:
     info = self.summary(metrics) if metrics else None
-    if self._progress is not None:
-      kwargs = {"info": info} if info is not None else {}
-      self._progress.update(self._task, completed=step, **kwargs)
-    elif info:
-      log.info("step %d/%d %s", step, self._total, info)
+    self._bar.update(self._task, completed=step, info=info, log=bool(info))
 
   def close(self) -> None:
-    if self._progress is not None:
-      self._progress.stop()
-      self._progress = None
+    self._bar.close()
 
 
 def token_means(rows: Iterable[Mapping[str, float]], prefix: str) -> dict[str, float]:

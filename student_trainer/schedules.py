@@ -1,4 +1,4 @@
-"""Scalar schedules (alpha, beta, temperature) counted in optimizer steps.
+"""Scalar schedules (alpha, beta, temperature) counted in optimizer steps, built on optax's schedules.
 
 A schedule holds `start` for `delay` steps, moves to `end` over `steps` steps
 (linearly or along a half cosine) and holds `end` afterwards:
@@ -8,28 +8,44 @@ A schedule holds `start` for `delay` steps, moves to `end` over `steps` steps
   cosine:   start + (end - start) * (1 - cos(pi * frac)) / 2
   constant: start
 
-`value(step)` accepts a Python / NumPy integer (returns a float, e.g. for the
-trainer choosing the temperature of a batch it will request later) or a traced
-JAX integer (returns a float32 array inside a jitted train step).
+(`optax.linear_schedule` with `transition_begin=delay`; a constant `start` joined at `delay` to
+`end + optax.cosine_decay_schedule(start - end, steps)`.)
+
+`value(step)` accepts a Python / NumPy integer (returns a float computed in float64, e.g. for the
+trainer choosing the temperature of a batch it will request later) or a traced JAX integer (returns a
+float32 array inside a jitted train step).
 """
 
 from __future__ import annotations
 
-import math
-from typing import Annotated, Any, Callable, Literal
+import functools
+from typing import Annotated, Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
 
-# frac in [0, 1] -> fraction of the way from start to end; `xp` is numpy or jax.numpy.
-_SHAPES: dict[str, Callable[[Any, Any], Any]] = {
-    "linear": lambda frac, xp: frac,
-    "cosine": lambda frac, xp: 0.5 * (1.0 - xp.cos(math.pi * frac)),
-}
+
+def _optax_schedule(kind: str, start: float, end: float, steps: int, delay: int) -> optax.Schedule:
+  """The optax schedule of a `ScheduleConfig` with these fields (`end` already resolved)."""
+  if kind == "constant":
+    return optax.constant_schedule(start)
+  if kind == "linear":
+    return optax.linear_schedule(start, end, steps, transition_begin=delay)
+  decay = optax.cosine_decay_schedule(start - end, steps)  # (start - end) * (1 + cos(pi * frac)) / 2
+  return optax.join_schedules([optax.constant_schedule(start), lambda count: end + decay(count)], [delay])
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_value(kind: str, start: float, end: float, steps: int, delay: int, step: int) -> float:
+  """The schedule at a host step, in float64 (the trainer asks for each step's values a few times)."""
+  with jax.enable_x64(True):
+    return float(_optax_schedule(kind, start, end, steps, delay)(np.float64(step)))
 
 
 class ScheduleConfig(ConfigBase):
@@ -56,15 +72,19 @@ class ScheduleConfig(ConfigBase):
     """(smallest, largest) value the schedule takes."""
     return min(self.start, self.final), max(self.start, self.final)
 
+  def schedule(self) -> optax.Schedule:
+    """This schedule as an optax schedule (a function of the step count)."""
+    return _optax_schedule(self.kind, self.start, self.final, self.steps, self.delay)
+
   def value(self, step: Any) -> Any:
     """The value at optimizer `step` (Python float for host ints, f32 array for JAX arrays)."""
-    if self.kind == "constant":
-      return self.start if _is_host(step) else jnp.asarray(self.start, jnp.float32)
-    xp = np if _is_host(step) else jnp
-    frac = xp.clip((xp.asarray(step, dtype=xp.float32 if xp is jnp else np.float64) - self.delay)
-                   / self.steps, 0.0, 1.0)
-    out = self.start + (self.final - self.start) * _SHAPES[self.kind](frac, xp)
-    return float(out) if xp is np else out.astype(jnp.float32)
+    if _is_host(step):
+      if self.kind == "constant" or step <= self.delay:
+        return self.start
+      if step >= self.delay + self.steps:
+        return self.final
+      return _host_value(self.kind, self.start, self.final, self.steps, self.delay, int(step))
+    return jnp.asarray(self.schedule()(jnp.asarray(step, jnp.float32)), jnp.float32)
 
 
 def _is_host(step: Any) -> bool:

@@ -36,15 +36,13 @@ from typing import Awaitable
 import numpy as np
 import uvloop
 from etils import epath
-from rich import progress as rich_progress
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from distill_core import shards, wire
 from distill_core.client import TeacherError
 from distill_core.config import ConfigError, describe, load_config
 from distill_core.data import Batch, DataConfig, open_split
 from distill_core.logs import setup_logging
+from distill_core.progress import ProgressBar
 from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
 from distill_core.shards_io import ShardWriter, file_sha256
 from distill_core.stream.checks import RequestShape, Requirements
@@ -326,38 +324,20 @@ def stored_spec(cfg: DumpConfig, info) -> StoredSpec:
 # -- the pipeline --------------------------------------------------------------------------------
 
 class _Progress:
-  """A rich bar (examples, tokens/s, ETA) on a terminal; a log line every 10 s otherwise."""
+  """The dump's progress (examples, tokens/s, ETA): a bar on a terminal, a log line every 10 s otherwise."""
 
   def __init__(self, total: int, done: int, enabled: bool, writer: str):
-    self._total, self._done, self._writer = total, done, writer
-    self._resumed_at = done  # examples a resumed dump already had: not part of this run's rate
-    self._start, self._last_log, self._tokens = time.monotonic(), time.monotonic(), 0
-    console = Console(stderr=True)
-    self._bar = None
-    self._enabled = enabled
-    if enabled and console.is_terminal:
-      self._bar = rich_progress.Progress(TextColumn(f"[bold]dump {writer}"), BarColumn(), MofNCompleteColumn(),
-                           TextColumn("{task.fields[rate]} tokens/s"), TimeElapsedColumn(), TextColumn("ETA"),
-                           TimeRemainingColumn(), console=console)
-      self._task = self._bar.add_task("dump", total=total, completed=done, rate="-")
-      self._bar.start()
+    self._start, self._tokens = time.monotonic(), 0
+    self._bar = ProgressBar(enabled=enabled, logger=log)
+    self._task = self._bar.add_task(f"dump {writer}", total=total, completed=done, info="- tokens/s")
 
   def advance(self, examples: int, positions: int) -> None:
-    self._done += examples
     self._tokens += positions
-    now = time.monotonic()
-    rate = self._tokens / max(now - self._start, 1e-9)
-    if self._bar is not None:
-      self._bar.update(self._task, completed=self._done, rate=f"{rate:.0f}")
-    elif self._enabled and (now - self._last_log >= 10 or self._done == self._total):
-      self._last_log = now
-      eta = (self._total - self._done) * (now - self._start) / max(self._done - self._resumed_at, 1)
-      log.info("dump %s: %d/%d examples, %.0f tokens/s, ETA %.0f s", self._writer, self._done, self._total,
-               rate, eta)
+    rate = self._tokens / max(time.monotonic() - self._start, 1e-9)
+    self._bar.update(self._task, advance=examples, info=f"examples, {rate:.0f} tokens/s")
 
   def close(self) -> None:
-    if self._bar is not None:
-      self._bar.stop()
+    self._bar.close()
 
 
 def _encode_loop(inbox: queue.Queue, outbox: queue.Queue, spec: StoredSpec, weights_fingerprint: str,

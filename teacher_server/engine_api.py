@@ -7,7 +7,7 @@ carries a :class:`Fetch`: the union of what its requests asked for (k, value
 dtype, layers, state names, state dtype). An engine copies to the host only
 that (k rounded up to :func:`k_ladder`), so nothing a request did not ask for
 leaves the accelerator. The JAX engine lives in ``engine.py``;
-``fake_engine.py`` has a NumPy stand-in for fast tests. Engines are called from
+``tests/support/fake_engine.py`` has a NumPy stand-in for fast tests. Engines are called from
 one worker thread, never from the event loop.
 """
 

@@ -29,7 +29,7 @@ from server_utils import fake_config  # noqa: E402
 
 from distill_core.logs import setup_logging  # noqa: E402
 from teacher_server.engine_api import EngineOutput  # noqa: E402
-from teacher_server.fake_engine import FakeEngine, fake_info  # noqa: E402
+from support.fake_engine import FakeEngine, fake_info  # noqa: E402
 from teacher_server.server import serve  # noqa: E402
 
 CORRUPTIONS = ("ids", "first_value", "lse")

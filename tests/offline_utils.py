@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 from server_utils import REPO
 
+from distill_core import harness
 from distill_core.config import load_config
 from student_trainer.config import TrainConfig
 
@@ -33,15 +32,13 @@ def dump_args(dataset, output, *extra: str) -> list[str]:
 
 
 def dump_env() -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+  return harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
 
 
-def start_dump(dataset, output, *extra: str, log_path: Path) -> subprocess.Popen:
-  """The dump command in a child process (one CPU device), output to `log_path`."""
-  log = open(log_path, "ab")  # noqa: SIM115 - inherited by the child, closed when this handle is collected
-  return subprocess.Popen([sys.executable, "-m", "teacher_server.dump", *dump_args(dataset, output, *extra)],
-                          cwd=REPO, env=dump_env(), stdout=log, stderr=subprocess.STDOUT)
+def start_dump(dataset, output, *extra: str, log_path: Path) -> harness.ChildProcess:
+  """The dump command in a child process (one CPU device), output appended to `log_path`."""
+  return harness.ChildProcess([sys.executable, "-m", "teacher_server.dump", *dump_args(dataset, output, *extra)],
+                              log_path, env=dump_env(), append=True)
 
 
 def run_dump(dataset, output, *extra: str, log_path: Path, timeout: float = 300) -> str:

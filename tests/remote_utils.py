@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
 import numpy as np
-from server_utils import REPO, fake_config
+from server_utils import ServerProcess, fake_config
 
-from distill_core import netutil
 from distill_core.data import Batch
+from distill_core.harness import wait_until_serving as wait_serving  # noqa: F401  (re-exported for the tests)
 from distill_core.stream.checks import Requirements
 from teacher_server.engine_api import Engine
-from teacher_server.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from teacher_server.server import TeacherServer
 
 
@@ -77,43 +73,8 @@ def fake_requirements(**changes) -> Requirements:
   return Requirements(**base)
 
 
-class TeacherProcess:
-  """``python -m teacher_server`` on a given loopback port (one CPU device), logs to a file.
-
-  With `fake` (arguments of tests/fake_teacher.py, e.g. ``["--delay-s", "8"]``) the process
-  serves the fake engine instead, hung or corrupting as those arguments say.
-  """
+class TeacherProcess(ServerProcess):
+  """``python -m teacher_server`` on a given loopback port (see `server_utils.ServerProcess`), no metrics page."""
 
   def __init__(self, port: int, overrides: list[str], log_path: Path, *, fake: list[str] | None = None):
-    self.port = port
-    self.address = f"127.0.0.1:{port}"
-    self.log_path = log_path
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONUNBUFFERED="1")
-    program = ["-m", "teacher_server"] if fake is None else [str(REPO / "tests" / "fake_teacher.py"), *fake]
-    args = [sys.executable, *program, f"address={self.address}", "log_format=json", *overrides]
-    self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-    self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
-
-  def kill(self) -> None:
-    """SIGKILL: no drain, connections drop."""
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGKILL)
-    self.proc.wait(30)
-    self._log.close()
-
-  def stop(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-      try:
-        self.proc.wait(30)
-      except subprocess.TimeoutExpired:
-        self.proc.kill()
-        self.proc.wait()
-    self._log.close()
-
-
-def wait_serving(*processes: "TeacherProcess", timeout: float = 180.0) -> None:
-  """Waits until every teacher process answers health SERVING (raises if one exits)."""
-  for p in processes:
-    netutil.wait_serving(p.proc, p.address, timeout, what=f"the teacher at {p.address} (log: {p.log_path})")
+    super().__init__(overrides, log_path, port=port, fake=fake, metrics=False)

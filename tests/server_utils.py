@@ -3,22 +3,20 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from distill_core import harness
 from distill_core.config import load_config
 from distill_core.netutil import free_port  # noqa: F401  (re-exported for the tests)
 from teacher_server.config import ServerConfig
 from teacher_server.engine_api import Engine
-from teacher_server.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 from teacher_server.server import TeacherServer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -103,42 +101,19 @@ def make_certs(root: Path) -> dict[str, Path]:
   return {p.stem: p for p in root.glob("*.pem")} | {f"{p.stem}_key": p for p in root.glob("*.key")}
 
 
-class ServerProcess:
-  """``python -m teacher_server`` in a child process (single CPU device), logs to a file."""
+class ServerProcess(harness.TeacherServerProcess):
+  """``python -m teacher_server`` in a child process (one CPU device, JSON logs, its Prometheus page at
+  ``.metrics_url`` when `metrics`), its output appended to `log_path`; not yet serving (``.wait_serving()``).
 
-  def __init__(self, overrides: list[str], log_path: Path):
-    self.port = free_port()
-    self.metrics_port = free_port()
-    self.address = f"127.0.0.1:{self.port}"
-    self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
-    self.log_path = log_path
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               PYTHONUNBUFFERED="1")
-    args = [sys.executable, "-m", "teacher_server", f"address={self.address}",
-            f"metrics_address=127.0.0.1:{self.metrics_port}", "log_format=json", *overrides]
-    self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-    self.proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+  With `fake` (arguments of tests/fake_teacher.py, e.g. ``["--delay-s", "8"]``) the process serves the fake
+  engine instead, hung or corrupting as those arguments say.
+  """
 
-  def logs(self) -> str:
-    return self.log_path.read_text(errors="replace")
-
-  def check_alive(self) -> None:
-    if self.proc.poll() is not None:
-      raise RuntimeError(f"teacher server exited with {self.proc.returncode}:\n{self.logs()[-4000:]}")
-
-  def terminate(self) -> None:
-    if self.proc.poll() is None:
-      self.proc.send_signal(signal.SIGTERM)
-
-  def stop(self, timeout: float = 30.0) -> int:
-    self.terminate()
-    try:
-      code = self.proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-      self.proc.kill()
-      code = self.proc.wait()
-    self._log.close()
-    return code
+  def __init__(self, overrides: list[str], log_path: Path, *, port: int | None = None,
+               fake: list[str] | None = None, metrics: bool = True):
+    program = harness.TEACHER_SERVER if fake is None else (str(REPO / "tests" / "fake_teacher.py"), *fake)
+    super().__init__(["log_format=json", *overrides], log_path, port=port, program=program,
+                     metrics_port=free_port() if metrics else None, env=harness.cpu_env(1), append=True)
 
 
 def wait_for(predicate, timeout: float, what: str) -> None:

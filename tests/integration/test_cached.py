@@ -9,16 +9,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-import urllib.request
 
 import numpy as np
 import pytest
 from offline_utils import dump_env, jsonl, teacher_overrides, train_cfg
-from prometheus_client.parser import text_string_to_metric_families
 from server_utils import REPO, ServerProcess
 
+from benchmarks.probes import scrape_metrics
 from distill_core import shards
-from distill_core.netutil import free_port, wait_serving
+from distill_core.netutil import free_port
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore
 
@@ -27,9 +26,8 @@ HALF = 4  # batches of 8 examples; the data is read in order (no shuffle)
 
 def served_requests(server: ServerProcess) -> float:
   """Forward + Stream requests the server has answered, from its /metrics endpoint."""
-  text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-  return sum(s.value for family in text_string_to_metric_families(text) if family.name == "teacher_requests"
-             for s in family.samples if s.name == "teacher_requests_total")
+  return sum(v for k, v in scrape_metrics(server.metrics_url).items()
+             if k == "teacher_requests_total" or k.startswith("teacher_requests_total{"))
 
 
 def cached_cfg(dataset, run_dir, cache, address, *overrides, steps, timeout_s=20):
@@ -47,7 +45,7 @@ def servers(small_dataset, tmp_path_factory):
   procs = [ServerProcess(teacher_overrides(small_dataset), root / f"server{i}.log") for i in range(2)]
   try:
     for proc in procs:
-      wait_serving(proc.proc, proc.address, timeout=300)
+      proc.wait_serving(300)
     yield procs
   finally:
     for proc in procs:
@@ -113,7 +111,7 @@ def test_remote_source_falls_back_to_cached_shards(servers, small_dataset, tmp_p
   assert result.last_metrics["teacher/fallbacks_total"] == 3
   # The same cache in front of another teacher (other weights) is refused when the source opens.
   from remote_utils import ThreadedServer
-  from teacher_server.fake_engine import FakeEngine, fake_info
+  from support.fake_engine import FakeEngine, fake_info
   other = ThreadedServer("batcher.buckets=[[8,32]]", engine=FakeEngine(fake_info(
       vocab_size=384, hidden_size=32, buckets=((8, 32),), max_k=16)))
   try:

@@ -316,8 +316,6 @@ def test_waiting_for_a_closed_port_says_nothing_listens(caplog, monkeypatch):
 
 
 def test_plaintext_client_against_a_tls_server_names_the_mismatch(caplog, monkeypatch, tmp_path):
-  import socket
-  import time
   from remote_utils import TeacherProcess
   from server_utils import free_port, make_certs
   certs = make_certs(tmp_path)
@@ -325,14 +323,7 @@ def test_plaintext_client_against_a_tls_server_names_the_mismatch(caplog, monkey
   server = TeacherProcess(port, [f"security.tls_cert={certs['server']}", f"security.tls_key={certs['server_key']}"],
                           tmp_path / "server.log", fake=[])
   try:
-    deadline = time.monotonic() + 120
-    while True:  # listening (TLS: a plaintext health check cannot tell)
-      assert server.proc.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
-      try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        break
-      except OSError:
-        time.sleep(0.1)
+    server.wait_listening(120)  # TLS: a plaintext health check cannot tell
     lines = _wait_for_teacher(server.address, caplog, monkeypatch)
   finally:
     server.kill()

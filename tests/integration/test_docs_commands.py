@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +56,7 @@ def _sequence_lines(steps) -> list[list[str]]:
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", sorted(SEQUENCES))
 def test_documented_sequences_run_as_pasted(name, tmp_path):
-  from distill_core.netutil import wait_serving
+  from distill_core.harness import ServerProcess
   shutil.copytree(REPO / "configs", tmp_path / "configs")
   env = dict(os.environ, PYTHONPATH=str(REPO), PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
              JAX_PLATFORMS="cpu")
@@ -68,15 +67,13 @@ def test_documented_sequences_run_as_pasted(name, tmp_path):
         command = parse("x", line)
         if command is not None and command.module == "teacher_server":
           address = next(w.split("=", 1)[1] for w in command.argv if w.startswith("address="))
-          log = open(tmp_path / "server.log", "ab")
-          servers.append(subprocess.Popen(["bash", "-c", f"exec {line}"], cwd=tmp_path, env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
-          wait_serving(servers[-1], address, timeout=600, what=f"the server of `{line.strip()}`")
+          servers.append(ServerProcess(["bash", "-c", f"exec {line}"], address, tmp_path / "server.log",
+                                       cwd=tmp_path, env=env, append=True))
+          servers[-1].wait_serving(600)
           continue
         out = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, text=True,
                              timeout=1800)
         assert out.returncode == 0, f"`{line.strip()}` failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
     finally:
       for server in servers:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(60)
+        server.stop()

@@ -56,7 +56,7 @@ def test_remote_source_warns_once_about_a_half_empty_bucket(caplog):
   from student_trainer.config import RemoteTeacherConfig
   from student_trainer.policy import WaitPolicy
   from student_trainer.sources.remote import RemoteTeacher
-  from teacher_server.fake_engine import FakeEngine, fake_info
+  from support.fake_engine import FakeEngine, fake_info
   caplog.set_level(logging.WARNING)
   server = ThreadedServer("batcher.buckets=[[8,32]]", engine=FakeEngine(fake_info(buckets=((8, 32),))))
   try:

@@ -17,7 +17,7 @@ from unit.test_lti import student_cfg, teacher_cfg
 from distill_core.config import load_config
 from distill_core.model.hf import save_hf_checkpoint
 from distill_core.model.transformer import create_model
-from distill_core.netutil import free_port, wait_serving
+from distill_core.netutil import free_port
 from student_trainer.config import RemoteTeacherConfig
 from student_trainer.lti.teacher import RemoteTeacherParams
 from teacher_server.engine import JaxEngine, weights_fingerprint
@@ -81,7 +81,7 @@ def test_lti_phase_collapse_then_kd_against_a_teacher_server(tiny_dataset, tmp_p
                                         "batcher.buckets=[[8,32]]", "limits.max_k=16", "batcher.max_wait_ms=2",
                                         f"tokenizer_path={tiny_dataset}/tokenizer.json"], tmp_path / "teacher.log")
   try:
-    wait_serving(server.proc, server.address, timeout=180)
+    server.wait_serving(180)
     remote = ["teacher.source=remote", f"teacher.remote.address={server.address}", "loss.top_k=8",
               "loss.alpha=1.0", "teacher.remote.backoff_max_s=0.5"]
     lti = make_cfg(tiny_dataset, tmp_path / "lti", *STUDENT, *remote, "steps=4", "export_hf=true",
@@ -125,7 +125,7 @@ async def test_get_parameters_lists_and_resumes_at_a_name_and_offset():
   from distill_core.client import TeacherClient, TeacherError
   from distill_core.proto import teacher_pb2 as pb
   from teacher_server.config import MIN_CHUNK_BYTES
-  from teacher_server.fake_engine import FakeEngine, fake_info
+  from support.fake_engine import FakeEngine, fake_info
   engine = FakeEngine(fake_info(vocab_size=4096))  # embedding: 128 KiB = 2 chunks
   ref = dict(engine.parameters(re.compile(".")))
   async with fake_server("serve_parameters=true", engine=engine) as (_, address), TeacherClient(address) as client:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import jax
@@ -299,7 +298,7 @@ def test_dump_through_a_token_protected_server(small_dataset, tmp_path, capsys):
   from distill_core.data import DataConfig, open_split
   from teacher_server.dump import dump, main
   from teacher_server.dump_config import DumpConfig
-  from teacher_server.fake_engine import FakeEngine, fake_info
+  from support.fake_engine import FakeEngine, fake_info
   server = ThreadedServer("security.auth_token=s3cret", engine=FakeEngine(fake_info(vocab_size=384)))
   args = [f"data={small_dataset}", "splits=[train]", "max_examples=12", "k=4", "rows_per_request=4", "progress=false",
           f"remote.address={server.address}", "remote.connect_timeout_s=20"]
@@ -338,8 +337,7 @@ def test_sigkilled_dump_resumes_to_identical_shards(dumps, small_dataset, tmp_pa
       return False
 
   wait_for(two_shards_done, 300, "two finished shards")
-  proc.send_signal(signal.SIGKILL)
-  proc.wait(30)
+  proc.kill()
   done = json.loads(progress.read_text())["shards"]
   planned = [s for s in shards.read_manifest(dumps["two"]).shards if s.writer == "p00000-of-00002"]
   assert 2 <= len(done) < len(planned)

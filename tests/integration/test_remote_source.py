@@ -28,7 +28,7 @@ from student_trainer.config import TrainConfig
 from student_trainer.policy import CEOnlyPolicy, WaitPolicy
 from student_trainer.sources.remote import RemoteTeacher
 from distill_core.stream.pool import RemoteTeacherError
-from teacher_server.fake_engine import FakeEngine, fake_info
+from support.fake_engine import FakeEngine, fake_info
 
 
 @pytest.fixture(scope="module")

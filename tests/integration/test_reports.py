@@ -10,6 +10,7 @@ import pytest
 from unit.test_reports import check_quality_arithmetic
 
 from benchmarks import quality, report, results
+from distill_core import harness
 
 
 @pytest.mark.slow
@@ -31,7 +32,7 @@ def test_quality_quick_end_to_end(tmp_path):
   check_quality_arithmetic(data)
   # Each seed trains on its own data order, and every run records the code that trained it.
   for s in data["setup"]["seeds"]:
-    stamp = json.loads((tmp_path / "runs" / "ce_only" / f"seed{s}" / "quality_settings.json").read_text())
+    stamp = json.loads((tmp_path / "runs" / "ce_only" / f"seed{s}" / harness.STAMP).read_text())
     assert f"data.seed={s}" in stamp["overrides"] and f"seed={s}" in stamp["overrides"]
     assert stamp["code"] == data["code_digest"] == quality.code_digest()
   assert data["summary"]["teacher_eval_ce"] < data["summary"]["ce_only_eval_ce"]

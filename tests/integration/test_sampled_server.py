@@ -11,7 +11,7 @@ from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient
 from distill_core.proto import teacher_pb2_grpc
 from distill_core.targets import SampleRequest
-from teacher_server.fake_engine import FakeEngine, fake_info
+from support.fake_engine import FakeEngine, fake_info
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

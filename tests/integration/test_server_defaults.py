@@ -18,22 +18,21 @@ DEFAULT_ADDRESS = ServerConfig().address
 # Runs inside its own network namespace: start the server with no arguments at all, wait for
 # SERVING on the default address, check GetInfo, SIGTERM, expect exit 0.
 _DRIVER = """
-import signal, subprocess, sys
+import subprocess, sys
+from pathlib import Path
 import grpc
-from distill_core.netutil import wait_serving
+from distill_core.harness import ServerProcess
 from distill_core.proto import teacher_pb2 as pb, teacher_pb2_grpc
 if sys.argv[1] == "netns":
   subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
-proc = subprocess.Popen([sys.executable, "-m", "teacher_server"], stdout=open(sys.argv[2], "wb"),
-                        stderr=subprocess.STDOUT)
+server = ServerProcess([sys.executable, "-m", "teacher_server"], sys.argv[3], Path(sys.argv[2]), cwd=Path.cwd())
 try:
-  wait_serving(proc, sys.argv[3], timeout=240)
+  server.wait_serving(240)
   with grpc.insecure_channel(sys.argv[3]) as channel:
     info = teacher_pb2_grpc.TeacherStub(channel).GetInfo(pb.GetInfoRequest(), timeout=30)
   print("buckets", [(b.batch, b.length) for b in info.buckets])
 finally:
-  proc.send_signal(signal.SIGTERM)
-  print("exit", proc.wait(60))
+  print("exit", server.stop())
 """
 
 

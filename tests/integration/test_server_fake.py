@@ -13,7 +13,7 @@ from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
-from teacher_server.fake_engine import FakeEngine
+from support.fake_engine import FakeEngine
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 TOO_BIG = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -19,9 +19,10 @@ import numpy as np
 import pytest
 from server_utils import REPO, ServerProcess, wait_for
 
+from benchmarks.probes import rss_bytes, scrape_metrics
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
-from distill_core.netutil import rss_bytes, scrape_metrics, serving
+from distill_core.netutil import serving
 from distill_core.proto import teacher_pb2 as pb
 
 TOKEN = "faults-test-token"
@@ -43,7 +44,7 @@ FIELDS = ("tokens", "segment_ids", "positions", "spec.k", "spec.temperatures", "
 def server(tmp_path_factory):
   proc = ServerProcess(OVERRIDES, tmp_path_factory.mktemp("faults") / "server.log")
   try:
-    wait_for(lambda: proc.check_alive() or serving(proc.address), 180, "the teacher server to report SERVING")
+    proc.wait_serving(180)
     yield proc
   finally:
     assert proc.stop() == 0

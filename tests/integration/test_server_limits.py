@@ -18,7 +18,7 @@ from server_utils import fake_server, until
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
 from distill_core.proto import teacher_pb2 as pb
-from teacher_server.fake_engine import FakeEngine, fake_info
+from support.fake_engine import FakeEngine, fake_info
 from teacher_server.validation import max_request_bytes
 
 FORWARD = "/distill.teacher.v1.Teacher/Forward"

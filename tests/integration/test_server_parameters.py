@@ -10,7 +10,7 @@ from server_utils import fake_server
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
 from distill_core.proto import teacher_pb2 as pb
 from teacher_server.config import MIN_CHUNK_BYTES
-from teacher_server.fake_engine import FakeEngine, fake_info
+from support.fake_engine import FakeEngine, fake_info
 from teacher_server.parameters import MAX_NAME_REGEX_CHARS
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

@@ -12,8 +12,7 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from server_utils import ServerProcess, wait_for
+from server_utils import ServerProcess
 
 from distill_core.client import OutputSpec, TeacherClient, TeacherError
 from distill_core.config import build, resolve_preset
@@ -35,17 +34,8 @@ def env(tmp_path_factory):
   cfg = build(ModelConfig, {**resolve_preset("tiny"), "true_vocab_size": TRUE_VOCAB})
   model = create_model(cfg, seed=3)  # built while the server boots
 
-  def serving():
-    server.check_alive()
-    with grpc.insecure_channel(server.address) as channel:
-      try:
-        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1).status
-      except grpc.RpcError:
-        return False
-    return status == health_pb2.HealthCheckResponse.SERVING
-
   try:
-    wait_for(serving, 180, "the teacher server to report SERVING")
+    server.wait_serving(180)
     yield server, model
   finally:
     server.stop()

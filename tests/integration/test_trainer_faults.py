@@ -145,16 +145,12 @@ def test_sigterm_while_waiting_for_a_hung_teacher_checkpoints_and_resumes_exactl
   three batches; SIGTERM ends the wait at once: the three trained steps are checkpointed, the
   process exits cleanly, and the resumed run equals an uninterrupted one bit for bit, with each
   batch trained exactly once. The redirected log has timestamped progress lines."""
-  import os
   import re
-  import signal
-  import subprocess
-  import sys
 
   import numpy as np
   from flax import nnx
-  from server_utils import REPO
 
+  from distill_core import harness
   from student_trainer.train import run
   common = ("steps=6", "teacher.remote.timeout_s=1", "teacher.remote.on_timeout=wait")
   healthy = fake_teacher(tmp_path)
@@ -164,26 +160,22 @@ def test_sigterm_while_waiting_for_a_hung_teacher_checkpoints_and_resumes_exactl
   try:
     wait_serving(hung)
     log_path = tmp_path / "trainer.log"
-    with open(log_path, "wb") as out:
-      trainer = subprocess.Popen(
-          [sys.executable, "-m", "student_trainer", *faults_overrides(tiny_dataset, tmp_path / "run", hung.address,
-                                                                      *common)],
-          cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-      deadline = time.monotonic() + 240
-      while "training waits for batch 3" not in log_path.read_text():
-        assert trainer.poll() is None, log_path.read_text()[-3000:]
-        assert time.monotonic() < deadline, log_path.read_text()[-3000:]
-        time.sleep(0.2)
-      trainer.send_signal(signal.SIGTERM)
-      code = trainer.wait(120)  # before the fix: never (only SIGKILL ended it, with nothing saved)
+    trainer = harness.start_trainer(faults_overrides(tiny_dataset, tmp_path / "run", hung.address, *common),
+                                    log_path)
+    deadline = time.monotonic() + 240
+    while "training waits for batch 3" not in log_path.read_text():
+      assert trainer.poll() is None, log_path.read_text()[-3000:]
+      assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+      time.sleep(0.2)
+    trainer.terminate()
+    code = trainer.wait(120)  # before the fix: never (only SIGKILL ended it, with nothing saved)
     text = log_path.read_text()
     saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
     straight = run(faults_cfg(tiny_dataset, tmp_path / "straight", healthy.address, *common), keep_state=True)
     resumed = run(faults_cfg(tiny_dataset, tmp_path / "run", healthy.address, *common), keep_state=True)
   finally:
-    if trainer is not None and trainer.poll() is None:
+    if trainer is not None:
       trainer.kill()
-      trainer.wait()
     hung.kill()
     healthy.stop()
   assert code == 0, text[-3000:]

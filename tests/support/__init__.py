@@ -1,0 +1,1 @@
+"""Test-only code shared by the tests (and nothing in the packages): the NumPy fake engine."""
