@@ -162,6 +162,10 @@ class TeacherTargets:
     """Applies `fn(array, axis)` to every array indexed by the batch row (B is axis 1 of the states)."""
     return TeacherTargets.of({name: BY_NAME[name].map_rows(value, fn) for name, value in self.parts.items()})
 
+  def map_shared(self, fn: Callable[[Array], Array]) -> "TeacherTargets":
+    """Applies `fn(array)` to every batch-wide array (the temperatures, the proposal's tau)."""
+    return TeacherTargets.of({name: BY_NAME[name].map_shared(value, fn) for name, value in self.parts.items()})
+
   def positional(self) -> dict[str, Array]:
     """The present (B, T, ...) arrays by field name (what a block of positions holds)."""
     return {key: value for key, value in self.fields().items() if key in POSITIONAL_FIELDS and value is not None}

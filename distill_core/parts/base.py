@@ -90,6 +90,7 @@ class Part:
       flat field names (unique over all parts).
     row_axes: field -> the axis of B in it (a dict-valued field: in each of its values).
     positional: the fields indexed (B, T, ...): what a block of positions holds.
+    shared: array fields that hold one value for the whole batch (replicated on a mesh).
     absent: flat field -> what `TeacherTargets` reports for it when the part is absent.
     compute_args: keyword arguments of `compute_targets` this part takes (routed here by name).
     chunked: computed per block of positions (`compute`) rather than once per batch (`compute_whole`).
@@ -99,6 +100,7 @@ class Part:
   value_type: ClassVar[type]
   row_axes: ClassVar[Mapping[str, int]] = {}
   positional: ClassVar[tuple[str, ...]] = ()
+  shared: ClassVar[tuple[str, ...]] = ()
   absent: ClassVar[Mapping[str, Any]] = {}
   compute_args: ClassVar[tuple[str, ...]] = ()
   chunked: ClassVar[bool] = True
@@ -131,6 +133,11 @@ class Part:
         continue
       changes[name] = {key: fn(v, axis) for key, v in x.items()} if isinstance(x, dict) else fn(x, axis)
     return value.replace(**changes)
+
+  def map_shared(self, value, fn: Callable[[Array], Array]):
+    """`fn(array)` applied to every batch-wide array (`shared`)."""
+    return value.replace(**{name: fn(getattr(value, name)) for name in self.shared
+                            if getattr(value, name) is not None})
 
   def merge_blocks(self, stacked, merge: Callable[[Array], Array]):
     """The value of a whole row from `jax.lax.map` over blocks (every leaf has a leading block axis):

@@ -102,6 +102,7 @@ class SamplesPart(base.Part):
   value_type = Samples
   row_axes = {"sample_ids": 0, "sample_counts": 0, "sample_logits": 0, "sample_logsumexp": 0}
   positional = ("sample_ids", "sample_counts", "sample_logits", "sample_logsumexp")
+  shared = ("sample_temperature",)
   absent = {name: None for name in _RANKS} | {"sample_skip": 0}
   compute_args = ("num_samples", "sample_temperature", "sample_seed", "example_ids", "sample_exclude",
                   "sample_counts")

@@ -55,6 +55,7 @@ class TopKPart(base.Part):
   value_type = TopK
   row_axes = {"topk_ids": 0, "topk_logits": 0, "logsumexp": 0}
   positional = ("topk_ids", "topk_logits", "logsumexp")
+  shared = ("temperatures",)
 
   def present(self, fields: Mapping[str, Any]) -> bool:
     return True  # every answer has top-k (k may be 0 for an answer of other parts only)

@@ -40,6 +40,4 @@ def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   placed = targets.map_rows(lambda x, axis: put(states if axis else batch_sharding(mesh, np.ndim(x)), x))
-  tau = targets.sample_temperature
-  return placed.replace(temperatures=put(replicated, targets.temperatures),
-                        sample_temperature=None if tau is None else put(replicated, tau))
+  return placed.map_shared(lambda x: put(replicated, x))
