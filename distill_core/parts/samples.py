@@ -227,11 +227,11 @@ class SamplesPart(base.Part):
     if want is None:
       return []
     problems = []
-    if offer.samples is not None:  # stored answers: exactly the samples the run would request
+    if offer.stored:  # stored answers: exactly the samples the run would request
       have = offer.samples
-      if have is False:
-        return [f"{offer.field('num_samples')}: {offer.says} no sampled targets, loss.kd_mode sampled needs "
-                f"{want.num_samples} per position (dump with num_samples={want.num_samples})"]
+      if have is None:
+        return [f"spec.num_samples: stored no sampled targets, loss.kd_mode sampled needs {want.num_samples} per "
+                f"position (dump with num_samples={want.num_samples})"]
       fields = (("num_samples", have.num_samples, "loss.num_samples", want.num_samples),
                 ("sample_temperature", float(np.float32(have.temperature)), "loss.sample_temperature",
                  float(np.float32(want.temperature))),
@@ -239,18 +239,18 @@ class SamplesPart(base.Part):
                 ("sample_tail", have.exclude > 0, "loss.sample_tail", want.exclude > 0))
       for field, stored, name, need in fields:
         if stored != need:
-          problems.append(f"{offer.field(field)}: {offer.says} {stored!r}, {name} is {need!r}")
+          problems.append(f"spec.{field}: stored {stored!r}, {name} is {need!r}")
       if have.exclude and want.exclude and have.exclude != want.exclude:
-        problems.append(f"{offer.field('k')}: the samples were drawn outside the stored top-{have.exclude}, "
-                        f"loss.top_k is {want.exclude} (with sample_tail they must be equal)")
+        problems.append(f"spec.k: the samples were drawn outside the stored top-{have.exclude}, loss.top_k is "
+                        f"{want.exclude} (with sample_tail they must be equal)")
       return problems
-    if offer.max_samples is not None and want.num_samples > offer.max_samples:
-      offered = f"at most {offer.max_samples}" if offer.max_samples else "no sampled targets"
+    offered = offer.max_samples or 0
+    if want.num_samples > offered:
+      what = f"at most {offered}" if offered else "no sampled targets"
       problems.append(f"num_samples: the loss needs {want.num_samples} draws per position, the teacher serves "
-                      f"{offered} (start it with limits.max_samples >= {want.num_samples})")
-    if want.exclude and offer.vocab_size is not None and needs.k >= offer.vocab_size:
+                      f"{what} (start it with limits.max_samples >= {want.num_samples})")
+    if want.exclude and needs.k >= offer.vocab_size:
       problems.append(f"sample_tail: top_k={needs.k} leaves no tail of the teacher's {offer.vocab_size} ids")
     return problems
-
 
 PART = SamplesPart()

@@ -149,29 +149,37 @@ class StatesPart(base.Part):
     return LayerStates(picked, tuple(need.layers)) if picked else None
 
   def check(self, needs, offer) -> list[str]:
-    if not needs.states:
-      return []
-    problems = []
     try:
-      layers = needs.teacher_layers(offer.num_layers)
+      layers = needs.layers(offer.num_layers)
     except ValueError as e:
       return [f"layers: {e} (the teacher has {offer.num_layers} layers)"]
+    if not layers:
+      return []
+    problems = []
     missing = [layer for layer in layers if layer not in offer.layers]
+    absent = [name for name in needs.state_names if name not in offer.states]
+    if offer.stored:
+      if missing:
+        problems.append(f"spec.layers: stored {list(offer.layers)}, the losses need teacher layers {list(layers)}")
+      if absent:
+        problems.append(f"spec.states: stored {list(offer.states)}, the losses need {list(needs.state_names)} "
+                        "(blockwise reads attn_in and attn_out)")
+      if needs.hidden_size is not None and offer.hidden_size != needs.hidden_size:
+        problems.append(f"teacher.hidden_size: stored {offer.hidden_size!r}, the student's {needs.hidden_size!r}")
+      return problems
     if missing:
-      problems.append(f"{offer.field('layers')}: {offer.says} {list(offer.layers)}, the losses need teacher "
-                      f"layers {missing}")
-    absent = [name for name in needs.states if name not in offer.states]
+      problems.append(f"layers: the losses need teacher layers {missing}, not selectable "
+                      f"(selectable: {list(offer.layers)})")
     if absent:
-      problems.append(f"{offer.field('states')}: {offer.says} {list(offer.states)}, the losses need "
-                      f"{list(needs.states)}")
-    if layers and needs.hidden_size is not None and offer.hidden_size != needs.hidden_size:
-      problems.append(f"{offer.field('hidden_size')}: the teacher's width is {offer.hidden_size}, the student's "
-                      f"model.hidden_size {needs.hidden_size} (the losses compare {' and '.join(needs.states)} "
-                      "states)")
-    if layers and offer.state_dtypes is not None and needs.state_dtype not in offer.state_dtypes:
-      problems.append(f"{offer.field('state_dtype')}: {offer.says} {sorted(offer.state_dtypes)}, "
-                      f"{needs.state_dtype!r} is asked")
+      problems.append(f"layers: the teacher does not offer {', '.join(absent)} states (offered: "
+                      f"{list(offer.states)})")
+    if needs.hidden_size is not None and offer.hidden_size != needs.hidden_size:
+      problems.append(f"layers: teacher width {offer.hidden_size} != student width {needs.hidden_size} "
+                      f"(the losses compare {' and '.join(needs.state_names)} states; model.hidden_size "
+                      "must equal the teacher's)")
+    if needs.state_dtype is not None and offer.state_dtypes is not None and \
+        needs.state_dtype not in offer.state_dtypes:
+      problems.append(f"state_dtype: {needs.state_dtype} not offered (offered: {list(offer.state_dtypes)})")
     return problems
-
 
 PART = StatesPart()

@@ -151,19 +151,23 @@ class TopKPart(base.Part):
 
   def check(self, needs, offer) -> list[str]:
     problems = []
-    if offer.max_k is not None and needs.k > offer.max_k:
-      problems.append(f"{offer.field('k')}: {offer.says} {offer.max_k}, loss.top_k needs {needs.k}")
-    if offer.value_dtypes is not None and needs.value_dtype not in offer.value_dtypes:
-      problems.append(f"{offer.field('value_dtype')}: {offer.says} {sorted(offer.value_dtypes)}, "
-                      f"teacher.value_dtype is {needs.value_dtype!r}")
-    if offer.temperatures is not None and needs.temperatures:
-      stored = [float(np.float32(t)) for t in offer.temperatures]
-      missing = [float(np.float32(t)) for t in needs.temperatures if float(np.float32(t)) not in stored]
-      if missing:
-        problems.append(f"{offer.field('temperatures')}: {offer.says} {stored}, loss.temperature needs "
-                        f"{missing[0] if len(missing) == 1 else missing} (an exact match)")
+    if offer.stored:
+      if offer.max_k < needs.k:
+        problems.append(f"spec.k: stored {offer.max_k}, loss.top_k needs {needs.k}")
+      if needs.value_dtype not in offer.value_dtypes:
+        problems.append(f"spec.value_dtype: stored {offer.value_dtypes[0]!r}, teacher.value_dtype is "
+                        f"{needs.value_dtype!r}")
+      stored = [float(np.float32(t)) for t in offer.temperatures or ()]
+      for t in needs.temperatures:
+        if float(np.float32(t)) not in stored:
+          problems.append(f"temperatures: stored {stored}, loss.temperature needs {float(np.float32(t))} "
+                          "(an exact match)")
+      return problems
+    if needs.k > offer.max_k:
+      problems.append(f"top_k: the loss needs k={needs.k}, the teacher serves at most {offer.max_k}")
+    if needs.value_dtype not in offer.value_dtypes:
+      problems.append(f"value_dtype: {needs.value_dtype} not offered (offered: {list(offer.value_dtypes)})")
     return problems
-
 
 def check_ids(ids, field: str, vocab_size: int | None) -> None:
   """Raises ValueError naming `field` and the first position of an id outside [0, vocab_size)."""

@@ -43,7 +43,7 @@ from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, T
 from distill_core.shards_io import AnswerStore, ShardWriter
 from distill_core.targets import TeacherTargets, concat, slice_batch
 from student_trainer.sources.base import TeacherSource
-from student_trainer.sources.common import feature_teacher_layers, teacher_state_names
+from student_trainer.sources.common import feature_teacher_layers, teacher_needs, teacher_state_names
 from student_trainer.sources.offline import check_answers, place_on
 from student_trainer.sources.remote import RemoteTeacher
 from student_trainer.policy import CEOnlyPolicy, Decision, FallbackPolicy, Overdue, PolicyContext, WaitPolicy
@@ -67,9 +67,8 @@ def _open_cache(cfg) -> AnswerStore:
   except ShardError as e:
     raise ShardError(f"teacher.cached.path: {e}") from None
   if store.manifest is not None:
-    _, layers, states = _needs(cfg, store.manifest.teacher.num_layers)
-    check_answers(store.manifest, cfg, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
-                  states=states)
+    check_answers(store.manifest, dataclasses.replace(teacher_needs(cfg), temperatures=()),
+                  where=f"teacher.cached.path={ccfg.path}")
   return store
 
 

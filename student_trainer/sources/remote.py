@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from distill_core.data import Batch, load_manifest
+from distill_core.data import Batch
 from distill_core.stream.checks import Requirements
 from distill_core.stream.pool import Item, RemoteTeacherError
 from distill_core.stream.runner import StreamRunner
@@ -37,7 +37,7 @@ from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
 from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.common import feature_teacher_layers, place_targets, teacher_state_names
+from student_trainer.sources.common import place_targets, teacher_needs
 from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
@@ -119,13 +119,7 @@ class RemoteTeacher(TeacherSource):
   @classmethod
   def from_train_config(cls, cfg, mesh: Mesh, **kwargs) -> "RemoteTeacher":
     """The source for a `TrainConfig` whose teacher.source is remote."""
-    manifest = load_manifest(cfg.data.path)
-    need = Requirements(
-        k=cfg.loss.request_k, samples=cfg.loss.sampling, value_dtype=cfg.teacher.value_dtype, vocab_size=cfg.model.real_vocab_size,
-        data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
-        batch_rows=cfg.data.batch_size // jax.process_count(),
-        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=cfg.model.hidden_size,
-        feature_layers=functools.partial(feature_teacher_layers, cfg), state_names=teacher_state_names(cfg))
+    need = teacher_needs(cfg)
     policy = make_policy(cfg.teacher.remote.on_timeout, PolicyContext(cfg, mesh))
     return cls(cfg.teacher.remote, need, mesh=mesh, policy=policy, **kwargs)
 
