@@ -47,10 +47,11 @@ from etils import epath
 from google.protobuf import json_format
 
 from distill_core import wire
+from distill_core.parts import BY_NAME, Selection
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.records import StrictModel
-from distill_core.parts import BY_NAME, Selection
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.targets import TeacherTargets
 
 FORMAT = "distill-teacher-answers"
 FORMAT_VERSION = 2  # 2: every record stamped with the teacher's weights fingerprint
@@ -114,6 +115,8 @@ class StoredSpec(StrictModel):
   def build(cls, spec: wire.OutputSpec, *, id_bits: int, value_coding: str, zstd_level: int) -> "StoredSpec":
     request = json_format.MessageToDict(spec.to_proto(), preserving_proto_field_name=True,
                                         always_print_fields_with_no_presence=True)
+    if not request.get("part_options"):  # manifests without parts' own options read as they always did
+      request.pop("part_options", None)
     return cls(request=request, id_bits=id_bits, value_coding=value_coding, zstd_level=zstd_level)
 
   @property

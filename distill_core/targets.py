@@ -4,16 +4,11 @@ A teacher's answer for a batch of B sequences of length T (position t describes 
 like the student's logits at t) is a `TeacherTargets`: a composition of *parts*, one per
 kind of answer, registered in `distill_core.parts`:
 
-| part      | module                          | fields                                                      |
-|-----------|---------------------------------|-------------------------------------------------------------|
-| `topk`    | `distill_core/parts/topk.py`    | `topk_ids`, `topk_logits`, `logsumexp`, `temperatures`      |
-| `states`  | `distill_core/parts/states.py`  | `layer_states`, `state_layers`                              |
-| `samples` | `distill_core/parts/samples.py` | `sample_ids`, `sample_counts`, `sample_logits`, ...          |
-| `dense`   | `distill_core/parts/dense.py`   | `dense_logits`, `dense_hidden`, `dense_head` (in-process)   |
-
-Each part's module documents its fields' shapes and meaning. `TeacherTargets` exposes every
-field by its flat name (`targets.topk_ids`, `targets.sample_ids`; None, `{}`, `()` or 0
-where the part is absent), is built from flat fields (`TeacherTargets(topk_ids=..., ...)`,
+`topk` (every answer has it), `states`, `samples` and `dense` (in-process only), each in
+`distill_core/parts/<name>.py`, whose module documents its fields' shapes and meaning.
+`TeacherTargets` exposes every field by its flat name (`targets.topk_ids`,
+`targets.layer_states`; None, `{}`, `()` or 0 where the part is absent) and
+`targets.has_<part>`, is built from flat fields (`TeacherTargets(topk_ids=..., ...)`,
 `targets.replace(...)`) and is a JAX pytree whose leaves are the present parts' arrays
 (static metadata such as `state_layers` is not a leaf). `compute_targets` builds it on the
 device inside the teacher's jitted forward; `to_numpy` / `from_numpy` give flat host
@@ -29,16 +24,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from distill_core.parts import BY_NAME, COMPUTE_ARG_OWNER, FIELD_OWNER, PARTS, Block, Rows
+from distill_core.parts import BY_NAME, COMPUTE_ARG_OWNER, FIELD_OWNER, HOOKS, PARTS, Block, Part, Rows
 from distill_core.parts.base import VALUE_DTYPES, value_dtype_of  # noqa: F401  (part of this module's API)
 from distill_core.parts.dense import DenseHead  # noqa: F401  (part of this module's API)
-from distill_core.parts.samples import SampleRequest  # noqa: F401  (part of this module's API)
+
 from distill_core.parts.states import STATE_NAMES  # noqa: F401  (part of this module's API)
 
 Array = Any  # jax.Array or np.ndarray (host side)
-
-# The fields indexed by position, (B, T, ...): what a block of positions holds.
-POSITIONAL_FIELDS = tuple(name for part in PARTS for name in part.positional)
 
 
 @jax.tree_util.register_pytree_node_class
@@ -80,7 +72,8 @@ class TeacherTargets:
     object.__setattr__(out, "parts", dict(zip(names, children)))
     return out
 
-  def __getattr__(self, name: str):
+  def field(self, name: str):
+    """The flat field `name` of whatever part declares it (what `targets.<name>` reads)."""
     owner = FIELD_OWNER.get(name)
     if owner is None:
       raise AttributeError(f"TeacherTargets has no field {name!r}")
@@ -146,10 +139,6 @@ class TeacherTargets:
     return Rows(batch_size=self.batch_size, seq_len=self.seq_len, k=self.k)
 
   @property
-  def has_samples(self) -> bool:
-    return "samples" in self.parts
-
-  @property
   def has_dense(self) -> bool:
     """Dense teacher logits are available: whole, or as hidden states and the lm_head."""
     return self.dense_logits is not None or self.dense_hidden is not None
@@ -168,7 +157,8 @@ class TeacherTargets:
 
   def positional(self) -> dict[str, Array]:
     """The present (B, T, ...) arrays by field name (what a block of positions holds)."""
-    return {key: value for key, value in self.fields().items() if key in POSITIONAL_FIELDS and value is not None}
+    return {key: value for name, part in self.parts.items() for key, value in BY_NAME[name].to_fields(part).items()
+            if key in BY_NAME[name].positional and value is not None}
 
   def validate(self, *, batch_size: int | None = None, seq_len: int | None = None,
                k: int | None = None, n_temps: int | None = None, hidden_size: int | None = None,
@@ -206,6 +196,33 @@ class TeacherTargets:
     return int(hits[0])
 
 
+_INSTALLED: dict[str, set[str]] = {}  # part name -> the properties it added to TeacherTargets
+
+
+def _install(part: Part, added: bool) -> None:
+  """Every field of a registered part becomes a property of TeacherTargets (`targets.sample_ids`), and
+  `has_<part>` says whether the part is present; removed again with the part."""
+  if not added:
+    for name in _INSTALLED.pop(part.name, set()):
+      delattr(TeacherTargets, name)
+    return
+  names = set()
+  for name in part.fields:
+    if not hasattr(TeacherTargets, name):
+      setattr(TeacherTargets, name, property(lambda self, name=name: self.field(name)))
+      names.add(name)
+  flag = f"has_{part.name}"
+  if not hasattr(TeacherTargets, flag):
+    setattr(TeacherTargets, flag, property(lambda self, key=part.name: key in self.parts))
+    names.add(flag)
+  _INSTALLED[part.name] = names
+
+
+HOOKS.append(_install)
+for _part in PARTS:
+  _install(_part, True)
+
+
 def check_values(targets: TeacherTargets, *, vocab_size: int | None = None,
                  temperatures: Sequence[float] | None = None) -> TeacherTargets:
   """Checks the values of a teacher's answer (host arrays), beyond `validate`'s shapes; returns it.
@@ -237,14 +254,11 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
     true_vocab_size: ids >= this are padding; their logits are set to -inf.
     value_dtype: dtype of `topk_logits` (and other parts' values): float16 (recommended), bfloat16 or float32.
     start: the position of column 0 of `logits` in its rows (nonzero when `logits` are one block of
-      positions; `sample_start` is an older name of it).
+      positions).
     **part_args: the other parts' arguments, each routed to the part declaring it
-      (`Part.compute_args`): `states`, `state_layers`, `state_dtype` for the layer states;
-      `num_samples`, `sample_temperature`, `sample_seed`, `example_ids`, `sample_exclude`,
-      `sample_counts` for the samples (see `distill_core.parts.samples`).
+      (`Part.compute_args`, documented in the part's `compute`): e.g. `states`, `state_layers`,
+      `state_dtype` for the layer states (`distill_core.parts.states`).
   """
-  if "sample_start" in part_args:
-    start = part_args.pop("sample_start")
   if logits.ndim != 3:
     raise ValueError(f"logits: expected rank 3 (B, T, V), got shape {tuple(logits.shape)}")
   vocab = logits.shape[-1]
@@ -300,19 +314,25 @@ def compute_targets_from_hidden(hidden: jax.Array, head: Callable[[jax.Array], j
   whole = {part.name: part.compute_whole(**args.get(part.name, {})) for part in PARTS[1:] if not part.chunked}
   per_block = {key: value for key, value in kwargs.items()
                if key not in COMPUTE_ARG_OWNER or COMPUTE_ARG_OWNER[key].chunked}
+  by_position = {key: per_block.pop(key) for key in list(per_block)
+                 if key in COMPUTE_ARG_OWNER and key in COMPUTE_ARG_OWNER[key].positional_args}
   b, t = hidden.shape[:2]
   if not chunk_size or chunk_size >= t:
-    return compute_targets(head(hidden), **per_block).with_parts(**whole)
+    return compute_targets(head(hidden), **per_block, **by_position).with_parts(**whole)
   n = -(-t // chunk_size)
-  padded = jnp.pad(hidden, ((0, 0), (0, n * chunk_size - t), (0, 0)))
-  blocks = jnp.moveaxis(padded.reshape(b, n, chunk_size, hidden.shape[-1]), 1, 0)  # (n, B, C, E)
+
+  def split(x):  # (B, T, ...) -> (n, B, C, ...), zero-padded along T
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - t)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((b, n, chunk_size) + x.shape[2:]), 1, 0)
+
+  blocks = split(hidden)  # (n, B, C, E)
   starts = jnp.arange(n, dtype=jnp.int32) * chunk_size
 
   def block(args):
-    h, start = args
-    return compute_targets(head(h), start=start, **per_block)
+    h, start, inputs = args
+    return compute_targets(head(h), start=start, **per_block, **inputs)
 
-  stacked = jax.lax.map(block, (blocks, starts))  # every leaf gains a leading (n,) axis
+  stacked = jax.lax.map(block, (blocks, starts, {key: split(jnp.asarray(x)) for key, x in by_position.items()}))
 
   def merge(x):  # (n, B, C, ...) -> (B, T, ...)
     return jnp.moveaxis(x, 0, 1).reshape((b, n * chunk_size) + x.shape[3:])[:, :t]

@@ -17,9 +17,10 @@ import dataclasses
 import numpy as np
 
 from distill_core.bitpack import WireError, bits_for, pack_uints, unpack_uints  # noqa: F401  (this module's API)
-from distill_core.parts import PARTS, Rows
+from distill_core.parts import BY_NAME, PARTS, Rows
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.targets import TeacherTargets
 from distill_core.tensor_codec import (  # noqa: F401  (part of this module's API)
     ECHO_CHARS, STATE_DTYPES, VALUE_DTYPES, decode_tensor, dtype_enum, dtype_name, echo, encode_tensor, le_bytes,
     numpy_dtype)
@@ -37,6 +38,8 @@ class OutputSpec:
   state_dtype: str = "bfloat16"
   pack_ids: bool = False
   samples: SampleRequest | None = None  # sampled targets; `exclude` > 0 asks for sample_tail (= k)
+  # Options of parts without fields of their own in the proto: ("<part>.<option>", array or scalar) pairs.
+  part_options: tuple[tuple[str, object], ...] = ()
 
   def to_proto(self) -> pb.OutputSpec:
     spec = pb.OutputSpec(
@@ -45,13 +48,17 @@ class OutputSpec:
         pack_ids=self.pack_ids)
     if self.samples is not None:
       self.samples.to_proto(spec)
+    for key, value in self.part_options:
+      spec.part_options[key].CopyFrom(encode_tensor(np.asarray(value)))
     return spec
 
 
 def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
                  segment_ids: np.ndarray | None = None, positions: np.ndarray | None = None,
-                 example_ids: np.ndarray | None = None) -> pb.ForwardRequest:
-  """Builds a ``ForwardRequest``; arrays are sent as int32 [B, T], example ids as int64 [B]."""
+                 example_ids: np.ndarray | None = None,
+                 part_inputs: dict[str, np.ndarray] | None = None) -> pb.ForwardRequest:
+  """Builds a ``ForwardRequest``; arrays are sent as int32 [B, T], example ids as int64 [B], the inputs of parts
+  without fields of their own as given (``"<part>.<input>"`` -> array)."""
   req = pb.ForwardRequest(request_id=request_id, spec=spec.to_proto())
   req.tokens.CopyFrom(encode_tensor(np.asarray(tokens, np.int32)))
   if segment_ids is not None:
@@ -60,6 +67,8 @@ def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
     req.positions.CopyFrom(encode_tensor(np.asarray(positions, np.int32)))
   if example_ids is not None:
     req.example_ids.CopyFrom(encode_tensor(np.asarray(example_ids, np.int64).reshape(-1)))
+  for key, value in (part_inputs or {}).items():
+    req.part_inputs[key].CopyFrom(encode_tensor(np.asarray(value)))
   if spec.samples is not None and example_ids is None:
     raise ValueError("example_ids: required with sampled targets (they key the draws)")
   return req
@@ -106,4 +115,7 @@ def response_to_targets(resp: pb.ForwardResponse) -> TeacherTargets:
   rows = Rows(batch_size=ids.shape[0], seq_len=ids.shape[1], k=ids.shape[2])
   for part in others:
     fields.update(part.decode(resp, rows))
+  for key in resp.part_outputs:
+    if key.split(".", 1)[0] not in BY_NAME:
+      raise WireError(f"part_outputs[{echo(key)}]", "no registered target part of this name")
   return TeacherTargets(**fields)

@@ -26,7 +26,8 @@ import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.parts.samples import SampleRequest
+from distill_core.targets import TeacherTargets
 from student_trainer.schedules import Schedule, constant
 
 Array = jax.Array

@@ -16,8 +16,8 @@ import grpc
 import numpy as np
 
 from distill_core import wire
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import EngineInfo, Fetch
 
@@ -185,6 +185,12 @@ def _example_ids(req: pb.ForwardRequest, rows: int) -> np.ndarray:
   return ids
 
 
+def _check_part_keys(entries, field: str) -> None:
+  """Options and inputs of target parts without fields of their own: this server runs none that takes any."""
+  for key in entries:
+    raise RequestError(_INVALID, f"{field}[{wire.echo(key)}]", "no target part this server runs takes it")
+
+
 def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
   for value in values:
     if value not in allowed:
@@ -232,6 +238,8 @@ def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> P
     _check_range(positions, "positions", 0, info.max_position_embeddings, "position")
   else:
     positions = default_positions(segment_ids)
+  _check_part_keys(req.spec.part_options, "spec.part_options")
+  _check_part_keys(req.part_inputs, "part_inputs")
   spec = _check_spec(req.spec, info)
   example_ids = _example_ids(req, tokens.shape[0]) if spec["samples"] else None
   return Prepared(request_id=int(req.request_id), tokens=tokens, segment_ids=segment_ids,

@@ -3,15 +3,20 @@ joining, the pytree, and the needs check naming each mismatch."""
 
 import dataclasses
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from distill_core import needs, parts, shards, wire
+from distill_core.bitpack import WireError
+from distill_core.parts import base
 from distill_core.parts import samples as samples_part
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest, TeacherTargets, compute_targets, concat, slice_batch, to_numpy
+from distill_core.targets import TeacherTargets, compute_targets, compute_targets_from_hidden, concat, slice_batch, \
+    to_numpy
 
 B, T, V, TRUE_V, K, E = 3, 5, 40, 37, 4, 6
 
@@ -189,3 +194,80 @@ def test_stored_answers_that_fit_have_no_problems_and_each_mismatch_is_named():
   none = needs.check(_needs(), needs.Offer.from_manifest(_manifest(samples=None)))
   assert none == ["spec.num_samples: stored no sampled targets, loss.kd_mode sampled needs 12 per position "
                   "(dump with num_samples=12)"]
+
+
+# -- a part added without touching the proto, the wire codec or the shards ---------------------------
+
+@flax.struct.dataclass
+class Scores:
+  """Stands for a part registered later: the shifted teacher logit at one given id per position."""
+
+  score_logits: np.ndarray = None  # (B, T) f32
+
+
+class ScoresPart(base.Part):
+  name = "scores"
+  value_type = Scores
+  row_axes = {"score_logits": 0}
+  positional = ("score_logits",)
+  compute_args = ("score_ids",)
+  positional_args = ("score_ids",)
+
+  def compute(self, block, score_ids=None):
+    if score_ids is None:
+      return None
+    return Scores(jnp.take_along_axis(block.z, jnp.asarray(score_ids)[..., None], axis=-1)[..., 0])
+
+  def validate(self, value, rows, expect):
+    base.check_array(value.score_logits, "score_logits", 2, base.FLOAT32)
+    if tuple(value.score_logits.shape) != (rows.batch_size, rows.seq_len):
+      raise ValueError(f"score_logits: shape {tuple(value.score_logits.shape)} != [B, T]")
+
+  def encode(self, value, resp, *, packed_id_bits, sorted_delta_values):
+    self.put_output(resp, "score_logits", np.asarray(value.score_logits, np.float32))
+
+  def decode(self, resp, rows):
+    logits = self.get_output(resp, "score_logits", dtypes=(pb.DTYPE_FLOAT32,), ndim=2)
+    return {} if logits is None else {"score_logits": logits}
+
+
+def test_a_new_part_travels_through_compute_wire_shards_and_rows_by_registration_alone():
+  rng = np.random.default_rng(5)
+  hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
+  head = lambda h: jnp.einsum("bte,ev->btv", h, w)  # noqa: E731
+  ids = rng.integers(0, TRUE_V, size=(B, T)).astype(np.int32)
+  with parts.registered(ScoresPart()):
+    whole = compute_targets(head(hidden), k=K, temperatures=(1.0,), true_vocab_size=TRUE_V, score_ids=ids)
+    assert whole.has_scores and not whole.has_samples
+    z = np.asarray(head(hidden), np.float64)[..., :TRUE_V]
+    want = np.take_along_axis(z - z.max(-1, keepdims=True), ids[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.asarray(whole.score_logits), want, rtol=1e-5, atol=1e-5)
+    chunked = compute_targets_from_hidden(hidden, head, chunk_size=2, k=K, temperatures=(1.0,),
+                                          true_vocab_size=TRUE_V, score_ids=ids)
+    np.testing.assert_allclose(np.asarray(chunked.score_logits), np.asarray(whole.score_logits), rtol=1e-6)
+    host = jax.tree.map(np.asarray, whole).validate()
+    resp = wire.targets_to_response(3, host)
+    assert list(resp.part_outputs) == ["scores.score_logits"]
+    assert_same(wire.response_to_targets(pb.ForwardResponse.FromString(resp.SerializeToString())), host)
+    spec = shards.StoredSpec.build(wire.OutputSpec(k=K, part_options=(("scores.ids_per_position", 1),)), id_bits=0,
+                                   value_coding="raw", zstd_level=0)
+    one = slice_batch(host, 1, 2)
+    assert_same(shards.decode_record(shards.encode_record(9, one, spec, weights_fingerprint="w"), "r")[1], one)
+    assert_same(concat([slice_batch(host, 0, 1), slice_batch(host, 1, B)]), host)
+  with pytest.raises(WireError, match=r"part_outputs\['scores.score_logits'\]: no registered target part"):
+    wire.response_to_targets(resp)
+  with pytest.raises(ValueError, match="'topk' is registered already"):
+    parts.register(parts.BY_NAME["topk"])
+
+
+@pytest.mark.parametrize("where", ["spec.part_options", "part_inputs"])
+def test_a_server_refuses_options_and_inputs_of_parts_it_does_not_run(where):
+  from teacher_server.config import LimitsConfig
+  from teacher_server.fake_engine import FakeEngine
+  from teacher_server.validation import RequestError, prepare
+  req = wire.make_request(1, np.zeros((1, 4), np.int32), wire.OutputSpec(k=2))
+  target = req.spec.part_options if where == "spec.part_options" else req.part_inputs
+  target["scores.ids"].CopyFrom(wire.encode_tensor(np.zeros((1, 4), np.int32)))
+  with pytest.raises(RequestError, match=rf"{where}\['scores.ids'\]: no target part this server runs takes it"):
+    prepare(req, FakeEngine().info, LimitsConfig())

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from distill_core.proto import teacher_pb2 as pb
+from distill_core.tensor_codec import decode_tensor, encode_tensor
 
 Array = Any  # jax.Array or np.ndarray (host side)
 
@@ -93,6 +94,7 @@ class Part:
     shared: array fields that hold one value for the whole batch (replicated on a mesh).
     absent: flat field -> what `TeacherTargets` reports for it when the part is absent.
     compute_args: keyword arguments of `compute_targets` this part takes (routed here by name).
+    positional_args: those of them indexed (B, T, ...): split into blocks of positions with the logits.
     chunked: computed per block of positions (`compute`) rather than once per batch (`compute_whole`).
   """
 
@@ -103,6 +105,7 @@ class Part:
   shared: ClassVar[tuple[str, ...]] = ()
   absent: ClassVar[Mapping[str, Any]] = {}
   compute_args: ClassVar[tuple[str, ...]] = ()
+  positional_args: ClassVar[tuple[str, ...]] = ()
   chunked: ClassVar[bool] = True
 
   # -- structure -------------------------------------------------------------------------------
@@ -198,6 +201,24 @@ class Part:
   def decode(self, resp: pb.ForwardResponse, rows: Rows) -> dict[str, Any]:
     """Flat fields of the part from a response (empty when it holds none); raises WireError naming the field."""
     return {}
+
+  # A part with no fields of its own in the proto keeps its tensors in the response's `part_outputs`
+  # (its request options in `OutputSpec.part_options`, its inputs in `ForwardRequest.part_inputs`,
+  # its limits in `Limits.part_limits`), keyed "<part>.<name>": these helpers read and write them.
+
+  def key(self, name: str) -> str:
+    return f"{self.name}.{name}"
+
+  def put_output(self, resp: pb.ForwardResponse, name: str, array: np.ndarray, **encoding) -> None:
+    """Stores `array` as `part_outputs["<part>.<name>"]` (`encoding`: packed_bits, sorted_delta_coding)."""
+    resp.part_outputs[self.key(name)].CopyFrom(encode_tensor(array, **encoding))
+
+  def get_output(self, resp: pb.ForwardResponse, name: str, **checks) -> np.ndarray | None:
+    """`part_outputs["<part>.<name>"]` decoded (None when absent); `checks`: dtypes, ndim (WireError naming it)."""
+    key = self.key(name)
+    if key not in resp.part_outputs:
+      return None
+    return decode_tensor(resp.part_outputs[key], f"part_outputs[{key}]", **checks)
 
   def select(self, value, need: "Selection", where: str):
     """Stored answers trimmed to what a step asks (None: drop the part); raises ValueError naming the field."""

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from distill_core.needs import Needs, Offer, check
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest
 from distill_core.wire import OutputSpec
 
 
