@@ -200,7 +200,7 @@ _INSTALLED: dict[str, set[str]] = {}  # part name -> the properties it added to 
 
 
 def _install(part: Part, added: bool) -> None:
-  """Every field of a registered part becomes a property of TeacherTargets (`targets.sample_ids`), and
+  """Every field of a registered part becomes a property of TeacherTargets (`targets.layer_states`), and
   `has_<part>` says whether the part is present; removed again with the part."""
   if not added:
     for name in _INSTALLED.pop(part.name, set()):

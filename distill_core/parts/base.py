@@ -47,6 +47,14 @@ def check_array(value: Array, field: str, ndim: int, dtypes: tuple[np.dtype, ...
                      f"{', '.join(d.name for d in dtypes)}")
 
 
+class SpecError(ValueError):
+  """A request option a part cannot serve; a server answers INVALID_ARGUMENT naming `field`."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field}: {message}")
+    self.field, self.message = field, message
+
+
 @dataclasses.dataclass(frozen=True)
 class Rows:
   """The answer's batch and positions, as the top-k part decoded or computed them (for the other parts)."""

@@ -27,7 +27,7 @@ import numpy as np
 from distill_core import sampling
 from distill_core.bitpack import WireError, bits_for
 from distill_core.parts import base
-from distill_core.parts.base import Array, Block, Rows
+from distill_core.parts.base import Array, Block, Rows, SpecError
 from distill_core.parts.topk import check_ids
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.tensor_codec import decode_tensor, encode_tensor
@@ -130,6 +130,27 @@ class SamplesPart(base.Part):
     return Samples(sample_ids=sids, sample_counts=counts, sample_logits=slogits.astype(block.value_dtype),
                    sample_logsumexp=slse, sample_temperature=tau,
                    sample_skip=int(sample_exclude) if static_skip else 0)
+
+  def parse_request(self, spec: pb.OutputSpec, *, vocab_size: int, max_samples: int) -> SampleRequest | None:
+    """The samples a request's OutputSpec asks a server for (None: none); raises SpecError naming the field."""
+    if not spec.HasField("num_samples"):
+      if spec.HasField("sample_temperature") or spec.sample_tail or spec.sample_seed:
+        raise SpecError("spec.num_samples", "sample_temperature, sample_seed or sample_tail given without "
+                                            "num_samples")
+      return None
+    n = int(spec.num_samples)
+    if not max_samples:
+      raise SpecError("spec.num_samples", "this server does not offer sampled targets (limits.max_samples is 0)")
+    if not 1 <= n <= max_samples:
+      raise SpecError("spec.num_samples", f"num_samples = {n} must be in [1, {max_samples}]")
+    tau = float(spec.sample_temperature) if spec.HasField("sample_temperature") else 1.0
+    if not (math.isfinite(tau) and tau > 0):
+      raise SpecError("spec.sample_temperature", f"sample_temperature {tau} must be finite and > 0")
+    if spec.sample_tail and spec.k >= vocab_size:
+      raise SpecError("spec.sample_tail", f"k = {spec.k} leaves no tail of the {vocab_size}-id vocabulary to "
+                                          "sample from")
+    return SampleRequest(num_samples=n, temperature=tau, seed=int(spec.sample_seed),
+                         exclude=int(spec.k) if spec.sample_tail else 0)
 
   def validate(self, value: Samples, rows: Rows, expect) -> None:
     present = [name for name in _RANKS if getattr(value, name) is not None]
