@@ -232,6 +232,14 @@ class Part:
     """Stored answers trimmed to what a step asks (None: drop the part); raises ValueError naming the field."""
     return value
 
+  # -- the teacher server's engine output ----------------------------------------------------------
+
+  def from_engine(self, out: Any, rows: slice, length: int, req: Any) -> dict[str, Any]:
+    """Flat fields of this part for batch rows `rows` (their first `length` positions) of an engine output
+    (`teacher_server.engine_api.EngineOutput`), trimmed and cast to what request `req` (a validated
+    `Prepared`) asked; empty when it asked for none (host copies)."""
+    return {}
+
   # -- needs and offers --------------------------------------------------------------------------
 
   def check(self, needs: Any, offer: Any) -> list[str]:

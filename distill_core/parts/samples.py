@@ -243,6 +243,16 @@ class SamplesPart(base.Part):
                        f"so exactly k = {value.sample_skip} must be used (asked {need.k})")
     return value
 
+  def from_engine(self, out, rows, length, req) -> dict[str, Any]:
+    if req.samples is None:
+      return {}
+    n = req.samples.num_samples  # the distinct ids of N draws fit in the first N slots
+    return dict(sample_ids=np.ascontiguousarray(out.sample_ids[rows, :length, :n]),
+                sample_counts=np.ascontiguousarray(out.sample_counts[rows, :length, :n]),
+                sample_logits=np.ascontiguousarray(out.sample_logits[rows, :length, :n], dtype=req.value_dtype),
+                sample_logsumexp=np.ascontiguousarray(out.sample_logsumexp[rows, :length]),
+                sample_temperature=req.samples.temperature, sample_skip=req.samples.exclude)
+
   def check(self, needs, offer) -> list[str]:
     want = needs.samples
     if want is None:

@@ -148,6 +148,13 @@ class StatesPart(base.Part):
       picked[name] = value.layer_states[name][rows]
     return LayerStates(picked, tuple(need.layers)) if picked else None
 
+  def from_engine(self, out, rows, length, req) -> dict[str, Any]:
+    if not req.layers:
+      return {}
+    states = {name: np.stack([out.states[name][layer][rows, :length] for layer in req.layers]).astype(
+        req.state_dtype, copy=False) for name in req.states}
+    return {"layer_states": states, "state_layers": req.layers if states else ()}
+
   def check(self, needs, offer) -> list[str]:
     try:
       layers = needs.layers(offer.num_layers)

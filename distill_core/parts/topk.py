@@ -149,6 +149,12 @@ class TopKPart(base.Part):
     return value.replace(topk_ids=value.topk_ids[..., :need.k], topk_logits=value.topk_logits[..., :need.k],
                          logsumexp=value.logsumexp[..., column:column + 1], temperatures=temps[column:column + 1])
 
+  def from_engine(self, out, rows, length, req) -> dict[str, Any]:
+    return dict(topk_ids=np.ascontiguousarray(out.topk_ids[rows, :length, :req.k]),
+                topk_logits=np.ascontiguousarray(out.topk_logits[rows, :length, :req.k], dtype=req.value_dtype),
+                logsumexp=np.ascontiguousarray(out.logsumexp[rows, :length, :len(req.temperatures)]),
+                temperatures=req.temperatures)
+
   def check(self, needs, offer) -> list[str]:
     problems = []
     if offer.stored:
