@@ -64,5 +64,5 @@ def registered(part: Part) -> Iterator[Part]:
 for _part in (topk.PART, states.PART, samples.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection", "register",
-           "registered", "unregister"]
+__all__ = ["BY_NAME", "Block", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
+           "register", "registered", "unregister"]

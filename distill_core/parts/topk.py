@@ -6,7 +6,7 @@ logsumexp of the whole real vocabulary at each asked temperature. Every answer h
 | `topk_ids`     | (B, T, k)       | int32            | the k highest logits, sorted descending      |
 | `topk_logits`  | (B, T, k)       | f16 / bf16 / f32 | those logits minus the row max (top entry 0) |
 | `logsumexp`    | (B, T, n_temps) | f32              | log sum_v exp(z_v / T_j) over the real vocab |
-| `temperatures` | (n_temps,)      | f32              | the T_j of the logsumexp columns (a leaf, so a schedule does not recompile) |
+| `temperatures` | (n_temps,)      | f32              | the T_j of the logsumexp columns (a leaf)    |
 """
 
 from __future__ import annotations
