@@ -387,7 +387,7 @@ def answer_bytes_per_token(ctx: Context, spec) -> float:
 
 def choose_samples(ctx: Context) -> None:
   """The largest N (a multiple of 8) whose top-8 + N answer is no larger than the top-64 answer, measured."""
-  from distill_core.targets import SampleRequest
+  from distill_core.parts.samples import SampleRequest
   from distill_core.wire import OutputSpec
   b = ctx.budget
   ctx.wire["topk_bytes_per_token"] = answer_bytes_per_token(ctx, OutputSpec(k=b.top_k, pack_ids=True))

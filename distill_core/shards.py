@@ -47,9 +47,11 @@ from etils import epath
 from google.protobuf import json_format
 
 from distill_core import wire
+from distill_core.parts import BY_NAME, Selection
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.records import StrictModel
-from distill_core.targets import SampleRequest, TeacherTargets
+from distill_core.targets import TeacherTargets
 
 FORMAT = "distill-teacher-answers"
 FORMAT_VERSION = 2  # 2: every record stamped with the teacher's weights fingerprint
@@ -113,6 +115,8 @@ class StoredSpec(StrictModel):
   def build(cls, spec: wire.OutputSpec, *, id_bits: int, value_coding: str, zstd_level: int) -> "StoredSpec":
     request = json_format.MessageToDict(spec.to_proto(), preserving_proto_field_name=True,
                                         always_print_fields_with_no_presence=True)
+    if not request.get("part_options"):  # manifests without parts' own options read as they always did
+      request.pop("part_options", None)
     return cls(request=request, id_bits=id_bits, value_coding=value_coding, zstd_level=zstd_level)
 
   @property
@@ -143,12 +147,7 @@ class StoredSpec(StrictModel):
   @property
   def samples(self) -> SampleRequest | None:
     """The sampled targets every record holds (None: none)."""
-    proto = self.proto
-    if not proto.HasField("num_samples"):
-      return None
-    return SampleRequest(num_samples=proto.num_samples,
-                         temperature=proto.sample_temperature if proto.HasField("sample_temperature") else 1.0,
-                         seed=proto.sample_seed, exclude=proto.k if proto.sample_tail else 0)
+    return SampleRequest.from_proto(self.proto)
 
 
 class ShardInfo(StrictModel):
@@ -393,31 +392,14 @@ def read_manifest(root: str | epath.Path) -> Manifest:
 
 def select(targets: TeacherTargets, *, temperature: float, k: int, layers: Sequence[int] = (),
            states: Sequence[str] = (), where: str = "answers") -> TeacherTargets:
-  """Stored targets trimmed to what a step asks: the logsumexp column of exactly `temperature`
-  (as float32), the first k entries, the state rows of `layers` (in that order) for `states`."""
-  temps = np.asarray(targets.temperatures, np.float32)
-  hits = np.flatnonzero(temps == np.float32(temperature))
-  if hits.size == 0:
-    raise ShardError(f"{where}: temperature: {float(np.float32(temperature))} is not stored "
-                     f"(stored: {[float(t) for t in temps]})")
-  if k > targets.k:
-    raise ShardError(f"{where}: k: {k} needed, {targets.k} stored")
-  if targets.sample_skip and k != targets.sample_skip:
-    raise ShardError(f"{where}: k: the samples were drawn outside the stored top-{targets.sample_skip}, "
-                     f"so exactly k = {targets.sample_skip} must be used (asked {k})")
-  column = int(hits[0])
-  picked = {}
-  if layers:
-    rows = []
-    for layer in layers:
-      if layer not in targets.state_layers:
-        raise ShardError(f"{where}: layers: teacher layer {layer} needed, stored layers {list(targets.state_layers)}")
-      rows.append(targets.state_layers.index(layer))
-    for name in states:
-      if name not in targets.layer_states:
-        raise ShardError(f"{where}: states: {name!r} needed, stored {sorted(targets.layer_states)}")
-      picked[name] = targets.layer_states[name][rows]
-  return targets.replace(  # replace, not a new object: any further target kind travels along
-      topk_ids=targets.topk_ids[..., :k], topk_logits=targets.topk_logits[..., :k],
-      logsumexp=targets.logsumexp[..., column:column + 1], temperatures=temps[column:column + 1],
-      layer_states=picked, state_layers=tuple(layers) if picked else ())
+  """Stored targets trimmed to what a step asks, part by part: the logsumexp column of exactly
+  `temperature` (as float32), the first k entries, the state rows of `layers` (in that order) for
+  `states`; a part kept whole where the step asks nothing of it."""
+  need = Selection(k=k, temperature=temperature, layers=tuple(layers), states=tuple(states))
+  try:
+    return TeacherTargets.of({name: BY_NAME[name].select(value, need, where)
+                              for name, value in targets.parts.items()})
+  except ShardError:
+    raise
+  except ValueError as e:
+    raise ShardError(str(e)) from None

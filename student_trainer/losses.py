@@ -26,7 +26,8 @@ import pydantic
 from pydantic import Field
 
 from distill_core.config import ConfigBase
-from distill_core.targets import POSITIONAL_FIELDS, SampleRequest, TeacherTargets
+from distill_core.parts.samples import SampleRequest
+from distill_core.targets import TeacherTargets
 from student_trainer.schedules import Schedule, constant
 
 Array = jax.Array
@@ -563,7 +564,7 @@ def chunked(fn: Callable[..., Any], hidden: Array, head: Callable[[Array], Array
   rests, xs = [], []
   for arg in per_position:
     if isinstance(arg, TeacherTargets):
-      fields = {name: getattr(arg, name) for name in POSITIONAL_FIELDS if getattr(arg, name) is not None}
+      fields = arg.positional()
       rests.append(arg.replace(layer_states={}, state_layers=(), **{name: None for name in fields}))
       xs.append(fields)
     else:

@@ -34,8 +34,9 @@ import time
 import grpc
 import numpy as np
 
-from distill_core.targets import TeacherTargets, concat
+from distill_core.parts import PARTS
 from distill_core.sampling import split_u64
+from distill_core.targets import TeacherTargets, concat
 from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch, SampleBatch
 from teacher_server.metrics import Metrics
 from teacher_server.validation import Prepared, RequestError
@@ -76,28 +77,10 @@ class _Slice:
 
 
 def extract(out: EngineOutput, row: int, req: Prepared, start: int, stop: int) -> TeacherTargets:
-  """Rows ``[start, stop)`` of ``req``, found at batch row ``row``, trimmed and cast (host copies)."""
-  rows, t = slice(row, row + stop - start), req.length
-  states = {}
-  if req.layers:
-    for name in req.states:
-      states[name] = np.stack([out.states[name][layer][rows, :t] for layer in req.layers]).astype(
-          req.state_dtype, copy=False)
-  samples = {}
-  if req.samples is not None:
-    n = req.samples.num_samples  # the distinct ids of N draws fit in the first N slots
-    samples = dict(
-        sample_ids=np.ascontiguousarray(out.sample_ids[rows, :t, :n]),
-        sample_counts=np.ascontiguousarray(out.sample_counts[rows, :t, :n]),
-        sample_logits=np.ascontiguousarray(out.sample_logits[rows, :t, :n], dtype=req.value_dtype),
-        sample_logsumexp=np.ascontiguousarray(out.sample_logsumexp[rows, :t]),
-        sample_temperature=req.samples.temperature, sample_skip=req.samples.exclude)
-  return TeacherTargets(
-      topk_ids=np.ascontiguousarray(out.topk_ids[rows, :t, :req.k]),
-      topk_logits=np.ascontiguousarray(out.topk_logits[rows, :t, :req.k], dtype=req.value_dtype),
-      logsumexp=np.ascontiguousarray(out.logsumexp[rows, :t, :len(req.temperatures)]),
-      temperatures=req.temperatures, layer_states=states, state_layers=req.layers if states else (),
-      **samples)
+  """Rows ``[start, stop)`` of ``req``, found at batch row ``row``, trimmed and cast by every part (host copies)."""
+  rows = slice(row, row + stop - start)
+  return TeacherTargets(**{key: value for part in PARTS for key, value in
+                           part.from_engine(out, rows, req.length, req).items()})
 
 
 class Batcher:

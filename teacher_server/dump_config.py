@@ -9,8 +9,9 @@ from pydantic import Field
 
 from distill_core import wire
 from distill_core.config import ConfigBase
+from distill_core.parts.samples import SampleRequest
 from distill_core.stream.config import StreamClientConfig
-from distill_core.targets import STATE_NAMES, SampleRequest
+from distill_core.targets import STATE_NAMES
 from teacher_server.config import ServerConfig
 
 

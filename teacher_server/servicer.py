@@ -64,7 +64,7 @@ def response_bytes(req: Prepared, hidden_size: int) -> int:
   bt = req.rows * req.length
   size = bt * req.k * (4 + req.value_dtype.itemsize) + bt * len(req.temperatures) * 4
   size += len(req.states) * len(req.layers) * bt * hidden_size * req.state_dtype.itemsize
-  size += bt * (req.num_samples * (4 + 4 + req.value_dtype.itemsize) + 4) if req.samples else 0
+  size += bt * req.samples.answer_bytes(req.value_dtype) if req.samples else 0
   return size + 1024
 
 

@@ -16,8 +16,10 @@ import grpc
 import numpy as np
 
 from distill_core import wire
+from distill_core.parts import samples
+from distill_core.parts.base import SpecError
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import EngineInfo, Fetch
 
@@ -151,25 +153,10 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
 
 
 def _check_samples(spec: pb.OutputSpec, info: EngineInfo) -> SampleRequest | None:
-  if not spec.HasField("num_samples"):
-    if spec.HasField("sample_temperature") or spec.sample_tail or spec.sample_seed:
-      raise RequestError(_INVALID, "spec.num_samples", "sample_temperature, sample_seed or sample_tail "
-                                                       "given without num_samples")
-    return None
-  n = int(spec.num_samples)
-  if not info.max_samples:
-    raise RequestError(_INVALID, "spec.num_samples", "this server does not offer sampled targets "
-                                                     "(limits.max_samples is 0)")
-  if not 1 <= n <= info.max_samples:
-    raise RequestError(_INVALID, "spec.num_samples", f"num_samples = {n} must be in [1, {info.max_samples}]")
-  tau = float(spec.sample_temperature) if spec.HasField("sample_temperature") else 1.0
-  if not (math.isfinite(tau) and tau > 0):
-    raise RequestError(_INVALID, "spec.sample_temperature", f"sample_temperature {tau} must be finite and > 0")
-  if spec.sample_tail and spec.k >= info.vocab_size:
-    raise RequestError(_INVALID, "spec.sample_tail", f"k = {spec.k} leaves no tail of the {info.vocab_size}-id "
-                                                     "vocabulary to sample from")
-  return SampleRequest(num_samples=n, temperature=tau, seed=int(spec.sample_seed),
-                       exclude=int(spec.k) if spec.sample_tail else 0)
+  try:
+    return samples.PART.parse_request(spec, vocab_size=info.vocab_size, max_samples=info.max_samples)
+  except SpecError as e:
+    raise RequestError(_INVALID, e.field, e.message) from None
 
 
 def _example_ids(req: pb.ForwardRequest, rows: int) -> np.ndarray:
@@ -183,6 +170,12 @@ def _example_ids(req: pb.ForwardRequest, rows: int) -> np.ndarray:
     raise RequestError(_INVALID, "example_ids", f"{ids.shape[0]} ids for {rows} rows")
   _check_range(ids, "example_ids", 0, 2**63 - 1, "example id")
   return ids
+
+
+def _check_part_keys(entries, field: str) -> None:
+  """Options and inputs of target parts without fields of their own: this server runs none that takes any."""
+  for key in entries:
+    raise RequestError(_INVALID, f"{field}[{wire.echo(key)}]", "no target part this server runs takes it")
 
 
 def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
@@ -232,6 +225,8 @@ def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> P
     _check_range(positions, "positions", 0, info.max_position_embeddings, "position")
   else:
     positions = default_positions(segment_ids)
+  _check_part_keys(req.spec.part_options, "spec.part_options")
+  _check_part_keys(req.part_inputs, "part_inputs")
   spec = _check_spec(req.spec, info)
   example_ids = _example_ids(req, tokens.shape[0]) if spec["samples"] else None
   return Prepared(request_id=int(req.request_id), tokens=tokens, segment_ids=segment_ids,

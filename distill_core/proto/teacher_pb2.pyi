@@ -46,7 +46,14 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., packed_bits: _Optional[int] = ..., coding: _Optional[_Union[TensorCoding, str]] = ...) -> None: ...
 
 class OutputSpec(_message.Message):
-    __slots__ = ("k", "temperatures", "value_dtype", "layers", "states", "state_dtype", "pack_ids", "num_samples", "sample_temperature", "sample_seed", "sample_tail")
+    __slots__ = ("k", "temperatures", "value_dtype", "layers", "states", "state_dtype", "pack_ids", "num_samples", "sample_temperature", "sample_seed", "sample_tail", "part_options")
+    class PartOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     K_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURES_FIELD_NUMBER: _ClassVar[int]
     VALUE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +65,7 @@ class OutputSpec(_message.Message):
     SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SEED_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_TAIL_FIELD_NUMBER: _ClassVar[int]
+    PART_OPTIONS_FIELD_NUMBER: _ClassVar[int]
     k: int
     temperatures: _containers.RepeatedScalarFieldContainer[float]
     value_dtype: DType
@@ -69,23 +77,33 @@ class OutputSpec(_message.Message):
     sample_temperature: float
     sample_seed: int
     sample_tail: bool
-    def __init__(self, k: _Optional[int] = ..., temperatures: _Optional[_Iterable[float]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., layers: _Optional[_Iterable[int]] = ..., states: _Optional[_Iterable[str]] = ..., state_dtype: _Optional[_Union[DType, str]] = ..., pack_ids: _Optional[bool] = ..., num_samples: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_seed: _Optional[int] = ..., sample_tail: _Optional[bool] = ...) -> None: ...
+    part_options: _containers.MessageMap[str, Tensor]
+    def __init__(self, k: _Optional[int] = ..., temperatures: _Optional[_Iterable[float]] = ..., value_dtype: _Optional[_Union[DType, str]] = ..., layers: _Optional[_Iterable[int]] = ..., states: _Optional[_Iterable[str]] = ..., state_dtype: _Optional[_Union[DType, str]] = ..., pack_ids: _Optional[bool] = ..., num_samples: _Optional[int] = ..., sample_temperature: _Optional[float] = ..., sample_seed: _Optional[int] = ..., sample_tail: _Optional[bool] = ..., part_options: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "tokens", "segment_ids", "positions", "spec", "example_ids")
+    __slots__ = ("request_id", "tokens", "segment_ids", "positions", "spec", "example_ids", "part_inputs")
+    class PartInputsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     SEGMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     EXAMPLE_IDS_FIELD_NUMBER: _ClassVar[int]
+    PART_INPUTS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     tokens: Tensor
     segment_ids: Tensor
     positions: Tensor
     spec: OutputSpec
     example_ids: Tensor
-    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., segment_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[OutputSpec, _Mapping]] = ..., example_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    part_inputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, request_id: _Optional[int] = ..., tokens: _Optional[_Union[Tensor, _Mapping]] = ..., segment_ids: _Optional[_Union[Tensor, _Mapping]] = ..., positions: _Optional[_Union[Tensor, _Mapping]] = ..., spec: _Optional[_Union[OutputSpec, _Mapping]] = ..., example_ids: _Optional[_Union[Tensor, _Mapping]] = ..., part_inputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message", "field")
@@ -106,8 +124,15 @@ class ReplicaIdentity(_message.Message):
     def __init__(self, replica_id: _Optional[str] = ..., weights_fingerprint: _Optional[str] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error", "replica", "sample_counts", "sample_ids", "sample_logits", "sample_logsumexp", "sample_temperature", "sample_skip")
+    __slots__ = ("request_id", "topk_ids", "topk_logits", "logsumexp", "temperatures", "state_layers", "layer_states", "error", "replica", "sample_counts", "sample_ids", "sample_logits", "sample_logsumexp", "sample_temperature", "sample_skip", "part_outputs")
     class LayerStatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    class PartOutputsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -129,6 +154,7 @@ class ForwardResponse(_message.Message):
     SAMPLE_LOGSUMEXP_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_SKIP_FIELD_NUMBER: _ClassVar[int]
+    PART_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     topk_ids: Tensor
     topk_logits: Tensor
@@ -144,7 +170,8 @@ class ForwardResponse(_message.Message):
     sample_logsumexp: Tensor
     sample_temperature: float
     sample_skip: int
-    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., replica: _Optional[_Union[ReplicaIdentity, _Mapping]] = ..., sample_counts: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logits: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., sample_temperature: _Optional[float] = ..., sample_skip: _Optional[int] = ...) -> None: ...
+    part_outputs: _containers.MessageMap[str, Tensor]
+    def __init__(self, request_id: _Optional[int] = ..., topk_ids: _Optional[_Union[Tensor, _Mapping]] = ..., topk_logits: _Optional[_Union[Tensor, _Mapping]] = ..., logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., temperatures: _Optional[_Iterable[float]] = ..., state_layers: _Optional[_Iterable[int]] = ..., layer_states: _Optional[_Mapping[str, Tensor]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., replica: _Optional[_Union[ReplicaIdentity, _Mapping]] = ..., sample_counts: _Optional[_Union[Tensor, _Mapping]] = ..., sample_ids: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logits: _Optional[_Union[Tensor, _Mapping]] = ..., sample_logsumexp: _Optional[_Union[Tensor, _Mapping]] = ..., sample_temperature: _Optional[float] = ..., sample_skip: _Optional[int] = ..., part_outputs: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class Bucket(_message.Message):
     __slots__ = ("batch", "length")
@@ -155,7 +182,14 @@ class Bucket(_message.Message):
     def __init__(self, batch: _Optional[int] = ..., length: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes", "max_samples", "max_request_bytes", "max_streams_per_connection", "stream_window_bytes")
+    __slots__ = ("max_k", "max_batch", "max_tokens_per_request", "max_temperatures", "max_seq_len", "selectable_layers", "max_message_bytes", "max_samples", "max_request_bytes", "max_streams_per_connection", "stream_window_bytes", "part_limits")
+    class PartLimitsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MAX_K_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +201,7 @@ class Limits(_message.Message):
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_STREAMS_PER_CONNECTION_FIELD_NUMBER: _ClassVar[int]
     STREAM_WINDOW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PART_LIMITS_FIELD_NUMBER: _ClassVar[int]
     max_k: int
     max_batch: int
     max_tokens_per_request: int
@@ -178,7 +213,8 @@ class Limits(_message.Message):
     max_request_bytes: int
     max_streams_per_connection: int
     stream_window_bytes: int
-    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_connection: _Optional[int] = ..., stream_window_bytes: _Optional[int] = ...) -> None: ...
+    part_limits: _containers.ScalarMap[str, int]
+    def __init__(self, max_k: _Optional[int] = ..., max_batch: _Optional[int] = ..., max_tokens_per_request: _Optional[int] = ..., max_temperatures: _Optional[int] = ..., max_seq_len: _Optional[int] = ..., selectable_layers: _Optional[_Iterable[int]] = ..., max_message_bytes: _Optional[int] = ..., max_samples: _Optional[int] = ..., max_request_bytes: _Optional[int] = ..., max_streams_per_connection: _Optional[int] = ..., stream_window_bytes: _Optional[int] = ..., part_limits: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -11,13 +11,13 @@ from __future__ import annotations
 import dataclasses
 import socket
 import ssl
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
-from distill_core import wire
+from distill_core.needs import Needs, Offer, check
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
-from distill_core.targets import SampleRequest
 from distill_core.wire import OutputSpec
 
 
@@ -25,21 +25,7 @@ class TeacherMismatch(ValueError):
   """The teacher cannot serve this student; the message lists every mismatch."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Requirements:
-  """What the caller's losses (or stored answers) and data need from a teacher."""
-
-  k: int  # top-k ids per position (loss.top_k)
-  value_dtype: str  # dtype of the top-k values
-  vocab_size: int | None  # the student's real vocabulary; must equal the teacher's (None: the teacher's)
-  data_vocab_size: int  # token ids in the data are below this
-  seq_len: int  # T of every batch
-  batch_rows: int  # rows of this process's batches
-  tokenizer_fingerprint: str  # of the prepared dataset ("" = unknown)
-  hidden_size: int | None  # student width (states are compared with it; None: the teacher's)
-  feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose states are needed
-  state_names: tuple[str, ...] = ("attn_out",)  # states needed at those layers (attn_in too for blockwise)
-  samples: SampleRequest | None = None  # sampled targets the loss needs (kd_mode sampled)
+Requirements = Needs  # what the caller's losses and data need (`distill_core.needs`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,74 +74,21 @@ class RequestPlan:
     """Approximate answer bytes per row (what the server checks against its message limit)."""
     per_position = self.k * (4 + np.dtype(self.value_dtype).itemsize) + 4
     if self.samples is not None:
-      per_position += self.samples.num_samples * (8 + np.dtype(self.value_dtype).itemsize) + 4
+      per_position += self.samples.answer_bytes(self.value_dtype)
     states = len(self.states) * len(self.layers) * hidden_size * np.dtype(self.state_dtype).itemsize
     return seq_len * (per_position + states)
 
 
-def _dtype_names(values) -> set[str]:
-  names = set()
-  for value in values:
-    try:
-      names.add(wire.dtype_name(value))
-    except ValueError:  # a dtype this client does not know: not usable anyway
-      pass
-  return names
-
-
-def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: str, pack_ids: bool,
+def plan_requests(info: pb.GetInfoResponse, need: Needs, *, state_dtype: str, pack_ids: bool,
                   rows_per_request: int | None, max_message_bytes: int) -> RequestPlan:
-  """Checks `info` against `need`; returns the request plan or raises TeacherMismatch naming every problem."""
-  problems: list[str] = []
+  """Checks `info` against `need` (`distill_core.needs.check`); returns the request plan or raises
+  TeacherMismatch naming every problem."""
+  problems = check(dataclasses.replace(need, state_dtype=state_dtype), Offer.from_info(info))
   limits = info.limits
-  if need.vocab_size is not None and info.vocab_size != need.vocab_size:
-    padded = f" (embedding rows {info.padded_vocab_size})" if info.padded_vocab_size != info.vocab_size else ""
-    problems.append(f"vocabulary: the teacher has {info.vocab_size} real ids{padded}, the student "
-                    f"{need.vocab_size}")
-  if need.data_vocab_size > info.vocab_size:
-    problems.append(f"vocabulary: the dataset's tokenizer has {need.data_vocab_size} ids, more than the "
-                    f"teacher's {info.vocab_size}")
-  if info.tokenizer_fingerprint and need.tokenizer_fingerprint and \
-      info.tokenizer_fingerprint != need.tokenizer_fingerprint:
-    problems.append(f"tokenizer: the teacher's fingerprint {info.tokenizer_fingerprint[:16]}... differs from "
-                    f"the dataset's {need.tokenizer_fingerprint[:16]}...")
-  if need.seq_len > limits.max_seq_len:
-    problems.append(f"sequence length: batches have T={need.seq_len}, the teacher's longest bucket is "
-                    f"{limits.max_seq_len}")
-  if need.seq_len > info.max_position_embeddings:
-    problems.append(f"sequence length: T={need.seq_len} exceeds the teacher's max_position_embeddings "
-                    f"{info.max_position_embeddings}")
-  if need.k > limits.max_k:
-    problems.append(f"top_k: the loss needs k={need.k}, the teacher serves at most {limits.max_k}")
-  if need.value_dtype not in _dtype_names(info.value_dtypes):
-    problems.append(f"value_dtype: {need.value_dtype} not offered (offered: {sorted(_dtype_names(info.value_dtypes))})")
-  if need.samples is not None:
-    if need.samples.num_samples > limits.max_samples:
-      offered = f"at most {limits.max_samples}" if limits.max_samples else "no sampled targets"
-      problems.append(f"num_samples: the loss needs {need.samples.num_samples} draws per position, the "
-                      f"teacher serves {offered} (start it with limits.max_samples >= {need.samples.num_samples})")
-    if need.samples.exclude and need.k >= info.vocab_size:
-      problems.append(f"sample_tail: top_k={need.k} leaves no tail of the teacher's {info.vocab_size} ids")
-  layers: tuple[int, ...] = ()
   try:
-    layers = tuple(need.feature_layers(info.num_layers))
-  except ValueError as e:
-    problems.append(f"layers: {e} (the teacher has {info.num_layers} layers)")
-  if layers:
-    missing = [layer for layer in layers if layer not in limits.selectable_layers]
-    if missing:
-      problems.append(f"layers: the losses need teacher layers {missing}, not selectable "
-                      f"(selectable: {list(limits.selectable_layers)})")
-    absent = [name for name in need.state_names if name not in info.state_names]
-    if absent:
-      problems.append(f"layers: the teacher does not offer {', '.join(absent)} states (offered: "
-                      f"{list(info.state_names)})")
-    if need.hidden_size is not None and info.hidden_size != need.hidden_size:
-      problems.append(f"layers: teacher width {info.hidden_size} != student width {need.hidden_size} "
-                      f"(the losses compare {' and '.join(need.state_names)} states; model.hidden_size "
-                      "must equal the teacher's)")
-    if state_dtype not in _dtype_names(info.state_dtypes):
-      problems.append(f"state_dtype: {state_dtype} not offered (offered: {sorted(_dtype_names(info.state_dtypes))})")
+    layers = need.layers(info.num_layers)
+  except ValueError:  # named by check
+    layers = ()
   plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
                      states=tuple(need.state_names) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
                      rows_per_request=1, samples=need.samples)
@@ -174,23 +107,17 @@ def plan_requests(info: pb.GetInfoResponse, need: Requirements, *, state_dtype: 
   return dataclasses.replace(plan, rows_per_request=rows)
 
 
-def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Requirements) -> list[str]:
-  """Why another replica cannot take requests planned for the first one (empty when it can)."""
+def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Needs) -> list[str]:
+  """Why another replica cannot take requests planned for the first one (empty when it can): the needs as
+  planned (`distill_core.needs.check`), and the planned request size."""
+  planned = dataclasses.replace(need, k=plan.k, samples=plan.samples, state_dtype=plan.state_dtype if plan.layers
+                                else None, feature_layers=lambda depth: plan.layers, state_names=plan.states)
+  problems = check(planned, Offer.from_info(info))
   limits = info.limits
-  problems = []
-  if need.seq_len > limits.max_seq_len:
-    problems.append(f"longest bucket {limits.max_seq_len} < T={need.seq_len}")
-  if plan.k > limits.max_k:
-    problems.append(f"max_k {limits.max_k} < k={plan.k}")
   if plan.rows_per_request > limits.max_batch or \
       plan.rows_per_request * need.seq_len > limits.max_tokens_per_request:
     problems.append(f"max_batch {limits.max_batch} / max_tokens_per_request {limits.max_tokens_per_request} "
                     f"too small for {plan.rows_per_request} rows of {need.seq_len}")
-  missing = [layer for layer in plan.layers if layer not in limits.selectable_layers]
-  if missing:
-    problems.append(f"layers {missing} not selectable")
-  if plan.samples is not None and plan.samples.num_samples > limits.max_samples:
-    problems.append(f"max_samples {limits.max_samples} < num_samples={plan.samples.num_samples}")
   return problems
 
 

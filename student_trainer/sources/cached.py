@@ -66,9 +66,8 @@ def _open_cache(ccfg, student: Student) -> AnswerStore:
   except ShardError as e:
     raise ShardError(f"teacher.cached.path: {e}") from None
   if store.manifest is not None:
-    _, layers, states = _needs(student, store.manifest.teacher.num_layers)
-    check_answers(store.manifest, student, where=f"teacher.cached.path={ccfg.path}", layers=layers, temperatures=False,
-                  states=states)
+    check_answers(store.manifest, dataclasses.replace(student.needs(), temperatures=()),
+                  where=f"teacher.cached.path={ccfg.path}")
   return store
 
 

@@ -1,5 +1,5 @@
-"""What every teacher source shares: what the student asks of a teacher, the teacher layers and states the
-losses read, and placing host targets on the trainer's mesh."""
+"""What every teacher source shares: what the student asks of a teacher (`Student`, and from it the run's
+`Needs`), the teacher layers and states the losses read, and placing host targets on the trainer's mesh."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from distill_core.data import DataConfig
+from distill_core.data import DataConfig, load_manifest
 from distill_core.model.config import ModelConfig
+from distill_core.needs import Needs
+from distill_core.records import Manifest
 from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
 from student_trainer.blockwise import check_blockwise, state_names_needed
@@ -58,6 +60,20 @@ class Student:
                       teacher_layers=layers, teacher_width=width, where=where)
     return self.feature_layers(layers)
 
+  def needs(self, data: Manifest | None = None) -> Needs:
+    """What the run needs from its teacher, whatever the source: from the losses (k, value dtype, the
+    constant loss temperature stored answers must hold, layers, states, samples), the model and the
+    prepared dataset `data` (read from data.path when not given)."""
+    data = load_manifest(self.data.path) if data is None else data
+    low, high = self.loss.temperature.bounds()
+    return Needs(k=self.loss.request_k, value_dtype=self.value_dtype, vocab_size=self.model.real_vocab_size,
+                 data_vocab_size=data.vocab_size, seq_len=data.seq_len,
+                 batch_rows=self.data.batch_size // jax.process_count(),
+                 tokenizer_fingerprint=data.tokenizer_fingerprint, hidden_size=self.model.hidden_size,
+                 feature_layers=self.feature_layers, state_names=self.state_names,
+                 samples=self.loss.sampling, temperatures=(low,) if low == high else (),
+                 dataset_fingerprint=data.dataset_fingerprint)
+
 
 def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
   """Host targets -> global arrays on `mesh`, split along B (axis 1 of the (L, B, T, E) states)."""
@@ -68,6 +84,4 @@ def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   placed = targets.map_rows(lambda x, axis: put(states if axis else batch_sharding(mesh, np.ndim(x)), x))
-  tau = targets.sample_temperature
-  return placed.replace(temperatures=put(replicated, targets.temperatures),
-                        sample_temperature=None if tau is None else put(replicated, tau))
+  return placed.map_shared(lambda x: put(replicated, x))

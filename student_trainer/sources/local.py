@@ -20,9 +20,10 @@ from jax.sharding import Mesh
 from distill_core.checkpoints import load_model
 from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
-from distill_core.sharding import shard_batch, state_shardings
+from distill_core.parts.samples import SampleRequest
 from distill_core.sampling import split_u64
-from distill_core.targets import DenseHead, SampleRequest, TeacherTargets, compute_targets_from_hidden
+from distill_core.sharding import shard_batch, state_shardings
+from distill_core.targets import DenseHead, TeacherTargets, compute_targets_from_hidden
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
 from student_trainer.sources.common import Student

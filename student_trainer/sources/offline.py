@@ -23,6 +23,7 @@ batch is trained on.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -34,6 +35,7 @@ from jax.sharding import Mesh
 
 from distill_core import shards
 from distill_core.data import Batch, load_manifest, ordered_batches
+from distill_core.needs import Needs, Offer, check
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore, MissingAnswers
 from distill_core.targets import TeacherTargets
@@ -48,77 +50,12 @@ class AnswersMismatch(RunError):
   """Stored answers that cannot train this student; the message names each field and both values."""
 
 
-def check_answers(manifest: shards.Manifest, student: Student, *, where: str, layers: tuple[int, ...],
-                  temperatures: bool = True, states: tuple[str, ...] = ("attn_out",),
-                  weights_fingerprint: str | None = None) -> None:
-  """Raises AnswersMismatch listing every field where `manifest` does not fit the student's side of the run.
-
-  `temperatures`: require a constant loss temperature to be stored (a cache fills in what is missing).
-  `states`: the state names the losses read at `layers`.
-  `weights_fingerprint`: refuse answers of any other teacher weights (teacher.offline.weights_fingerprint).
-  """
-  data = load_manifest(student.data.path)
-  spec = manifest.spec
-  problems = []
-
-  def differ(field: str, stored, wanted, what: str = "the student's") -> None:
-    if stored != wanted:
-      problems.append(f"{field}: stored {stored!r}, {what} {wanted!r}")
-
-  differ("dataset.tokenizer_fingerprint", manifest.dataset.tokenizer_fingerprint, data.tokenizer_fingerprint,
-         "data.path has")
-  if manifest.teacher.tokenizer_fingerprint:
-    differ("teacher.tokenizer_fingerprint", manifest.teacher.tokenizer_fingerprint, data.tokenizer_fingerprint,
-           "data.path has")
-  differ("dataset.dataset_fingerprint", manifest.dataset.dataset_fingerprint, data.dataset_fingerprint,
-         "data.path has")
-  differ("dataset.seq_len", manifest.dataset.seq_len, data.seq_len, "data.path has")
-  differ("teacher.vocab_size", manifest.teacher.vocab_size, student.model.real_vocab_size)
-  if spec.k < student.loss.top_k:
-    problems.append(f"spec.k: stored {spec.k}, loss.top_k needs {student.loss.top_k}")
-  _check_samples(spec.samples, student.loss, problems)
-  differ("spec.value_dtype", spec.value_dtype, student.value_dtype, "teacher.value_dtype is")
-  low, high = student.loss.temperature.bounds()
-  stored_temps = [float(np.float32(t)) for t in manifest.temperatures]
-  if temperatures and low == high and float(np.float32(low)) not in stored_temps:
-    problems.append(f"temperatures: stored {stored_temps}, loss.temperature needs {float(np.float32(low))} "
-                    "(an exact match)")
-  if layers:
-    missing = [layer for layer in layers if layer not in spec.layers]
-    if missing:
-      problems.append(f"spec.layers: stored {list(spec.layers)}, the losses need teacher layers {list(layers)}")
-    absent = [name for name in states if name not in spec.states]
-    if absent:
-      problems.append(f"spec.states: stored {list(spec.states)}, the losses need {list(states)} "
-                      "(blockwise reads attn_in and attn_out)")
-    differ("teacher.hidden_size", manifest.teacher.hidden_size, student.model.hidden_size)
-  if weights_fingerprint:
-    differ("teacher.weights_fingerprint", manifest.teacher.weights_fingerprint, weights_fingerprint,
-           "teacher.offline.weights_fingerprint is")
+def check_answers(manifest: shards.Manifest, needs: Needs, *, where: str) -> None:
+  """Raises AnswersMismatch listing every field where the stored answers of `manifest` do not fit `needs`
+  (`distill_core.needs.check`; a cache leaves `needs.temperatures` empty: it fills in what is missing)."""
+  problems = check(needs, Offer.from_manifest(manifest))
   if problems:
     raise AnswersMismatch(f"{where}: the stored answers do not fit this student: " + "; ".join(problems))
-
-
-def _check_samples(stored, loss, problems: list[str]) -> None:
-  """kd_mode sampled needs the very samples it would request: same N, tau, seed and tail exclusion."""
-  want = loss.sampling
-  if want is None:
-    return
-  if stored is None:
-    problems.append("spec.num_samples: stored no sampled targets, loss.kd_mode sampled needs "
-                    f"{want.num_samples} per position (dump with num_samples={want.num_samples})")
-    return
-  fields = (("spec.num_samples", stored.num_samples, "loss.num_samples", want.num_samples),
-            ("spec.sample_temperature", float(np.float32(stored.temperature)), "loss.sample_temperature",
-             float(np.float32(want.temperature))),
-            ("spec.sample_seed", stored.seed, "loss.sample_seed", want.seed),
-            ("spec.sample_tail", stored.exclude > 0, "loss.sample_tail", want.exclude > 0))
-  for field, have, name, need in fields:
-    if have != need:
-      problems.append(f"{field}: stored {have!r}, {name} is {need!r}")
-  if stored.exclude and want.exclude and stored.exclude != want.exclude:
-    problems.append(f"spec.k: the samples were drawn outside the stored top-{stored.exclude}, loss.top_k is "
-                    f"{want.exclude} (with sample_tail they must be equal)")
 
 
 class _SplitIds:
@@ -198,8 +135,8 @@ class OfflineTeacher(TeacherSource):
     self._layers = student.teacher_layers(layers=manifest.teacher.num_layers, width=manifest.teacher.hidden_size,
                                           where=f"{where}: teacher")
     self._states = student.state_names if self._layers else ()
-    check_answers(manifest, student, where=where, layers=self._layers, states=self._states,
-                  weights_fingerprint=ocfg.weights_fingerprint)
+    needs = dataclasses.replace(student.needs(), weights_fingerprint=ocfg.weights_fingerprint or "")
+    check_answers(manifest, needs, where=where)
     if not manifest.complete and not ocfg.follow:
       log.warning("offline teacher: %s holds %d of %d examples (an unfinished dump?); missing ids are %s",
                   ocfg.path, manifest.records, sum(manifest.dataset.splits.values()),

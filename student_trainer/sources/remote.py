@@ -29,7 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from distill_core.data import Batch, load_manifest
+from distill_core.data import Batch
 from distill_core.stream.checks import Requirements
 from distill_core.stream.pool import Item, RemoteTeacherError
 from distill_core.stream.runner import StreamRunner
@@ -125,13 +125,7 @@ class RemoteTeacher(TeacherSource):
     """The registry's constructor (`registry.py`): `teacher.remote` (a `RemoteTeacherConfig`) and
     `teacher.cached` (what the cached_shards policy reads), for the student's side of the run."""
     del rules  # the answers are placed on `mesh` as they arrive
-    manifest = load_manifest(student.data.path)
-    need = Requirements(
-        k=student.loss.request_k, samples=student.loss.sampling, value_dtype=student.value_dtype,
-        vocab_size=student.model.real_vocab_size, data_vocab_size=manifest.vocab_size, seq_len=manifest.seq_len,
-        batch_rows=student.data.batch_size // jax.process_count(),
-        tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=student.model.hidden_size,
-        feature_layers=student.feature_layers, state_names=student.state_names)
+    need = student.needs()
     policy = make_policy(remote_cfg.on_timeout, PolicyContext(student=student, cached=cached_cfg, mesh=mesh))
     return cls(remote_cfg, need, mesh=mesh, policy=policy, interrupt=interrupt, **kwargs)
 

@@ -10,7 +10,7 @@ from server_utils import fake_server
 from distill_core import wire
 from distill_core.client import OutputSpec, TeacherClient
 from distill_core.proto import teacher_pb2_grpc
-from distill_core.targets import SampleRequest
+from distill_core.parts.samples import SampleRequest
 from support.fake_engine import FakeEngine, fake_info
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT

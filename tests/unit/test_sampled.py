@@ -14,8 +14,8 @@ import pytest
 
 from distill_core import sampling
 from distill_core.config import ConfigError, build
-from distill_core.targets import SampleRequest, TeacherTargets, compute_targets, concat, from_numpy, slice_batch, \
-    to_numpy
+from distill_core.parts.samples import SampleRequest
+from distill_core.targets import TeacherTargets, compute_targets, concat, from_numpy, slice_batch, to_numpy
 from student_trainer import losses
 
 B, T, V, TRUE_V = 2, 4, 64, 60

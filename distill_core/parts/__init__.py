@@ -1,0 +1,68 @@
+"""The registry of teacher-target parts: every kind of teacher answer, in the order they are handled.
+
+`TeacherTargets` (distill_core/targets.py) is a composition of part values; the wire
+codec, the shards, the server's answer checks and the sources iterate over `PARTS`
+rather than naming any part. A new part is one module (see docs/targets.md) plus one
+line in `PARTS` (or `register(part)`; `registered(part)` for the duration of a block).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from distill_core.parts import dense, samples, states, topk
+from distill_core.parts.base import Block, Part, Rows, Selection
+
+# Mutated in place by `register`, so every module that imported them sees a new part.
+PARTS: list[Part] = []
+BY_NAME: dict[str, Part] = {}
+FIELD_OWNER: dict[str, Part] = {}
+COMPUTE_ARG_OWNER: dict[str, Part] = {}
+# Called with (part, True) after a part is registered and (part, False) after it is removed
+# (`TeacherTargets` adds and removes its field properties so).
+HOOKS: list[Callable[[Part, bool], None]] = []
+
+
+def register(part: Part) -> None:
+  """Adds `part` after the registered ones; its name, fields and compute arguments must be new."""
+  if part.name in BY_NAME:
+    raise ValueError(f"a teacher-target part named {part.name!r} is registered already")
+  if "." in part.name:
+    raise ValueError(f"part name {part.name!r}: no '.' (it separates part and field in the wire's map keys)")
+  clash = [f for f in part.fields if f in FIELD_OWNER] + [a for a in part.compute_args if a in COMPUTE_ARG_OWNER]
+  if clash:
+    raise ValueError(f"part {part.name!r}: {', '.join(clash)} already belong to another part")
+  PARTS.append(part)
+  BY_NAME[part.name] = part
+  FIELD_OWNER.update({field: part for field in part.fields})
+  COMPUTE_ARG_OWNER.update({arg: part for arg in part.compute_args})
+  for hook in HOOKS:
+    hook(part, True)
+
+
+def unregister(name: str) -> None:
+  part = BY_NAME.pop(name)
+  PARTS.remove(part)
+  for table, keys in ((FIELD_OWNER, part.fields), (COMPUTE_ARG_OWNER, part.compute_args)):
+    for key in keys:
+      table.pop(key)
+  for hook in HOOKS:
+    hook(part, False)
+
+
+@contextlib.contextmanager
+def registered(part: Part) -> Iterator[Part]:
+  """`part` registered for the duration of the block (tests, experiments)."""
+  register(part)
+  try:
+    yield part
+  finally:
+    unregister(part.name)
+
+
+for _part in (topk.PART, states.PART, samples.PART, dense.PART):
+  register(_part)
+
+__all__ = ["BY_NAME", "Block", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
+           "register", "registered", "unregister"]
