@@ -16,6 +16,7 @@ see docs/losses.md for the formulas. The train step goes further with
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal
 
 import flax.struct
@@ -33,7 +34,10 @@ Array = jax.Array
 _EPS = 1e-8  # smallest vector norm in the cosine distance
 _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
 
-KDMode = Literal["tail", "renormalize", "topk", "sampled"]
+KDMode = Literal["tail", "renormalize", "topk", "sampled", "reverse_kl", "gkd"]
+# Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k): the
+# train loop then asks the source for them (`TeacherSource.submit(..., scored_ids=...)`).
+SCORED_KD_MODES = ("reverse_kl", "gkd")
 FeatureKind = Literal["cosine", "l2"]
 Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
 
@@ -428,6 +432,11 @@ class LossConfig(ConfigBase):
   blockwise_steps: int | None = Field(None, ge=0, description="With blockwise: train blockwise for the first "
                                       "N optimizer steps, then ordinary KD in the same run (0 = never, "
                                       "null = the whole run).")
+  on_policy_fraction: float = Field(
+      0.0, ge=0, le=1, description="Share of optimizer steps trained on the student's own samples "
+      "(generation.*) scored by the teacher, the rest on corpus batches with the usual KD: step m is "
+      "on-policy iff floor((m + 1) f) > floor(m f), spread evenly and fixed by the step (0 = corpus only, "
+      "1 = every step; docs/on_policy.md, 'The pipeline').")
   chunk_size: int | None = Field(512, ge=0, description="Positions per chunk of the fused lm_head + CE + KD "
                                  "(docs/losses.md, 'Chunked (fused) losses'): the student's (B, T, V) logits "
                                  "and their gradient never exist whole, only (B, chunk_size, V) at a time, "
@@ -445,6 +454,9 @@ class LossConfig(ConfigBase):
                          f"to {getattr(self, name).final})")
     if self.kd_mode == "sampled" and self.num_samples < 1:
       raise ValueError("num_samples: kd_mode sampled needs num_samples >= 1 draws per position")
+    if self.kd_mode in SCORED_KD_MODES:
+      raise ValueError(f"kd_mode {self.kd_mode}: needs the teacher's scores at the sampled ids, which no "
+                       f"teacher source returns yet; use tail (forward KL on the student's samples)")
     if self.kd_mode != "sampled" and self.top_k < 1:
       raise ValueError(f"top_k must be >= 1 for kd_mode {self.kd_mode} (0 is only for kd_mode sampled)")
     if self.layer_map is not None and min(self.layer_map, default=0) < 0:
@@ -459,6 +471,16 @@ class LossConfig(ConfigBase):
     if self.blockwise and (self.blockwise_steps is None or step < self.blockwise_steps):
       return "blockwise"
     return "kd"
+
+  def on_policy_at(self, step: int) -> bool:
+    """Whether optimizer `step` trains on a generated batch: floor((step + 1) f) > floor(step f)."""
+    f = self.on_policy_fraction
+    return math.floor((step + 1) * f) > math.floor(step * f)
+
+  @property
+  def needs_scored_ids(self) -> bool:
+    """Whether the loss reads the teacher's scores at given ids (`SCORED_KD_MODES`)."""
+    return self.kd_mode in SCORED_KD_MODES
 
   @property
   def ever_blockwise(self) -> bool:
