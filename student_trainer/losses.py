@@ -16,6 +16,7 @@ see docs/losses.md for the formulas. The train step goes further with
 
 from __future__ import annotations
 
+import fractions
 import math
 from typing import Any, Callable, Literal
 
@@ -473,8 +474,9 @@ class LossConfig(ConfigBase):
     return "kd"
 
   def on_policy_at(self, step: int) -> bool:
-    """Whether optimizer `step` trains on a generated batch: floor((step + 1) f) > floor(step f)."""
-    f = self.on_policy_fraction
+    """Whether optimizer `step` trains on a generated batch: floor((step + 1) f) > floor(step f), in exact
+    rational arithmetic on f as written (0.7 is 7/10: its binary rounding would drop a step now and then)."""
+    f = fractions.Fraction(repr(float(self.on_policy_fraction)))
     return math.floor((step + 1) * f) > math.floor(step * f)
 
   @property
