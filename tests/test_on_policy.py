@@ -285,3 +285,37 @@ def test_off_policy_runs_are_unchanged(tiny_dataset, tmp_path):
     np.testing.assert_array_equal(x, y)
   assert not any(k.startswith("onpolicy/") for r in metric_rows(tmp_path / "a") for k in r)
   assert not (tmp_path / "a" / "checkpoints" / "3" / "generated").exists()
+
+
+def test_sampling_dispatched_before_a_donating_step_reads_the_parameters_as_they_were(tiny_dataset, tmp_path):
+  """The loop dispatches the sampler, then the train step that donates the same parameter buffers: the
+  samples are those of the parameters before the step (JAX orders the donation after the read)."""
+  import jax
+  from distill_core.generation import generate_batch
+  from distill_core.model.generate import model_of
+  from distill_core.sharding import make_mesh, rules_table
+  from flax import nnx
+  from student_trainer.state import create_train_state
+  cfg = make_cfg(tiny_dataset, tmp_path / "run", "loss.on_policy_fraction=1", "generation.score_student_topk=2")
+  mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
+  state = create_train_state(cfg, mesh, rules)
+  generator = on_policy.Generator(cfg, state.graphdef, mesh, rules)
+  it = make_iterator(cfg.data, "train")
+  corpus = next(it)
+  it.close()
+  model = model_of(nnx.merge(state.graphdef, jax.tree.map(jnp.copy, state.params)))  # an independent copy
+  dispatched = generator.dispatch(4, state.params, 4, corpus)
+  overwrite = jax.jit(lambda p: jax.tree.map(lambda x: x * 0 + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x, p),
+                      donate_argnums=0)
+  before = jax.tree.leaves(state.params)[0]
+  state.params = overwrite(state.params)
+  assert before.is_deleted()  # donated: the buffer now belongs to the step's output
+  got = generator.collect(dispatched)
+  prompts = batch_prompts(corpus, cfg.generation, pad_id=generator.pad_id, eos_id=generator.eos_id)
+  batch, host = generate_batch(model, prompts, cfg.generation, step=4, seq_len=generator.seq_len,
+                               pad_id=generator.pad_id, eos_id=generator.eos_id)
+  for x, y in zip(host, got.generation, strict=True):
+    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(batch.tokens, got.batch.tokens)
+  np.testing.assert_array_equal(batch.loss_mask, got.batch.loss_mask)
+  assert got.seconds >= got.blocked >= 0
