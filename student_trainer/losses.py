@@ -35,9 +35,10 @@ Array = jax.Array
 _EPS = 1e-8  # smallest vector norm in the cosine distance
 _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
 
-KDMode = Literal["tail", "renormalize", "topk", "sampled", "reverse_kl", "gkd"]
+KDMode = Literal["tail", "renormalize", "topk", "sampled"]
 # Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k): the
-# train loop then asks the source for them (`TeacherSource.submit(..., scored_ids=...)`).
+# train loop asks the source for them (`TeacherSource.submit(..., scored_ids=...)`) once such a mode is a
+# KDMode.
 SCORED_KD_MODES = ("reverse_kl", "gkd")
 FeatureKind = Literal["cosine", "l2"]
 Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
@@ -455,9 +456,6 @@ class LossConfig(ConfigBase):
                          f"to {getattr(self, name).final})")
     if self.kd_mode == "sampled" and self.num_samples < 1:
       raise ValueError("num_samples: kd_mode sampled needs num_samples >= 1 draws per position")
-    if self.kd_mode in SCORED_KD_MODES:
-      raise ValueError(f"kd_mode {self.kd_mode}: needs the teacher's scores at the sampled ids, which no "
-                       f"teacher source returns yet; use tail (forward KL on the student's samples)")
     if self.kd_mode != "sampled" and self.top_k < 1:
       raise ValueError(f"top_k must be >= 1 for kd_mode {self.kd_mode} (0 is only for kd_mode sampled)")
     if self.layer_map is not None and min(self.layer_map, default=0) < 0:

@@ -69,7 +69,6 @@ def test_options_are_checked_by_name(tiny_dataset, tmp_path):
     assert "loss.on_policy_fraction" in message and source in message
   assert "cached_shards" in refused("loss.on_policy_fraction=0.5", "teacher.source=remote",
                                     "teacher.remote.on_timeout=cached_shards", "teacher.cached.path=x")
-  assert "kd_mode reverse_kl" in refused("loss.kd_mode=reverse_kl")
   too_long = make_cfg(tiny_dataset, tmp_path, "loss.on_policy_fraction=1", "generation.max_new_tokens=30")
   with pytest.raises(RunError, match=r"generation.prompts.max_len \(12\) \+ generation.max_new_tokens \(30\)"):
     preflight(too_long)
