@@ -290,11 +290,12 @@ class TrainConfig(ConfigBase):
   def _check_on_policy(self) -> None:
     """Generated rows are new text under a corpus example id: only a teacher that scores each batch as sent
     can answer them (not stored answers, nor a cache keyed by example id)."""
-    source = self.teacher.source
-    if source in ("none", "offline", "cached"):
+    kind = self.teacher.kind
+    if not kind.scores_new_text:
+      able = ", ".join(name for name in source_names() if source_kind(name).scores_new_text)
       raise ValueError(f"loss.on_policy_fraction: generated batches need a teacher that scores them as they "
-                       f"are sent (teacher.source local or remote), not {source!r}")
-    if source == "remote" and self.teacher.remote.on_timeout == "cached_shards":
+                       f"are sent (teacher.source {able}), not {kind.name!r}")
+    if "remote" in kind.options and self.teacher.remote.on_timeout == "cached_shards":
       raise ValueError("loss.on_policy_fraction: teacher.remote.on_timeout cached_shards serves stored "
                        "answers by example id, which do not match generated rows; use wait or ce_only")
 

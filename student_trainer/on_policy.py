@@ -24,12 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from distill_core.data import Batch, load_manifest
-from distill_core.generation import Prompts, batch_prompts, make_prompt_set, scored_ids, to_batch
+from distill_core.data import Batch, DataConfig, load_manifest
+from distill_core.generation import (GenerationConfig, Prompts, batch_prompts, make_prompt_set, scored_ids,
+                                     to_batch)
+from distill_core.model.config import ModelConfig
 from distill_core.model.generate import Generation, check_prompts, key_data, local_rows, make_sampler
 from distill_core.sharding import shard_batch
 from distill_core.targets import TeacherTargets
-from student_trainer.config import TrainConfig
 from student_trainer.preflight import RunError
 
 
@@ -76,24 +77,27 @@ def logprobs_at_positions(generation: Generation, seq_len: int) -> np.ndarray:
 
 
 class Generator:
-  """Samples the batches of on-policy steps with `cfg.generation` (see the module docstring)."""
+  """Samples the batches of on-policy steps with `gen_cfg` (see the module docstring): prompts from the
+  corpus at `data_cfg.path` (its pad and eos ids, its row length), the student `model_cfg` whose
+  `graphdef` (a train state's) the parameters are merged into."""
 
-  def __init__(self, cfg: TrainConfig, graphdef, mesh: Mesh, rules):
-    self._cfg, self._gen, self._mesh = cfg, cfg.generation, mesh
-    manifest = load_manifest(cfg.data.path)
+  def __init__(self, gen_cfg: GenerationConfig, data_cfg: DataConfig, model_cfg: ModelConfig, graphdef,
+               mesh: Mesh, rules):
+    self._gen, self._model_cfg, self._mesh = gen_cfg, model_cfg, mesh
+    manifest = load_manifest(data_cfg.path)
     self.seq_len, self.pad_id, self.eos_id = manifest.seq_len, manifest.pad_id, manifest.eos_id
     self.stop_ids = self._gen.resolved_stop_ids(self.eos_id)
-    bad = [i for i in self.stop_ids if not 0 <= i < cfg.model.real_vocab_size]
+    vocab = model_cfg.real_vocab_size
+    bad = [i for i in self.stop_ids if not 0 <= i < vocab]
     if bad:
-      raise RunError(f"generation.stop_ids: {bad} outside the student's vocabulary [0, "
-                     f"{cfg.model.real_vocab_size})")
-    if self._gen.score_student_topk > cfg.model.real_vocab_size:
+      raise RunError(f"generation.stop_ids: {bad} outside the student's vocabulary [0, {vocab})")
+    if self._gen.score_student_topk > vocab:
       raise RunError(f"generation.score_student_topk ({self._gen.score_student_topk}) exceeds the student's "
-                     f"vocabulary ({cfg.model.real_vocab_size})")
+                     f"vocabulary ({vocab})")
     prompts = self._gen.prompts
     # Corpus prefixes of the training split come from the drawn batch itself; other prompt sets by example id.
     from_batch = prompts.source == "corpus" and prompts.split == "train"
-    self._prompt_set = None if from_batch else make_prompt_set(self._gen, cfg.data)
+    self._prompt_set = None if from_batch else make_prompt_set(self._gen, data_cfg)
     self._sample = make_sampler(graphdef, max_new_tokens=self._gen.max_new_tokens, stop_ids=self.stop_ids,
                                 pad_id=self.pad_id, padding="right", mesh=mesh, rules=rules,
                                 topk=self._gen.score_student_topk)
@@ -101,7 +105,7 @@ class Generator:
   def dispatch(self, step: int, params, version: int, corpus: Batch) -> Dispatched:
     """Launches the sampler for `step`'s batch on `params` (after `version` optimizer steps); returns at once."""
     prompts = batch_prompts(corpus, self._gen, pad_id=self.pad_id, eos_id=self.eos_id, prompt_set=self._prompt_set)
-    check_prompts(self._cfg.model, prompts.tokens, prompts.lengths, self._gen.max_new_tokens, self.stop_ids)
+    check_prompts(self._model_cfg, prompts.tokens, prompts.lengths, self._gen.max_new_tokens, self.stop_ids)
     keys = key_data(self._gen.seed, step, prompts.example_ids)
     started = time.perf_counter()
     inputs = shard_batch((prompts.tokens, prompts.lengths, keys), self._mesh)

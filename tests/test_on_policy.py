@@ -298,7 +298,7 @@ def test_sampling_dispatched_before_a_donating_step_reads_the_parameters_as_they
   cfg = make_cfg(tiny_dataset, tmp_path / "run", "loss.on_policy_fraction=1", "generation.score_student_topk=2")
   mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
   state = create_train_state(cfg, mesh, rules)
-  generator = on_policy.Generator(cfg, state.graphdef, mesh, rules)
+  generator = on_policy.Generator(cfg.generation, cfg.data, cfg.model, state.graphdef, mesh, rules)
   it = make_iterator(cfg.data, "train")
   corpus = next(it)
   it.close()
