@@ -8,7 +8,8 @@ teacher-stream cursor, model config, the whole run config; written by process 0)
 A run with on-policy steps adds `generated`: the batches it sampled but has not
 trained yet, per process (`process_<i>-of-<n>.npz`, plain arrays written by
 `np.savez`, read without pickle), because the parameters they were drawn with
-are older than the checkpoint's (`on_policy`). Resuming restores them all, so the data order and the teacher stream continue
+are older than the checkpoint's (`on_policy`). Resuming restores them all, so
+the data order and the teacher stream continue
 exactly; the saved config is compared with the current one first
 (`config_changes`).
 """

@@ -268,7 +268,9 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         stack.callback(ids_log.close)
     progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
     stack.callback(progress.close)
-    generator = on_policy.Generator(cfg.generation, cfg.data, cfg.model, state.graphdef, mesh, rules) if cfg.loss.on_policy_fraction > 0 else None
+    generator = None
+    if cfg.loss.on_policy_fraction > 0:
+      generator = on_policy.Generator(cfg.generation, cfg.data, cfg.model, state.graphdef, mesh, rules)
     feeder = _Feeder(data, source, cfg.loss, first_step=start, steps=cfg.steps, generator=generator)
     staleness = cfg.generation.staleness
     on_policy_window = on_policy.OnPolicyWindow()
