@@ -63,6 +63,44 @@ class Dispatched:
   started: float
 
 
+def generated_batch(step: int, version: int, example_ids, host: Generation, *, seq_len: int, pad_id: int,
+                    **timing) -> Generated:
+  """A step's `Generated` from the sampler's host arrays (`to_batch` packs them into `seq_len` columns)."""
+  batch = to_batch(host, example_ids, seq_len, pad_id)
+  return Generated(step, version, batch, host, logprobs_at_positions(host, seq_len), **timing)
+
+
+def pack(pending: list[Generated]) -> dict[str, np.ndarray]:
+  """This process's untrained generated batches as arrays stacked over steps (for `np.savez`)."""
+  if not pending:
+    return {}
+  g = [p.generation for p in pending]
+  out = {"steps": np.asarray([p.step for p in pending], np.int64),
+         "versions": np.asarray([p.version for p in pending], np.int64),
+         "example_ids": np.stack([np.asarray(p.batch.example_ids, np.int64) for p in pending]),
+         "tokens": np.stack([np.asarray(x.tokens, np.int32) for x in g]),
+         "prompt_lengths": np.stack([np.asarray(x.prompt_lengths, np.int32) for x in g]),
+         "lengths": np.stack([np.asarray(x.lengths, np.int32) for x in g]),
+         "logprobs": np.stack([np.asarray(x.logprobs, np.float32) for x in g])}
+  if g[0].topk_ids is not None:
+    out["topk_ids"] = np.stack([np.asarray(x.topk_ids, np.int32) for x in g])
+  return out
+
+
+def unpack(arrays: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> list[Generated]:
+  """The batches `pack` stored, rebuilt exactly (the same `to_batch` of the same tokens)."""
+  if not arrays:
+    return []
+  out = []
+  for j, step in enumerate(arrays["steps"]):
+    topk = arrays["topk_ids"][j] if "topk_ids" in arrays else None
+    host = Generation(arrays["tokens"][j], arrays["prompt_lengths"][j], arrays["lengths"][j], arrays["logprobs"][j],
+                      topk)
+    out.append(generated_batch(int(step), int(arrays["versions"][j]), arrays["example_ids"][j], host,
+                               seq_len=seq_len, pad_id=pad_id))
+  return out
+
+
 def logprobs_at_positions(generation: Generation, seq_len: int) -> np.ndarray:
   """(B, seq_len) float32: `generation.logprobs[r, i]` at position prompt_length_r + i - 1 (the position whose
   target is generated token i), for i < lengths_r; 0 elsewhere."""
@@ -117,12 +155,9 @@ class Generator:
     waiting = time.perf_counter()
     host = Generation(*(local_rows(x) for x in dispatched.out))
     done = time.perf_counter()
-    return self._packed(dispatched.step, dispatched.version, dispatched.prompts.example_ids, host,
-                        seconds=done - dispatched.started, blocked=done - waiting)
-
-  def _packed(self, step, version, example_ids, host: Generation, **timing) -> Generated:
-    batch = to_batch(host, example_ids, self.seq_len, self.pad_id)
-    return Generated(step, version, batch, host, logprobs_at_positions(host, self.seq_len), **timing)
+    return generated_batch(dispatched.step, dispatched.version, dispatched.prompts.example_ids, host,
+                           seq_len=self.seq_len, pad_id=self.pad_id, seconds=done - dispatched.started,
+                           blocked=done - waiting)
 
   def scored_ids(self, generated: Generated) -> np.ndarray:
     """The ids the teacher scores at each position of a generated batch (`generation.scored_ids`)."""
@@ -134,37 +169,6 @@ class Generator:
     lengths = np.asarray(g.lengths)
     last = np.asarray(g.tokens)[np.arange(len(lengths)), np.asarray(g.prompt_lengths) + lengths - 1]
     return (lengths > 0) & np.isin(last, np.asarray(self.stop_ids, np.int32))
-
-  # -- checkpointing: the generated batches not yet trained -------------------------------------------------
-
-  @staticmethod
-  def pack(pending: list[Generated]) -> dict[str, np.ndarray]:
-    """This process's untrained generated batches as arrays stacked over steps (for `np.savez`)."""
-    if not pending:
-      return {}
-    g = [p.generation for p in pending]
-    out = {"steps": np.asarray([p.step for p in pending], np.int64),
-           "versions": np.asarray([p.version for p in pending], np.int64),
-           "example_ids": np.stack([np.asarray(p.batch.example_ids, np.int64) for p in pending]),
-           "tokens": np.stack([np.asarray(x.tokens, np.int32) for x in g]),
-           "prompt_lengths": np.stack([np.asarray(x.prompt_lengths, np.int32) for x in g]),
-           "lengths": np.stack([np.asarray(x.lengths, np.int32) for x in g]),
-           "logprobs": np.stack([np.asarray(x.logprobs, np.float32) for x in g])}
-    if g[0].topk_ids is not None:
-      out["topk_ids"] = np.stack([np.asarray(x.topk_ids, np.int32) for x in g])
-    return out
-
-  def unpack(self, arrays: dict[str, np.ndarray]) -> list[Generated]:
-    """The batches `pack` stored, rebuilt exactly (the same `to_batch` of the same tokens)."""
-    if not arrays:
-      return []
-    out = []
-    for j, step in enumerate(arrays["steps"]):
-      topk = arrays["topk_ids"][j] if "topk_ids" in arrays else None
-      host = Generation(arrays["tokens"][j], arrays["prompt_lengths"][j], arrays["lengths"][j],
-                        arrays["logprobs"][j], topk)
-      out.append(self._packed(int(step), int(arrays["versions"][j]), arrays["example_ids"][j], host))
-    return out
 
 
 def reverse_kl_sums(targets: TeacherTargets, batch_targets, student_logprobs, loss_mask) -> dict:

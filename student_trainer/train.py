@@ -275,7 +275,8 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     staleness = cfg.generation.staleness
     on_policy_window = on_policy.OnPolicyWindow()
     if generator is not None:
-      feeder.restore_generated(generator.unpack(pending), f"checkpoint {ckpt.directory} step {latest}")
+      saved_batches = on_policy.unpack(pending, seq_len=generator.seq_len, pad_id=generator.pad_id)
+      feeder.restore_generated(saved_batches, f"checkpoint {ckpt.directory} step {latest}")
       for first in range(start, start + staleness):  # a fresh run's first steps: drawn with the initial params
         if feeder.needs_generation(first):
           feeder.generate(first, state.params, version=start)
@@ -414,7 +415,7 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, sou
   if state.lti is not None:
     meta["lti"] = state.lti  # where the (unsaved) teacher kernels come from, and their fingerprint
   # Generated batches not yet trained were drawn with parameters older than the checkpoint's: kept as tokens.
-  generated = on_policy.Generator.pack(feeder.pending_generated()) if cfg.loss.on_policy_fraction > 0 else None
+  generated = on_policy.pack(feeder.pending_generated()) if cfg.loss.on_policy_fraction > 0 else None
   ckpt.save(step, state.saved(), feeder.position(), json.loads(json.dumps(meta)), generated)
   return step
 

@@ -1,48 +1,36 @@
-"""On-policy steps in the trainer: which steps, prompts cut from the drawn batch, the ids to score, the
-reverse-KL metric, the generated batches kept in checkpoints, bit-exact resume and the options' errors."""
+"""On-policy steps, without a training loop: which steps, prompts cut from the drawn batch, the ids to score,
+the reverse-KL metric, the generated batches kept in checkpoints, sampling before a donating step and the
+options' errors."""
 
 from __future__ import annotations
 
+import contextlib
 import fractions
-import json
+import io
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from on_policy_utils import make_cfg
 
 from distill_core.config import ConfigError, load_config
 from distill_core.data import DataConfig, make_iterator, open_split
-from distill_core.generation import CorpusPrompts, GenerationConfig, batch_prompts, scored_ids, to_batch
-from distill_core.model.generate import Generation
+from distill_core.generation import (CorpusPrompts, GenerationConfig, batch_prompts, generate_batch, scored_ids,
+                                     to_batch)
+from distill_core.model.generate import Generation, model_of
+from distill_core.sharding import make_mesh, rules_table
 from distill_core.records import read_manifest
 from distill_core.targets import TeacherTargets
 from student_trainer import on_policy
+from student_trainer.__main__ import parse_args
 from student_trainer.checkpoint import Checkpointer
 from student_trainer.config import TrainConfig
 from student_trainer.losses import LossConfig
 from student_trainer.preflight import RunError, preflight
-
-GEN = ("generation.prompts.max_len=12", "generation.prompts.min_len=4", "generation.max_new_tokens=16")
-
-
-def make_cfg(dataset, run_dir, *overrides) -> TrainConfig:
-  base = [f"run_dir={run_dir}", f"data.path={dataset}", "data.batch_size=8", "steps=6", "logging.every_steps=1",
-          "logging.progress=false", "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1",
-          "checkpoint.every_steps=100", "checkpoint.async_save=false", "export_hf=false", "mesh.data=1",
-          "optim.warmup_steps=2", "logging.example_ids=true", "teacher.source=local", "teacher.local.model=tiny",
-          "teacher.local.seed=5", "loss.top_k=8", "optim.learning_rate=1e-2", *GEN]
-  return load_config(TrainConfig, None, base + list(overrides))
-
-
-def metric_rows(run_dir) -> list[dict]:
-  return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def params_of(result) -> list[np.ndarray]:
-  import jax
-  from flax import nnx
-  return [np.asarray(x) for x in jax.tree.leaves(nnx.state(result.state.model(), nnx.Param))]
+from student_trainer.state import create_train_state
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.25, 0.5, 1 / 3, 0.7, 1.0])
@@ -76,9 +64,6 @@ def test_options_are_checked_by_name(tiny_dataset, tmp_path):
 
 
 def test_help_describes_every_new_option():
-  from student_trainer.__main__ import parse_args
-  import contextlib
-  import io
   out = io.StringIO()
   with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
     parse_args(["--help"])
@@ -174,18 +159,16 @@ def test_reverse_kl_metric_matches_a_numpy_loop():
 
 
 def test_generated_batches_round_trip_through_a_checkpoint(tiny_dataset, tmp_path):
-  cfg = make_cfg(tiny_dataset, tmp_path / "run", "loss.on_policy_fraction=1", "generation.score_student_topk=3")
   rng = np.random.default_rng(2)
-  generator = on_policy.Generator.__new__(on_policy.Generator)  # only the packing half: no sampler
   manifest = read_manifest(tiny_dataset)
-  generator.seq_len, generator.pad_id = manifest.seq_len, manifest.pad_id
-  pending = [generator._packed(step, step - 1, rng.integers(0, 1 << 40, 3), fake_generation(rng, p=12, n=16))
-             for step in (4, 5)]
+  rows = dict(seq_len=manifest.seq_len, pad_id=manifest.pad_id)
+  pending = [on_policy.generated_batch(step, step - 1, rng.integers(0, 1 << 40, 3), fake_generation(rng, p=12, n=16),
+                                       **rows) for step in (4, 5)]
   ckpt = Checkpointer(tmp_path / "ckpt", keep=2, async_save=True)
-  ckpt.save(4, {"x": jnp.ones(2)}, {"position": 1}, {"step": 4}, on_policy.Generator.pack(pending))
+  ckpt.save(4, {"x": jnp.ones(2)}, {"position": 1}, {"step": 4}, on_policy.pack(pending))
   ckpt.save(5, {"x": jnp.ones(2)}, {"position": 1}, {"step": 5})  # a run without on-policy steps
   ckpt.wait()
-  back = generator.unpack(ckpt.restore_generated(4))
+  back = on_policy.unpack(ckpt.restore_generated(4), **rows)
   assert ckpt.restore_generated(5) is None
   ckpt.close()
   assert [g.step for g in back] == [4, 5] and [g.version for g in back] == [3, 4]
@@ -196,105 +179,11 @@ def test_generated_batches_round_trip_through_a_checkpoint(tiny_dataset, tmp_pat
     for field in ("example_ids", "tokens", "segment_ids", "positions", "targets", "loss_mask"):
       np.testing.assert_array_equal(getattr(a.batch, field), getattr(b.batch, field))
     np.testing.assert_array_equal(a.student_logprobs, b.student_logprobs)
-  del cfg
-
-
-class RecordingSource:
-  """Wraps a source and notes every submission (step order, kwargs)."""
-
-  def __init__(self, inner):
-    self.inner, self.calls = inner, []
-    self.lookahead = inner.lookahead
-
-  def submit(self, batch, temperature, **kwargs):
-    self.calls.append((np.asarray(batch.example_ids).copy(), np.asarray(batch.loss_mask).copy(), kwargs))
-    self.inner.submit(batch, temperature, **{k: v for k, v in kwargs.items() if k != "scored_ids"})
-
-  def __getattr__(self, name):
-    return getattr(self.inner, name)
-
-
-def test_generated_batches_reach_the_teacher_in_step_order_with_their_scored_ids(tiny_dataset, tmp_path,
-                                                                                 monkeypatch):
-  """Submissions follow the steps; a generated batch carries scored ids (column 0 its targets, then the
-  student's top-k) when the loss needs them, and its loss mask covers generated tokens only."""
-  import student_trainer.train as train
-  from student_trainer import sources
-  recorded = []
-  original = sources.make_source
-
-  def recording(*args, **kwargs):
-    recorded.append(RecordingSource(original(*args, **kwargs)))
-    return recorded[-1]
-
-  monkeypatch.setattr(train, "make_source", recording)
-  monkeypatch.setattr(LossConfig, "needs_scored_ids", property(lambda self: True))
-  cfg = make_cfg(tiny_dataset, tmp_path / "run", "loss.on_policy_fraction=0.5", "generation.score_student_topk=2",
-                 "generation.staleness=2", "steps=5")
-  result = train.run(cfg)
-  assert result.step == 5
-  calls = recorded[0].calls
-  assert [ids.tolist() for ids, _, _ in calls] == result.trained_example_ids  # once each, in step order
-  for step, (_, mask, kwargs) in enumerate(calls):
-    if cfg.loss.on_policy_at(step):
-      assert kwargs["scored_ids"].shape == (8, 32, 3) and kwargs["scored_ids"].dtype == np.int32
-      assert mask.sum() <= 8 * 16  # generated tokens only
-    else:
-      assert "scored_ids" not in kwargs
-
-
-@pytest.mark.parametrize("fraction,staleness", [(1.0, 1), (0.5, 2)])
-def test_resume_is_bitwise_identical_with_on_policy_steps(tiny_dataset, tmp_path, fraction, staleness):
-  """Straight vs stopped at step 3 and resumed: the same parameters bit for bit and the same per-step losses;
-  the batches sampled before the stop come back from the checkpoint."""
-  from student_trainer.train import run
-  opts = (f"loss.on_policy_fraction={fraction}", f"generation.staleness={staleness}", "generation.seed=7",
-          "generation.score_student_topk=2")
-  straight = run(make_cfg(tiny_dataset, tmp_path / "a", *opts), keep_state=True)
-  cfg_b = make_cfg(tiny_dataset, tmp_path / "b", *opts)
-  assert run(cfg_b, stop_after=3).step == 3
-  pending = Checkpointer(tmp_path / "b" / "checkpoints", keep=1)
-  saved = pending.restore_generated(3)
-  pending.close()
-  assert sorted(saved["steps"].tolist()) == [m for m in range(3, 3 + staleness) if cfg_b.loss.on_policy_at(m)]
-  resumed = run(cfg_b, keep_state=True)
-  assert resumed.step == 6 and resumed.trained_example_ids == straight.trained_example_ids
-  for a, b in zip(params_of(straight), params_of(resumed), strict=True):
-    np.testing.assert_array_equal(a, b)
-  keys = ("train/total_loss", "train/ce_loss", "train/kd_loss", "onpolicy/sample_length", "onpolicy/staleness")
-  rows_a = {r["step"]: r for r in metric_rows(tmp_path / "a") if "train/total_loss" in r}
-  rows_b = {r["step"]: r for r in metric_rows(tmp_path / "b") if "train/total_loss" in r}
-  assert sorted(rows_a) == sorted(rows_b) == list(range(1, 7))
-  for step in rows_a:
-    assert {k: rows_a[step].get(k) for k in keys} == {k: rows_b[step].get(k) for k in keys}, step
-  on = [r for r in rows_a.values() if "onpolicy/staleness" in r]
-  assert len(on) == sum(cfg_b.loss.on_policy_at(m) for m in range(6))
-  assert all(0 < r["onpolicy/sample_length"] <= 16 and 0 <= r["onpolicy/stopped_fraction"] <= 1 for r in on)
-  assert all(0 <= r["perf/generation_fraction"] <= 1 for r in rows_a.values())
-  assert on[-1]["onpolicy/staleness"] == staleness  # later steps: exactly s steps old
-
-
-def test_off_policy_runs_are_unchanged(tiny_dataset, tmp_path):
-  """on_policy_fraction 0 trains exactly what a config without it trains, with no on-policy metric or item."""
-  from student_trainer.train import run
-  a = run(make_cfg(tiny_dataset, tmp_path / "a", "steps=3", "checkpoint.every_steps=3"), keep_state=True)
-  b = run(make_cfg(tiny_dataset, tmp_path / "b", "steps=3", "checkpoint.every_steps=3", "generation.seed=9",
-                   "generation.staleness=3"), keep_state=True)
-  for x, y in zip(params_of(a), params_of(b), strict=True):
-    np.testing.assert_array_equal(x, y)
-  assert not any(k.startswith("onpolicy/") for r in metric_rows(tmp_path / "a") for k in r)
-  assert not (tmp_path / "a" / "checkpoints" / "3" / "generated").exists()
 
 
 def test_sampling_dispatched_before_a_donating_step_reads_the_parameters_as_they_were(tiny_dataset, tmp_path):
   """The loop dispatches the sampler, then the train step that donates the same parameter buffers: the
   samples are those of the parameters before the step (JAX orders the donation after the read)."""
-  import jax
-  from distill_core.generation import generate_batch
-  from distill_core.model.generate import model_of
-  from distill_core.sharding import make_mesh, rules_table
-  from flax import nnx
-  from student_trainer.state import create_train_state
   cfg = make_cfg(tiny_dataset, tmp_path / "run", "loss.on_policy_fraction=1", "generation.score_student_topk=2")
   mesh, rules = make_mesh(cfg.mesh), rules_table(cfg.mesh)
   state = create_train_state(cfg, mesh, rules)
