@@ -80,6 +80,10 @@ class GenerationConfig(ConfigBase):
       "corpus's eos id; [] = rows always run max_new_tokens.")
   seed: int = Field(0, ge=0, description="Seed of the samples and of the corpus prefix lengths; with the step "
                     "and the example id it fixes every row's draws.")
+  score_student_topk: int = Field(
+      0, ge=0, description="Also return the student's k most probable ids at every generated position "
+      "(Generation.topk_ids; a top_k of the logits the decode step already has), so the teacher can score "
+      "them beside the sampled token; 0 = none.")
   prompts: PromptConfig = Field(default_factory=PromptConfig, description="The prompt set.")
 
   @pydantic.field_validator("stop_ids")
@@ -236,6 +240,54 @@ def make_prompt_set(cfg: GenerationConfig, data: DataConfig) -> PromptSet:
                    where=str(p.path))
 
 
+def batch_prompts(batch: Batch, cfg: GenerationConfig, *, pad_id: int, eos_id: int,
+                  prompt_set: PromptSet | None = None) -> Prompts:
+  """The prompts of a drawn corpus batch, with the batch's example ids (host arrays, this process's rows).
+
+  Without `prompt_set`: each row's corpus prefix (`corpus_prefix` of the row with the length
+  `prefix_length(cfg.seed, example id, ...)`), the prompt `CorpusPrompts` gives for that record. With one
+  (JSONL prompts, or prefixes of another split): item `example id mod len(prompt_set)`. Either way the
+  example ids, hence the sampling keys, are the batch's.
+  """
+  ids = np.asarray(batch.example_ids, np.int64).reshape(-1)
+  if prompt_set is not None:
+    items = prompt_set.batch(ids % len(prompt_set))
+    return Prompts(ids, items.tokens, items.lengths)
+  p = cfg.prompts
+  tokens = np.full((len(ids), p.max_len), pad_id, np.int32)
+  lengths = np.zeros((len(ids),), np.int32)
+  for r, example_id in enumerate(ids):  # one host cut per row
+    prompt = corpus_prefix(np.asarray(batch.tokens[r]), np.asarray(batch.segment_ids[r]),
+                           prefix_length(cfg.seed, int(example_id), p.min_len, p.max_len), eos_id)
+    tokens[r, :len(prompt)] = prompt
+    lengths[r] = len(prompt)
+  return Prompts(ids, tokens, lengths)
+
+
+def scored_ids(batch: Batch, generation: Generation) -> np.ndarray:
+  """The ids the teacher is asked to score at each position of a generated `batch`: (B, T, 1 + k) int32.
+
+  Column 0 is the sampled next token (`batch.targets`); columns 1..k (with `Generation.topk_ids`) are the
+  student's top-k ids of the distribution that token was drawn from, i.e. at position prompt_length + i - 1
+  for generated token i. Positions the loss does not train (the prompt, padding) hold 0 in columns 1..k.
+  """
+  targets = np.asarray(batch.targets, np.int32)
+  b, t = targets.shape
+  top = generation.topk_ids
+  k = 0 if top is None else int(np.shape(top)[-1])
+  out = np.zeros((b, t, 1 + k), np.int32)
+  out[:, :, 0] = targets
+  if k:
+    top = np.asarray(top, np.int32)
+    n = top.shape[1]
+    i = np.arange(n)[None, :]
+    rows = np.broadcast_to(np.arange(b)[:, None], (b, n))
+    cols = np.asarray(generation.prompt_lengths, np.int64)[:, None] + i - 1
+    live = i < np.asarray(generation.lengths)[:, None]
+    out[rows[live], cols[live], 1:] = top[live]
+  return out
+
+
 def to_batch(generation: Generation, example_ids, seq_len: int, pad_id: int) -> Batch:
   """Packs generated rows (host arrays: this process's rows) into a `Batch` of `seq_len` columns.
 
@@ -273,6 +325,6 @@ def generate_batch(model: Transformer, prompts: Prompts, cfg: GenerationConfig, 
   keys = key_data(cfg.seed, step, prompts.example_ids)
   out = generate(model, prompts.tokens, prompts.lengths, key_data=keys, max_new_tokens=cfg.max_new_tokens,
                  temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=cfg.resolved_stop_ids(eos_id),
-                 pad_id=pad_id, padding="right", mesh=mesh)
+                 pad_id=pad_id, padding="right", mesh=mesh, topk=cfg.score_student_topk)
   host = Generation(*(local_rows(x) for x in out))
   return to_batch(host, prompts.example_ids, seq_len, pad_id), host

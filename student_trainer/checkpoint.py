@@ -5,7 +5,11 @@ each process writing its own shards), `data` (every process's data-iterator
 state at the first batch not yet trained on, one file per process:
 `process_<i>-of-<n>.json`, written by grain's Orbax handler) and `meta` (step,
 teacher-stream cursor, model config, the whole run config; written by process 0).
-Resuming restores all three, so the data order and the teacher stream continue
+A run with on-policy steps adds `generated`: the batches it sampled but has not
+trained yet, per process (`process_<i>-of-<n>.npz`, plain arrays written by
+`np.savez`, read without pickle), because the parameters they were drawn with
+are older than the checkpoint's (`on_policy`). Resuming restores them all, so
+the data order and the teacher stream continue
 exactly; the saved config is compared with the current one first
 (`config_changes`).
 """
@@ -19,8 +23,12 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
+import dataclasses
+import io
+
 import grain.checkpoint as grain_ckpt
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger(__name__)
@@ -34,16 +42,19 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                            create=True)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data", "meta"))
+                                          item_names=("state", "data", "meta", "generated"))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state: Any, data_state: dict, meta: dict) -> None:
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=grain_ckpt.CheckpointSave(_Position(data_state)),
-        meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: Any, data_state: dict, meta: dict,
+           generated: dict[str, np.ndarray] | None = None) -> None:
+    """`generated`: this process's arrays of a run with on-policy steps (None: no such item)."""
+    items = dict(state=ocp.args.StandardSave(state), data=grain_ckpt.CheckpointSave(_Position(data_state)),
+                 meta=ocp.args.JsonSave(meta))
+    if generated is not None:
+      items["generated"] = ArraysSave(generated)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)
     log.info("checkpoint saved at step %d in %s", step, self.directory)
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict, dict]:
@@ -53,6 +64,12 @@ class Checkpointer:
         data=grain_ckpt.CheckpointRestore(_Position()),
         meta=ocp.args.JsonRestore()))
     return out["state"], out["data"].value, out["meta"]
+
+  def restore_generated(self, step: int) -> dict[str, np.ndarray] | None:
+    """This process's `generated` arrays of a checkpoint; None when it has no such item."""
+    if not (self.directory / str(step) / "generated").is_dir():
+      return None
+    return self._manager.restore(step, args=ocp.args.Composite(generated=ArraysRestore()))["generated"]
 
   def restore_meta(self, step: int) -> dict:
     """Only the `meta` item of a checkpoint (no arrays read): step, teacher cursor, run config."""
@@ -80,6 +97,48 @@ class _Position:
 
   def start_prefetch(self) -> None:
     """Called by the handler after a restore; the trainer's iterator starts itself."""
+
+
+class ArraysHandler(ocp.CheckpointHandler):
+  """An Orbax item of plain numpy arrays, one `.npz` per process (each process saves its own rows)."""
+
+  @staticmethod
+  def _file(directory) -> Any:
+    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.npz"
+
+  def save(self, directory, args: "ArraysSave") -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **args.arrays)
+    self._file(directory).write_bytes(buffer.getvalue())
+
+  def restore(self, directory, args: "ArraysRestore | None" = None) -> dict[str, np.ndarray]:
+    del args
+    path = self._file(directory)
+    if not path.exists():
+      raise ValueError(f"{path} does not exist (a checkpoint written by another number of processes?)")
+    with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as f:
+      return {name: f[name] for name in f.files}
+
+  def metadata(self, directory) -> None:
+    del directory
+
+  def finalize(self, directory) -> None:
+    del directory
+
+  def close(self) -> None:
+    pass
+
+
+@ocp.args.register_with_handler(ArraysHandler, for_save=True)
+@dataclasses.dataclass
+class ArraysSave(ocp.args.CheckpointArgs):
+  arrays: dict[str, np.ndarray]
+
+
+@ocp.args.register_with_handler(ArraysHandler, for_restore=True)
+@dataclasses.dataclass
+class ArraysRestore(ocp.args.CheckpointArgs):
+  pass
 
 
 # Fields that never change what is trained (where output goes, how often, how it is read or

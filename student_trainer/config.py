@@ -9,6 +9,7 @@ from pydantic import Field
 
 from distill_core.config import ConfigBase
 from distill_core.data import DataConfig
+from distill_core.generation import GenerationConfig
 from distill_core.model.config import ModelConfig, ModelConfigOrPreset
 from distill_core.sharding import MeshConfig
 from distill_core.stream.config import StreamClientConfig
@@ -177,6 +178,14 @@ class TeacherConfig(ConfigBase):
     return options[0] if options else None
 
 
+class TrainGenerationConfig(GenerationConfig):
+  """The student's samples for on-policy steps (loss.on_policy_fraction > 0; docs/on_policy.md)."""
+
+  staleness: int = Field(1, ge=1, description="The batch of step m is sampled with the parameters after m - s "
+                         "optimizer steps (the first s steps of a run: the initial ones), so generation for "
+                         "step n + s runs while step n trains.")
+
+
 class CheckpointConfig(ConfigBase):
   """Orbax checkpoints of model, optimizer, data iterator and teacher cursor."""
 
@@ -224,6 +233,9 @@ class TrainConfig(ConfigBase):
       f"{DEFAULT_PREPARE_CONFIG} (the standard library, vocabulary 384, fits the default tiny model)."))
   teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="Teacher targets.")
   loss: LossConfig = Field(default_factory=LossConfig, description="Loss terms and their weights.")
+  generation: TrainGenerationConfig = Field(
+      default_factory=TrainGenerationConfig, description="Sampling from the student for on-policy steps "
+      "(read only when loss.on_policy_fraction > 0).")
   optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimizer.")
   mesh: MeshConfig = Field(default_factory=MeshConfig, description="Device mesh and sharding rules.")
   distributed: DistributedConfig = Field(default_factory=DistributedConfig,
@@ -271,7 +283,21 @@ class TrainConfig(ConfigBase):
       raise ValueError(f"copy_from_teacher: needs lti.kernels_path for lti.kernels_from={self.lti.kernels_from}")
     if self.loss.ever_blockwise:
       self._check_blockwise()
+    if self.loss.on_policy_fraction > 0:
+      self._check_on_policy()
     return self
+
+  def _check_on_policy(self) -> None:
+    """Generated rows are new text under a corpus example id: only a teacher that scores each batch as sent
+    can answer them (not stored answers, nor a cache keyed by example id)."""
+    kind = self.teacher.kind
+    if not kind.scores_new_text:
+      able = ", ".join(name for name in source_names() if source_kind(name).scores_new_text)
+      raise ValueError(f"loss.on_policy_fraction: generated batches need a teacher that scores them as they "
+                       f"are sent (teacher.source {able}), not {kind.name!r}")
+    if "remote" in kind.options and self.teacher.remote.on_timeout == "cached_shards":
+      raise ValueError("loss.on_policy_fraction: teacher.remote.on_timeout cached_shards serves stored "
+                       "answers by example id, which do not match generated rows; use wait or ce_only")
 
   @property
   def from_teacher(self) -> bool:

@@ -16,6 +16,8 @@ see docs/losses.md for the formulas. The train step goes further with
 
 from __future__ import annotations
 
+import fractions
+import math
 from typing import Any, Callable, Literal
 
 import flax.struct
@@ -35,6 +37,10 @@ _EPS = 1e-8  # smallest vector norm in the cosine distance
 _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
 
 KDMode = Literal["tail", "renormalize", "topk", "sampled"]
+# Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k): the
+# train loop asks the source for them (`TeacherSource.submit(..., scored_ids=...)`) once such a mode is a
+# KDMode.
+SCORED_KD_MODES = ("reverse_kl", "gkd")
 FeatureKind = Literal["cosine", "l2"]
 Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
 
@@ -429,6 +435,11 @@ class LossConfig(ConfigBase):
   blockwise_steps: int | None = Field(None, ge=0, description="With blockwise: train blockwise for the first "
                                       "N optimizer steps, then ordinary KD in the same run (0 = never, "
                                       "null = the whole run).")
+  on_policy_fraction: float = Field(
+      0.0, ge=0, le=1, description="Share of optimizer steps trained on the student's own samples "
+      "(generation.*) scored by the teacher, the rest on corpus batches with the usual KD: step m is "
+      "on-policy iff floor((m + 1) f) > floor(m f), spread evenly and fixed by the step (0 = corpus only, "
+      "1 = every step; docs/on_policy.md, 'The pipeline').")
   chunk_size: int | None = Field(512, ge=0, description="Positions per chunk of the fused lm_head + CE + KD "
                                  "(docs/losses.md, 'Chunked (fused) losses'): the student's (B, T, V) logits "
                                  "and their gradient never exist whole, only (B, chunk_size, V) at a time, "
@@ -460,6 +471,17 @@ class LossConfig(ConfigBase):
     if self.blockwise and (self.blockwise_steps is None or step < self.blockwise_steps):
       return "blockwise"
     return "kd"
+
+  def on_policy_at(self, step: int) -> bool:
+    """Whether optimizer `step` trains on a generated batch: floor((step + 1) f) > floor(step f), in exact
+    rational arithmetic on f as written (0.7 is 7/10: its binary rounding would drop a step now and then)."""
+    f = fractions.Fraction(repr(float(self.on_policy_fraction)))
+    return math.floor((step + 1) * f) > math.floor(step * f)
+
+  @property
+  def needs_scored_ids(self) -> bool:
+    """Whether the loss reads the teacher's scores at given ids (`SCORED_KD_MODES`)."""
+    return self.kd_mode in SCORED_KD_MODES
 
   @property
   def ever_blockwise(self) -> bool:

@@ -100,6 +100,11 @@ def preflight(cfg: TrainConfig) -> records.Manifest:
   if manifest.seq_len > cfg.model.max_position_embeddings:
     raise RunError(f"data.path: rows of {manifest.seq_len} tokens exceed the student's max_position_embeddings "
                    f"({cfg.model.max_position_embeddings})")
+  if cfg.loss.on_policy_fraction > 0:
+    try:
+      cfg.generation.check_fits(manifest.seq_len)
+    except ValueError as e:
+      raise RunError(f"{e} (data.path's rows; the generated rows are packed into them)") from None
   for split in ("train", "eval"):
     info = manifest.splits.get(split)
     batches = num_batches(cfg.data, split) if info is not None else 0

@@ -17,7 +17,7 @@ import numpy as np
 from distill_core import memory
 from distill_core.data import Batch, BatchIterator, make_eval_iterator, make_iterator
 from distill_core.sharding import make_mesh, rules_table, shard_batch
-from student_trainer import distributed
+from student_trainer import distributed, on_policy
 from student_trainer import step as step_lib
 from student_trainer.blockwise import keep_states, phase_note, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
@@ -60,6 +60,21 @@ class TrainResult:
     return read_example_ids(self.run_dir)
 
 
+@dataclasses.dataclass
+class _Item:
+  """One step's batch in the feeder: the corpus batch drawn for it and what trains (the same batch, or the
+  generated one once collected)."""
+
+  step: int
+  corpus: Batch
+  state_before: dict
+  on_policy: bool
+  batch: Batch | None
+  dispatched: on_policy.Dispatched | None = None
+  generated: on_policy.Generated | None = None
+  submitted: bool = False
+
+
 class _Feeder:
   """Keeps `lookahead` batches submitted to the teacher source ahead of training.
 
@@ -68,37 +83,98 @@ class _Feeder:
   even though later batches were already read and sent to the teacher. A batch
   leaves the queue only once it is trained (`trained`), so a step abandoned
   while waiting for its teacher is the first batch of the next run.
+
+  Every step draws its corpus batch in order. An on-policy step's batch is then
+  generated from it (`generate` dispatches, `collect` packs it); batches are
+  submitted in step order, so an off-policy batch behind an on-policy one not
+  yet generated waits for it.
   """
 
   def __init__(self, data: BatchIterator, source: TeacherSource, loss_cfg: LossConfig, *, first_step: int,
-               steps: int):
+               steps: int, generator: on_policy.Generator | None = None):
     self._data, self._source, self._loss_cfg, self._steps = data, source, loss_cfg, steps
-    self._queue: collections.deque[tuple[int, Batch, dict]] = collections.deque()
-    self._next_step = first_step
+    self._generator = generator
+    self._queue: collections.deque[_Item] = collections.deque()
+    self._next_draw = self._next_submit = first_step
 
-  def _fill(self, upto_step: int) -> None:
-    while self._next_step <= upto_step:
+  def _item(self, step: int) -> _Item:
+    """The queued item of `step`, drawing corpus batches up to it."""
+    while self._next_draw <= step:
       state_before = self._data.get_state()
-      batch = next(self._data)
-      temperature = self._loss_cfg.temperature.value(self._next_step)
-      self._source.submit(batch, temperature, **_states_kwarg(self._loss_cfg, self._next_step))
-      self._queue.append((self._next_step, batch, state_before))
-      self._next_step += 1
+      corpus = next(self._data)
+      on = self._generator is not None and self._loss_cfg.on_policy_at(self._next_draw)
+      self._queue.append(_Item(self._next_draw, corpus, state_before, on, None if on else corpus))
+      self._next_draw += 1
+    return self._queue[step - self._queue[0].step]
 
-  def peek(self, step: int) -> Batch:
-    """The batch of `step`, after topping up the submissions ahead of it (stays queued)."""
-    self._fill(min(step + max(self._source.lookahead, 0), self._steps - 1))
-    queued_step, batch, _ = self._queue[0]
-    assert queued_step == step, (queued_step, step)
-    return batch
+  def submit_ready(self, upto_step: int) -> None:
+    """Submits, in step order, every batch up to `upto_step` that is ready (stops at one being generated)."""
+    while self._next_submit <= min(upto_step, self._steps - 1):
+      item = self._item(self._next_submit)
+      if item.batch is None:
+        return
+      kwargs = _states_kwarg(self._loss_cfg, item.step)
+      if item.generated is not None and self._loss_cfg.needs_scored_ids:
+        kwargs["scored_ids"] = self._generator.scored_ids(item.generated)
+      self._source.submit(item.batch, self._loss_cfg.temperature.value(item.step), **kwargs)
+      item.submitted = True
+      self._next_submit += 1
+
+  def generate(self, step: int, params, version: int) -> None:
+    """Dispatches the sampler for on-policy `step` on `params` (after `version` optimizer steps)."""
+    item = self._item(step)
+    assert item.on_policy and item.batch is None and item.dispatched is None, step
+    item.dispatched = self._generator.dispatch(step, params, version, item.corpus)
+
+  def collect(self, step: int) -> on_policy.Generated:
+    """Waits for `step`'s generated tokens and makes them its batch."""
+    item = self._item(step)
+    generated = self._generator.collect(item.dispatched)
+    self._set_generated(item, generated)
+    return generated
+
+  def needs_generation(self, step: int) -> bool:
+    """Whether `step` is on-policy and has neither a batch nor a sampler call in flight."""
+    if self._generator is None or step >= self._steps or not self._loss_cfg.on_policy_at(step):
+      return False
+    item = self._item(step)
+    return item.batch is None and item.dispatched is None
+
+  def restore_generated(self, pending: list[on_policy.Generated], where: str) -> None:
+    """Batches generated before a checkpoint become their steps' batches again (not sampled anew)."""
+    for generated in pending:
+      if generated.step < self._next_submit or generated.step >= self._steps:
+        continue  # not a step this run trains (steps changed): nothing to restore
+      item = self._item(generated.step)
+      if not item.on_policy or not np.array_equal(np.asarray(generated.batch.example_ids),
+                                                  np.asarray(item.corpus.example_ids)):
+        raise RunError(f"{where}: the generated batch saved for step {generated.step} does not match that step "
+                       "(its example ids or loss.on_policy_fraction differ); resume from another checkpoint or "
+                       "set checkpoint.resume=false")
+      self._set_generated(item, generated)
+
+  @staticmethod
+  def _set_generated(item: _Item, generated: on_policy.Generated) -> None:
+    item.generated, item.batch, item.dispatched = generated, generated.batch, None
+
+  def peek(self, step: int) -> _Item:
+    """The item of `step`, after topping up the submissions ahead of it (stays queued)."""
+    self.submit_ready(step + max(self._source.lookahead, 0))
+    item = self._queue[0]
+    assert item.step == step and item.submitted, (item.step, step, item.submitted)
+    return item
 
   def trained(self, step: int) -> None:
-    queued_step, _, _ = self._queue.popleft()
-    assert queued_step == step, (queued_step, step)
+    item = self._queue.popleft()
+    assert item.step == step, (item.step, step)
 
   def position(self) -> dict:
     """Data state at the first batch not yet trained on."""
-    return self._queue[0][2] if self._queue else self._data.get_state()
+    return self._queue[0].state_before if self._queue else self._data.get_state()
+
+  def pending_generated(self) -> list[on_policy.Generated]:
+    """The generated batches not yet trained (those a checkpoint must keep), in step order."""
+    return [item.generated for item in self._queue if item.generated is not None]
 
 
 class _FallbackStep:
@@ -166,8 +242,10 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     source = make_source(cfg, mesh, rules, interrupt=preempt.event)
     stack.callback(source.close)
     start = 0
+    pending: dict = {}
     if latest is not None:
       restored, data_state, meta = ckpt.restore(latest, state.abstract())
+      pending = ckpt.restore_generated(latest) or {}
       check_restored(meta.get("lti"), state.lti, f"checkpoint {ckpt.directory} step {latest}")
       state = state.replace(restored)
       data.set_state(data_state)
@@ -190,7 +268,19 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         stack.callback(ids_log.close)
     progress = ProgressDisplay(cfg.steps, start, enabled=cfg.logging.progress and jax.process_index() == 0)
     stack.callback(progress.close)
-    feeder = _Feeder(data, source, cfg.loss, first_step=start, steps=cfg.steps)
+    generator = None
+    if cfg.loss.on_policy_fraction > 0:
+      generator = on_policy.Generator(cfg.generation, cfg.data, cfg.model, state.graphdef, mesh, rules)
+    feeder = _Feeder(data, source, cfg.loss, first_step=start, steps=cfg.steps, generator=generator)
+    staleness = cfg.generation.staleness
+    on_policy_window = on_policy.OnPolicyWindow()
+    if generator is not None:
+      saved_batches = on_policy.unpack(pending, seq_len=generator.seq_len, pad_id=generator.pad_id)
+      feeder.restore_generated(saved_batches, f"checkpoint {ckpt.directory} step {latest}")
+      for first in range(start, start + staleness):  # a fresh run's first steps: drawn with the initial params
+        if feeder.needs_generation(first):
+          feeder.generate(first, state.params, version=start)
+          on_policy_window.generated(feeder.collect(first))
     end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
     last: dict[str, float] = {}
     clock = DeviceClock()
@@ -200,7 +290,12 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
     saved = start if latest is not None else None  # the step the newest checkpoint holds
     try:
       while step < end and not preempt.reached(step):
-        batch = feeder.peek(step)
+        ahead = step + staleness  # drawn with the parameters after `step` steps, before step trains on them
+        generating = feeder.needs_generation(ahead)
+        if generating:  # dispatched before the train step that donates these parameters' buffers
+          feeder.generate(ahead, state.params, version=step)
+        item = feeder.peek(step)
+        batch = item.batch
         if cfg.loss.ever_blockwise and (note := phase_note(cfg.loss, step, first=step == start)):
           log.info("%s", note)
         hyper = step_lib.hyperparameters(cfg, step)
@@ -220,6 +315,13 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
           state.params, metrics = fallback_step(state.params, device_batch, hyper)
         else:
           state.params, metrics = programs.train(phase)(state.params, device_batch, targets, hyper)
+        if generating:  # the sampler ran before this step on the device: its tokens go to the teacher now
+          on_policy_window.generated(feeder.collect(ahead))
+          feeder.submit_ready(step + max(source.lookahead, 0))
+        if item.generated is not None:
+          kl = None if targets is None else on_policy.reverse_kl_sums(
+              targets, device_batch.targets, item.generated.student_logprobs, device_batch.loss_mask)
+          on_policy_window.trained(item.generated, generator.stopped(item.generated), kl)
         if cfg.loss.ever_blockwise:
           metrics = dict(metrics, blockwise=float(phase == "blockwise"))
         if cfg.optim.on_nonfinite == "stop" and not bool(metrics["finite"]):  # a sync per step, only here
@@ -233,8 +335,11 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         step += 1
         window.add(step - 1, metrics, tokens=batch.tokens.size, wait=wait,
                    fallback=targets is None and kind.teacher)
+        on_policy_window.step()
         if step % cfg.logging.every_steps == 0 or step == end:
           local = {**window.flush(), **{f"teacher/{k}": v for k, v in source.metrics().items()}}
+          if generator is not None:
+            local.update(on_policy_window.flush())
           last = distributed.gather_metrics(step, local, cfg.distributed.metrics_timeout_s) or local
           if writer:
             writer.write(step, last)
@@ -309,7 +414,9 @@ def _save(ckpt: Checkpointer, step: int, state: TrainState, feeder: _Feeder, sou
           "config": cfg.model_dump(mode="json")}
   if state.lti is not None:
     meta["lti"] = state.lti  # where the (unsaved) teacher kernels come from, and their fingerprint
-  ckpt.save(step, state.saved(), feeder.position(), json.loads(json.dumps(meta)))
+  # Generated batches not yet trained were drawn with parameters older than the checkpoint's: kept as tokens.
+  generated = on_policy.pack(feeder.pending_generated()) if cfg.loss.on_policy_fraction > 0 else None
+  ckpt.save(step, state.saved(), feeder.position(), json.loads(json.dumps(meta)), generated)
   return step
 
 

@@ -70,12 +70,16 @@ class Generation(NamedTuple):
   lengths: (B,) int32 generated tokens, a stop id included.
   logprobs: (B, N) float32 log-probability of each generated token under the model (logits at
     temperature 1 over the real vocabulary, before top-p), 0 past a row's end.
+  topk_ids: (B, N, k) int32 with `make_sampler(..., topk=k)`: the model's k most probable ids (real
+    vocabulary, descending logits) in the distribution each generated token was drawn from, pad_id past
+    a row's end; None when k = 0.
   """
 
   tokens: jax.Array
   prompt_lengths: jax.Array
   lengths: jax.Array
   logprobs: jax.Array
+  topk_ids: jax.Array | None = None
 
 
 def key_data(seed: int, step: int, example_ids) -> np.ndarray:
@@ -282,7 +286,7 @@ def model_of(merged) -> Transformer:
 
 
 def make_sampler(graphdef: nnx.GraphDef, *, max_new_tokens: int, stop_ids: Sequence[int] = (), pad_id: int = 0,
-                 padding: Padding = "right", mesh: Mesh | None = None, rules=None):
+                 padding: Padding = "right", mesh: Mesh | None = None, rules=None, topk: int = 0):
   """Returns `sample(params, prompts, prompt_lengths, key_data, temperature, top_p) -> Generation`, jitted.
 
   `graphdef`/`params`: `nnx.split` of a Transformer, or of a tuple whose first element is one (a train
@@ -291,9 +295,12 @@ def make_sampler(graphdef: nnx.GraphDef, *, max_new_tokens: int, stop_ids: Seque
   (traced scalars). One compilation per (B, P). With `mesh` the program is traced for it (the attention
   kernel for its platform), the cache is sharded like the batch (and kv heads by `rules`, default
   `DEFAULT_RULES`) and the results come back batch-sharded; params keep the shardings they come with.
+  `topk` > 0 also returns each step's top-k ids (`Generation.topk_ids`, from the logits the step has).
   """
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  if topk < 0:
+    raise ValueError(f"topk must be >= 0, got {topk}")
   if padding not in PADDINGS:
     raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
   n = int(max_new_tokens)
@@ -313,45 +320,52 @@ def make_sampler(graphdef: nnx.GraphDef, *, max_new_tokens: int, stop_ids: Seque
       cache = jax.lax.with_sharding_constraint(cache, cache_sharding(mesh, rules, cfg, b))
     cache, logits = prefill(model, left, lengths_in, cache)
 
+    if topk > cfg.real_vocab_size:
+      raise ValueError(f"topk ({topk}) exceeds the model's vocabulary ({cfg.real_vocab_size})")
+
     def draw(logits, index):
       logits = mask_vocab(logits, cfg.real_vocab_size)
       ids = sample_logits(logits, token_keys(keys, index), temperature, top_p)
-      return ids, _token_logprobs(logits, ids)
+      top = jax.lax.top_k(logits, topk)[1].astype(jnp.int32) if topk else jnp.zeros((b, 0), jnp.int32)
+      return ids, _token_logprobs(logits, ids), top
 
     def is_stop(ids):
       return jnp.isin(ids, jnp.asarray(stops)) if stops.size else jnp.zeros(ids.shape, bool)
 
-    first, first_lp = draw(logits, 0)
+    first, first_lp, first_top = draw(logits, 0)
     generated = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp)
-    init = (jnp.int32(1), cache, first, generated, logprobs, is_stop(first), jnp.ones((b,), jnp.int32))
+    top_ids = jnp.full((b, n, topk), pad_id, jnp.int32).at[:, 0].set(first_top)
+    init = (jnp.int32(1), cache, first, generated, logprobs, top_ids, is_stop(first), jnp.ones((b,), jnp.int32))
 
     def cond(state):
-      i, _, _, _, _, done, _ = state
+      i, done = state[0], state[6]
       return (i < n) & ~jnp.all(done)
 
     model_def, model_state = nnx.split(model)
     leaves, treedef = jax.tree.flatten(model_state)
 
     def body(state):
-      i, cache, last, generated, logprobs, done, lengths = state
+      i, cache, last, generated, logprobs, top_ids, done, lengths = state
       # Rebuilt inside the loop: the scanned layers' nnx.scan only takes variables made at this trace level.
       step_model = nnx.merge(model_def, jax.tree.unflatten(treedef, leaves))
       cache, logits = decode_step(step_model, cache, last, p + i - 1, lengths_in, p)
-      ids, lp = draw(logits, i)
+      ids, lp, top = draw(logits, i)
       ids = jnp.where(done, pad_id, ids)
       generated = jax.lax.dynamic_update_index_in_dim(generated, ids, i, 1)
       logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(done, 0.0, lp), i, 1)
+      top_ids = jax.lax.dynamic_update_index_in_dim(top_ids, jnp.where(done[:, None], pad_id, top), i, 1)
       lengths = lengths + (~done).astype(jnp.int32)
-      return i + 1, cache, ids, generated, logprobs, done | is_stop(ids), lengths
+      return i + 1, cache, ids, generated, logprobs, top_ids, done | is_stop(ids), lengths
 
-    _, _, _, generated, logprobs, _, lengths = jax.lax.while_loop(cond, body, init)
-    return Generation(_packed(left, lengths_in, generated, pad_id), lengths_in, lengths, logprobs)
+    _, _, _, generated, logprobs, top_ids, _, lengths = jax.lax.while_loop(cond, body, init)
+    return Generation(_packed(left, lengths_in, generated, pad_id), lengths_in, lengths, logprobs,
+                      top_ids if topk else None)
 
   out = None
   if mesh is not None:
     rows = lambda ndim: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))  # noqa: E731
-    out = Generation(rows(2), rows(1), rows(1), rows(2))
+    out = Generation(rows(2), rows(1), rows(1), rows(2), rows(3) if topk else None)
   return jax.jit(traced_on(mesh, sample), out_shardings=out)
 
 
@@ -374,14 +388,14 @@ def check_prompts(model_cfg, prompts, prompt_lengths, max_new_tokens: int, stop_
 
 
 @functools.lru_cache(maxsize=32)
-def _cached_sampler(graphdef, max_new_tokens, stop_ids, pad_id, padding, mesh):
+def _cached_sampler(graphdef, max_new_tokens, stop_ids, pad_id, padding, mesh, topk):
   return make_sampler(graphdef, max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
-                      padding=padding, mesh=mesh)
+                      padding=padding, mesh=mesh, topk=topk)
 
 
 def generate(model: Transformer, prompts, prompt_lengths, *, key_data, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
-             padding: Padding = "right", mesh: Mesh | None = None) -> Generation:
+             padding: Padding = "right", mesh: Mesh | None = None, topk: int = 0) -> Generation:
   """`make_sampler` for `model` (kept per graph and options: one compilation per shape), checked and run.
 
   prompts (B, P), prompt_lengths (B,) and key_data (B, 2) (`key_data(seed, step, example_ids)`) are host
@@ -390,15 +404,19 @@ def generate(model: Transformer, prompts, prompt_lengths, *, key_data, max_new_t
   """
   check_prompts(model.cfg, prompts, prompt_lengths, max_new_tokens, stop_ids)
   graphdef, params = nnx.split(model)
-  fn = _cached_sampler(graphdef, int(max_new_tokens), tuple(int(i) for i in stop_ids), int(pad_id), padding, mesh)
+  fn = _cached_sampler(graphdef, int(max_new_tokens), tuple(int(i) for i in stop_ids), int(pad_id), padding, mesh,
+                       int(topk))
   inputs = (np.asarray(prompts, np.int32), np.asarray(prompt_lengths, np.int32), np.asarray(key_data, np.uint32))
   if mesh is not None:
     inputs = shard_batch(inputs, mesh)
   return fn(params, *inputs, np.float32(temperature), np.float32(top_p))
 
 
-def local_rows(x: jax.Array) -> np.ndarray:
-  """This process's rows of a batch-sharded array, in order, as numpy (all rows in a single process)."""
+def local_rows(x: jax.Array | None) -> np.ndarray | None:
+  """This process's rows of a batch-sharded array, in order, as numpy (all rows in a single process);
+  None stays None (an optional `Generation` field)."""
+  if x is None:
+    return None
   if x.is_fully_addressable:
     return np.asarray(x)
   shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # tensor-axis replicas repeat rows

@@ -14,6 +14,12 @@ source that can fetch less should; None means every state it was built for.
 The train loop drops whatever states a step does not read, so a source may
 always return more.
 
+`scored_ids` (optional on `submit` and `compute`, passed only when the loss
+reads the teacher's scores at given ids: `LossConfig.needs_scored_ids`) is an
+int32 array (B, T, n) of the ids to score at each position of a generated
+batch: column 0 the sampled next token (`batch.targets`), then the student's
+top-k ids there (`generation.score_student_topk`; `generation.scored_ids`).
+
 A source that may block (waiting for a remote teacher) watches `interrupt`, an
 event the trainer sets on SIGTERM/SIGINT, and raises `Interrupted` from
 `next`/`compute` once it is set, so a preempted run never hangs on a teacher.
@@ -24,6 +30,8 @@ from __future__ import annotations
 import abc
 import threading
 from typing import Any
+
+import numpy as np
 
 from distill_core.data import Batch
 from distill_core.targets import TeacherTargets
@@ -48,7 +56,8 @@ class TeacherSource(abc.ABC):
   interrupt: threading.Event | None = None
 
   @abc.abstractmethod
-  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
+             scored_ids: np.ndarray | None = None) -> None:
     """Announces an upcoming batch; `temperature` is the schedule's value at its step."""
 
   @abc.abstractmethod
@@ -56,8 +65,8 @@ class TeacherSource(abc.ABC):
     """Targets of the oldest submitted batch not yet returned (blocks until available)."""
 
   @abc.abstractmethod
-  def compute(self, batch: Batch, temperature: float,
-              states: tuple[str, ...] | None = None) -> TeacherTargets | None:
+  def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
+              scored_ids: np.ndarray | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the training stream (evaluation).
 
     Must not disturb the stream: batches already submitted keep their order

@@ -51,6 +51,9 @@ class SourceKind:
   falls_back_per_process: bool = False
   #: The teacher computes on the student's own devices (so throughput measures both together).
   shares_student_devices: bool = False
+  #: Answers every batch from its tokens as sent, so it can score text the student has just generated
+  #: (on-policy steps); stored answers and a cache are found by example id instead.
+  scores_new_text: bool = False
 
   def load(self) -> type["TeacherSource"]:
     """The source class (imported now, see the module docstring)."""
@@ -102,10 +105,10 @@ def make_source(train_cfg, mesh: "Mesh", rules, *, interrupt=None) -> "TeacherSo
 
 register_source(SourceKind("none", "student_trainer.sources.none:NoTeacher", teacher=False))
 register_source(SourceKind("local", "student_trainer.sources.local:LocalTeacher", options=("local",),
-                           shares_student_devices=True))  # always answers
+                           shares_student_devices=True, scores_new_text=True))  # always answers
 # teacher.cached: what its cached_shards policy reads. Its processes agree on fallbacks among themselves.
 register_source(SourceKind("remote", "student_trainer.sources.remote:RemoteTeacher", options=("remote", "cached"),
-                           may_fall_back=True))
+                           may_fall_back=True, scores_new_text=True))
 # A process whose rows are missing (on_missing: ce_only) trains CE-only.
 register_source(SourceKind("offline", "student_trainer.sources.offline:OfflineTeacher", options=("offline",),
                            may_fall_back=True, falls_back_per_process=True))

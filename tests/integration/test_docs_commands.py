@@ -24,6 +24,9 @@ SEQUENCES = {
     "README: Using it (prepare, tiny students, the demo teacher trained, served and distilled from)": [
         ("README.md", "python -m distill_core.prepare"),
     ],
+    "README: a tiny on-policy run against a teacher-server process": [
+        ("README.md", "configs/tiny_on_policy.yaml"),
+    ],
     "docs/blockwise.md: local, remote and offline teachers": [
         ("docs/blockwise.md", "configs/tiny_blockwise.yaml\n"),
         ("docs/blockwise.md", "python -m teacher_server model.source=preset"),

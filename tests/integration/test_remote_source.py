@@ -369,6 +369,47 @@ def test_teacher_killed_and_restarted_mid_training(reference, tiny_dataset, tmp_
   assert last["teacher/fallbacks_total"] == 0
 
 
+ON_POLICY = ("loss.on_policy_fraction=0.5", "generation.staleness=2", "generation.prompts.max_len=12",
+             "generation.prompts.min_len=4", "generation.max_new_tokens=16")
+
+
+def test_teacher_killed_and_restarted_with_on_policy_batches(teacher, tiny_dataset, tmp_path, monkeypatch):
+  """Half the steps train on the student's samples: SIGKILL the teacher at step 3 and restart it; the run
+  trains every batch once, in order, to the same student bit for bit as an uninterrupted one."""
+  from remote_utils import TeacherProcess
+  from student_trainer import step as step_lib
+  from student_trainer.train import run
+  wait_serving(teacher)
+  straight = run(remote_train_cfg(tiny_dataset, tmp_path / "straight", [teacher.address], *ON_POLICY),
+                 keep_state=True)
+  port = free_port()
+  servers = [TeacherProcess(port, server_overrides(tiny_dataset), tmp_path / "teacher.log")]
+  original = step_lib.hyperparameters
+
+  def kill_and_restart_at_step_3(cfg, step):
+    if step == 3 and len(servers) == 1:
+      servers[0].kill()
+      servers.append(TeacherProcess(port, server_overrides(tiny_dataset), tmp_path / "teacher.log"))
+    return original(cfg, step)
+
+  monkeypatch.setattr(step_lib, "hyperparameters", kill_and_restart_at_step_3)
+  try:
+    wait_serving(servers[0])
+    result = run(remote_train_cfg(tiny_dataset, tmp_path / "run", [servers[0].address], *ON_POLICY), keep_state=True)
+  finally:
+    servers[-1].stop()
+  assert len(servers) == 2 and result.step == STEPS
+  assert result.trained_example_ids == straight.trained_example_ids
+  for a, b in zip(params_of(result), params_of(straight), strict=True):
+    np.testing.assert_array_equal(a, b)
+  rows = [r for r in jsonl(result.run_dir / "metrics.jsonl") if "train/total_loss" in r]
+  straight_rows = [r for r in jsonl(straight.run_dir / "metrics.jsonl") if "train/total_loss" in r]
+  assert [r["train/total_loss"] for r in rows] == [r["train/total_loss"] for r in straight_rows]
+  assert sum("onpolicy/staleness" in r for r in rows) == STEPS // 2
+  last = result.last_metrics
+  assert last["teacher/failovers_total"] >= 1 and last["teacher/fallbacks_total"] == 0
+
+
 def test_two_replicas_one_killed_mid_training(reference, tiny_dataset, tmp_path, monkeypatch):
   """Two teacher processes; SIGKILL one at step 3 and never bring it back: nothing lost, nothing repeated."""
   from remote_utils import TeacherProcess

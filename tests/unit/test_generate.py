@@ -78,7 +78,7 @@ def right_padded(rng, lengths, p, vocab=300):
 
 def run(model, prompts, lengths, keys, n, **kw):
   out = generate(model, prompts, lengths, key_data=keys, max_new_tokens=n, pad_id=PAD, **kw)
-  return Generation(*(np.asarray(x) for x in out))
+  return Generation(*(None if x is None else np.asarray(x) for x in out))
 
 
 @pytest.fixture(scope="module")
@@ -402,3 +402,25 @@ def test_sharded_generation_equals_one_device(model, layout):
   np.testing.assert_array_equal(np.asarray(out.tokens), one.tokens)
   np.testing.assert_array_equal(np.asarray(out.lengths), one.lengths)
   np.testing.assert_allclose(np.asarray(out.logprobs), one.logprobs, rtol=1e-4, atol=1e-4)
+
+
+def test_student_topk_ids_are_the_top_of_each_drawn_distribution(model):
+  """`topk=k` returns, per generated token, the k most probable real-vocabulary ids of the logits it was drawn
+  from (the full-forward reference's), pad_id past a row's end; the tokens are the same as without it."""
+  rng = np.random.default_rng(9)
+  lengths = np.array([4, 7, 2], np.int32)
+  prompts = right_padded(rng, lengths, 8)
+  keys = key_data(5, 1, np.array([3, 4, 5]))
+  out = run(model, prompts, lengths, keys, 6, temperature=1.0, topk=5, stop_ids=(7, 11, 13))
+  plain = run(model, prompts, lengths, keys, 6, temperature=1.0, stop_ids=(7, 11, 13))
+  np.testing.assert_array_equal(out.tokens, plain.tokens)
+  assert plain.topk_ids is None and out.topk_ids.shape == (3, 6, 5) and out.topk_ids.dtype == np.int32
+  _, generated, logits = reference(model, prompts, lengths, keys, 6, temperature=1.0, top_p=1.0,
+                                   stop_ids=(7, 11, 13))
+  for r in range(3):
+    for i in range(6):
+      if i < generated[r]:
+        expected = np.argsort(-logits[i, r, :300], kind="stable")[:5]
+        np.testing.assert_array_equal(out.topk_ids[r, i], expected)
+      else:
+        assert (out.topk_ids[r, i] == PAD).all()
