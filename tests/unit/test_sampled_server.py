@@ -9,9 +9,10 @@ from distill_core import checkpoints, sampling, wire
 from distill_core.client import OutputSpec
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
+from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.sharding import MeshConfig
-from distill_core.targets import SampleRequest, compute_targets
+from distill_core.targets import compute_targets
 from teacher_server.engine import JaxEngine
 from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
 
