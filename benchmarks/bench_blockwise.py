@@ -39,10 +39,27 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from benchmarks.bench_streaming import REPO, core_split
+from benchmarks.common import (interleaved, measured_intervals, paired_ratio, precompute_targets, run_from_memory,
+                               weighted)
+from benchmarks.results import record
+from distill_core import harness, wire
+from distill_core.config import build, load_config, resolve_preset
 from distill_core.harness import pinned
+from distill_core.model.config import ModelConfig
+from distill_core.netutil import free_port
+from distill_core.prepare import PrepareConfig, prepare
+from distill_core.proto import teacher_pb2 as pb
+from distill_core.wire import OutputSpec
+from student_trainer import train
+from student_trainer.config import TrainConfig
+from teacher_server.config import ServerConfig
+from teacher_server.engine import JaxEngine
+from teacher_server.engine_api import EngineBatch, Fetch
 
 PHASES = ("memory", "remote")  # training runs; "engine" is the host-bytes measurement
 _STREAM = "/distill.teacher.v1.Teacher/Stream"
@@ -88,7 +105,6 @@ def server_overrides(args) -> list[str]:
 
 
 def blockwise_spec(args):
-  from distill_core.wire import OutputSpec
   return OutputSpec(k=args.k, layers=tuple(sorted(set(layer_map(args)))), states=("attn_in", "attn_out"),
                     state_dtype="bfloat16", pack_ids=True)
 
@@ -97,11 +113,6 @@ def blockwise_spec(args):
 
 
 def engine_bytes(args) -> dict:
-  from distill_core.config import load_config
-  from teacher_server.config import ServerConfig
-  from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch
-
   engine = JaxEngine.from_config(load_config(ServerConfig, None, server_overrides(args)))
   info, spec = engine.info, blockwise_spec(args)
   b, t = args.batch, args.seq_len
@@ -118,7 +129,6 @@ def engine_bytes(args) -> dict:
 
 async def stream_bytes(address: str, requests: list[bytes], window: int) -> tuple[float, int, int]:
   """(seconds, response bytes, responses) for `requests` streamed `window` ahead, answers kept raw."""
-  import grpc
   async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30),
                                                           ("grpc.max_send_message_length", 1 << 30)]) as channel:
     call = channel.stream_stream(_STREAM, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
@@ -141,7 +151,6 @@ async def stream_bytes(address: str, requests: list[bytes], window: int) -> tupl
 
 
 def blockwise_requests(args) -> list[bytes]:
-  from distill_core import wire
   rng = np.random.default_rng(0)
   tokens = [rng.integers(0, 256, (args.batch, args.seq_len), dtype=np.int32) for _ in range(4)]
   return [wire.make_request(i, tokens[i % 4], blockwise_spec(args)).SerializeToString()
@@ -150,7 +159,6 @@ def blockwise_requests(args) -> list[bytes]:
 
 def answer_sizes(args, address: str) -> dict:
   """Bytes of one real blockwise answer: its message, its states per token, the whole answer per token."""
-  from distill_core.proto import teacher_pb2 as pb
   one = pb.ForwardResponse.FromString(_first_answer(address, blockwise_requests(args)[0]))
   state_bytes = sum(len(t.data) for t in one.layer_states.values())
   return {"message_bytes": one.ByteSize(), "state_bytes_per_token": state_bytes / (args.batch * args.seq_len),
@@ -165,7 +173,6 @@ def stream_bandwidth(args, address: str, requests: list[bytes]) -> float:
 
 
 def _first_answer(address: str, request: bytes) -> bytes:
-  import grpc
   with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 1 << 30)]) as channel:
     call = channel.unary_unary("/distill.teacher.v1.Teacher/Forward", request_serializer=lambda b: b,
                                response_deserializer=lambda b: b)
@@ -174,8 +181,6 @@ def _first_answer(address: str, request: bytes) -> bytes:
 
 def loopback_server(size: int, port: int) -> None:
   """Child process: answers every Stream request with a prepared `size`-byte message (no model)."""
-  import grpc
-  from grpc_health.v1 import health, health_pb2, health_pb2_grpc
   message = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
 
   async def stream(requests, context):
@@ -201,8 +206,6 @@ def loopback_server(size: int, port: int) -> None:
 
 def start_loopback(message_bytes: int, cores):
   """The loopback server answering `message_bytes`-byte messages, serving (a `distill_core.harness.ServerProcess`)."""
-  from distill_core import harness
-  from distill_core.netutil import free_port
   address = f"127.0.0.1:{free_port()}"
   return harness.ServerProcess([sys.executable, "-m", "benchmarks.bench_blockwise",
                                 f"--loopback-server={message_bytes}", f"--address={address}"], address,
@@ -225,11 +228,6 @@ def train_overrides(args, phase: str) -> list[str]:
 
 def run_phase(args) -> dict:
   """Child process: one blockwise training run (from the remote teacher or from memory)."""
-  from benchmarks.common import measured_intervals, precompute_targets, run_from_memory, weighted
-  from distill_core.config import load_config
-  from student_trainer import train
-  from student_trainer.config import TrainConfig
-
   cfg = load_config(TrainConfig, None, train_overrides(args, args.phase))
   total = args.log_every + args.steps
   shutil.rmtree(cfg.run_dir, ignore_errors=True)
@@ -264,11 +262,6 @@ def main(argv=None) -> int:
   if args.phase:  # JAX runs in child processes only, so the parent can fork the servers safely
     print(json.dumps(engine_bytes(args) if args.phase == "engine" else run_phase(args)))
     return 0
-  from benchmarks.common import interleaved, paired_ratio
-  from distill_core import harness
-  from distill_core.prepare import PrepareConfig, prepare
-  from distill_core.config import build, resolve_preset
-  from distill_core.model.config import ModelConfig
   vocab = build(ModelConfig, resolve_preset(args.teacher)).real_vocab_size
   prepare(PrepareConfig(max_files=args.max_files, vocab_size=vocab, seq_len=args.seq_len,
                         output_dir=str(data_dir(args))), show_progress=False)
@@ -285,7 +278,6 @@ def main(argv=None) -> int:
     loopback = start_loopback(sizes["message_bytes"], teacher_cores)
     loopback_address = loopback.address
     zeros = np.zeros((args.batch, args.seq_len), np.int32)
-    from distill_core import wire
     same_size = [wire.make_request(0, zeros, blockwise_spec(args)).SerializeToString()] * args.requests
     bandwidth = interleaved({"served": lambda: stream_bandwidth(args, address, blockwise_requests(args)),
                              "loopback": lambda: stream_bandwidth(args, loopback_address, same_size)}, args.rounds)
@@ -311,7 +303,6 @@ def main(argv=None) -> int:
                                                       why="streaming cannot beat the same answers in memory"),
                                          "ratio"),
   }
-  from benchmarks.results import record
   record(figures)
   if args.json:
     print(json.dumps({key: getattr(value, "value", value) for key, (value, _) in figures.items()}))

@@ -33,7 +33,14 @@ import tempfile
 import time
 from pathlib import Path
 
+import grpc
 import numpy as np
+
+from benchmarks.probes import rss_bytes, scrape_metrics
+from benchmarks.results import record
+from distill_core import harness, wire
+from distill_core.client import OutputSpec, TeacherClient
+from distill_core.netutil import free_port
 
 TOKEN = "bench-faults-token"
 MIB = 1 << 20
@@ -51,9 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 async def slow_reader(args, address: str, metrics_url: str, pid: int) -> dict:
-  from distill_core import wire
-  from distill_core.client import OutputSpec, TeacherClient
-  from benchmarks.probes import rss_bytes, scrape_metrics
   tokens = np.random.default_rng(0).integers(0, 384, (64, 256), dtype=np.int32)
   spec = OutputSpec(k=128)
   async with TeacherClient(address, token=TOKEN, max_message_bytes=256 * MIB) as client:
@@ -75,9 +79,6 @@ async def slow_reader(args, address: str, metrics_url: str, pid: int) -> dict:
 
 
 async def idle_streams(args, address: str) -> dict:
-  import grpc
-
-  from distill_core.client import TeacherClient
   clients = [TeacherClient(address, token=TOKEN, options=[("grpc.use_local_subchannel_pool", 1)])
              for _ in range(args.connections)]
   calls = [clients[i % len(clients)].stub.Stream(metadata=clients[0].metadata) for i in range(args.idle_streams)]
@@ -95,9 +96,6 @@ async def idle_streams(args, address: str) -> dict:
 
 
 async def abandoned(address: str, metrics_url: str) -> dict:
-  from distill_core import wire
-  from distill_core.client import OutputSpec, TeacherClient
-  from benchmarks.probes import scrape_metrics
   n = 40
   tokens = np.random.default_rng(1).integers(0, 384, (64, 256), dtype=np.int32)
   before = scrape_metrics(metrics_url).get("teacher_abandoned_requests_total", 0.0)
@@ -113,9 +111,6 @@ async def abandoned(address: str, metrics_url: str) -> dict:
 
 
 async def malformed(args, address: str, pid: int, log_path: Path) -> dict:
-  import grpc
-
-  from benchmarks.probes import rss_bytes
   rng = np.random.default_rng(2)
   blobs = [rng.bytes(int(rng.integers(1, 400))) for _ in range(args.malformed)]
   lines_before = log_path.read_text(errors="replace").count("malformed request")
@@ -149,8 +144,6 @@ UNITS = {"faults_slow_reader_held_mib": "MiB", "faults_slow_reader_unbounded_mib
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  from distill_core import harness
-  from distill_core.netutil import free_port
   log_dir = tempfile.TemporaryDirectory(prefix="bench_faults_")
   log_path = Path(log_dir.name) / "server.log"
   server = harness.TeacherServerProcess(["model.preset=tiny", "batcher.buckets=[[8,256]]",
@@ -171,7 +164,6 @@ def main(argv=None) -> int:
     print(f"the server logged a traceback:\n{server_log[max(0, server_log.index('Traceback') - 1500):][:3000]}",
           file=sys.stderr)
     return 1
-  from benchmarks.results import record
   record({key: (value, UNITS[key]) for key, value in results.items()})
   if args.json:
     print(json.dumps(results))

@@ -27,9 +27,27 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from scipy.special import ndtri
 
-from benchmarks.bench_train import HelpFormatter
+from benchmarks.bench_train import HelpFormatter, throughput
+from benchmarks.common import interleaved, paired_ratio
+from benchmarks.results import record
+from distill_core import shards, sorted_delta, wire
+from distill_core.config import load_config
+from distill_core.data import load_manifest, make_iterator
+from distill_core.harness import ensure_corpus
+from distill_core.sharding import make_mesh
+from distill_core.shards import StoredSpec
+from distill_core.shards_io import AnswerStore, ShardWriter
+from distill_core.targets import TeacherTargets
+from student_trainer.config import TrainConfig
+from student_trainer.sources import Student
+from student_trainer.sources.offline import OfflineTeacher
+from student_trainer.train import run
+from teacher_server.dump import dump
+from teacher_server.dump_config import DumpConfig
 
 K_VALUES = (16, 64, 128)
 ZSTD_LEVEL = 3
@@ -39,7 +57,6 @@ BIG_VOCAB = 131072
 def synthetic_answers(rng, positions: int, k: int, vocab: int, sigma: float = 3.0):
   """(ids, values): the k largest of `vocab` i.i.d. N(0, sigma^2) logits per position, exactly sampled
   (Renyi: the i-th largest uniform is the previous one times W^(1/(vocab - i + 1))), minus the max."""
-  from scipy.special import ndtri
   log_u = np.cumsum(np.log(rng.random((positions, k))) / (vocab - np.arange(k)), axis=1)
   x = -ndtri(-np.expm1(log_u)) * sigma  # (positions, k), descending
   ids = rng.integers(0, vocab, (positions, k), dtype=np.int32)
@@ -48,18 +65,15 @@ def synthetic_answers(rng, positions: int, k: int, vocab: int, sigma: float = 3.
 
 def write_shard(root: Path, name: str, records: list[bytes], positions: int) -> int:
   """Writes `records` as one shard with the real writer; returns the file's bytes."""
-  from distill_core import shards
-  from distill_core.shards_io import ShardWriter
   header = _header(name)
   writer = ShardWriter(root / name, header, name_of=lambda i: f"{name}-{i}{shards.SHARD_SUFFIX}",
                        records_per_shard=len(records) + 1)
-  for i, record in enumerate(records):
-    writer.add(i, record, positions=positions, tokens=positions, temperatures=(1.0,))
+  for i, encoded in enumerate(records):
+    writer.add(i, encoded, positions=positions, tokens=positions, temperatures=(1.0,))
   return writer.finish_shard().bytes
 
 
 def _header(name: str):
-  from distill_core import shards, wire
   teacher = shards.TeacherInfo(model_type="synthetic", weights_fingerprint="", tokenizer_fingerprint="",
                                vocab_size=BIG_VOCAB, num_layers=0, hidden_size=0)
   dataset = shards.DatasetInfo(path="", dataset_fingerprint="", tokenizer_fingerprint="", seq_len=0, splits={})
@@ -72,8 +86,6 @@ STAMP = "0" * 64  # every record names its teacher: a sha256 hex weights fingerp
 
 def size_figures(answers, vocab: int, seq_len: int, out: Path, prefix: str) -> dict:
   """Bytes per token and per entry for every k and zstd setting; `answers` yields B=1 targets at k = 128."""
-  from distill_core import shards, wire
-  from distill_core.shards import StoredSpec
   figures = {}
   for k in K_VALUES:
     for level in (0, ZSTD_LEVEL):
@@ -90,9 +102,6 @@ def size_figures(answers, vocab: int, seq_len: int, out: Path, prefix: str) -> d
 
 
 def big_vocab_figures(examples: int, seq_len: int, out: Path) -> dict:
-  from distill_core import shards, sorted_delta, wire
-  from distill_core.shards import StoredSpec
-  from distill_core.targets import TeacherTargets
   rng = np.random.default_rng(0)
   answers = []
   for _ in range(examples):
@@ -114,8 +123,6 @@ def big_vocab_figures(examples: int, seq_len: int, out: Path) -> dict:
 
 
 def train_cfg(args, answers: Path, run_dir: Path, *extra: str):
-  from distill_core.config import load_config
-  from student_trainer.config import TrainConfig
   base = [f"run_dir={run_dir}", f"data.path={args.data}", f"data.batch_size={args.batch_size}", "data.shuffle=false",
           f"steps={args.steps}", f"model={args.student}", "logging.every_steps=4", "logging.progress=false",
           "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1", "checkpoint.every_steps=1000000",
@@ -126,11 +133,6 @@ def train_cfg(args, answers: Path, run_dir: Path, *extra: str):
 
 
 def read_throughput(cfg, batches: list, threads: int) -> float:
-  import jax
-
-  from distill_core.sharding import make_mesh
-  from student_trainer.sources import Student
-  from student_trainer.sources.offline import OfflineTeacher
   cfg = cfg.model_copy(update={"teacher": cfg.teacher.model_copy(update={"offline": cfg.teacher.offline.model_copy(
       update={"read_threads": threads})})})
   with OfflineTeacher(cfg.teacher.offline, Student.of(cfg), make_mesh(cfg.mesh)) as source:
@@ -163,16 +165,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, default=3,
                       help="Interleaved rounds of the 2-thread read and the student run (the speed-up's two sides).")
   args = parser.parse_args(argv)
-  from benchmarks.bench_train import throughput
-  from benchmarks.common import interleaved, paired_ratio
-  from benchmarks.results import record
-  from distill_core.config import load_config
-  from distill_core.data import load_manifest, make_iterator
-  from distill_core.harness import ensure_corpus
-  from distill_core.shards_io import AnswerStore
-  from teacher_server.dump import dump
-  from teacher_server.dump_config import DumpConfig
-  from student_trainer.train import run
   ensure_corpus(args.data)
   seq_len = load_manifest(args.data).seq_len
   model = ([f"teacher.model.source=hf", f"teacher.model.path={args.teacher_hf}"] if args.teacher_hf

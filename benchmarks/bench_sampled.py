@@ -34,7 +34,22 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from benchmarks.common import interleaved, paired_ratio
+from benchmarks.results import record
+from distill_core import checkpoints, wire
+from distill_core.config import build, resolve_preset
+from distill_core.data import DataConfig, load_manifest, make_iterator
+from distill_core.model.config import ModelConfig
+from distill_core.sampling import split_u64
+from distill_core.sharding import MeshConfig
+from distill_core.targets import compute_targets
+from student_trainer import losses
+from teacher_server.engine import JaxEngine
+from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
 
 TOPK = (16, 64, 128)
 EXACT = 16  # exact top-k ids of the combined variant (samples drawn outside them)
@@ -60,9 +75,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _load(preset: str, hf: str | None, seed: int):
-  from distill_core import checkpoints
-  from distill_core.config import build, resolve_preset
-  from distill_core.model.config import ModelConfig
   if hf:
     return checkpoints.load_model(hf_checkpoint=hf)
   return checkpoints.load_model(build(ModelConfig, resolve_preset(preset)), seed=seed)
@@ -71,8 +83,6 @@ def _load(preset: str, hf: str | None, seed: int):
 def _batch(args, vocab: int):
   """(tokens, segment ids, positions, example ids, where from) of one batch."""
   if args.data and (Path(args.data) / "manifest.json").is_file():
-    from distill_core.config import build
-    from distill_core.data import DataConfig, load_manifest, make_iterator
     if load_manifest(args.data).vocab_size > vocab:
       raise SystemExit(f"--data {args.data}: its tokenizer has {load_manifest(args.data).vocab_size} ids, more than "
                        f"the models' {vocab} (pass models of that vocabulary, or --data '' for random tokens)")
@@ -92,13 +102,6 @@ def _batch(args, vocab: int):
 def gradient_errors(s, z, mask, true_vocab: int, ns: list[int], seeds: int, temperature: float,
                     example_ids) -> dict[str, float]:
   """Relative squared gradient errors: sampled (mean over seeds) per N, and `tail` per top-k."""
-  import jax
-  import jax.numpy as jnp
-
-  from distill_core.sampling import split_u64
-  from distill_core.targets import compute_targets
-  from student_trainer import losses
-
   def grad_of(fn):
     return jax.jit(jax.grad(lambda x, *a: fn(x, *a)[0].sum))
 
@@ -131,11 +134,6 @@ def gradient_errors(s, z, mask, true_vocab: int, ns: list[int], seeds: int, temp
 
 def wire_bytes(z, true_vocab: int, ns: list[int], temperature: float, example_ids) -> dict[str, float]:
   """Answer bytes per token: N samples (with the one top id every answer carries) and top-k."""
-  import jax
-
-  from distill_core import wire
-  from distill_core.sampling import split_u64
-  from distill_core.targets import compute_targets
   tokens = z.shape[0] * z.shape[1]
   bits = wire.bits_for(true_vocab)
 
@@ -158,10 +156,6 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
 
   The two programs take turns over `rounds` rounds; their ratio is the median of the rounds' ratios.
   """
-  from distill_core.sampling import split_u64
-  from distill_core.sharding import MeshConfig
-  from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
   b, t = tokens.shape
   k = min(64, teacher.cfg.real_vocab_size)
   engine = JaxEngine(teacher, buckets=[(b, t)], max_k=k, max_temperatures=1, selectable_layers=[], state_names=[],
@@ -171,7 +165,6 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
   draws.num_samples[:] = n
   draws.example_ids[:] = split_u64(example_ids)
   temps = np.ones((b, 1), np.float32)
-  from benchmarks.common import interleaved, paired_ratio
   programs = {"plain": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k)),
               "sampled": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k, samples=n), draws)}
 
@@ -195,10 +188,6 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
 
 def main(argv=None) -> int:
   args = parse_args(argv)
-  import jax
-  import jax.numpy as jnp
-
-  from benchmarks.results import record
   ns = sorted({int(x) for x in args.ns.split(",")})
   teacher = _load(args.preset, args.teacher_hf, seed=0)
   student = _load(args.student, args.student_hf, seed=1)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import math
@@ -47,7 +48,25 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import yaml
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec
+
+from benchmarks.results import git_commit, invocation, machine, record
+from benchmarks.scale_device import measure_engine, measure_student
+from benchmarks.scale_model import analytic_flops_per_token, is_remat, model_config, param_count, remat_override
+from distill_core import checkpoints, memory
+from distill_core.data import Batch
+from distill_core.model.config import ModelConfig
+from distill_core.sharding import MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table
+from distill_core.targets import TeacherTargets
+from student_trainer.config import TrainConfig
+from student_trainer.losses import LossConfig
+from student_trainer.state import abstract_train_state
+from student_trainer.step import make_train_step
+from teacher_server.engine import DEFAULT_CHUNK_SIZE, JaxEngine
 
 log = logging.getLogger("bench_scale")
 
@@ -95,7 +114,7 @@ class Case:
     return f"{self.side} {self.preset}"
 
 
-# ---------------------------------------------------------------- model config and analytic FLOPs
+# ---------------------------------------------------------------- config overrides
 
 
 def generic_overrides(cls, pairs: list[str], what: str) -> tuple[dict[str, Any], list[str]]:
@@ -112,52 +131,6 @@ def generic_overrides(cls, pairs: list[str], what: str) -> tuple[dict[str, Any],
   return kept, skipped
 
 
-def remat_override(value: str) -> dict[str, Any]:
-  """`--remat` as the model's `remat` field takes it: a bool today, a policy name where the field is a string."""
-  from distill_core.model.config import ModelConfig
-  field = ModelConfig.model_fields.get("remat")
-  if field is None:
-    return {}
-  if field.annotation is bool:
-    return {"remat": value not in ("none", "false", "off", "no")}
-  return {"remat": value}
-
-
-def model_config(preset: str, overrides: dict[str, Any]):
-  from distill_core.config import build, resolve_preset
-  from distill_core.model.config import ModelConfig
-  return build(ModelConfig, {**resolve_preset(preset), **overrides}, source=f"model preset {preset}")
-
-
-def param_count(cfg) -> int:
-  """Parameters of the model (embedding and head included), from its shapes."""
-  from distill_core import checkpoints
-  from flax import nnx
-  import jax
-  state = nnx.state(checkpoints.abstract_model(cfg), nnx.Param)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-
-
-def analytic_flops_per_token(cfg, seq_len: int, *, train: bool, remat: bool) -> float:
-  """Model FLOPs per token: 2 x (matmul parameters) + 4·L·T·H·D attention per forward (the full T x T
-  score matrix, as dense attention computes it: PaLM's 6N + 12·L·H·D·T convention for a train step);
-  a train step is 3 forwards, plus one more forward of the layers when they are rematerialised."""
-  e, h, kv, d, i = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_per_head,
-                    cfg.intermediate_size)
-  per_layer = e * h * d + 2 * e * kv * d + h * d * e + 3 * e * i  # q, k, v, o, gate, up, down
-  layers = cfg.num_hidden_layers * (2 * per_layer + 4 * seq_len * h * d)
-  head = 2 * e * cfg.vocab_size
-  forward = layers + head
-  if not train:
-    return float(forward)
-  return float(3 * forward + (layers if remat else 0))
-
-
-def is_remat(cfg) -> bool:
-  value = getattr(cfg, "remat", False)
-  return bool(value) and value not in ("none", "false")
-
-
 # ---------------------------------------------------------------- compile
 
 
@@ -166,7 +139,6 @@ def topology_devices(name: str):
   # Other processes on this machine may have loaded libtpu too (a JAX without JAX_PLATFORMS=cpu
   # probes for TPUs): compile-only use needs no exclusive lock on the chips.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(name, "tpu").devices)
   except Exception as e:  # noqa: BLE001 - libtpu missing or the name unknown: say which
@@ -187,9 +159,6 @@ def _has_loop(compiled) -> bool:
 def teacher_programs(cfg, devices, buckets, mesh: dict, max_k: int, chunk_size: int | None = None):
   """(name, lowered) of every bucket of a `JaxEngine` over abstract weights on `devices` (`chunk_size`:
   the engine's logits chunk; None: its default)."""
-  from distill_core import checkpoints
-  from distill_core.sharding import MeshConfig
-  from teacher_server.engine import DEFAULT_CHUNK_SIZE, JaxEngine
   engine = JaxEngine(checkpoints.abstract_model(cfg), buckets=buckets, max_k=max_k, max_temperatures=1,
                      selectable_layers=[], state_names=[], mesh=MeshConfig(**mesh), devices=devices,
                      chunk_size=DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size)
@@ -199,17 +168,6 @@ def teacher_programs(cfg, devices, buckets, mesh: dict, max_k: int, chunk_size: 
 def student_program(cfg, devices, per_chip: int, seq_len: int, mesh: dict, loss: dict, grad_accum: int,
                     value_dtype: str):
   """(name, lowered) of the student's `kd` train step for `per_chip` sequences per chip per micro-batch."""
-  import jax
-  import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec
-
-  from distill_core.data import Batch
-  from distill_core.sharding import MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table
-  from distill_core.targets import TeacherTargets
-  from student_trainer.config import TrainConfig
-  from student_trainer.state import abstract_train_state
-  from student_trainer.step import make_train_step
-
   train_cfg = TrainConfig.model_validate({"model": cfg.model_dump(), "loss": loss, "mesh": mesh,
                                           "optim": {"grad_accum": grad_accum}})
   mesh_obj = make_mesh(train_cfg.mesh, devices)
@@ -262,7 +220,6 @@ class Row:
 
 def _memory_row(case: Case, cfg, topology: str, devices, name: str, lowered, tokens: int, flops: tuple,
                 skipped: list[str], seconds_before: float) -> Row:
-  from distill_core import memory
   start = time.perf_counter()
   compiled, program = memory.compile_or_estimate(name, lowered)
   seconds = time.perf_counter() - start + seconds_before
@@ -285,7 +242,6 @@ def _depth_flops(make_lowered, cfg, analytic, devices) -> tuple[float, float, bo
   """(compiled, analytic FLOPs per token at cfg's depth, exact): from unrolled 1- and 2-layer compiles
   (`make_lowered(cfg, devices)`, one row per chip: a token's work does not depend on the rows beside it),
   on the v5p slice of as many chips where this chip refuses them; NaN where that refuses them too."""
-  from distill_core import memory
   per_depth, exact = [], True
   for depth in (1, 2):
     # Loop-free: XLA's cost analysis counts a loop body once (and a Pallas kernel not at all), so the
@@ -319,7 +275,6 @@ def run_teacher(case: Case, topology: str, args, overrides: dict, skipped: list[
     lowering_s = time.perf_counter() - start
 
     def small(c, devs, t=t):
-      from distill_core.sharding import MeshConfig, batch_parallelism, make_mesh
       rows = batch_parallelism(make_mesh(MeshConfig(**case.mesh), devs))  # one row per data x fsdp chip
       [(_, low)] = teacher_programs(c, devs, [(rows, t)], case.mesh, args.max_k, chunk_size=0)  # loop-free
       return low, rows * t, len(devs)
@@ -349,8 +304,6 @@ def run_student(case: Case, topology: str, args, overrides: dict, loss: dict, sk
 
 def weights_fit(cfg, topology: str) -> bool:
   """Whether the parameters alone fit the slice's total HBM (a search skips slices where they cannot)."""
-  from distill_core import memory
-  import numpy as np
   devices = topology_devices(topology)
   bytes_ = param_count(cfg) * np.dtype(cfg.param_dtype).itemsize
   return bytes_ < memory.chip_of(devices[0]).hbm_bytes * len(devices)
@@ -458,8 +411,6 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
   for name in ("jax", "absl", "jax._src"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  from distill_core.model.config import ModelConfig
-  from student_trainer.losses import LossConfig
   teachers = [Case.parse("teacher", s) for s in args.teacher if s != "none"]
   students = [Case.parse("student", s) for s in args.student if s != "none"]
   model_pairs = list(args.model) + ([f"attention={args.attention}"] if args.attention else [])
@@ -488,10 +439,8 @@ def main(argv: list[str] | None = None) -> int:
   print_rows(rows)
   print(f"(* FLOPs counted with a loop inside a layer: understated) total {time.perf_counter() - start:.0f} s")
   measured = {}
-  import jax
   device = jax.devices()[0]
   if device.platform in ("gpu", "tpu"):
-    from benchmarks.scale_device import measure_engine, measure_student
     try:
       for case in teachers[:1]:
         tps = measure_engine(case.preset, overrides, case.shapes[0], args.max_k)
@@ -510,8 +459,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"FAILED {line}", file=sys.stderr)
   if args.no_record:
     return 1 if failed else 0
-  import datetime
-  from benchmarks.results import git_commit, invocation, machine, record
   details = {"command": invocation(), "commit": git_commit(),
              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
              "machine": machine(), "skipped_fields": skipped + loss_skipped,

@@ -45,6 +45,15 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common import interleaved, paired_ratio
+from benchmarks.results import record
+from distill_core import harness, wire
+from distill_core.client import OutputSpec, TeacherClient
+from distill_core.config import load_config
+from teacher_server.config import ServerConfig
+from teacher_server.engine import JaxEngine
+from teacher_server.engine_api import EngineBatch, Fetch
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -75,11 +84,6 @@ def server_overrides(args) -> list[str]:
 
 def engine_phase(args) -> None:
   """Child process: raw engine throughput, measured once per line on stdin (one JSON line each)."""
-  from distill_core.config import load_config
-  from teacher_server.config import ServerConfig
-  from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch
-
   engine = JaxEngine.from_config(load_config(ServerConfig, None, server_overrides(args)))
   engine.warmup()
   rng = np.random.default_rng(0)
@@ -131,9 +135,6 @@ def child_env() -> dict:
 
 def message_sizes(args, address: str, vocab: int) -> dict:
   """Request and answer bytes per token of one full bucket."""
-  from distill_core import wire
-  from distill_core.client import OutputSpec, TeacherClient
-
   b, t = args.batch, args.length
   tokens = np.random.default_rng(1).integers(0, vocab, (b, t), dtype=np.int32)
 
@@ -160,8 +161,6 @@ def _tokens(args, vocab: int) -> list[np.ndarray]:
 
 async def served_phase(args, address: str, vocab: int) -> float:
   """Tokens/s served through gRPC: `--streams` streams, `--window` full buckets in flight each."""
-  from distill_core.client import OutputSpec, TeacherClient
-
   tokens, spec = _tokens(args, vocab), OutputSpec(k=args.k, value_dtype="float16")
   per_stream = [args.batches // args.streams + (i < args.batches % args.streams) for i in range(args.streams)]
   async with TeacherClient(address) as client:
@@ -181,8 +180,6 @@ async def served_phase(args, address: str, vocab: int) -> float:
 
 async def batching_phase(args, address: str, vocab: int, clients: int) -> float:
   """Real tokens/s served to `clients` clients, each with one half-empty request in flight at a time."""
-  from distill_core.client import OutputSpec, TeacherClient
-
   rows, spec = half_rows(args), OutputSpec(k=args.k, value_dtype="float16")
   half = [x[:rows] for x in _tokens(args, vocab)]
   warmed, go = asyncio.Semaphore(0), asyncio.Event()
@@ -210,7 +207,6 @@ def half_rows(args) -> int:
 
 
 def record_results(args, results: dict) -> None:
-  from benchmarks.results import record
   k = args.k
   figures = {"engine_tokens_per_s": (results["engine_tokens_per_s"], "tokens/s"),
              "served_tokens_per_s": (results["served_tokens_per_s"], "tokens/s"),
@@ -224,8 +220,6 @@ def record_results(args, results: dict) -> None:
 
 def measure(args) -> dict:
   """Every figure, the engine and served tokens/s (and 1 vs N clients) interleaved over `--rounds` rounds."""
-  from benchmarks.common import interleaved, paired_ratio
-  from distill_core import harness
   engine = EngineChild(args)
   server = harness.TeacherServerProcess(["log_level=WARNING", *server_overrides(args)], env=child_env())
   address = server.address

@@ -44,7 +44,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import (interleaved, measured_intervals, paired_ratio, precompute_targets, run_from_memory,
+                               weighted)
+from benchmarks.results import record
+from distill_core import harness
+from distill_core.config import build, load_config, resolve_preset
 from distill_core.harness import pinned
+from distill_core.model.config import ModelConfig
+from distill_core.prepare import PrepareConfig, prepare
+from student_trainer import train
+from student_trainer.config import TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("memory", "remote", "local")
@@ -103,11 +112,6 @@ def train_overrides(args, phase: str) -> list[str]:
 
 def run_phase(args) -> dict:
   """Child process: one trainer run; returns throughput over the measured intervals."""
-  from benchmarks.common import measured_intervals, precompute_targets, run_from_memory, weighted
-  from distill_core.config import load_config
-  from student_trainer import train
-  from student_trainer.config import TrainConfig
-
   cfg = load_config(TrainConfig, None, train_overrides(args, args.phase))
   total = args.log_every + args.steps
   shutil.rmtree(cfg.run_dir, ignore_errors=True)  # a fresh run: no checkpoint, no old metrics
@@ -140,7 +144,6 @@ def child(args, phase: str, cores: set[int] | None, address: str | None = None) 
 
 def start_server(args, cores: set[int] | None):
   """The teacher server of phase (b) on `cores` (a `distill_core.harness.TeacherServerProcess`, not yet serving)."""
-  from distill_core import harness
   return harness.TeacherServerProcess(
       ["log_level=WARNING", "model.source=preset", f"model.preset={args.teacher}", "model.seed=0",
        f"batcher.buckets=[[{args.batch},{args.seq_len}]]", f"limits.max_k={args.k}", "limits.selectable_layers=[]",
@@ -153,9 +156,6 @@ def main(argv=None) -> int:
   if args.phase:
     print(json.dumps(run_phase(args)))
     return 0
-  from distill_core.config import build, resolve_preset
-  from distill_core.model.config import ModelConfig
-  from distill_core.prepare import PrepareConfig, prepare
   vocab = {build(ModelConfig, resolve_preset(name)).real_vocab_size for name in (args.student, args.teacher)}
   if len(vocab) != 1:
     raise SystemExit(f"student {args.student} and teacher {args.teacher} must share a vocabulary, got {vocab}")
@@ -164,7 +164,6 @@ def main(argv=None) -> int:
   student_cores, teacher_cores = core_split()
   local_cores = student_cores if args.local_cores == "student" else (
       student_cores | teacher_cores if student_cores else None)
-  from benchmarks.common import interleaved, paired_ratio
   runs: dict[str, list[dict]] = {phase: [] for phase in PHASES}
 
   def phase_run(phase: str, cores, address=None):
@@ -194,7 +193,6 @@ def main(argv=None) -> int:
              "local_cores": sorted(local_cores or []), "rounds": rounds,
              "setup": dict(student=args.student, teacher=args.teacher, batch=args.batch, seq_len=args.seq_len,
                            k=args.k, window=args.window, measured_steps=runs["remote"][0]["measured_steps"])}
-  from benchmarks.results import record
   record({"memory_tokens_per_s": (median["memory"], "tokens/s"),
           "remote_tokens_per_s": (median["remote"], "tokens/s"),
           "local_tokens_per_s": (median["local"], "tokens/s"),

@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.results import record
+
 REPO = Path(__file__).resolve().parent.parent
 STAMP = ".venv/.installed"  # the Makefile's install stamp, relative to the checkout
 TARGETS = {"test-unit": "suite_unit", "test": "suite_full"}
@@ -103,7 +105,6 @@ def main(argv=None) -> int:
       print(f"make {target}: {wall:.0f} s, {counts}", flush=True)
       figures[f"{key}_wall_s"] = (wall, "s")
       figures[f"{key}_tests"] = (counts.get("passed", 0), "tests")
-  from benchmarks.results import record
   record(figures)
   return 0
 

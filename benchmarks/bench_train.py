@@ -30,6 +30,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
+from benchmarks.common import interleaved, paired_ratio, precompute_targets, run_from_memory
+from benchmarks.results import record
 from distill_core.config import load_config
 from distill_core.harness import ensure_corpus, read_metrics
 from student_trainer.config import TrainConfig
@@ -67,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--rounds", type=int, default=3, help="Interleaved rounds of the three runs.")
   args = parser.parse_args(argv)
   ensure_corpus(args.data)
-  from benchmarks.common import interleaved, paired_ratio, precompute_targets, run_from_memory
-  from benchmarks.results import record
   kd = ("teacher.source=local", f"teacher.local.model={args.teacher}", f"loss.top_k={args.top_k}")
   with tempfile.TemporaryDirectory() as tmp:
     out = Path(tmp)

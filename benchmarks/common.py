@@ -5,8 +5,14 @@ from __future__ import annotations
 import statistics
 from typing import Callable, Mapping, Sequence
 
+import jax
+
 from benchmarks.results import Ratio
+from distill_core.data import make_iterator
 from distill_core.harness import read_metrics
+from distill_core.sharding import make_mesh, rules_table
+from student_trainer import train
+from student_trainer.sources import make_source
 from student_trainer.sources.base import TeacherSource
 
 
@@ -87,12 +93,6 @@ def weighted(rows: list[dict], walls: list[float], wall: float, key: str) -> flo
 
 def precompute_targets(cfg, steps: int) -> list:
   """The targets of the first `steps` training batches of `cfg`, from the source it names."""
-  import jax
-
-  from distill_core.data import make_iterator
-  from distill_core.sharding import make_mesh, rules_table
-  from student_trainer.sources import make_source
-
   teacher = make_source(cfg, make_mesh(cfg.mesh), rules_table(cfg.mesh))
   data = make_iterator(cfg.data, "train")
   targets = []
@@ -108,7 +108,6 @@ def precompute_targets(cfg, steps: int) -> list:
 
 def run_from_memory(cfg, targets: list, stop_after: int | None = None) -> None:
   """Trains `cfg` with `targets` handed to the train loop from memory: the upper bound of any source."""
-  from student_trainer import train
   original = train.make_source
   train.make_source = lambda *a, **kw: InMemorySource(targets)  # the trainer's only source hook
   try:

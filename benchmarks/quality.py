@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -51,9 +52,22 @@ import time
 from pathlib import Path
 from typing import Callable, get_args
 
+import grpc
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from benchmarks.results import RESULTS_DIR, git_commit, invocation, machine
-from distill_core import harness
+from distill_core import harness, wire
+from distill_core.checkpoints import load_model
+from distill_core.config import load_yaml
+from distill_core.data import DataConfig, load_manifest, make_eval_iterator
 from distill_core.harness import code_digest, dir_digest, read_metrics
+from distill_core.parts.samples import SampleRequest
+from distill_core.proto import teacher_pb2_grpc
+from distill_core.wire import OutputSpec
+from student_trainer.losses import KDMode
+from student_trainer.sources import source_kind
 
 REPO = RESULTS_DIR.parent.parent
 PY = sys.executable
@@ -146,12 +160,10 @@ def _local(ctx: Context) -> list[str]:
 
 
 def _kd_modes() -> tuple[str, ...]:
-  from student_trainer.losses import KDMode
   return get_args(KDMode)
 
 
 def _has_source(name: str) -> bool:
-  from student_trainer.sources import source_kind
   try:
     source_kind(name)
   except ValueError:
@@ -160,7 +172,6 @@ def _has_source(name: str) -> bool:
 
 
 def _has(config: str, field: str) -> bool:
-  import importlib
   module, name = config.rsplit(".", 1)
   return field in getattr(importlib.import_module(module), name).model_fields
 
@@ -175,7 +186,6 @@ def _recipe(ctx: Context, *options: str) -> list[str]:
 
 
 def _recipe_layer_map() -> list[int]:
-  from distill_core.config import load_yaml
   return list(load_yaml(REPO / LTI_RECIPE)["lti"]["layer_map"])
 
 
@@ -307,13 +317,6 @@ class Evaluator:
   """Held-out CE and KL(teacher || student) of HF checkpoints, on the same tokens for every model."""
 
   def __init__(self, data: Path, teacher_hf: Path, batches: int, batch_size: int):
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from distill_core.checkpoints import load_model
-    from distill_core.data import DataConfig, make_eval_iterator
-
     it = make_eval_iterator(DataConfig(path=str(data), batch_size=batch_size))
     self.batches = []
     for _ in range(batches):
@@ -339,8 +342,6 @@ class Evaluator:
 
   def evaluate(self, hf_dir: Path | None) -> dict[str, float]:
     """{"ce", "kd"} of the student at `hf_dir` (None: the teacher itself, whose KD is 0)."""
-    import jax.numpy as jnp
-
     model = None if hf_dir is None else self._load(None, hf_checkpoint=str(hf_dir))
     ce = kd = 0.0
     for b, lp_t in zip(self.batches, self.teacher_log_probs):
@@ -366,12 +367,6 @@ def serve(ctx: Context, log_path: Path) -> harness.ServerProcess:
 
 def answer_bytes_per_token(ctx: Context, spec) -> float:
   """Bytes per token of the server's answer to the first held-out batch (example ids 0..B-1) for `spec`."""
-  import grpc
-  import numpy as np
-
-  from distill_core import wire
-  from distill_core.data import DataConfig, make_eval_iterator
-  from distill_core.proto import teacher_pb2_grpc
   it = make_eval_iterator(DataConfig(path=str(ctx.data), batch_size=ctx.budget.batch))
   batch = next(it)
   it.close()
@@ -387,8 +382,6 @@ def answer_bytes_per_token(ctx: Context, spec) -> float:
 
 def choose_samples(ctx: Context) -> None:
   """The largest N (a multiple of 8) whose top-8 + N answer is no larger than the top-64 answer, measured."""
-  from distill_core.parts.samples import SampleRequest
-  from distill_core.wire import OutputSpec
   b = ctx.budget
   ctx.wire["topk_bytes_per_token"] = answer_bytes_per_token(ctx, OutputSpec(k=b.top_k, pack_ids=True))
 
@@ -406,7 +399,6 @@ def choose_samples(ctx: Context) -> None:
 
 
 def seq_len(data: Path) -> int:
-  from distill_core.data import load_manifest
   return load_manifest(data).seq_len
 
 
@@ -487,6 +479,7 @@ def summarise(rows: list[dict], teacher_ce: float) -> dict:
 
 def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> None:
   """Periodic-eval CE curves (the trainer's eval batches); `teacher_ce` must come from the same batches."""
+  # matplotlib is heavy (about half a second) and only this plot needs it; Agg is chosen before pyplot loads
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

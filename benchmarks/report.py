@@ -28,8 +28,10 @@ import re
 import sys
 from pathlib import Path
 
-from benchmarks.results import LATEST, RESULTS_DIR
+from distill_core.memory import GIB, TPU_CHIPS
 
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+LATEST = RESULTS_DIR / "latest.json"
 REPO = RESULTS_DIR.parent.parent
 QUALITY = RESULTS_DIR / "quality.json"
 SCALE = RESULTS_DIR / "scale.json"
@@ -171,7 +173,6 @@ def render_scale(scale: dict | None) -> str:
   if scale.get("skipped_fields"):
     lines += ["", "Options this code does not have yet (skipped): "
               + ", ".join(f"`{f}`" for f in scale["skipped_fields"]) + "."]
-  from distill_core.memory import GIB, TPU_CHIPS  # the chip table the benchmark compared against
   lines += ["", "| chip | HBM per chip GiB | bf16 peak per chip TFLOP/s |", "|---|---|---|"]
   lines += [f"| {c.name} | {c.hbm_bytes / GIB:.0f} | {c.peak_bf16_flops / 1e12:.0f} |" for c in TPU_CHIPS.values()]
   lines += ["", f"Measured by `{scale['command']}` at commit `{scale.get('commit') or '?'}` on "

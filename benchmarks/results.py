@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
-LATEST = RESULTS_DIR / "latest.json"
+from benchmarks import report
+from benchmarks.report import LATEST, RESULTS_DIR
 ENV_PATH = "DISTILL_BENCH_RESULTS"
 
 
@@ -76,8 +76,8 @@ def _cpu_model() -> str:
 def machine() -> dict[str, object]:
   """CPU model, cores and accelerator (None on a CPU-only machine) of this process."""
   accelerator = None
-  if "jax" in sys.modules:  # only describe devices a benchmark already initialised
-    import jax
+  jax = sys.modules.get("jax")
+  if jax is not None:  # only describe devices a benchmark already initialised: importing jax here would start one
     devices = jax.devices()
     if devices and devices[0].platform != "cpu":
       accelerator = f"{len(devices)} x {devices[0].device_kind}"
@@ -92,7 +92,6 @@ def _changed_outside_outputs(paths: list[str], repo: Path | None = None) -> bool
   and docs; a change limited to those is their own output, not a change of the
   code that measured.
   """
-  from benchmarks import report
   repo = repo or report.REPO
   documents = {str(p.relative_to(repo)) for p in report.documents(repo)}
   for path in paths:
@@ -173,6 +172,5 @@ def record(figures: Mapping[str, tuple[float | Ratio, str]], *, command: str | N
   for key, entry in entries.items():
     print(f"recorded {key} = {entry['value']:.6g} {entry['unit']}  ({path})", flush=True)
   if path.resolve() == LATEST.resolve():
-    from benchmarks import report
     report.main([])  # the committed tables follow the committed results
   return entries

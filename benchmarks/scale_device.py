@@ -10,17 +10,23 @@ from __future__ import annotations
 
 import time
 
-from benchmarks.bench_scale import analytic_flops_per_token, model_config
+import jax
+import numpy as np
 
+from benchmarks.scale_model import analytic_flops_per_token, model_config
+from distill_core import checkpoints, memory
+from distill_core.data import Batch
+from distill_core.sharding import MeshConfig, make_mesh, rules_table, shard_batch
+from distill_core.targets import TeacherTargets
+from student_trainer import step as step_lib
+from student_trainer.config import TrainConfig
+from student_trainer.state import create_train_state
+from teacher_server.engine import JaxEngine
+from teacher_server.engine_api import EngineBatch, Fetch
 
 
 def measure_engine(preset: str, overrides: dict, bucket: tuple[int, int], max_k: int, repeats: int = 3) -> float:
   """Engine tokens/s at one full bucket on the local devices (random weights)."""
-  import numpy as np
-  from distill_core import checkpoints
-  from distill_core.sharding import MeshConfig
-  from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch
   cfg = model_config(preset, overrides)
   engine = JaxEngine(checkpoints.load_model(cfg, seed=0), buckets=[bucket], max_k=max_k, max_temperatures=1,
                      selectable_layers=[], state_names=[], mesh=MeshConfig(data=1, fsdp=-1))
@@ -41,15 +47,6 @@ def measure_student(preset: str, overrides: dict, per_chip: int, seq_len: int, l
                     repeats: int = 3) -> tuple[float, float | None]:
   """(tokens/s, model FLOPs utilisation or None where the peak is unknown) of the kd train step on the
   local devices, FSDP over all of them, with random teacher targets."""
-  import jax
-  import numpy as np
-  from distill_core import memory
-  from distill_core.data import Batch
-  from distill_core.sharding import make_mesh, rules_table, shard_batch
-  from distill_core.targets import TeacherTargets
-  from student_trainer import step as step_lib
-  from student_trainer.config import TrainConfig
-  from student_trainer.state import create_train_state
   cfg = model_config(preset, overrides)
   train_cfg = TrainConfig.model_validate({"model": cfg.model_dump(), "loss": loss, "mesh": {"data": 1, "fsdp": -1}})
   mesh = make_mesh(train_cfg.mesh)

@@ -21,6 +21,7 @@ from flax import nnx
 
 from distill_core.config import build
 from distill_core.model.config import ModelConfig
+from distill_core.model.hf import load_hf_checkpoint
 from distill_core.model.layout import convert_layout
 from distill_core.model.transformer import Transformer, create_model
 
@@ -74,7 +75,6 @@ def load_model(model: ModelConfig | None = None, *, hf_checkpoint: str | None = 
   if len(sources) > 1:
     raise ValueError("give at most one of hf_checkpoint and orbax_checkpoint")
   if hf_checkpoint:
-    from distill_core.model.hf import load_hf_checkpoint
     return load_hf_checkpoint(hf_checkpoint, **overrides)
   if orbax_checkpoint:
     return load_model_orbax(orbax_checkpoint, **overrides)

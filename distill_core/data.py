@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import grain
 import jax
 import numpy as np
+from grain.sources import ArrayRecordDataSource
 from pydantic import Field
 
 from distill_core import records
@@ -101,7 +102,6 @@ class ShardedRecordSource:
   """
 
   def __init__(self, paths: list[Path], counts: list[int], seq_len: int):
-    from grain.sources import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
     self._paths = [str(p) for p in paths]
     self._seq_len = seq_len
     self._sources = []

@@ -23,6 +23,8 @@ import os
 import sys
 import time
 
+from jax._src import hardware_utils, xla_bridge
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -109,7 +111,6 @@ def skip_absent_tpu() -> None:
   """
   if "JAX_PLATFORMS" in os.environ or "JAX_FORCE_TPU_INIT" in os.environ:
     return
-  from jax._src import hardware_utils, xla_bridge  # noqa: PLC0415 - JAX only once logging is set up
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
     # The same registration JAX makes (so `tpu` stays a known platform for lowering rules), with a
     # factory that declines at once instead of starting libtpu; JAX then moves on to the next backend.

@@ -6,6 +6,9 @@ import socket
 import subprocess
 import time
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 
 def free_port(host: str = "127.0.0.1") -> int:
   """A TCP port that is free on `host` right now (the OS picks it)."""
@@ -16,8 +19,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def serving(address: str, timeout: float = 1.0) -> bool:
   """Whether the gRPC health service at `address` answers SERVING (plaintext channels)."""
-  import grpc
-  from grpc_health.v1 import health_pb2, health_pb2_grpc
   with grpc.insecure_channel(address) as channel:
     try:
       reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)

@@ -30,6 +30,8 @@ from typing import Sequence
 
 import numpy as np
 from pydantic import Field, field_validator
+from rich.console import Console, Group
+from rich.table import Table
 
 from distill_core import records
 from distill_core.config import ConfigBase, ConfigError, describe, load_config
@@ -325,8 +327,6 @@ def prepare(cfg: PrepareConfig, *, show_progress: bool = True, console=None
 def summary(manifest: records.Manifest, out_dir: str, elapsed: float):
   """Rich renderables: a per-split table, then vocabulary, fingerprints (first 16 hex
   digits; manifest.json holds them whole) and time."""
-  from rich.console import Group  # pylint: disable=import-outside-toplevel
-  from rich.table import Table  # pylint: disable=import-outside-toplevel
   table = Table(title=f"prepared dataset: {out_dir}", title_justify="left")
   for col in ("split", "files", "bytes", "documents", "tokens", "examples", "shards"):
     table.add_column(col, justify="left" if col == "split" else "right")
@@ -348,8 +348,6 @@ def summary(manifest: records.Manifest, out_dir: str, elapsed: float):
 
 def main(argv: Sequence[str] | None = None) -> int:
   """Console entry point (``distill-prepare``)."""
-  from rich.console import Console  # pylint: disable=import-outside-toplevel
-
   parser = argparse.ArgumentParser(
       prog="distill-prepare", add_help=False,
       description="Tokenize a text corpus into packed ArrayRecord shards (docs/data.md).")

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pydantic
+from array_record.python.array_record_module import ArrayRecordWriter
 
 MAGIC = b"DKEX"
 RECORD_VERSION = 1
@@ -197,8 +198,6 @@ def write_shards(out_dir: str | Path, split: str, tokens: np.ndarray, segment_id
   Returns:
     The shards' descriptions and the sha256 over all records in order.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
-
   n = len(tokens)
   n_shards = -(-n // records_per_shard)
   split_hash = hashlib.sha256()

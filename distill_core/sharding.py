@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax._src import distributed as jax_distributed  # where JAX keeps its client
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pydantic import Field
 
@@ -97,7 +99,6 @@ def maybe_initialize_distributed(**kwargs) -> bool:
   `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` are passed on when set (JAX only
   detects them itself on the clusters it knows); on CPU the collectives use gloo.
   """
-  from jax._src import distributed as jax_distributed  # where JAX keeps its client
   if jax_distributed.global_state.client is not None:
     return True  # already initialised (a second run in the same process)
   if not environment_is_multiprocess():
@@ -131,7 +132,6 @@ def make_mesh(cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> M
     log.warning("mesh uses %d of %d devices", used, n)
   devices = devices[:used]
   if devices[0].platform == "tpu" and used == n:
-    from jax.experimental import mesh_utils
     grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   else:
     grid = np.asarray(devices).reshape(shape)

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
 from etils import epath
+from grain.sources import ArrayRecordDataSource
 
 from distill_core import shards
 from distill_core.shards import Progress, ShardError, ShardInfo
@@ -53,7 +55,6 @@ class ShardWriter:
 
   def __init__(self, root: str | epath.Path, progress: Progress, *, name_of: Callable[[int], str],
                next_index: int = 0, records_per_shard: int = 1024):
-    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
     self._writer_cls = ArrayRecordWriter
     self.root = epath.Path(root)
     self.root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +176,6 @@ class AnswerStore:
 
     Without `must_exist`, a directory with no manifest yet (no shard finished) holds nothing: 0.
     """
-    from grain.sources import ArrayRecordDataSource  # pylint: disable=import-outside-toplevel
     if not self._must_exist and not (self.root / shards.MANIFEST_NAME).exists():
       return 0  # the manifest is written atomically and never removed: absent now means nothing finished
     manifest = shards.read_manifest(self.root)

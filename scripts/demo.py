@@ -26,8 +26,17 @@ import sys
 import time
 from pathlib import Path
 
+import jax
+import numpy as np
+
 from distill_core import harness
+from distill_core.config import build, resolve_preset
+from distill_core.data import DataConfig, load_manifest, make_eval_iterator
 from distill_core.harness import last_metrics, read_metrics
+from distill_core.logs import add_log_level_argument, setup_logging
+from distill_core.model.config import ModelConfig
+from distill_core.model.transformer import count_params, create_model
+from student_trainer import losses
 
 ROOT = harness.REPO
 
@@ -38,14 +47,6 @@ def banner(text: str) -> None:
 
 def inspect(data_dir: Path) -> dict[str, float]:
   """Model sizes and one forward pass of the (untrained) teacher on a held-out batch."""
-  import numpy as np
-
-  from distill_core.config import build, resolve_preset
-  from distill_core.data import DataConfig, load_manifest, make_eval_iterator
-  from distill_core.model.config import ModelConfig
-  from distill_core.model.transformer import count_params, create_model
-  from student_trainer import losses
-
   manifest = load_manifest(data_dir)
   for split, info in manifest.splits.items():
     print(f"  {split:5s}: {info.files} files, {info.tokens:,} tokens, {info.examples:,} examples "
@@ -87,6 +88,7 @@ def curves(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 def plot_curves(runs: dict[str, Path], teacher_ce: float, path: Path) -> Path:
   """Train and held-out CE of each student against steps, with the teacher's held-out CE as a line."""
+  # matplotlib is heavy (about half a second) and only this plot needs it; Agg is chosen before pyplot loads
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -111,7 +113,6 @@ def plot_curves(runs: dict[str, Path], teacher_ce: float, path: Path) -> Path:
 
 def shares_cores() -> bool:
   """Whether the demo's teacher server and student ran on the same CPU cores (no accelerator, no pinning)."""
-  import jax
   return all(d.platform == "cpu" for d in jax.devices())
 
 
@@ -125,10 +126,8 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--student-steps", type=int, default=100, help="Distillation steps of the student.")
   parser.add_argument("--run-dir", default="runs/demo", help="Where the demo's runs go.")
   parser.add_argument("--data-dir", default="data/stdlib", help="Prepared dataset directory.")
-  from distill_core.logs import add_log_level_argument
   add_log_level_argument(parser, "Logging level of the demo's own lines")
   args = parser.parse_args(argv)
-  from distill_core.logs import setup_logging
   setup_logging(level=args.log_level)
   os.environ.setdefault("PYTHONUNBUFFERED", "1")
   try:

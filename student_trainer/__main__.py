@@ -8,7 +8,12 @@ import sys
 
 from distill_core.config import ConfigError, describe, load_config
 from distill_core.logs import add_log_level_argument, setup_logging
+from student_trainer import distributed
 from student_trainer.config import TrainConfig
+from student_trainer.lti.build import plan_for
+from student_trainer.lti.surgery import LTIPlanError
+from student_trainer.preflight import one_line, user_errors
+from student_trainer.train import run
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -37,12 +42,8 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  from student_trainer.lti.surgery import LTIPlanError
   if args.lti_plan:
     return _print_lti_plan(cfg)
-  from student_trainer import distributed  # heavy imports only after the config is valid
-  from student_trainer.preflight import one_line, user_errors
-  from student_trainer.train import run
   try:
     result = run(cfg)
   except LTIPlanError as e:
@@ -69,8 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_lti_plan(cfg: TrainConfig) -> int:
-  from student_trainer.lti.build import plan_for
-  from student_trainer.lti.surgery import LTIPlanError
   if not cfg.from_teacher:
     print("error: --lti-plan needs lti.enabled=true or copy_from_teacher (and lti.kernels_from)", file=sys.stderr)
     return 2

@@ -31,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from student_trainer.distributed import preemption_reached
+
 log = logging.getLogger(__name__)
 
 
@@ -256,7 +258,6 @@ class PreemptionFlag:
   def reached(self, step: int) -> bool:
     """Whether to stop at this step boundary (every process calls it at every step)."""
     if self._multi and not self._event.is_set():
-      from student_trainer.distributed import preemption_reached
       if preemption_reached(step):
         log.warning("preemption notice: every process checkpoints step %d and stops", step)
         self._event.set()

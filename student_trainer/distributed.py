@@ -34,6 +34,9 @@ import threading
 from typing import Mapping
 
 import jax
+import numpy as np
+from jax._src import distributed as jax_distributed
+from jax.experimental import multihost_utils
 from pydantic import Field
 
 from distill_core.config import ConfigBase
@@ -82,7 +85,6 @@ def align(name: str, timeout_s: float) -> None:
 
 
 def _client():
-  from jax._src import distributed as jax_distributed
   client = jax_distributed.global_state.client
   if client is None:
     raise RuntimeError("jax.distributed is not initialised")
@@ -91,14 +93,12 @@ def _client():
 
 def preemption_reached(step: int) -> bool:
   """True on every process at the same step once any process got SIGTERM (multi-process only)."""
-  from jax.experimental import multihost_utils
   return multihost_utils.reached_preemption_sync_point(step)
 
 
 def barrier(name: str) -> None:
   """Waits until every process got here (device collective: also orders the devices' work)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -106,8 +106,6 @@ def gather_ints(*values: int) -> list[list[int]]:
   """Every process's `values` (each process calls this with its own): one list per value, by process."""
   if jax.process_count() == 1:
     return [[int(v)] for v in values]
-  import numpy as np
-  from jax.experimental import multihost_utils
   table = np.asarray(multihost_utils.process_allgather(np.asarray(values, np.int32)))  # (processes, values)
   return [table[:, i].astype(int).tolist() for i in range(len(values))]
 

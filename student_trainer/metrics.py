@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import jax
+from tensorboardX import SummaryWriter
 
 from distill_core.progress import ProgressBar
 
@@ -34,7 +35,6 @@ class MetricsWriter:
     self._jsonl = open(run_dir / "metrics.jsonl", "a") if jsonl else None
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(str(run_dir / "tensorboard"))
 
   def write(self, step: int, metrics: Mapping[str, float]) -> None:

@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import sys
 
+import uvloop
+
 from distill_core.config import ConfigError, describe, load_config
+from distill_core.logs import setup_logging
 from teacher_server.config import ServerConfig
+from teacher_server.server import serve
 
 _EPILOG = """\
 Examples:
@@ -37,10 +41,7 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f"teacher-server: {e}", file=sys.stderr)
     return 2
-  import uvloop  # noqa: PLC0415 - only the process entry point picks the event loop
 
-  from distill_core.logs import setup_logging
-  from teacher_server.server import serve
   setup_logging(cfg.log_format, cfg.log_level)
   with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
     return runner.run(serve(cfg))

@@ -18,7 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from teacher_server.batcher import Batcher
-from teacher_server.config import ServerConfig
+from teacher_server.config import ServerConfig, split_address
+from teacher_server.engine import JaxEngine
 from teacher_server.engine_api import Engine
 from teacher_server.handlers import PROBE_HEADROOM_RPCS, SERVICE_NAME, CallGate, teacher_handler
 from teacher_server.metrics import Metrics
@@ -101,7 +102,6 @@ class TeacherServer:
     try:
       return self.metrics.serve(address)
     except OSError as e:  # e.g. a second server on this machine with the same metrics port
-      from teacher_server.config import split_address
       _, port = split_address(address, "metrics_address")
       raise OSError(f"metrics_address: cannot listen on {address} (port {port}): {e.strerror or e}; set "
                     f"metrics_address=HOST:PORT to a free port, or metrics_address=null to serve no metrics") from None
@@ -163,7 +163,6 @@ async def serve(cfg: ServerConfig, engine: Engine | None = None) -> int:
     loop.add_signal_handler(sig, stop.set)
   try:
     if engine is None:
-      from teacher_server.engine import JaxEngine  # heavy (JAX); only the real server needs it
       engine = await asyncio.to_thread(JaxEngine.from_config, cfg)
     server = TeacherServer(cfg, engine)
     await server.start()

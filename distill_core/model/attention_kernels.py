@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from distill_core.sharding import batch_sharding
+
 log = logging.getLogger(__name__)
 
 SPLASH_LANES = 128  # splash blocks (and so the padded sequence) are multiples of the TPU lane width
@@ -36,6 +38,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
   kernel for TPU, even when compiling ahead of time on a CPU host, and the
   Pallas interpreter elsewhere; True/False force one.
   """
+  # The TPU splash kernels (Pallas/Mosaic, about 0.1 s to import) load only when a model selects them.
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
   from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
@@ -76,7 +79,6 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.
 
 def _batch_axes(mesh, batch: int):
   """The mesh axes the project shards a batch over (kept only when they divide it)."""
-  from distill_core.sharding import batch_sharding
   axes = batch_sharding(mesh, 2).spec[0]
   flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
   flat = tuple(a for a in flat if a in mesh.axis_names)

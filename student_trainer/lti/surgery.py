@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
+from distill_core.checkpoints import abstract_model
 from distill_core.model.config import ModelConfig
 from student_trainer.lti import kernels
 from student_trainer.lti.config import LTIConfig, PathRule
@@ -121,7 +122,6 @@ class Plan:
 
 
 def _param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-  from distill_core.checkpoints import abstract_model
   abstract = abstract_model(cfg)
   return {".".join(map(str, p)): tuple(v.shape) for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
 

@@ -16,6 +16,7 @@ an interrupted download where its bytes end (`ParameterDownload`).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import random
 import re
@@ -23,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flax import nnx
+
+from distill_core.checkpoints import load_model_orbax
+from distill_core.client import ParameterDownload, TeacherError
+from distill_core.model.hf import CONFIG_FILE, config_from_hf, hf_parameter_shapes, read_hf_parameters
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +57,6 @@ class HFTeacherParams(TeacherParams):
   """A Hugging Face checkpoint directory; only the requested tensors are read."""
 
   def __init__(self, path: str | Path):
-    import json
-
-    from distill_core.model.hf import CONFIG_FILE, config_from_hf, hf_parameter_shapes
     self.path = str(Path(path).resolve())
     config = Path(self.path) / CONFIG_FILE
     if not config.is_file():
@@ -63,7 +66,6 @@ class HFTeacherParams(TeacherParams):
     self.num_layers = self.cfg.num_hidden_layers
 
   def fetch(self, names: list[str]) -> dict[str, np.ndarray]:
-    from distill_core.model.hf import read_hf_parameters
     return read_hf_parameters(self.path, names)
 
   def record(self) -> dict[str, Any]:
@@ -74,9 +76,6 @@ class OrbaxTeacherParams(TeacherParams):
   """An Orbax model directory (`save_model_orbax`), restored once in the unrolled layout."""
 
   def __init__(self, path: str | Path):
-    from flax import nnx
-
-    from distill_core.checkpoints import load_model_orbax
     self.path = str(Path(path).resolve())
     model = load_model_orbax(self.path, scan_layers=False)
     self._values = {".".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
@@ -142,7 +141,6 @@ class RemoteTeacherParams(TeacherParams):
 
   async def _retrying(self, what: str, call):
     """Runs `call(client)` with a fresh client per attempt, exponential backoff between attempts."""
-    from distill_core.client import TeacherError
     delay = self.cfg.backoff_initial_s
     for attempt in range(1, self.attempts + 1):
       async with self._client() as client:
@@ -171,7 +169,6 @@ class RemoteTeacherParams(TeacherParams):
     return sorted({re.sub(r"^layers\.\d+\.", "layers.", n) for n in names})
 
   def fetch(self, names: list[str]) -> dict[str, np.ndarray]:
-    from distill_core.client import ParameterDownload
     wanted = self._server_names(names)
     arrays: dict[str, np.ndarray] = {}
     for group in _regex_groups(wanted):
