@@ -43,6 +43,7 @@ from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import pydantic
+import zstandard
 from etils import epath
 from google.protobuf import json_format
 
@@ -224,7 +225,6 @@ def encode_record(example_id: int, targets: TeacherTargets, spec: StoredSpec, *,
   payload = resp.SerializeToString()
   flags = 0
   if spec.zstd_level:
-    import zstandard  # pylint: disable=import-outside-toplevel
     payload = zstandard.ZstdCompressor(level=spec.zstd_level).compress(payload)
     flags |= FLAG_ZSTD
   body = _HEADER.pack(MAGIC, RECORD_VERSION, flags, 0, int(example_id), len(payload)) + payload
@@ -250,7 +250,6 @@ def decode_record(data: bytes, where: str, *, weights_fingerprint: str | None = 
     raise ShardError(f"{where}: record version {version}, this code reads {RECORD_VERSION}{_REDUMP}")
   payload = memoryview(data)[_HEADER.size:_HEADER.size + size]
   if flags & FLAG_ZSTD:
-    import zstandard  # pylint: disable=import-outside-toplevel
     payload = zstandard.ZstdDecompressor().decompress(payload)
   try:
     resp = pb.ForwardResponse.FromString(bytes(payload))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 import pydantic
@@ -18,6 +19,8 @@ from student_trainer.losses import LossConfig
 from student_trainer.lti.config import LTIConfig, PathRule
 from student_trainer.policy import policy_names
 from student_trainer.sources import SourceKind, Student, source_kind, source_names
+
+log = logging.getLogger(__name__)
 
 # What `python -m student_trainer` with no arguments trains on (prepared on first use).
 DEFAULT_DATA_PATH = "data/stdlib_tiny"
@@ -259,9 +262,8 @@ class TrainConfig(ConfigBase):
     if isinstance(lti, dict) and "copy_from_teacher" in lti:
       if "copy_from_teacher" in data:
         raise ValueError("lti.copy_from_teacher moved to the top-level key copy_from_teacher; give only that one")
-      import logging
-      logging.getLogger(__name__).warning("lti.copy_from_teacher is now the top-level key copy_from_teacher "
-                                          "(loaded as that; rename it in the config)")
+      log.warning("lti.copy_from_teacher is now the top-level key copy_from_teacher "
+                  "(loaded as that; rename it in the config)")
       lti = dict(lti)
       data = {**data, "lti": lti, "copy_from_teacher": lti.pop("copy_from_teacher")}
     return data

@@ -14,8 +14,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from distill_core import records
+from distill_core.config import load_config
 from distill_core.data import load_manifest, num_batches
 from distill_core.memory import MemoryBudgetError
+from distill_core.prepare import PrepareConfig, prepare
+from distill_core.records import RecordError
+from distill_core.shards import ShardError
+from distill_core.shards_io import MissingAnswers
+from distill_core.stream.pool import RemoteTeacherError
+from student_trainer.checkpoint import ConfigChanged
 from student_trainer.config import (DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, LocalTeacherConfig,
                                     RemoteTeacherConfig, TrainConfig)
 from student_trainer.sources import source_kind
@@ -32,11 +39,6 @@ class RunError(ValueError):
 def user_errors() -> tuple[type[BaseException], ...]:
   """Errors that mean "this run cannot go on as configured": the command line prints their message
   (one line, `one_line`) instead of a traceback. Each names the file or option at fault."""
-  from distill_core.records import RecordError
-  from distill_core.shards import ShardError
-  from distill_core.shards_io import MissingAnswers
-  from student_trainer.checkpoint import ConfigChanged
-  from distill_core.stream.pool import RemoteTeacherError
   return (RunError, ConfigChanged, RemoteTeacherError, RecordError, ShardError, MissingAnswers,
           MemoryBudgetError)
 
@@ -49,8 +51,6 @@ def one_line(error: BaseException) -> str:
 
 def prepare_default_dataset(path: str | Path) -> None:
   """Prepares the trainer's default dataset at `path` from configs/prepare_tiny.yaml."""
-  from distill_core.config import load_config
-  from distill_core.prepare import PrepareConfig, prepare
   cfg = load_config(PrepareConfig, REPO / DEFAULT_PREPARE_CONFIG, [f"output_dir={path}"])
   log.info("data.path %s does not exist: preparing the default dataset (%s: the standard library, "
            "vocabulary %d); this takes a minute once", path, DEFAULT_PREPARE_CONFIG, cfg.vocab_size)

@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
-
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -19,9 +17,6 @@ from distill_core.targets import TeacherTargets
 from student_trainer.blockwise import check_blockwise, state_names_needed
 from student_trainer.losses import LossConfig
 
-if TYPE_CHECKING:
-  from student_trainer.config import TrainConfig
-
 
 @dataclasses.dataclass(frozen=True)
 class Student:
@@ -34,7 +29,9 @@ class Student:
   value_dtype: str  # teacher.value_dtype
 
   @classmethod
-  def of(cls, train_cfg: "TrainConfig") -> "Student":
+  def of(cls, train_cfg) -> "Student":
+    """The student side of a `student_trainer.config.TrainConfig` (the config imports this module, so it is
+    not named here)."""
     return cls(model=train_cfg.model, loss=train_cfg.loss, data=train_cfg.data,
                value_dtype=train_cfg.teacher.value_dtype)
 
