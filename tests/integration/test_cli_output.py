@@ -256,11 +256,14 @@ async def test_each_client_connection_is_logged_once(caplog):
   from distill_core.client import TeacherClient
   from teacher_server.servicer import PeerLog
   caplog.set_level(logging.INFO, logger="teacher_server.servicer")
+  # Each client with its own subchannels: gRPC otherwise shares one connection between channels with the same
+  # target and arguments while it lives, and the second client would be the first peer again.
+  own = [("grpc.use_local_subchannel_pool", 1)]
   async with fake_server() as (_, address):
-    async with TeacherClient(address) as client:
+    async with TeacherClient(address, options=own) as client:
       await client.info()
       await client.info()
-    async with TeacherClient(address) as client:  # a second connection: another peer
+    async with TeacherClient(address, options=own) as client:  # a second connection: another peer
       await client.info()
   lines = [r.getMessage() for r in caplog.records if "connected" in r.getMessage()]
   assert len(lines) == 2 and all(re.fullmatch(r"client ipv[46]:\S+ connected: GetInfo", line) for line in lines), lines
