@@ -339,8 +339,9 @@ def test_remote_training_matches_local_teacher(reference):
   assert 0 <= last["perf/teacher_wait_fraction"] < 1
 
 
-def test_teacher_killed_and_restarted_mid_training(reference, tiny_dataset, tmp_path, monkeypatch):
-  """SIGKILL at step 3, restart on the same port: same batches in the same order, bitwise the same student."""
+def _run_with_teacher_killed_at_step_3(tiny_dataset, tmp_path, monkeypatch, *overrides):
+  """A remote run whose teacher process is SIGKILLed at step 3 and restarted on the same port: (result, the
+  number of teacher processes started)."""
   from remote_utils import TeacherProcess
   from student_trainer import step as step_lib
   from student_trainer.train import run
@@ -357,10 +358,16 @@ def test_teacher_killed_and_restarted_mid_training(reference, tiny_dataset, tmp_
   monkeypatch.setattr(step_lib, "hyperparameters", kill_and_restart_at_step_3)
   try:
     wait_serving(servers[0])
-    result = run(remote_train_cfg(tiny_dataset, tmp_path / "run", [servers[0].address]), keep_state=True)
+    result = run(remote_train_cfg(tiny_dataset, tmp_path / "run", [servers[0].address], *overrides), keep_state=True)
   finally:
     servers[-1].stop()
-  assert len(servers) == 2 and result.step == STEPS
+  return result, len(servers)
+
+
+def test_teacher_killed_and_restarted_mid_training(reference, tiny_dataset, tmp_path, monkeypatch):
+  """SIGKILL at step 3, restart on the same port: same batches in the same order, bitwise the same student."""
+  result, started = _run_with_teacher_killed_at_step_3(tiny_dataset, tmp_path, monkeypatch)
+  assert started == 2 and result.step == STEPS
   assert result.trained_example_ids == reference["remote"].trained_example_ids
   for a, b in zip(params_of(result), params_of(reference["remote"]), strict=True):
     np.testing.assert_array_equal(a, b)
@@ -376,29 +383,12 @@ ON_POLICY = ("loss.on_policy_fraction=0.5", "generation.staleness=2", "generatio
 def test_teacher_killed_and_restarted_with_on_policy_batches(teacher, tiny_dataset, tmp_path, monkeypatch):
   """Half the steps train on the student's samples: SIGKILL the teacher at step 3 and restart it; the run
   trains every batch once, in order, to the same student bit for bit as an uninterrupted one."""
-  from remote_utils import TeacherProcess
-  from student_trainer import step as step_lib
   from student_trainer.train import run
   wait_serving(teacher)
   straight = run(remote_train_cfg(tiny_dataset, tmp_path / "straight", [teacher.address], *ON_POLICY),
                  keep_state=True)
-  port = free_port()
-  servers = [TeacherProcess(port, server_overrides(tiny_dataset), tmp_path / "teacher.log")]
-  original = step_lib.hyperparameters
-
-  def kill_and_restart_at_step_3(cfg, step):
-    if step == 3 and len(servers) == 1:
-      servers[0].kill()
-      servers.append(TeacherProcess(port, server_overrides(tiny_dataset), tmp_path / "teacher.log"))
-    return original(cfg, step)
-
-  monkeypatch.setattr(step_lib, "hyperparameters", kill_and_restart_at_step_3)
-  try:
-    wait_serving(servers[0])
-    result = run(remote_train_cfg(tiny_dataset, tmp_path / "run", [servers[0].address], *ON_POLICY), keep_state=True)
-  finally:
-    servers[-1].stop()
-  assert len(servers) == 2 and result.step == STEPS
+  result, started = _run_with_teacher_killed_at_step_3(tiny_dataset, tmp_path, monkeypatch, *ON_POLICY)
+  assert started == 2 and result.step == STEPS
   assert result.trained_example_ids == straight.trained_example_ids
   for a, b in zip(params_of(result), params_of(straight), strict=True):
     np.testing.assert_array_equal(a, b)
