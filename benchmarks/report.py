@@ -37,8 +37,8 @@ REPO = RESULTS_DIR.parent.parent
 QUALITY = RESULTS_DIR / "quality.json"
 SCALE = RESULTS_DIR / "scale.json"
 DEFINITIONS = REPO / "benchmarks" / "README.md"
-MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality(?::[\w,]+)?|scale) -->\n)(.*?)(<!-- /(?:results|quality|scale) -->)",
-                    re.S)
+MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality(?::[\w,]+)?|scale) -->\n)(.*?)"
+                    r"(<!-- /(?:results|quality|scale) -->)", re.S)
 
 
 def documents(repo: Path = REPO) -> list[Path]:
