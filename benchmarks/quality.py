@@ -17,10 +17,28 @@ budget with a second schedule. Offline shards (`offline_tail`, the losses of
 `tail` by construction) are opt-in with --rows. The teacher is trained once
 with cross-entropy on ten times a student's tokens (reused when present).
 
+On-policy rows (`on_policy_rkl`: reverse KL on the student's samples,
+`on_policy_gkd`: GKD at beta = 0.5, `on_policy_mix`: half the steps on-policy
+reverse KL, half corpus batches) train on the student's own continuations of
+corpus prefixes, scored by the same server, and appear once the trainer offers
+their losses (`on_policy_tail`, tail KD on the student's samples, is opt-in).
+They train without cross-entropy (alpha = 1): CE on its own samples would only
+reinforce them. They are compared at the same number of teacher-scored tokens:
+positions whose teacher answer a loss reads, B x T per corpus batch and the
+generated positions of a generated batch, at most B x `new_tokens`. An
+on-policy row trains the step count whose planned scored positions come
+closest to the off-policy rows' (`matched_steps`; e.g. T / `new_tokens` times
+as many steps with every step generated); what its rows actually generated
+(shorter when they stop) is recorded per seed (`scored_tokens`).
+
 Each seed sets a student's initialisation and its data order. Every student,
 and the teacher, is then evaluated the same way, in this process, on the same
 held-out tokens: CE on the next token, and the dense KL(teacher || student) at
-T = 1 ("KD to teacher"). The report gives mean and standard error over seeds,
+T = 1 ("KD to teacher"); and on its own continuations of the same held-out
+prompts (`sample_batches` x B prefixes, `new_tokens` new tokens at temperature
+1, the same keys for every model), the exact reverse KL(student || teacher) of
+each generated position from both models' dense logits, the mean over the
+generated tokens: what on-policy methods optimise. The report gives mean and standard error over seeds,
 the fraction of the dense-KD gain over CE-only that each row recovers, each
 row's difference to CE-only, and the differences between modes that matter
 (sparse modes vs dense KD and each other; each teacher-started row vs its
@@ -66,7 +84,8 @@ from distill_core.harness import code_digest, dir_digest, read_metrics
 from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2_grpc
 from distill_core.wire import OutputSpec
-from student_trainer.losses import KDMode
+from distill_core.generation import GenerationConfig, PromptConfig, generate_batch, make_prompt_set
+from student_trainer.losses import KDMode, LossConfig
 from student_trainer.sources import source_kind
 
 REPO = RESULTS_DIR.parent.parent
@@ -89,6 +108,11 @@ class Budget:
   teacher: str = "demo_teacher"
   data: str = "data/stdlib"
   prepare: tuple[str, ...] = ()  # `python -m distill_core.prepare` options of `data`
+  # Generation, for the on-policy rows' training and for every row's reverse KL of its own samples: at most
+  # `new_tokens` after a held-out (training: corpus) prefix of `prompt_len` tokens, at temperature 1, top-p 1.
+  new_tokens: int = 64
+  prompt_len: tuple[int, int] = (16, 64)
+  sample_batches: int = 4  # held-out prompt batches whose continuations the reverse-KL column scores
 
 
 # Sized so that the teacher and every row x seed train within about an hour on 2 CPU cores shared with
@@ -96,7 +120,8 @@ class Budget:
 DEFAULT = Budget(teacher_steps=200, student_steps=20, seeds=(0, 1, 2), eval_every=5, eval_batches=16)
 # A corpus of 40 files, so that the offline row's dump of every example takes seconds.
 QUICK = Budget(teacher_steps=40, student_steps=8, seeds=(0, 1, 2), eval_every=4, eval_batches=2,
-               data="data/quality_quick", prepare=("max_files=40", "seq_len=128", "eval_fraction=0.15"))
+               data="data/quality_quick", prepare=("max_files=40", "seq_len=128", "eval_fraction=0.15"),
+               new_tokens=32, prompt_len=(8, 32), sample_batches=1)
 # Separation criterion: two means differ when their difference exceeds Z standard errors of the difference.
 Z = 2.0
 
@@ -110,7 +135,9 @@ class Row:
   a run of its own (its own warm-up and cosine schedule), then continues for
   the rest of the budget with `overrides` (a second schedule), starting from
   the first phase's exported student: the same token budget as every other row.
-  `default`: part of the report unless --rows names it.
+  `default`: part of the report unless --rows names it. `on_policy`: the share of its steps that train on
+  the student's own samples (`loss.on_policy_fraction`); such a row trains the steps that give it the teacher-
+  scored tokens of the off-policy rows (`matched_steps`).
   """
   slug: str
   label: str
@@ -119,6 +146,7 @@ class Row:
   available: Callable[[], bool] = lambda: True
   first_phase: Callable[["Context"], list[str]] | None = None
   default: bool = True
+  on_policy: float = 0.0
 
 
 @dataclasses.dataclass
@@ -193,6 +221,21 @@ def _tail(ctx: Context) -> list[str]:
   return _remote(ctx) + _kd(ctx) + ["loss.kd_mode=tail"]
 
 
+def _generation(ctx: Context, fraction: float) -> list[str]:
+  """An on-policy row's generation: `fraction` of its steps on the student's samples (staleness 1), drawn as
+  the reverse-KL column draws them. alpha = 1: no cross-entropy on the student's own samples, which would only
+  reinforce them (the on-policy objectives have none)."""
+  b = ctx.budget
+  return [f"loss.on_policy_fraction={fraction}", "loss.alpha=1.0", "generation.staleness=1",
+          f"generation.max_new_tokens={b.new_tokens}", f"generation.prompts.min_len={b.prompt_len[0]}",
+          f"generation.prompts.max_len={b.prompt_len[1]}", "generation.temperature=1.0", "generation.top_p=1.0"]
+
+
+def _on_policy(fraction: float, *loss: str) -> Callable[[Context], list[str]]:
+  """A row's options: the report's teacher server and KD settings, `loss`, and generation for `fraction`."""
+  return lambda ctx: _remote(ctx) + _kd(ctx) + list(loss) + _generation(ctx, fraction)
+
+
 ROWS: tuple[Row, ...] = (
     Row("ce_only", "CE only", (), lambda ctx: ["teacher.source=none"]),
     Row("kd_dense", "kd_dense, local teacher", (), lambda ctx: _local(ctx) + _kd(ctx) + ["loss.use_dense=true"]),
@@ -225,11 +268,80 @@ ROWS: tuple[Row, ...] = (
         available=lambda: _has("student_trainer.losses.LossConfig", "blockwise"),
         first_phase=lambda ctx: _recipe(ctx, "lti.enabled=false", "loss.blockwise=true",
                                         f"loss.layer_map={json.dumps(_recipe_layer_map())}")),
+    # On-policy rows (docs/on_policy.md): the student's own continuations of corpus prefixes, scored by the
+    # same teacher server, for as many teacher-scored tokens as the off-policy rows (`matched_steps`).
+    Row("on_policy_rkl", "on-policy reverse KL (sampled-token estimator)", ("remote",),
+        _on_policy(1.0, "loss.kd_mode=reverse_kl", "loss.reverse_kl_estimator=sampled"), on_policy=1.0,
+        available=lambda: "reverse_kl" in _kd_modes()),
+    Row("on_policy_gkd", "on-policy GKD, beta=0.5", ("remote",),
+        _on_policy(1.0, "loss.kd_mode=gkd", "loss.gkd_beta=0.5"), on_policy=1.0,
+        available=lambda: "gkd" in _kd_modes()),
+    Row("on_policy_mix", "half on-policy reverse KL, half corpus tail", ("remote",),
+        _on_policy(0.5, "loss.kd_mode=reverse_kl", "loss.reverse_kl_estimator=sampled"), on_policy=0.5,
+        available=lambda: "reverse_kl" in _kd_modes()),
+    # Forward KL (tail) on the student's own samples: GKD with beta = 0 in the forward-KL sense. Opt-in: it is
+    # the on-policy pipeline with the loss of the `tail` row, not one of the on-policy objectives.
+    Row("on_policy_tail", "on-policy tail (forward KL on own samples)", ("remote",),
+        _on_policy(1.0, "loss.kd_mode=tail"), on_policy=1.0, default=False),
 )
 SAMPLED_TOP_K = 8  # exact ids of the sampled row; its draws cover the tail
 MAX_SAMPLES = 128  # the server's limits.max_samples in this report
 # Every command shares one JAX compilation cache: the seeds of a row compile the same programs.
 ENV_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def on_policy_steps(steps: int, fraction: float) -> int:
+  """How many of a run's first `steps` steps train on generated batches (the trainer's own choice of steps)."""
+  at = LossConfig(on_policy_fraction=fraction).on_policy_at
+  return sum(at(m) for m in range(steps))
+
+
+def scored_positions(steps: int, fraction: float, seq_len: int, new_tokens: int) -> int:
+  """Teacher-scored positions per batch row over a run's first `steps` steps, as planned.
+
+  A teacher-scored token is a position whose teacher answer a loss reads: every position of a corpus row
+  (`seq_len`; the row's last position and document ends, whose targets are masked, are counted too, as the
+  teacher scores them), and the generated positions of a generated row, at most `new_tokens` (its prompt is
+  scored by the teacher but read by no loss). A row that stops early holds fewer; `scored_tokens` counts
+  what a run actually generated.
+  """
+  on = on_policy_steps(steps, fraction)
+  return (steps - on) * seq_len + on * new_tokens
+
+
+def matched_steps(steps: int, fraction: float, seq_len: int, new_tokens: int) -> int:
+  """The step count whose planned teacher-scored positions come closest to `steps` corpus batches' (the
+  fewest steps on a tie): an on-policy row reads the teacher's answers at as many tokens as an off-policy one."""
+  target = steps * seq_len
+  at = LossConfig(on_policy_fraction=fraction).on_policy_at
+  best, scored = (math.inf, 0), 0
+  for n in range(1, math.ceil(target / min(seq_len, new_tokens)) + 2):  # beyond: more than the target, farther
+    scored += new_tokens if at(n - 1) else seq_len  # = scored_positions(n, ...)
+    best = min(best, (abs(scored - target), n))
+  return best[1]
+
+
+def row_steps(row: Row, budget: Budget, seq_len: int) -> int:
+  """A row's training steps: the budget's, or for an on-policy row those of the same teacher-scored tokens."""
+  if not row.on_policy:
+    return budget.student_steps
+  return matched_steps(budget.student_steps, row.on_policy, seq_len, budget.new_tokens)
+
+
+def scored_tokens(metric_rows: list[dict], batch: int, seq_len: int) -> float:
+  """Teacher-scored tokens a run trained on, from its logged intervals: `batch` x `seq_len` per corpus step,
+  and per generated step the tokens its rows generated (`onpolicy/sample_length` per row).
+
+  `metric_rows`: the run's JSONL rows that hold `onpolicy/steps_fraction` (every log interval of an on-policy
+  run), in step order.
+  """
+  total, previous = 0.0, 0
+  for r in metric_rows:
+    steps = int(r["step"]) - previous
+    previous = int(r["step"])
+    on = round(r["onpolicy/steps_fraction"] * steps)
+    total += (steps - on) * batch * seq_len + on * batch * r.get("onpolicy/sample_length", 0.0)
+  return total
 
 
 def _env() -> dict[str, str]:
@@ -270,6 +382,8 @@ def train_student(ctx: Context, row: Row, seed: int, key: dict) -> list[tuple[Pa
   `key`: what else a finished run must match to be reused (the teacher's digest, the code's).
   """
   b = ctx.budget
+  steps = row_steps(row, b, seq_len(ctx.data))
+  eval_every = max(1, round(b.eval_every * steps / b.student_steps))  # as many periodic evaluations as any row
   base = ctx.out / row.slug / f"seed{seed}"
   first = first_steps(b) if row.first_phase else 0
   phases = []
@@ -282,7 +396,7 @@ def train_student(ctx: Context, row: Row, seed: int, key: dict) -> list[tuple[Pa
     phases.append((run_dir, 0))
     init = [f"init_hf_checkpoint={run_dir / 'hf'}"]
   run_dir = base / "phase2" if phases else base
-  overrides = [*common_overrides(b, ctx.data, run_dir, b.student_steps - first, seed), f"model={b.student}",
+  overrides = [*common_overrides(b, ctx.data, run_dir, steps - first, seed, eval_every), f"model={b.student}",
                *init, *row.overrides(ctx)]
   if phases:  # a first phase trained again means this one must be too
     key = {**key, "after": dir_digest(phases[0][0] / "hf")}
@@ -303,21 +417,41 @@ def dump_answers(ctx: Context) -> None:
       "teacher.limits.selectable_layers=[]"], log_path=ctx.out / "dump.log", env=_env())
 
 
-def curve(phases: list[tuple[Path, int]], batch_tokens: int) -> list[tuple[int, float]]:
-  """(tokens seen, held-out CE) at every periodic evaluation of a run's phases."""
+def curve(phases: list[tuple[Path, int]], tokens_at: Callable[[int], int]) -> list[tuple[int, float]]:
+  """(tokens at that step, held-out CE) at every periodic evaluation of a run's phases; `tokens_at(step)`: the
+  training (for on-policy rows, teacher-scored) tokens of the run's first `step` steps."""
   points = []
   for run_dir, first_step in phases:
     for row in read_metrics(run_dir):
       if "eval/ce_loss" in row:
-        points.append(((first_step + int(row["step"])) * batch_tokens, float(row["eval/ce_loss"])))
+        points.append((tokens_at(first_step + int(row["step"])), float(row["eval/ce_loss"])))
   return points
 
 
-class Evaluator:
-  """Held-out CE and KL(teacher || student) of HF checkpoints, on the same tokens for every model."""
+def generation_config(budget: Budget) -> GenerationConfig:
+  """How the reverse-KL column samples: the budget's lengths, from held-out prefixes, temperature 1, top-p 1 (the
+  student's own distribution), seed 0 at step 0 (the same keys for every model)."""
+  return GenerationConfig(max_new_tokens=budget.new_tokens, temperature=1.0, top_p=1.0, seed=0,
+                          prompts=PromptConfig(split="eval", min_len=budget.prompt_len[0],
+                                               max_len=budget.prompt_len[1]))
 
-  def __init__(self, data: Path, teacher_hf: Path, batches: int, batch_size: int):
-    it = make_eval_iterator(DataConfig(path=str(data), batch_size=batch_size))
+
+@jax.jit
+def reverse_kl_sum(lp_student: jax.Array, lp_teacher: jax.Array, mask: jax.Array) -> jax.Array:
+  """sum over positions of mask x KL(student || teacher) = sum_v p_S(v) (log p_S(v) - log p_T(v)), from both
+  models' log-probabilities (..., V) over the same vocabulary."""
+  kl = (jnp.exp(lp_student) * (lp_student - lp_teacher)).sum(-1)
+  return (kl * mask.astype(jnp.float32)).sum()
+
+
+class Evaluator:
+  """Held-out CE and KL(teacher || student) of HF checkpoints, on the same tokens for every model; and the
+  reverse KL of each model's own continuations of the same held-out prompts to the teacher."""
+
+  def __init__(self, data: Path, teacher_hf: Path, batches: int, batch_size: int,
+               generation: GenerationConfig | None = None, sample_batches: int = 0):
+    data_cfg = DataConfig(path=str(data), batch_size=batch_size)
+    it = make_eval_iterator(data_cfg)
     self.batches = []
     for _ in range(batches):
       try:
@@ -329,8 +463,8 @@ class Evaluator:
       raise SystemExit(f"{data}: the eval split has no full batch of {batch_size}")
     self.tokens = int(sum(np.asarray(b.loss_mask).sum() for b in self.batches))
     self._load = load_model
-    teacher = load_model(None, hf_checkpoint=str(teacher_hf))
-    self.vocab = teacher.cfg.real_vocab_size
+    self.teacher = load_model(None, hf_checkpoint=str(teacher_hf))
+    self.vocab = self.teacher.cfg.real_vocab_size
 
     def log_probs(model, b):
       out = model(b.tokens, b.positions, b.segment_ids)
@@ -338,10 +472,34 @@ class Evaluator:
       return jax.nn.log_softmax(z, axis=-1)
 
     self._log_probs = jax.jit(log_probs)
-    self.teacher_log_probs = [self._log_probs(teacher, b) for b in self.batches]
+    self.teacher_log_probs = [self._log_probs(self.teacher, b) for b in self.batches]
+    # The reverse-KL column's prompts: the first `sample_batches` x `batch_size` held-out records' prefixes.
+    self.generation, self.prompts = generation, []
+    if generation is not None and sample_batches:
+      manifest = load_manifest(data)
+      generation.check_fits(manifest.seq_len, where="the report's generation")
+      self._seq_len, self._pad, self._eos = manifest.seq_len, manifest.pad_id, manifest.eos_id
+      prompt_set = make_prompt_set(generation, data_cfg)
+      if len(prompt_set) < sample_batches * batch_size:
+        raise SystemExit(f"{data}: the eval split holds {len(prompt_set)} records, fewer than the "
+                         f"{sample_batches} x {batch_size} prompts of the reverse-KL column")
+      self.prompts = [prompt_set.batch(range(i * batch_size, (i + 1) * batch_size)) for i in range(sample_batches)]
+
+  def reverse_kl(self, model) -> tuple[float, int]:
+    """(mean over generated tokens of KL(model || teacher) at each, the tokens): `model`'s own continuations
+    of the held-out prompts, each position's exact KL over the vocabulary from both models' dense logits."""
+    total, tokens = 0.0, 0
+    for prompts in self.prompts:
+      batch, _ = generate_batch(model, prompts, self.generation, step=0, seq_len=self._seq_len, pad_id=self._pad,
+                                eos_id=self._eos)
+      total += float(reverse_kl_sum(self._log_probs(model, batch), self._log_probs(self.teacher, batch),
+                                    jnp.asarray(batch.loss_mask)))
+      tokens += int(np.asarray(batch.loss_mask).sum())
+    return total / max(tokens, 1), tokens
 
   def evaluate(self, hf_dir: Path | None) -> dict[str, float]:
-    """{"ce", "kd"} of the student at `hf_dir` (None: the teacher itself, whose KD is 0)."""
+    """{"ce", "kd", "rkl", "rkl_tokens"} of the student at `hf_dir` (None: the teacher itself, whose KLs are 0;
+    "rkl" only when the evaluator has prompts)."""
     model = None if hf_dir is None else self._load(None, hf_checkpoint=str(hf_dir))
     ce = kd = 0.0
     for b, lp_t in zip(self.batches, self.teacher_log_probs):
@@ -351,7 +509,10 @@ class Evaluator:
       ce += float((nll * mask).sum())
       kl = (jnp.exp(lp_t) * (lp_t - lp)).sum(-1)
       kd += float((kl * mask).sum())
-    return {"ce": ce / self.tokens, "kd": kd / self.tokens if model is not None else 0.0}
+    out = {"ce": ce / self.tokens, "kd": kd / self.tokens if model is not None else 0.0}
+    if self.prompts:
+      out["rkl"], out["rkl_tokens"] = self.reverse_kl(self.teacher if model is None else model)
+    return out
 
 
 def serve(ctx: Context, log_path: Path) -> harness.ServerProcess:
@@ -424,6 +585,11 @@ COMPARISONS = (
     ("lti_then_kd", "copy_then_kd", "what LTI adds to the copies"),
     ("lti_attn_then_kd", "tail", "LTI of attention alone vs a random start"),
     ("blockwise_then_kd", "copy_then_kd", "what blockwise adds to the copies"),
+    ("on_policy_rkl", "tail", "on-policy reverse KL vs off-policy tail"),
+    ("on_policy_gkd", "tail", "on-policy GKD vs off-policy tail"),
+    ("on_policy_mix", "tail", "half on-policy vs off-policy tail"),
+    ("on_policy_rkl", "on_policy_gkd", "on-policy reverse KL vs GKD"),
+    ("on_policy_tail", "tail", "tail on own samples vs on the corpus"),
 )
 
 
@@ -448,11 +614,14 @@ def compare(row: dict, ref: dict) -> dict:
 def summarise(rows: list[dict], teacher_ce: float) -> dict:
   """Adds mean, standard error, gain recovered and the verdict against CE-only to each row; returns the summary.
 
-  Each row needs `slug`, `label`, `eval_ce` and `eval_kd` (per-seed values, in seed order).
+  Each row needs `slug`, `label`, `eval_ce` and `eval_kd` (per-seed values, in seed order); `eval_rkl` (the
+  reverse KL of its own samples to the teacher) gets its mean and standard error where a row has it.
   """
   for r in rows:
     r["eval_ce_mean"], r["eval_ce_se"] = mean_se(r["eval_ce"])
     r["eval_kd_mean"], r["eval_kd_se"] = mean_se(r["eval_kd"])
+    if "eval_rkl" in r:
+      r["eval_rkl_mean"], r["eval_rkl_se"] = mean_se(r["eval_rkl"])
     r["eval_ce_min"], r["eval_ce_max"] = min(r["eval_ce"]), max(r["eval_ce"])
   by = {r["slug"]: r for r in rows}
   base, dense = by["ce_only"], by.get("kd_dense")
@@ -490,7 +659,7 @@ def plot(rows: list[dict], teacher_ce: float, path: Path, budget: Budget) -> Non
              if all(t in dict(seed) for seed in r["curves"])]
     ax.plot([t / 1e3 for t in steps[:len(means)]], means, marker="o", ms=3, label=r["label"])
   ax.axhline(teacher_ce, color="black", ls="--", lw=1, label=f"teacher, same eval batches ({teacher_ce:.2f})")
-  ax.set_xlabel("training tokens seen by the student (thousands)")
+  ax.set_xlabel("training tokens seen by the student; on-policy rows: teacher-scored tokens (thousands)")
   ax.set_ylabel("held-out CE (periodic eval, mean over seeds)")
   ax.set_title(f"{budget.student} distilled from {budget.teacher}: held-out CE by mode")
   ax.grid(alpha=0.3)
@@ -555,22 +724,35 @@ def main(argv: list[str] | None = None) -> int:
   if "ce_only" not in runs:
     raise SystemExit("the CE-only baseline failed; nothing to compare with")
   print("evaluating every student on the same held-out tokens", flush=True)
-  ev = Evaluator(data, ctx.teacher_hf, budget.eval_batches, budget.batch)
-  teacher_ce = ev.evaluate(None)["ce"]
-  batch_tokens = budget.batch * seq_len(data)
+  ev = Evaluator(data, ctx.teacher_hf, budget.eval_batches, budget.batch, generation_config(budget),
+                 budget.sample_batches)
+  teacher_scores = ev.evaluate(None)
+  teacher_ce = teacher_scores["ce"]
+  t = seq_len(data)
+  batch_tokens = budget.batch * t
   table = []
   for r in rows:
     scores = [ev.evaluate(phases[-1][0] / "hf") for phases in runs[r.slug]]
-    table.append({"slug": r.slug, "label": r.label, "seeds": list(budget.seeds),
+    steps = row_steps(r, budget, t)
+
+    def tokens_at(step: int, fraction: float = r.on_policy) -> int:
+      return budget.batch * scored_positions(step, fraction, t, budget.new_tokens)
+    scored = [scored_tokens(read_metrics(phases[-1][0], "onpolicy/steps_fraction"), budget.batch, t)
+              if r.on_policy else float(steps * batch_tokens) for phases in runs[r.slug]]
+    table.append({"slug": r.slug, "label": r.label, "seeds": list(budget.seeds), "steps": steps,
+                  "on_policy_fraction": r.on_policy, "scored_tokens": scored,
                   "eval_ce": [s["ce"] for s in scores], "eval_kd": [s["kd"] for s in scores],
-                  "curves": [curve(phases, batch_tokens) for phases in runs[r.slug]]})
+                  "eval_rkl": [s["rkl"] for s in scores], "eval_rkl_tokens": [s["rkl_tokens"] for s in scores],
+                  "curves": [curve(phases, tokens_at) for phases in runs[r.slug]]})
   summary = summarise(table, teacher_ce)
+  summary["teacher_eval_rkl"] = teacher_scores["rkl"]
   results_dir.mkdir(parents=True, exist_ok=True)
-  teacher_curve = curve([(ctx.out / "teacher", 0)], batch_tokens)
+  teacher_curve = curve([(ctx.out / "teacher", 0)], lambda step: step * batch_tokens)
   plot(table, teacher_curve[-1][1] if teacher_curve else teacher_ce, results_dir / "quality.png", budget)
   report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
                       "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
-                      "first_steps": first_steps(budget),
+                      "first_steps": first_steps(budget), "seq_len": t,
+                      "rkl_prompts": len(ev.prompts) * budget.batch,
                       "data": str(data.relative_to(REPO)) if data.is_relative_to(REPO) else str(data)},
             "rows": table, "failed_rows": failed, "summary": summary, "wire": ctx.wire, "command": invocation(),
             "commit": commit, "code_digest": code,
@@ -581,7 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         f"± = standard error of the mean")
   for row in table:
     print(f"  {row['label']:48s} CE {row['eval_ce_mean']:.3f} ± {row['eval_ce_se']:.3f}  "
-          f"KD {row['eval_kd_mean']:.3f}  {row['verdict']}")
+          f"KD {row['eval_kd_mean']:.3f}  reverse KL {row['eval_rkl_mean']:.3f} ± {row['eval_rkl_se']:.3f}  "
+          f"{row['verdict']}")
   print(f"gap teacher -> CE only {summary['gap']:.3f} = {summary['gap_over_max_se']:.1f}x the largest standard error")
   for c in summary["comparisons"]:
     print(f"  {c['what']:48s} {c['diff']:+.3f} ± {c['se']:.3f}  " + (

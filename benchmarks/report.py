@@ -14,7 +14,8 @@ unit, for ratios over interleaved rounds the median with the lowest and highest
 round and any note, and the command, commit, date and machine that measured
 them), with the
 definition of each key taken from `benchmarks/README.md`. `quality` renders
-`benchmarks/results/quality.json` (written by `python -m benchmarks.quality`).
+`benchmarks/results/quality.json` (written by `python -m benchmarks.quality`);
+`quality:SLUG,...` only those rows of it, each with its per-seed spread.
 `scale` renders every program of `benchmarks/results/scale.json` (written by
 `python -m benchmarks.bench_scale`): per-chip bytes on each TPU slice.
 """
@@ -36,8 +37,8 @@ REPO = RESULTS_DIR.parent.parent
 QUALITY = RESULTS_DIR / "quality.json"
 SCALE = RESULTS_DIR / "scale.json"
 DEFINITIONS = REPO / "benchmarks" / "README.md"
-MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality|scale) -->\n)(.*?)(<!-- /(?:results|quality|scale) -->)",
-                    re.S)
+MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality(?::[\w,]+)?|scale) -->\n)(.*?)"
+                    r"(<!-- /(?:results|quality|scale) -->)", re.S)
 
 
 def documents(repo: Path = REPO) -> list[Path]:
@@ -109,6 +110,57 @@ def render_results(keys: list[str], results: dict[str, dict], defs: dict[str, st
   return "\n".join(lines).rstrip(" ") + "\n"
 
 
+def mean_se_text(row: dict, name: str) -> str:
+  """`mean ± SE` of a per-seed figure of a quality row; "n/a" where the report predates the figure."""
+  if f"{name}_mean" not in row:
+    return "n/a"
+  return f"{fmt(row[f'{name}_mean'])} ± {fmt(row[f'{name}_se'])}"
+
+
+def on_policy_setup(quality: dict) -> list[str]:
+  """The sentence saying how on-policy rows were sized, where the report has any."""
+  rows = [r for r in quality["rows"] if r.get("on_policy_fraction")]
+  if not rows:
+    return []
+  budget = quality["setup"]
+  steps = ", ".join(f"`{r['slug']}` {r['steps']}" for r in rows)
+  return ["", f"On-policy rows train on the student's continuations (at most {budget['new_tokens']} new tokens "
+          f"after a corpus prefix of {budget['prompt_len'][0]} to {budget['prompt_len'][1]}), without CE, for the "
+          f"teacher-scored tokens of {budget['student_steps']} corpus batches of {budget['batch']} x "
+          f"{budget['seq_len']} positions (a teacher-scored token: a position whose teacher answer a loss reads; "
+          f"of a generated row, its generated tokens): steps {steps}. *Own-sample reverse KL*: KL(student || "
+          f"teacher) per generated token of each model's own continuations of the same {budget['rkl_prompts']} "
+          f"held-out prefixes (temperature 1, the same keys for every model), exact over the vocabulary."]
+
+
+def render_quality_rows(quality: dict | None, slugs: list[str]) -> str:
+  """The rows `slugs` of a quality report with each figure's mean, standard error and per-seed range."""
+  if not quality:
+    return "Not measured yet: run `python -m benchmarks.quality`.\n"
+  by = {r["slug"]: r for r in quality["rows"]}
+  lines = ["| run | seeds | teacher-scored tokens (mean) | held-out CE (mean ± SE) | min - max | "
+           "own-sample reverse KL (mean ± SE) | min - max | vs CE only |", "|---|---|---|---|---|---|---|---|"]
+  missing = []
+  for slug in slugs:
+    row = by.get(slug)
+    if row is None:
+      missing.append(f"`{slug}`")
+      continue
+    rkl = row.get("eval_rkl")
+    scored = row.get("scored_tokens")
+    lines.append(f"| {row['label']} | {len(row['seeds'])} | {fmt(sum(scored) / len(scored)) if scored else 'n/a'} | "
+                 f"{row['eval_ce_mean']:.3f} ± {row['eval_ce_se']:.3f} | {row['eval_ce_min']:.3f} - "
+                 f"{row['eval_ce_max']:.3f} | {mean_se_text(row, 'eval_rkl')} | "
+                 f"{f'{fmt(min(rkl))} - {fmt(max(rkl))}' if rkl else 'n/a'} | {row['verdict']} |")
+  if missing:
+    lines += ["", f"Not in the measured report yet: {', '.join(missing)} (the trainer did not offer them when it "
+              f"ran, or --rows left them out)."]
+  lines += on_policy_setup(quality)
+  lines += ["", f"From `{quality['command']}` at commit `{quality.get('commit') or '?'}` on {quality['date'][:10]} "
+            f"({machine_text(quality.get('machine', {}))}); ± is the standard error of the mean over seeds."]
+  return "\n".join(lines) + "\n"
+
+
 def render_quality(quality: dict | None) -> str:
   if not quality:
     return "Not measured yet: run `python -m benchmarks.quality`.\n"
@@ -120,18 +172,20 @@ def render_quality(quality: dict | None) -> str:
            f" steps, each phase with its own warm-up and cosine schedule), {seeds} seeds (each its own initialisation "
            f"and data order); teacher `{budget['teacher']}` trained on {budget['teacher_tokens']:,} tokens. Held-out "
            f"CE on {budget['eval_tokens']:,} tokens; ± is the standard error of the mean over seeds.", "",
-           "| run | held-out CE (mean ± SE) | min - max | KD to teacher | dense-KD gain recovered | vs CE only |",
-           "|---|---|---|---|---|---|"]
+           "| run | held-out CE (mean ± SE) | min - max | KD to teacher | own-sample reverse KL | "
+           "dense-KD gain recovered | vs CE only |", "|---|---|---|---|---|---|---|"]
   for row in quality["rows"]:
     recovered = row.get("gain_recovered")
     lines.append(f"| {row['label']} | {row['eval_ce_mean']:.3f} ± {row['eval_ce_se']:.3f} | "
                  f"{row['eval_ce_min']:.3f} - {row['eval_ce_max']:.3f} | {fmt(row.get('eval_kd_mean'))} | "
+                 f"{mean_se_text(row, 'eval_rkl')} | "
                  f"{'' if recovered is None else f'{100 * recovered:.0f} %'} | {row['verdict']} |")
   wire = quality.get("wire") or {}
   if "sampled_n" in wire:
     lines += ["", f"The sampled row draws N = {wire['sampled_n']} samples per position beside an exact top-8: "
               f"{wire['sampled_bytes_per_token']:.0f} answer bytes per token on the wire, next to "
               f"{wire['topk_bytes_per_token']:.0f} for the top-64 rows (both measured on the server)."]
+  lines += on_policy_setup(quality)
   z = summary["z"]
   lines += ["", f"Teacher held-out CE {summary['teacher_eval_ce']:.3f}; CE-only student "
             f"{summary['ce_only_eval_ce']:.3f}; teacher-to-CE-only gap {summary['gap']:.3f} = "
@@ -190,6 +244,8 @@ def render_text(text: str, results: dict, quality: dict | None, defs: dict[str, 
     head, kind, _, tail = match.groups()
     if kind == "quality":
       body = render_quality(quality)
+    elif kind.startswith("quality:"):
+      body = render_quality_rows(quality, [s.strip() for s in kind.split(":", 1)[1].split(",") if s.strip()])
     elif kind == "scale":
       body = render_scale(scale if scale is not None else load_scale())
     else:

@@ -18,7 +18,7 @@ import sys
 
 BENCHMARKS = ("benchmarks.bench_train", "benchmarks.bench_server", "benchmarks.bench_streaming", "benchmarks.bench_lti",
               "benchmarks.bench_faults", "benchmarks.bench_offline", "benchmarks.bench_blockwise",
-              "benchmarks.bench_sampled")
+              "benchmarks.bench_sampled", "benchmarks.bench_on_policy")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,9 +25,10 @@ def test_quality_quick_end_to_end(tmp_path):
   assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
   data = json.loads((tmp_path / "results" / "quality.json").read_text())
   slugs = [r["slug"] for r in data["rows"]]
-  assert slugs == [r.slug for r in quality.ROWS if r.default]
+  assert slugs == [r.slug for r in quality.ROWS if r.default and r.available()]
   for row in data["rows"]:
-    assert all(math.isfinite(x) for x in row["eval_ce"] + row["eval_kd"])
+    assert all(math.isfinite(x) for x in row["eval_ce"] + row["eval_kd"] + row["eval_rkl"])
+    assert all(n > 0 for n in row["eval_rkl_tokens"])
     assert row["curves"] and all(row["curves"])
   check_quality_arithmetic(data)
   # Each seed trains on its own data order, and every run records the code that trained it.

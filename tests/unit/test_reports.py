@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
+from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from benchmarks import quality, report, results
@@ -185,6 +188,21 @@ def check_quality_arithmetic(data: dict) -> None:
     assert r["eval_ce_se"] == pytest.approx(statistics.stdev(r["eval_ce"]) / math.sqrt(n), abs=1e-12)
     assert r["eval_kd_mean"] == pytest.approx(statistics.fmean(r["eval_kd"]), abs=1e-12)
     assert (r["eval_ce_min"], r["eval_ce_max"]) == (min(r["eval_ce"]), max(r["eval_ce"]))
+    if "eval_rkl" in r:  # reports since the own-sample reverse-KL column
+      assert len(r["eval_rkl"]) == n and all(x >= -1e-6 for x in r["eval_rkl"])  # a KL: never negative
+      assert r["eval_rkl_mean"] == pytest.approx(statistics.fmean(r["eval_rkl"]), abs=1e-12)
+      assert r["eval_rkl_se"] == pytest.approx(statistics.stdev(r["eval_rkl"]) / math.sqrt(n), abs=1e-12)
+      assert data["summary"]["teacher_eval_rkl"] == pytest.approx(0.0, abs=1e-6)  # the teacher's own samples
+      if r.get("on_policy_fraction"):
+        s = data["setup"]
+        planned = s["batch"] * quality.scored_positions(r["steps"], r["on_policy_fraction"], s["seq_len"],
+                                                        s["new_tokens"])
+        target = s["student_steps"] * s["batch"] * s["seq_len"]
+        # the matched step count: no other count plans scored positions closer to the corpus rows'
+        for other in (r["steps"] - 1, r["steps"] + 1):
+          assert abs(planned - target) <= abs(s["batch"] * quality.scored_positions(
+              other, r["on_policy_fraction"], s["seq_len"], s["new_tokens"]) - target)
+        assert all(0 < x <= planned for x in r["scored_tokens"])  # rows that stop early generate fewer
   base, dense = rows["ce_only"], rows["kd_dense"]
   for r in data["rows"]:
     if r["slug"] != "ce_only":
@@ -208,6 +226,76 @@ def test_committed_quality_report_adds_up():
   check_quality_arithmetic(data)
   assert data["commit"] and not data["commit"].endswith("+dirty")
   assert {"ce_only", "kd_dense", "copy_then_kd", "lti_then_kd", "lti_attn_then_kd"} <= {r["slug"] for r in data["rows"]}
+
+
+def test_matched_steps_against_a_brute_force_search():
+  for steps, fraction, seq_len, new in [(20, 1.0, 256, 64), (20, 0.5, 256, 64), (8, 1.0, 128, 32), (8, 0.5, 128, 32),
+                                        (7, 0.3, 100, 30), (5, 0.0, 64, 16), (3, 1.0, 10, 10)]:
+    f = Fraction(repr(fraction))  # step m generated iff floor((m + 1) f) > floor(m f): the trainer's choice
+    scored = [0]
+    for m in range(4 * steps * seq_len // min(seq_len, new)):
+      scored.append(scored[-1] + (new if math.floor((m + 1) * f) > math.floor(m * f) else seq_len))
+    assert quality.scored_positions(steps, fraction, seq_len, new) == scored[steps]
+    want = min(range(1, len(scored)), key=lambda n: (abs(scored[n] - steps * seq_len), n))
+    assert quality.matched_steps(steps, fraction, seq_len, new) == want, (steps, fraction, seq_len, new)
+  assert quality.matched_steps(20, 1.0, 256, 64) == 80 and quality.matched_steps(20, 0.0, 256, 64) == 20
+
+
+def test_scored_tokens_count_corpus_positions_and_generated_tokens_per_interval():
+  rows = [{"step": 4, "onpolicy/steps_fraction": 0.5, "onpolicy/sample_length": 10.0},
+          {"step": 8, "onpolicy/steps_fraction": 0.5, "onpolicy/sample_length": 12.5},
+          {"step": 9, "onpolicy/steps_fraction": 0.0}]  # an interval of one corpus step: no sample length
+  batch, seq_len = 8, 128
+  want = (2 * batch * seq_len + 2 * batch * 10.0) + (2 * batch * seq_len + 2 * batch * 12.5) + batch * seq_len
+  assert quality.scored_tokens(rows, batch, seq_len) == pytest.approx(want)
+
+
+def test_on_policy_rows_appear_with_the_losses_they_need():
+  rows = {r.slug: r for r in quality.ROWS}
+  for slug, mode in (("on_policy_rkl", "reverse_kl"), ("on_policy_gkd", "gkd"), ("on_policy_mix", "reverse_kl")):
+    assert rows[slug].available() == (mode in quality._kd_modes()) and rows[slug].default
+  ctx = quality.Context(quality.QUICK, None, None, None, address="127.0.0.1:1")
+  mix = rows["on_policy_mix"].overrides(ctx)
+  assert "loss.on_policy_fraction=0.5" in mix and rows["on_policy_mix"].on_policy == 0.5
+  assert f"generation.max_new_tokens={quality.QUICK.new_tokens}" in mix and "loss.alpha=1.0" in mix
+  assert mix.index("loss.alpha=1.0") > mix.index(f"loss.alpha={quality.QUICK.alpha}")  # the later option wins
+  assert rows["on_policy_tail"].available() and not rows["on_policy_tail"].default
+
+
+def test_reverse_kl_sum_against_numpy():
+  rng = np.random.default_rng(0)
+  lp_s = rng.normal(size=(2, 5, 7))
+  lp_t = rng.normal(size=(2, 5, 7)) * 2
+  lp_s -= np.log(np.exp(lp_s).sum(-1, keepdims=True))
+  lp_t -= np.log(np.exp(lp_t).sum(-1, keepdims=True))
+  mask = (rng.random((2, 5)) < 0.6).astype(np.float32)
+  want = 0.0
+  for b in range(2):
+    for t in range(5):
+      if mask[b, t]:
+        want += sum(math.exp(lp_s[b, t, v]) * (lp_s[b, t, v] - lp_t[b, t, v]) for v in range(7))
+  got = float(quality.reverse_kl_sum(np.float32(lp_s), np.float32(lp_t), mask))
+  assert got == pytest.approx(want, rel=1e-5) and want > 0
+  assert float(quality.reverse_kl_sum(np.float32(lp_s), np.float32(lp_s), mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_render_quality_rows_shows_each_rows_seed_spread():
+  rows = [_row("ce_only", [5.0, 5.1, 5.2]), _row("tail", [4.6, 4.7, 4.9])]
+  for r in rows:
+    r["seeds"] = [0, 1, 2]
+    r["eval_rkl"] = [0.4, 0.5, 0.9]
+  rows[1].update(on_policy_fraction=0.0, steps=8, scored_tokens=[8192.0] * 3)
+  summary = quality.summarise(rows, teacher_ce=4.0)
+  data = {"rows": rows, "summary": summary, "command": "python -m benchmarks.quality", "commit": "abc",
+          "date": "2026-12-01T00:00:00+00:00", "machine": {"cpu": "C", "cores": 2},
+          "setup": {"new_tokens": 32, "prompt_len": [8, 32], "student_steps": 8, "batch": 8, "seq_len": 128,
+                    "rkl_prompts": 8}}
+  out = report.render_text("<!-- quality:tail,on_policy_rkl -->\n<!-- /quality -->\n", {}, data, {})
+  se = statistics.stdev([0.4, 0.5, 0.9]) / math.sqrt(3)
+  assert f"| tail | 3 | 8,192 | 4.733 ± {statistics.stdev([4.6, 4.7, 4.9]) / math.sqrt(3):.3f} | 4.600 - 4.900 | " \
+         f"0.600 ± {report.fmt(se)} | 0.400 - 0.900 |" in out
+  assert "Not in the measured report yet: `on_policy_rkl`" in out and "| ce_only |" not in out
+  assert report.render_text(out, {}, data, {}) == out  # idempotent
 
 
 # -- ratios over interleaved rounds -----------------------------------------------------------------
