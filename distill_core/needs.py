@@ -13,7 +13,7 @@ checks are here, and each teacher-target part (`distill_core.parts`) adds its ow
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from distill_core.parts import PARTS
 from distill_core.parts.samples import SampleRequest
@@ -43,6 +43,8 @@ class Needs:
   dataset_fingerprint: str = ""  # of the prepared dataset stored answers must be of ("" = any)
   weights_fingerprint: str = ""  # the teacher weights stored answers must be of ("" = any)
   state_dtype: str | None = None  # dtype the layer states are asked in (None: not checked)
+  # What parts without fields of their own here need, by part name (the scored part: ids per position).
+  parts: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
   def layers(self, teacher_depth: int) -> tuple[int, ...]:
     """The teacher layers whose states are read (empty when no loss reads states)."""
@@ -74,6 +76,7 @@ class Offer:
   dataset_tokenizer_fingerprint: str = ""
   seq_len: int | None = None  # stored answers: T of every record
   weights_fingerprint: str = ""
+  part_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)  # a server's `Limits.part_limits`
 
   @classmethod
   def from_info(cls, info: pb.GetInfoResponse) -> "Offer":
@@ -85,7 +88,8 @@ class Offer:
                max_position_embeddings=info.max_position_embeddings, max_k=limits.max_k,
                value_dtypes=_dtype_names(info.value_dtypes), layers=tuple(limits.selectable_layers),
                states=tuple(info.state_names), state_dtypes=_dtype_names(info.state_dtypes),
-               max_samples=limits.max_samples, weights_fingerprint=info.weights_fingerprint)
+               max_samples=limits.max_samples, weights_fingerprint=info.weights_fingerprint,
+               part_limits=dict(limits.part_limits))
 
   @classmethod
   def from_manifest(cls, manifest: "Manifest") -> "Offer":

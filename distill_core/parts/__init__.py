@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from distill_core.parts import dense, samples, states, topk
+from distill_core.parts import dense, samples, scored, states, topk
 from distill_core.parts.base import Block, Part, Rows, Selection
 
 # Mutated in place by `register`, so every module that imported them sees a new part.
@@ -61,7 +61,7 @@ def registered(part: Part) -> Iterator[Part]:
     unregister(part.name)
 
 
-for _part in (topk.PART, states.PART, samples.PART, dense.PART):
+for _part in (topk.PART, states.PART, samples.PART, scored.PART, dense.PART):
   register(_part)
 
 __all__ = ["BY_NAME", "Block", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
