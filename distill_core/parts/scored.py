@@ -179,6 +179,15 @@ class ScoredPart(base.Part):
                       f"shape {list(ids.shape)} != part_outputs[{self.key('logits')}] shape {list(logits.shape)}")
     return {"scored_logits": logits} if ids is None else {"scored_logits": logits, "scored_ids": ids}
 
+  def with_inputs(self, value, inputs):
+    ids = inputs.get(INPUT)
+    fields = {} if value is None else self.to_fields(value)
+    attached = attach(fields, ids)
+    return self.build(attached)
+
+  def answer_bytes(self, need) -> int:
+    return answer_bytes(int(need))
+
   def from_engine(self, out, rows, length, req) -> dict[str, Any]:
     """The logits of a request's rows (an engine output field `scored_logits`, (B, T, n_max)), its first n
     slots; the ids stay with the asker."""

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from distill_core.needs import Needs, Offer, check
+from distill_core.parts import BY_NAME
 from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.wire import OutputSpec
@@ -56,6 +57,7 @@ class RequestPlan:
   pack_ids: bool
   rows_per_request: int
   samples: SampleRequest | None = None
+  parts: tuple[tuple[str, Any], ...] = ()  # what the run needs of parts without fields here (`Needs.parts`)
 
   def names(self, states: tuple[str, ...] | None) -> tuple[str, ...]:
     """The planned state names a batch asking for `states` gets (None: all planned)."""
@@ -75,6 +77,7 @@ class RequestPlan:
     per_position = self.k * (4 + np.dtype(self.value_dtype).itemsize) + 4
     if self.samples is not None:
       per_position += self.samples.answer_bytes(self.value_dtype)
+    per_position += sum(BY_NAME[name].answer_bytes(need) for name, need in self.parts)
     states = len(self.states) * len(self.layers) * hidden_size * np.dtype(self.state_dtype).itemsize
     return seq_len * (per_position + states)
 
@@ -91,7 +94,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Needs, *, state_dtype: str, pa
     layers = ()
   plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
                      states=tuple(need.state_names) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
-                     rows_per_request=1, samples=need.samples)
+                     rows_per_request=1, samples=need.samples, parts=tuple(sorted(need.parts.items())))
   message_cap = min(max_message_bytes, limits.max_message_bytes or max_message_bytes) - 4096
   caps = {"the batch": need.batch_rows, "max_batch": limits.max_batch,
           "max_tokens_per_request": limits.max_tokens_per_request // max(need.seq_len, 1),
