@@ -134,7 +134,10 @@ class EngineBatch:
   temperatures: np.ndarray  # (Bb, max_temperatures) float32, padded with 1.0
   fetch: Fetch  # what to copy to the host
   # part name -> its inputs (`Part.engine_inputs`: a pytree of (Bb, ...) arrays), for every part in fetch.parts
-  part_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  part_inputs: dict[str, Any] | None = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.part_inputs = dict(self.part_inputs or {})
 
   @property
   def with_states(self) -> bool:
