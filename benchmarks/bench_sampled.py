@@ -161,7 +161,8 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
   from distill_core.sampling import split_u64
   from distill_core.sharding import MeshConfig
   from teacher_server.engine import JaxEngine
-  from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
+  from distill_core.parts.samples import SampleBatch
+  from teacher_server.engine_api import EngineBatch, Fetch
   b, t = tokens.shape
   k = min(64, teacher.cfg.real_vocab_size)
   engine = JaxEngine(teacher, buckets=[(b, t)], max_k=k, max_temperatures=1, selectable_layers=[], state_names=[],
@@ -173,7 +174,7 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
   temps = np.ones((b, 1), np.float32)
   from benchmarks.common import interleaved, paired_ratio
   programs = {"plain": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k)),
-              "sampled": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k, samples=n), draws)}
+              "sampled": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k, samples=n), {"samples": draws})}
 
   def speed(batch):
     def once() -> float:

@@ -9,7 +9,9 @@ line in `PARTS` (or `register(part)`; `registered(part)` for the duration of a b
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator
 
 from distill_core.parts import dense, samples, scored, states, topk
 from distill_core.parts.base import Block, Part, Rows, Selection
@@ -61,8 +63,49 @@ def registered(part: Part) -> Iterator[Part]:
     unregister(part.name)
 
 
+def ordered(entries) -> tuple[tuple[str, Any], ...]:
+  """(part name, entry) pairs of a mapping or pairs, without None entries, in registry order."""
+  order = {part.name: i for i, part in enumerate(PARTS)}
+  pairs = entries.items() if hasattr(entries, "items") else entries
+  return tuple(sorted(((name, value) for name, value in pairs if value is not None),
+                      key=lambda pair: (order.get(pair[0], len(order)), pair[0])))
+
+
+def by_part_name(cls: type) -> type:
+  """Lets a frozen dataclass whose `parts` field holds (part name, entry) pairs take and give each entry by the
+  part's name: `cls(..., <part>=entry)` (None: none; overrides `parts`) and `obj.<part>` (None when absent).
+
+  `parts` must be a keyword-only field; `dataclasses.replace(obj, <part>=entry)` works too.
+  """
+  init = cls.__init__
+  own = {f.name for f in dataclasses.fields(cls)}  # a field named like a part (`states`) stays a field
+
+  @functools.wraps(init)
+  def __init__(self, *args, **kwargs):
+    entries = dict(kwargs.pop("parts", None) or ())
+    for name in [key for key in kwargs if key in BY_NAME and key not in own]:
+      entries[name] = kwargs.pop(name)
+    init(self, *args, parts=ordered(entries), **kwargs)
+
+  def __getattr__(self, name: str):
+    if name in BY_NAME:
+      return dict(object.__getattribute__(self, "parts")).get(name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+  if "parts" not in {f.name for f in dataclasses.fields(cls) if f.kw_only}:
+    raise TypeError(f"{cls.__name__}: by_part_name needs a keyword-only field 'parts'")
+  cls.__init__ = __init__
+  cls.__getattr__ = __getattr__
+  return cls
+
+
+def limit_values(source: Any) -> dict[str, int]:
+  """Every registered part's limits (`Part.limits`) read from the attributes of `source` (0 when absent)."""
+  return {name: int(getattr(source, name, 0) or 0) for part in PARTS for name in part.limits}
+
+
 for _part in (topk.PART, states.PART, samples.PART, scored.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
+__all__ = ["BY_NAME", "Block", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
            "register", "registered", "unregister"]

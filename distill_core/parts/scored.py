@@ -19,6 +19,7 @@ record decodes to both fields; a served answer holds the logits alone until `att
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.struct
@@ -34,9 +35,21 @@ from distill_core.tensor_codec import decode_tensor
 
 INPUT = "scored.ids"  # ForwardRequest.part_inputs key of the ids asked
 LIMIT = "scored.max_ids"  # Limits.part_limits key: the most ids a server scores per position
+CONFIG_LIMIT = "max_scored_ids"  # the server config's limits.max_scored_ids (the part's `limits` name)
 INPUT_FIELD = f"part_inputs['{INPUT}']"  # how errors about the request's ids name them
 ID_BYTES = np.dtype(np.int32).itemsize  # an id asked, raw on the wire
 VALUE_BYTES = np.dtype(np.float32).itemsize  # a value answered
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoredRequest:
+  """The teacher's logits at `ids_per_position` given ids per position (the ids travel as `part_inputs`)."""
+
+  ids_per_position: int
+
+  def __post_init__(self):
+    if self.ids_per_position < 1:
+      raise ValueError(f"ids_per_position: {self.ids_per_position} must be >= 1")
 
 
 @flax.struct.dataclass
@@ -60,8 +73,23 @@ def request_inputs(ids: np.ndarray) -> dict[str, np.ndarray]:
   return {INPUT: np.ascontiguousarray(ids, np.int32)}
 
 
-def parse_request(req: pb.ForwardRequest, *, vocab_size: int, max_ids: int, batch_size: int,
-                  seq_len: int) -> np.ndarray | None:
+def _ids_shape(tensor: pb.Tensor, max_ids: int) -> tuple[int, ...]:
+  """The declared shape of the request's ids, checked for dtype, rank and ids per position (bounded numbers
+  only in the messages); SpecError naming `part_inputs['scored.ids']`."""
+  if not max_ids:
+    raise SpecError(INPUT_FIELD, f"this server scores no given ids (limits.{CONFIG_LIMIT} is 0)")
+  if tensor.dtype != pb.DTYPE_INT32:
+    raise SpecError(INPUT_FIELD, "dtype must be DTYPE_INT32")
+  shape = tuple(int(d) for d in tensor.shape)
+  if len(shape) != 3:
+    raise SpecError(INPUT_FIELD, f"expected 3 dimensions [B, T, n], got {len(shape)}")
+  if not 1 <= shape[2] <= max_ids:
+    raise SpecError(INPUT_FIELD, f"{shape[2]} ids per position, must be in [1, {max_ids}] (limits.{CONFIG_LIMIT})")
+  return shape
+
+
+def parse_ids(req: pb.ForwardRequest, *, vocab_size: int, max_ids: int, batch_size: int,
+              seq_len: int) -> np.ndarray | None:
   """The (B, T, n) int32 ids a request asks a server to score (None: none); raises SpecError naming
   `part_inputs['scored.ids']` (a server answers INVALID_ARGUMENT with that field).
 
@@ -70,10 +98,10 @@ def parse_request(req: pb.ForwardRequest, *, vocab_size: int, max_ids: int, batc
   """
   if INPUT not in req.part_inputs:
     return None
-  if not max_ids:
-    raise SpecError(INPUT_FIELD, f"this server scores no given ids (limits.part_limits['{LIMIT}'] is 0)")
+  tensor = req.part_inputs[INPUT]
+  _ids_shape(tensor, max_ids)
   try:
-    ids = decode_tensor(req.part_inputs[INPUT], INPUT_FIELD, dtypes=(pb.DTYPE_INT32,), ndim=3,
+    ids = decode_tensor(tensor, INPUT_FIELD, dtypes=(pb.DTYPE_INT32,), ndim=3,
                         max_elements=batch_size * seq_len * max_ids)
   except WireError as e:
     raise SpecError(INPUT_FIELD, e.detail) from None
@@ -81,13 +109,11 @@ def parse_request(req: pb.ForwardRequest, *, vocab_size: int, max_ids: int, batc
   if (b, t) != (batch_size, seq_len):
     raise SpecError(INPUT_FIELD, f"shape [{b}, {t}, {n}] does not match the tokens' [B, T] = "
                                  f"[{batch_size}, {seq_len}]")
-  if not 1 <= n <= max_ids:
-    raise SpecError(INPUT_FIELD, f"{n} ids per position, must be in [1, {max_ids}] (limits.{LIMIT})")
   try:
     check_ids(ids, "ids", vocab_size)
   except ValueError as e:
     raise SpecError(INPUT_FIELD, str(e).removeprefix("ids: ")) from None
-  return ids
+  return np.ascontiguousarray(ids)
 
 
 def attach(fields: dict[str, Any], ids: np.ndarray | None) -> dict[str, Any]:
@@ -124,6 +150,12 @@ class ScoredPart(base.Part):
   absent = {"scored_ids": None, "scored_logits": None}
   compute_args = ("scored_ids",)
   positional_args = ("scored_ids",)
+  limits = {CONFIG_LIMIT: (0, "Most ids per position a request may ask the teacher's logits at "
+                              "(ForwardRequest.part_inputs['scored.ids'], on-policy distillation: the sampled token "
+                              "and the student's top-k); > 0 compiles a scoring program per bucket at warm-up; 0 "
+                              "(default) scores none.")}
+  input_names = ("ids",)
+  engine_slots = ("scored_ids", "scored_logits")
 
   def compute(self, block: Block, scored_ids=None):
     """The block's shifted logits `block.z` (f32, row max 0) at `scored_ids` ((B, C, n), the block's positions).
@@ -180,35 +212,95 @@ class ScoredPart(base.Part):
     return {"scored_logits": logits} if ids is None else {"scored_logits": logits, "scored_ids": ids}
 
   def with_inputs(self, value, inputs):
-    ids = inputs.get(INPUT)
-    fields = {} if value is None else self.to_fields(value)
-    attached = attach(fields, ids)
-    return self.build(attached)
+    """A served answer with the ids asked put back (`attach`)."""
+    return self.build(attach({} if value is None else self.to_fields(value), inputs.get(INPUT)))
 
-  def answer_bytes(self, need) -> int:
-    return answer_bytes(int(need))
+  # -- requests, inputs and a teacher server's limits ---------------------------------------------
+  # Asked for by its inputs alone: nothing in the OutputSpec; a `ScoredRequest` in a spec's or a run's parts
+  # only sizes answers and is checked against a server's limit (a batch without ids asks for none).
+
+  def write_request(self, request: ScoredRequest, spec: pb.OutputSpec) -> None:
+    del request, spec  # the ids are the request (part_inputs)
+
+  def check_request(self, request: ScoredRequest, *, example_ids, part_inputs) -> None:
+    ids = part_inputs.get(INPUT)
+    if ids is not None and (np.ndim(ids) != 3 or np.shape(ids)[2] > request.ids_per_position):
+      raise ValueError(f"{INPUT_FIELD}: shape {list(np.shape(ids))}, expected [B, T, n <= "
+                       f"{request.ids_per_position}]")
+
+  def answer_bytes(self, request: ScoredRequest, value_dtype: str) -> int:
+    return answer_bytes(request.ids_per_position)
+
+  def parse_request(self, spec, *, vocab_size, limits, part_inputs=None) -> ScoredRequest | None:
+    if not part_inputs or INPUT not in part_inputs:
+      return None
+    return ScoredRequest(_ids_shape(part_inputs[INPUT], int(limits.get(CONFIG_LIMIT, 0)))[2])
+
+  def prepare_inputs(self, req, request, *, rows, length, vocab_size, limits) -> dict[str, np.ndarray]:
+    return {"ids": parse_ids(req, vocab_size=vocab_size, max_ids=int(limits.get(CONFIG_LIMIT, 0)), batch_size=rows,
+                             seq_len=length)}
+
+  def limits_for(self, request: ScoredRequest) -> dict[str, int]:
+    return {CONFIG_LIMIT: request.ids_per_position}
+
+  def request_bytes(self, limits, *, max_tokens: int, max_batch: int) -> int:
+    return max_tokens * request_bytes(int(limits.get(CONFIG_LIMIT, 0)))
+
+  def max_slots(self, limits) -> int:
+    return int(limits.get(CONFIG_LIMIT, 0))
+
+  def fetch_slots(self, request: ScoredRequest) -> int:
+    return request.ids_per_position
+
+  def engine_inputs(self, rows: int, length: int, limits) -> np.ndarray:
+    """(rows, length, max_scored_ids) int32 ids; id 0 where a row asks for fewer positions or ids (padding)."""
+    return np.zeros((rows, length, self.max_slots(limits)), np.int32)
+
+  def fill_inputs(self, inputs: np.ndarray, at: slice, request: ScoredRequest, prepared, start: int,
+                  stop: int) -> None:
+    """Rows [start, stop) of the request's ids, padded to the bucket's length and slots like its tokens."""
+    ids = prepared["ids"][start:stop]
+    inputs[at, :ids.shape[1], :ids.shape[2]] = ids
+
+  def check_engine_inputs(self, inputs: np.ndarray, rows: int, length: int, slots: int, limits) -> None:
+    max_ids = self.max_slots(limits)
+    if not 1 <= slots <= max_ids:
+      raise ValueError(f"fetch.scored {slots} not in [1, {CONFIG_LIMIT} {max_ids}]")
+    if np.shape(inputs) != (rows, length, max_ids):
+      raise ValueError(f"scored: ids of shape {list(np.shape(inputs))} do not match [{rows}, {length}, {max_ids}]")
+
+  def engine_args(self, row, limits) -> dict[str, Any]:
+    return {"scored_ids": row[None]}
+
+  def write_limits(self, values, msg: pb.Limits) -> None:
+    if values.get(CONFIG_LIMIT):
+      msg.part_limits[LIMIT] = int(values[CONFIG_LIMIT])
+
+  def read_limits(self, msg: pb.Limits) -> dict[str, int]:
+    return {CONFIG_LIMIT: int(msg.part_limits.get(LIMIT, 0))}
 
   def from_engine(self, out, rows, length, req) -> dict[str, Any]:
-    """The logits of a request's rows (an engine output field `scored_logits`, (B, T, n_max)), its first n
-    slots; the ids stay with the asker."""
-    ids = getattr(req, "scored_ids", None)
-    if ids is None:
+    """The logits of a request's rows, their first n slots (the ids stay with the asker)."""
+    request = dict(req.parts).get(self.name)
+    if request is None:
       return {}
-    n = ids.shape[-1]
-    return {"scored_logits": np.ascontiguousarray(out.scored_logits[rows, :length, :n], np.float32)}
+    n = request.ids_per_position
+    got = out.parts[self.name]
+    return {"scored_logits": np.ascontiguousarray(got["scored_logits"][rows, :length, :n], np.float32)}
 
   def check(self, needs, offer) -> list[str]:
-    want = needs.parts.get(self.name, 0)
-    if not want:
+    want = dict(needs.parts).get(self.name)
+    if want is None:
       return []
+    n = want.ids_per_position
     if offer.stored:
-      return [f"{INPUT}: the loss scores {want} ids per position chosen at training time; stored answers "
-              "cannot hold them (use a teacher that scores new text)"]
-    offered = int(offer.part_limits.get(LIMIT, 0))
-    if want > offered:
+      return [f"{INPUT}: the loss scores {n} ids per position chosen at training time; stored answers cannot hold "
+              "them (use a teacher that scores new text)"]
+    offered = int(offer.part_limits.get(CONFIG_LIMIT, 0))
+    if n > offered:
       what = f"at most {offered}" if offered else "no given ids"
-      return [f"part_limits['{LIMIT}']: the loss needs the teacher's logits at {want} ids per position, the "
-              f"teacher scores {what} (start it with limits.max_scored_ids >= {want})"]
+      return [f"part_limits['{LIMIT}']: the loss needs the teacher's logits at {n} ids per position, the teacher "
+              f"scores {what} (start it with limits.{CONFIG_LIMIT} >= {n})"]
     return []
 
 

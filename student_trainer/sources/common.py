@@ -78,7 +78,7 @@ class Student:
                  feature_layers=self.feature_layers, state_names=self.state_names,
                  samples=self.loss.sampling, temperatures=(low,) if low == high else (),
                  dataset_fingerprint=data.dataset_fingerprint,
-                 parts={"scored": self.scored_per_position} if self.scored_per_position else {})
+                 scored=scored.ScoredRequest(self.scored_per_position) if self.scored_per_position else None)
 
 
 def check_scored(batch, ids: np.ndarray | None) -> None:

@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from distill_core.checkpoints import load_model
 from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import BY_NAME, ordered
 from distill_core.sampling import split_u64
 from distill_core.sharding import shard_batch, state_shardings
 from distill_core.targets import DenseHead, TeacherTargets, compute_targets_from_hidden
@@ -59,7 +59,11 @@ class LocalTeacher(TeacherSource):
   def __init__(self, model: Transformer, *, k: int, value_dtype: str, mesh: Mesh, rules,
                dense_logits: bool = False, state_layers: tuple[int, ...] = (),
                state_names: tuple[str, ...] = (), student_vocab_size: int | None = None,
-               samples: SampleRequest | None = None, chunk_size: int | None = None):
+               chunk_size: int | None = None, **part_requests):
+    """`part_requests`: the requests of the other teacher-target parts asked for, by part name (None: none)."""
+    unknown = [name for name in part_requests if name not in BY_NAME]
+    if unknown:
+      raise TypeError(f"LocalTeacher: no teacher-target part named {unknown[0]!r}")
     if student_vocab_size is not None and model.cfg.real_vocab_size > student_vocab_size:
       raise RunError(f"teacher.local: the teacher's vocabulary ({model.cfg.real_vocab_size}) is larger than "
                        f"the student's ({student_vocab_size}); they must share a tokenizer")
@@ -79,7 +83,7 @@ class LocalTeacher(TeacherSource):
     self._layers, self._names = tuple(state_layers), tuple(state_names)
     self._forward = functools.partial(_teacher_targets, graphdef, k=k, value_dtype=value_dtype,
                                       true_vocab_size=model.cfg.real_vocab_size, dense_logits=dense_logits,
-                                      samples=samples, chunk_size=chunk_size)
+                                      parts=ordered(part_requests), chunk_size=chunk_size)
     self._fns: dict[tuple[str, ...], Callable] = {}  # state names -> jitted forward (one per objective of a run)
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
@@ -108,19 +112,18 @@ class LocalTeacher(TeacherSource):
 
 def _teacher_targets(graphdef, state, tokens, positions, segment_ids, example_ids, temperatures, scored_ids, *, k,
                      value_dtype, true_vocab_size, dense_logits, state_layers, state_names,
-                     samples: SampleRequest | None, chunk_size: int | None) -> TeacherTargets:
+                     parts: tuple, chunk_size: int | None) -> TeacherTargets:
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   out = model.hidden_states(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
-  part_args = {} if samples is None else dict(
-      num_samples=samples.num_samples, sample_temperature=samples.temperature, sample_seed=samples.seed,
-      example_ids=example_ids, sample_exclude=samples.exclude)
+  requested = {key: value for name, request in parts
+               for key, value in BY_NAME[name].compute_kwargs(request, example_ids=example_ids).items()}
   if scored_ids is not None:  # the teacher's logits at the ids asked, per block of positions like the rest
-    part_args["scored_ids"] = scored_ids
+    requested["scored_ids"] = scored_ids
   # The lm_head, top-k, logsumexp and draws run per block of chunk_size positions.
   targets = compute_targets_from_hidden(
       out.hidden, model.logits_from_hidden, chunk_size=chunk_size, k=k, temperatures=temperatures,
       true_vocab_size=true_vocab_size, value_dtype=value_dtype, states=out.states if state_layers else None,
-      state_layers=state_layers, **part_args)
+      state_layers=state_layers, **requested)
   if dense_logits:  # kd_dense forms the dense teacher logits per chunk: dense_head(dense_hidden)
     targets = targets.replace(dense_hidden=out.hidden)
   return targets

@@ -131,23 +131,23 @@ def _request(ids, tokens_shape=(B, T)):
 
 def test_the_request_ids_are_parsed_and_bad_ones_refused_naming_the_field():
   _, ids = _host()
-  ok = scored.parse_request(_request(ids), vocab_size=TRUE_V, max_ids=N, batch_size=B, seq_len=T)
+  ok = scored.parse_ids(_request(ids), vocab_size=TRUE_V, max_ids=N, batch_size=B, seq_len=T)
   np.testing.assert_array_equal(ok, ids)
-  assert scored.parse_request(wire.make_request(1, np.zeros((B, T), np.int32), wire.OutputSpec(k=1)),
+  assert scored.parse_ids(wire.make_request(1, np.zeros((B, T), np.int32), wire.OutputSpec(k=1)),
                               vocab_size=TRUE_V, max_ids=0, batch_size=B, seq_len=T) is None
   bad = ids.copy()
   bad[1, 2, 3] = TRUE_V
   cases = [(_request(ids), dict(max_ids=0), "this server scores no given ids"),
-           (_request(ids), dict(max_ids=N - 1), "elements exceed the limit"),
+           (_request(ids), dict(max_ids=N - 1), r"4 ids per position, must be in \[1, 3\] \(limits.max_scored_ids\)"),
            (_request(ids[..., :0]), {}, r"0 ids per position, must be in \[1, 4\]"),
-           (_request(ids.astype(np.int64)), {}, "dtype DTYPE_INT64 not allowed"),
-           (_request(ids[0]), {}, "expected 3 dimensions"),
+           (_request(ids.astype(np.int64)), {}, "dtype must be DTYPE_INT32"),
+           (_request(ids[0]), {}, r"expected 3 dimensions \[B, T, n\], got 2"),
            (_request(ids[:1]), {}, r"shape \[1, 7, 4\] does not match the tokens' \[B, T\] = \[2, 7\]"),
            (_request(bad), {}, r"id 21 at \[1, 2, 3\] is outside the vocabulary \[0, 21\)"),
            (_request(-ids - 1), {}, "is outside the vocabulary")]
   for req, limits, message in cases:
     with pytest.raises(SpecError, match=message) as e:
-      scored.parse_request(req, **{"vocab_size": TRUE_V, "max_ids": N, "batch_size": B, "seq_len": T, **limits})
+      scored.parse_ids(req, **{"vocab_size": TRUE_V, "max_ids": N, "batch_size": B, "seq_len": T, **limits})
     assert e.value.field == "part_inputs['scored.ids']"
 
 
@@ -166,13 +166,17 @@ def test_the_sampled_column_must_be_the_batch_next_token_where_counted():
 def test_needs_name_the_limit_a_server_lacks():
   need = needs.Needs(k=1, value_dtype="float16", vocab_size=256, data_vocab_size=256, seq_len=16, batch_rows=2,
                      tokenizer_fingerprint="", hidden_size=None, feature_layers=lambda depth: (), state_names=(),
-                     parts={"scored": 3})
+                     scored=scored.ScoredRequest(3))
   info = pb.GetInfoResponse(vocab_size=256, padded_vocab_size=256, num_layers=2, hidden_size=8,
                             max_position_embeddings=64, value_dtypes=[pb.DTYPE_FLOAT16],
                             limits=pb.Limits(max_k=8, max_seq_len=32))
   assert needs.check(need, needs.Offer.from_info(info)) == [
       "part_limits['scored.max_ids']: the loss needs the teacher's logits at 3 ids per position, the teacher scores "
       "no given ids (start it with limits.max_scored_ids >= 3)"]
+  stored = needs.Offer(stored=True, vocab_size=256, num_layers=2, hidden_size=8, seq_len=16, max_k=8,
+                       value_dtypes=("float16",))
+  assert needs.check(need, stored)[-1].startswith(
+      "scored.ids: the loss scores 3 ids per position chosen at training time; stored answers cannot hold them")
   info.limits.part_limits["scored.max_ids"] = 2
   assert "scores at most 2" in needs.check(need, needs.Offer.from_info(info))[0]
   info.limits.part_limits["scored.max_ids"] = 3
