@@ -17,6 +17,7 @@ from distill_core.parts.base import SpecError
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.sharding import MeshConfig
 from distill_core.targets import check_values, compute_targets, compute_targets_from_hidden, slice_batch, to_numpy
+from student_trainer.sources.common import check_part_inputs
 from teacher_server.engine import JaxEngine
 from teacher_server.engine_api import EngineBatch, Fetch
 
@@ -168,6 +169,12 @@ def test_the_sampled_column_must_be_the_batch_next_token_where_counted():
     scored.check_sampled_column(ids, labels, mask)
   mask[0, 3] = 0
   scored.check_sampled_column(ids, labels, mask)
+  batch = types.SimpleNamespace(targets=labels, loss_mask=mask)  # what a source checks before sending
+  check_part_inputs(batch, scored.request_inputs(ids))
+  with pytest.raises(ValueError, match=r"part_inputs\['scored.ids'\]: shape \[2, 6, 4\] does not match the batch's"):
+    check_part_inputs(batch, scored.request_inputs(ids[:, 1:]))
+  with pytest.raises(ValueError, match="part_inputs: 'scores.ids' is not an input of a registered"):
+    check_part_inputs(batch, {"scores.ids": ids})
 
 
 def test_needs_name_the_limit_a_server_lacks():
