@@ -1,5 +1,6 @@
-"""The scored part through a teacher-server process: bad ids refused by name, the logits at given ids equal the
-server's own top-k values, and an on-policy run (kd_mode reverse_kl) against it matching the in-process teacher."""
+"""On-policy distillation against a teacher-server process (`python -m teacher_server`): bad scored ids refused by
+name, the logits at given ids equal the server's own top-k values, and an on-policy run (kd_mode reverse_kl)
+matching the in-process teacher (the scored part through an in-process server: test_scored_server.py)."""
 
 from __future__ import annotations
 
