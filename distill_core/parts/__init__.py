@@ -63,12 +63,43 @@ def registered(part: Part) -> Iterator[Part]:
     unregister(part.name)
 
 
-def ordered(entries) -> tuple[tuple[str, Any], ...]:
+class ByPart(tuple):
+  """(part name, entry) pairs (a hashable tuple, iterated as pairs) that read like a mapping by part name:
+  `get`, `[name]`, `in`, `items`, `keys`, `values`."""
+
+  def get(self, name: str, default: Any = None) -> Any:
+    for key, value in self:
+      if key == name:
+        return value
+    return default
+
+  def __getitem__(self, key):
+    if isinstance(key, str):
+      for name, value in self:
+        if name == key:
+          return value
+      raise KeyError(key)
+    return tuple.__getitem__(self, key)
+
+  def __contains__(self, name) -> bool:
+    return any(key == name for key, _ in self)
+
+  def items(self) -> tuple[tuple[str, Any], ...]:
+    return tuple(self)
+
+  def keys(self) -> tuple[str, ...]:
+    return tuple(key for key, _ in self)
+
+  def values(self) -> tuple[Any, ...]:
+    return tuple(value for _, value in self)
+
+
+def ordered(entries) -> ByPart:
   """(part name, entry) pairs of a mapping or pairs, without None entries, in registry order."""
   order = {part.name: i for i, part in enumerate(PARTS)}
   pairs = entries.items() if hasattr(entries, "items") else entries
-  return tuple(sorted(((name, value) for name, value in pairs if value is not None),
-                      key=lambda pair: (order.get(pair[0], len(order)), pair[0])))
+  return ByPart(sorted(((name, value) for name, value in pairs if value is not None),
+                       key=lambda pair: (order.get(pair[0], len(order)), pair[0])))
 
 
 def by_part_name(cls: type) -> type:
@@ -99,13 +130,19 @@ def by_part_name(cls: type) -> type:
   return cls
 
 
+def limit_fields() -> dict[str, str]:
+  """"<part>.<name>" -> the server config field (`limits.<field>`) of every registered part's limits."""
+  return {part.key(name): field for part in PARTS for name, (field, _, _) in part.limits.items()}
+
+
 def limit_values(source: Any) -> dict[str, int]:
-  """Every registered part's limits (`Part.limits`) read from the attributes of `source` (0 when absent)."""
-  return {name: int(getattr(source, name, 0) or 0) for part in PARTS for name in part.limits}
+  """Every registered part's limits, keyed "<part>.<name>", read from the config fields of `source` (a server's
+  `limits`; 0 when absent)."""
+  return {key: int(getattr(source, field, 0) or 0) for key, field in limit_fields().items()}
 
 
 for _part in (topk.PART, states.PART, samples.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
+__all__ = ["BY_NAME", "Block", "ByPart", "by_part_name", "limit_fields", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
            "register", "registered", "unregister"]
