@@ -70,8 +70,7 @@ class Offer:
   layers: tuple[int, ...] = ()  # selectable (a server) or stored teacher layers
   states: tuple[str, ...] = ()
   state_dtypes: tuple[str, ...] | None = None
-  # a server's limits of its parts, keyed "<part>.<name>" (`Limits.part_limits` and each part's `read_limits`)
-  part_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  part_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)  # a server's limits of its parts
   dataset_fingerprint: str = ""  # stored answers: of the dataset answered
   dataset_tokenizer_fingerprint: str = ""
   seq_len: int | None = None  # stored answers: T of every record
@@ -89,8 +88,7 @@ class Offer:
                max_position_embeddings=info.max_position_embeddings, max_k=limits.max_k,
                value_dtypes=_dtype_names(info.value_dtypes), layers=tuple(limits.selectable_layers),
                states=tuple(info.state_names), state_dtypes=_dtype_names(info.state_dtypes),
-               part_limits={**limits.part_limits, **{key: value for part in PARTS
-                                                     for key, value in part.read_limits(limits).items()}},
+               part_limits={name: value for part in PARTS for name, value in part.read_limits(limits).items()},
                weights_fingerprint=info.weights_fingerprint)
 
   @classmethod

@@ -61,8 +61,8 @@ class _LimitsConfig(ConfigBase):
 
 LimitsConfig = pydantic.create_model(
     "LimitsConfig", __base__=_LimitsConfig, __module__=__name__,
-    **{field: (int, Field(default, ge=0, description=description))
-       for part in PARTS for field, default, description in part.limits.values()})
+    **{name: (int, Field(default, ge=0, description=description))
+       for part in PARTS for name, (default, description) in part.limits.items()})
 
 
 class BatcherConfig(ConfigBase):

@@ -42,7 +42,7 @@ from distill_core.client import TeacherError
 from distill_core.config import ConfigError, describe, load_config
 from distill_core.data import Batch, DataConfig, open_split
 from distill_core.logs import setup_logging
-from distill_core.parts import BY_NAME, limit_fields
+from distill_core.parts import BY_NAME, PARTS
 from distill_core.progress import ProgressBar
 from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
 from distill_core.shards_io import ShardWriter, file_sha256
@@ -212,10 +212,9 @@ class _InProcess:
     if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
       server = server.model_copy(update={"batcher": server.batcher.model_copy(
           update={"buckets": [(cfg.rows_per_request, seq_len)]})})
-    fields = limit_fields()
-    part_limits = {field: 0 for field in fields.values()}  # other parts: only those stored
+    part_limits = {name: 0 for part in PARTS for name in part.limits}  # other parts: only those stored
     for name, request in cfg.parts:
-      part_limits.update({fields[key]: value for key, value in BY_NAME[name].limits_for(request).items()})
+      part_limits.update(BY_NAME[name].limits_for(request))
     limits = {key: value for key, value in (("max_k", cfg.k), ("selectable_layers", list(cfg.layers)),
                                             *part_limits.items())
               if key not in server.limits.model_fields_set}  # compute and move only what is stored

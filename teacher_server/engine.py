@@ -53,7 +53,7 @@ from distill_core import checkpoints, memory, wire
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
-from distill_core.parts import BY_NAME, PARTS, limit_fields
+from distill_core.parts import BY_NAME, PARTS, limit_values
 from distill_core.sharding import (MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table, shard_batch,
                                    state_shardings, traced_on)
 from distill_core.targets import compute_targets_from_hidden
@@ -138,7 +138,7 @@ class JaxEngine(Engine):
     devices: the mesh's devices (default: all). With an abstract `model`
       (`checkpoints.abstract_model`) and a TPU topology's compile-only devices, the engine's
       programs can be compiled (`lower`) for a slice this machine does not have, never run.
-    part_limits: the other parts' limits by their server config field (`Part.limits`, the config's `limits.<field>`);
+    part_limits: the other parts' limits by name (`Part.limits`, the server config's `limits` of those names);
       a part whose limits are 0 is not offered.
   """
 
@@ -146,10 +146,9 @@ class JaxEngine(Engine):
                selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = "",
                chunk_size: int | None = DEFAULT_CHUNK_SIZE, devices=None, **part_limits: int):
     cfg: ModelConfig = model.cfg
-    fields = {field: key for key, field in limit_fields().items()}
-    if set(part_limits) - set(fields):
-      raise TypeError(f"JaxEngine: unknown part limits {sorted(set(part_limits) - set(fields))} (known: "
-                      f"{sorted(fields)})")
+    known = {name for part in PARTS for name in part.limits}
+    if set(part_limits) - known:
+      raise TypeError(f"JaxEngine: unknown part limits {sorted(set(part_limits) - known)} (known: {sorted(known)})")
     selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
     bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
     if bad or len(set(selectable)) != len(selectable):
@@ -178,7 +177,7 @@ class JaxEngine(Engine):
         selectable_layers=selectable, state_names=tuple(state_names),
         weights_fingerprint="" if abstract else weights_fingerprint(model),
         tokenizer_fingerprint=tokenizer_fingerprint,
-        part_limits={key: int(part_limits.get(field, 0)) for field, key in fields.items()})
+        part_limits={name: int(part_limits.get(name, 0)) for name in sorted(known)})
     log.info("weights fingerprint %s (%.1f s)", self._info.weights_fingerprint[:16], time.perf_counter() - start)
     self._graphdef = graphdef
     shardings = state_shardings(state, self._mesh, rules_table(mesh or MeshConfig()))
@@ -209,7 +208,7 @@ class JaxEngine(Engine):
     return cls(model, buckets=cfg.batcher.buckets, max_k=lim.max_k, max_temperatures=lim.max_temperatures,
                selectable_layers=lim.selectable_layers, state_names=lim.state_names, mesh=cfg.mesh,
                tokenizer_fingerprint=tokenizer_fingerprint(tok_path), chunk_size=cfg.logits_chunk_size,
-               **{field: getattr(lim, field) for field in limit_fields().values()})
+               **limit_values(lim))
 
   @property
   def info(self) -> EngineInfo:

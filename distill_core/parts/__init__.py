@@ -130,19 +130,13 @@ def by_part_name(cls: type) -> type:
   return cls
 
 
-def limit_fields() -> dict[str, str]:
-  """"<part>.<name>" -> the server config field (`limits.<field>`) of every registered part's limits."""
-  return {part.key(name): field for part in PARTS for name, (field, _, _) in part.limits.items()}
-
-
 def limit_values(source: Any) -> dict[str, int]:
-  """Every registered part's limits, keyed "<part>.<name>", read from the config fields of `source` (a server's
-  `limits`; 0 when absent)."""
-  return {key: int(getattr(source, field, 0) or 0) for key, field in limit_fields().items()}
+  """Every registered part's limits (`Part.limits`) read from the attributes of `source` (0 when absent)."""
+  return {name: int(getattr(source, name, 0) or 0) for part in PARTS for name in part.limits}
 
 
 for _part in (topk.PART, states.PART, samples.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "ByPart", "by_part_name", "limit_fields", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
+__all__ = ["BY_NAME", "Block", "ByPart", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
            "register", "registered", "unregister"]

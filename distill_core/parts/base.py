@@ -236,10 +236,9 @@ class Part:
   # A part asked for per request has a *request* (its options, a value of its own type): `wire.OutputSpec`,
   # a shard manifest, a run's `Needs` and a server's validated request hold it under the part's name.
 
-  # Server limits the part declares: name -> (server config field, default, description). The config field
-  # is `limits.<field>`; everywhere else (`EngineInfo.part_limits`, GetInfo's `Limits.part_limits`,
-  # `needs.Offer.part_limits`, the `limits` the methods below take) a limit is keyed "<part>.<name>".
-  limits: ClassVar[Mapping[str, tuple[str, int, str]]] = {}
+  # Server limits the part declares: name -> (default, description). Each is a server config field
+  # `limits.<name>`, an entry of `EngineInfo.part_limits` and of GetInfo's `Limits` (`write_limits`).
+  limits: ClassVar[Mapping[str, tuple[int, str]]] = {}
   # Fields of a configuration that asks for the part (the dump's): name -> (type, pydantic Field); read back by
   # `request_from_config`.
   config_fields: ClassVar[Mapping[str, tuple[type, Any]]] = {}
@@ -288,8 +287,7 @@ class Part:
     return {}
 
   def limits_for(self, request: Any) -> dict[str, int]:
-    """The limits a teacher needs to serve `request`, keyed "<part>.<name>" (what an in-process teacher is
-    started with)."""
+    """The limits (`limits`) a teacher needs to serve `request` (what an in-process teacher is started with)."""
     return {}
 
   def request_bytes(self, limits: Mapping[str, int], *, max_tokens: int, max_batch: int) -> int:
@@ -325,19 +323,15 @@ class Part:
     for a batch of that one row."""
     return {}
 
-  def limit(self, limits: Mapping[str, int], name: str) -> int:
-    """This part's limit `name` in `limits` (keyed "<part>.<name>"; 0 when absent)."""
-    return int(limits.get(self.key(name), 0) or 0)
-
   def write_limits(self, values: Mapping[str, int], msg: pb.Limits) -> None:
     """Writes the part's limits into GetInfo's `Limits` (by default `part_limits["<part>.<name>"]`)."""
     for name in self.limits:
-      if self.limit(values, name):
-        msg.part_limits[self.key(name)] = self.limit(values, name)
+      if values.get(name):
+        msg.part_limits[self.key(name)] = int(values[name])
 
   def read_limits(self, msg: pb.Limits) -> dict[str, int]:
-    """The part's limits a server's GetInfo offers, keyed "<part>.<name>" (inverse of `write_limits`)."""
-    return {self.key(name): int(msg.part_limits.get(self.key(name), 0)) for name in self.limits}
+    """The part's limits a server's GetInfo offers (inverse of `write_limits`; 0 when absent)."""
+    return {name: int(msg.part_limits.get(self.key(name), 0)) for name in self.limits}
 
   # -- the teacher server's engine output ----------------------------------------------------------
 

@@ -124,7 +124,7 @@ class SamplesPart(base.Part):
   absent = {name: None for name in _RANKS} | {"sample_skip": 0}
   compute_args = ("num_samples", "sample_temperature", "sample_seed", "example_ids", "sample_exclude",
                   "sample_counts")
-  limits = {"max_samples": ("max_samples", 0, "Most sampled-target draws per position (OutputSpec.num_samples; e.g. 64); a "
+  limits = {"max_samples": (0, "Most sampled-target draws per position (OutputSpec.num_samples; e.g. 64); a "
                               "batch with a sampling request makes this many draw slots per position. > 0 "
                               "compiles a sampling program per bucket and state dtype at warm-up (twice the "
                               "programs); 0 (default) offers no sampling.")}
@@ -183,7 +183,7 @@ class SamplesPart(base.Part):
 
   def parse_request(self, spec: pb.OutputSpec, *, vocab_size: int, limits, part_inputs=None) -> SampleRequest | None:
     """The samples a request's OutputSpec asks a server for (None: none); raises SpecError naming the field."""
-    max_samples = self.limit(limits, "max_samples")
+    max_samples = int(limits.get("max_samples", 0))
     if not spec.HasField("num_samples"):
       if spec.HasField("sample_temperature") or spec.sample_tail or spec.sample_seed:
         raise SpecError("spec.num_samples", "sample_temperature, sample_seed or sample_tail given without "
@@ -231,10 +231,10 @@ class SamplesPart(base.Part):
                 example_ids=example_ids, sample_exclude=request.exclude)
 
   def limits_for(self, request: SampleRequest) -> dict[str, int]:
-    return {self.key("max_samples"): request.num_samples}
+    return {"max_samples": request.num_samples}
 
   def max_slots(self, limits) -> int:
-    return self.limit(limits, "max_samples")
+    return int(limits.get("max_samples", 0))
 
   def fetch_slots(self, request: SampleRequest) -> int:
     return request.num_samples
@@ -265,10 +265,10 @@ class SamplesPart(base.Part):
                 sample_exclude=row.exclude)
 
   def write_limits(self, values, msg: pb.Limits) -> None:
-    msg.max_samples = self.limit(values, "max_samples")
+    msg.max_samples = int(values.get("max_samples", 0))
 
   def read_limits(self, msg: pb.Limits) -> dict[str, int]:
-    return {self.key("max_samples"): int(msg.max_samples)}
+    return {"max_samples": int(msg.max_samples)}
 
   # -- checks ----------------------------------------------------------------------------------
 
@@ -397,7 +397,7 @@ class SamplesPart(base.Part):
         problems.append(f"spec.k: the samples were drawn outside the stored top-{have.exclude}, loss.top_k is "
                         f"{want.exclude} (with sample_tail they must be equal)")
       return problems
-    offered = self.limit(offer.part_limits, "max_samples")
+    offered = int(offer.part_limits.get("max_samples", 0))
     if want.num_samples > offered:
       what = f"at most {offered}" if offered else "no sampled targets"
       problems.append(f"num_samples: the loss needs {want.num_samples} draws per position, the teacher serves "

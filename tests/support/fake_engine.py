@@ -40,7 +40,7 @@ def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 
       max_temperatures=max_temperatures,
       selectable_layers=tuple(range(num_layers)) if selectable_layers is None else selectable_layers,
       state_names=state_names, weights_fingerprint="fake-weights", tokenizer_fingerprint="",
-      part_limits={"samples.max_samples": max_samples})
+      part_limits={"max_samples": max_samples})
 
 
 class FakeEngine(Engine):
@@ -110,7 +110,7 @@ class FakeEngine(Engine):
     pair = np.sort(np.stack([base % info.vocab_size, (base + 1) % info.vocab_size], -1), -1)  # (B, T, 2)
     n = np.broadcast_to(draws.num_samples[:, None], (bb, tb))
     counts = np.stack([n - n // 2, n // 2], -1)  # (B, T, 2)
-    shape = (bb, tb, fetched_k(batch.fetch.samples, info.part_limits["samples.max_samples"]))
+    shape = (bb, tb, fetched_k(batch.fetch.samples, info.part_limits["max_samples"]))
     ids = np.zeros(shape, np.int32)
     counts_out = np.zeros(shape, np.int32)
     logits = np.zeros(shape, batch.fetch.value_dtype)
