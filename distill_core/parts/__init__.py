@@ -13,7 +13,7 @@ import dataclasses
 import functools
 from typing import Any, Callable, Iterator
 
-from distill_core.parts import dense, samples, states, topk
+from distill_core.parts import dense, samples, scored, states, topk
 from distill_core.parts.base import Block, Part, Rows, Selection
 
 # Mutated in place by `register`, so every module that imported them sees a new part.
@@ -135,7 +135,7 @@ def limit_values(source: Any) -> dict[str, int]:
   return {name: int(getattr(source, name, 0) or 0) for part in PARTS for name in part.limits}
 
 
-for _part in (topk.PART, states.PART, samples.PART, dense.PART):
+for _part in (topk.PART, states.PART, samples.PART, scored.PART, dense.PART):
   register(_part)
 
 __all__ = ["BY_NAME", "Block", "ByPart", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",

@@ -228,6 +228,12 @@ class Part:
       return None
     return decode_tensor(resp.part_outputs[key], f"part_outputs[{key}]", **checks)
 
+  def with_inputs(self, value, inputs: Mapping[str, np.ndarray]):
+    """The part's value of a served answer completed with what the request sent (`inputs`: its
+    `part_inputs`, this request's rows) and the asker kept rather than have it echoed; None: absent.
+    Raises ValueError naming the field when the answer does not fit what was asked."""
+    return value
+
   def select(self, value, need: "Selection", where: str):
     """Stored answers trimmed to what a step asks (None: drop the part); raises ValueError naming the field."""
     return value

@@ -13,6 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from distill_core.data import DataConfig, load_manifest
 from distill_core.model.config import ModelConfig
 from distill_core.needs import Needs
+from distill_core.parts import scored
 from distill_core.records import Manifest
 from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
@@ -32,11 +33,15 @@ class Student:
   loss: LossConfig
   data: DataConfig
   value_dtype: str  # teacher.value_dtype
+  # Ids per position whose teacher logits the on-policy losses read (the sampled token and the student's
+  # generation.score_student_topk ids); 0 when the loss reads none.
+  scored_per_position: int = 0
 
   @classmethod
   def of(cls, train_cfg: "TrainConfig") -> "Student":
+    scored = 1 + train_cfg.generation.score_student_topk if train_cfg.loss.needs_scored_ids else 0
     return cls(model=train_cfg.model, loss=train_cfg.loss, data=train_cfg.data,
-               value_dtype=train_cfg.teacher.value_dtype)
+               value_dtype=train_cfg.teacher.value_dtype, scored_per_position=scored)
 
   @property
   def state_names(self) -> tuple[str, ...]:
@@ -62,8 +67,8 @@ class Student:
 
   def needs(self, data: Manifest | None = None) -> Needs:
     """What the run needs from its teacher, whatever the source: from the losses (k, value dtype, the
-    constant loss temperature stored answers must hold, layers, states, samples), the model and the
-    prepared dataset `data` (read from data.path when not given)."""
+    constant loss temperature stored answers must hold, layers, states, samples, the ids per position
+    scored at given ids), the model and the prepared dataset `data` (read from data.path when not given)."""
     data = load_manifest(self.data.path) if data is None else data
     low, high = self.loss.temperature.bounds()
     return Needs(k=self.loss.request_k, value_dtype=self.value_dtype, vocab_size=self.model.real_vocab_size,
@@ -72,7 +77,20 @@ class Student:
                  tokenizer_fingerprint=data.tokenizer_fingerprint, hidden_size=self.model.hidden_size,
                  feature_layers=self.feature_layers, state_names=self.state_names,
                  samples=self.loss.sampling, temperatures=(low,) if low == high else (),
-                 dataset_fingerprint=data.dataset_fingerprint)
+                 dataset_fingerprint=data.dataset_fingerprint,
+                 scored=scored.ScoredRequest(self.scored_per_position) if self.scored_per_position else None)
+
+
+def check_scored(batch, ids: np.ndarray | None) -> None:
+  """The ids a source is asked to score for `batch` ((B, T, n) int32): slot 0 must be the batch's next token
+  at every counted position, the token the on-policy losses read as the sampled one (ValueError naming it)."""
+  if ids is None:
+    return
+  ids = np.asarray(ids)
+  if ids.ndim != 3 or ids.shape[:2] != np.shape(batch.targets) or ids.shape[2] < 1:
+    raise ValueError(f"scored_ids: shape {list(ids.shape)} does not match the batch's [B, T] = "
+                     f"{list(np.shape(batch.targets))} with n >= 1 ids per position")
+  scored.check_sampled_column(ids, batch.targets, batch.loss_mask)
 
 
 def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:
