@@ -138,5 +138,5 @@ def limit_values(source: Any) -> dict[str, int]:
 for _part in (topk.PART, states.PART, samples.PART, scored.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "ByPart", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
-           "register", "registered", "unregister"]
+__all__ = ["BY_NAME", "Block", "ByPart", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows",
+           "Selection", "by_part_name", "limit_values", "ordered", "register", "registered", "unregister"]
