@@ -3,8 +3,9 @@ between them (`check`).
 
 A student (or a dump) derives its `Needs` once from its configuration: the top-k it reads,
 the value dtype, the temperatures stored answers must hold, the teacher layers and states its
-losses read, the requests of the other parts its losses read (e.g. the draws of sampled targets), the vocabulary, tokenizer and sequence length of its
-data. Every source describes what it can give as an `Offer`: a teacher server by its GetInfo
+losses read, the requests of the other teacher-target parts its losses read (`Needs.parts`, e.g.
+the draws of sampled targets), the vocabulary, tokenizer and sequence length of its data.
+Every source describes what it can give as an `Offer`: a teacher server by its GetInfo
 (`Offer.from_info`), stored answers by their manifest (`Offer.from_manifest`). `check` lists
 every mismatch, each naming the field and both values; the vocabulary, tokenizer and sequence
 checks are here, and each teacher-target part (`distill_core.parts`) adds its own piece.

@@ -18,7 +18,7 @@ import numpy as np
 from typing import Any
 
 from distill_core import wire
-from distill_core.parts import BY_NAME, PARTS, limit_values
+from distill_core.parts import BY_NAME, PARTS, limit_values, ordered
 from distill_core.parts.base import SpecError
 from distill_core.proto import teacher_pb2 as pb
 from teacher_server.config import LimitsConfig
@@ -178,7 +178,7 @@ def _check_parts(req: pb.ForwardRequest, info: EngineInfo, rows: int, length: in
               for name, request in parts}
   except SpecError as e:
     raise RequestError(_INVALID, e.field, e.message) from None
-  return dict(parts=tuple(parts), inputs=inputs)
+  return dict(parts=ordered(parts), inputs=inputs)
 
 
 def _check_part_keys(entries, field: str, taken: set[str]) -> None:

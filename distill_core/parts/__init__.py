@@ -63,12 +63,43 @@ def registered(part: Part) -> Iterator[Part]:
     unregister(part.name)
 
 
-def ordered(entries) -> tuple[tuple[str, Any], ...]:
+class ByPart(tuple):
+  """(part name, entry) pairs (a hashable tuple, iterated as pairs) that read like a mapping by part name:
+  `get`, `[name]`, `in`, `items`, `keys`, `values`."""
+
+  def get(self, name: str, default: Any = None) -> Any:
+    for key, value in self:
+      if key == name:
+        return value
+    return default
+
+  def __getitem__(self, key):
+    if isinstance(key, str):
+      for name, value in self:
+        if name == key:
+          return value
+      raise KeyError(key)
+    return tuple.__getitem__(self, key)
+
+  def __contains__(self, name) -> bool:
+    return any(key == name for key, _ in self)
+
+  def items(self) -> tuple[tuple[str, Any], ...]:
+    return tuple(self)
+
+  def keys(self) -> tuple[str, ...]:
+    return tuple(key for key, _ in self)
+
+  def values(self) -> tuple[Any, ...]:
+    return tuple(value for _, value in self)
+
+
+def ordered(entries) -> ByPart:
   """(part name, entry) pairs of a mapping or pairs, without None entries, in registry order."""
   order = {part.name: i for i, part in enumerate(PARTS)}
   pairs = entries.items() if hasattr(entries, "items") else entries
-  return tuple(sorted(((name, value) for name, value in pairs if value is not None),
-                      key=lambda pair: (order.get(pair[0], len(order)), pair[0])))
+  return ByPart(sorted(((name, value) for name, value in pairs if value is not None),
+                       key=lambda pair: (order.get(pair[0], len(order)), pair[0])))
 
 
 def by_part_name(cls: type) -> type:
@@ -107,5 +138,5 @@ def limit_values(source: Any) -> dict[str, int]:
 for _part in (topk.PART, states.PART, samples.PART, scored.PART, dense.PART):
   register(_part)
 
-__all__ = ["BY_NAME", "Block", "by_part_name", "limit_values", "ordered", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows", "Selection",
-           "register", "registered", "unregister"]
+__all__ = ["BY_NAME", "Block", "ByPart", "COMPUTE_ARG_OWNER", "FIELD_OWNER", "HOOKS", "PARTS", "Part", "Rows",
+           "Selection", "by_part_name", "limit_values", "ordered", "register", "registered", "unregister"]
