@@ -44,12 +44,13 @@ from distill_core import checkpoints, wire
 from distill_core.config import build, resolve_preset
 from distill_core.data import DataConfig, load_manifest, make_iterator
 from distill_core.model.config import ModelConfig
+from distill_core.parts.samples import SampleBatch
 from distill_core.sampling import split_u64
 from distill_core.sharding import MeshConfig
 from distill_core.targets import compute_targets
 from student_trainer import losses
 from teacher_server.engine import JaxEngine
-from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
+from teacher_server.engine_api import EngineBatch, Fetch
 
 TOPK = (16, 64, 128)
 EXACT = 16  # exact top-k ids of the combined variant (samples drawn outside them)
@@ -166,7 +167,7 @@ def engine_speed(teacher, tokens, segment_ids, positions, example_ids, n: int, b
   draws.example_ids[:] = split_u64(example_ids)
   temps = np.ones((b, 1), np.float32)
   programs = {"plain": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k)),
-              "sampled": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k, samples=n), draws)}
+              "sampled": EngineBatch(tokens, segment_ids, positions, temps, Fetch(k=k, samples=n), {"samples": draws})}
 
   def speed(batch):
     def once() -> float:

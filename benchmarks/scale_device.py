@@ -35,7 +35,7 @@ def measure_engine(preset: str, overrides: dict, bucket: tuple[int, int], max_k:
   ones = np.ones((b, t), np.int32)
   batch = EngineBatch(rng.integers(0, cfg.real_vocab_size, (b, t), dtype=np.int32), ones,
                       np.cumsum(ones, axis=1, dtype=np.int32) - 1, np.ones((b, 1), np.float32),
-                      Fetch(k=max_k), None)
+                      Fetch(k=max_k))
   engine.forward(batch)  # compile
   start = time.perf_counter()
   for _ in range(repeats):

@@ -67,6 +67,9 @@ class Batch:
   positions: Any  # (B, T) int32
   targets: Any  # (B, T) int32
   loss_mask: Any  # (B, T) float32
+  # (B, T) float32 in a batch the student generated: log mu of each generated target under the distribution
+  # the sampler drew it from (temperature and top-p applied), 0 elsewhere; None in a corpus batch.
+  sampler_logprobs: Any = None
 
   @classmethod
   def from_examples(cls, ex: dict[str, np.ndarray]) -> "Batch":

@@ -264,7 +264,7 @@ def batch_prompts(batch: Batch, cfg: GenerationConfig, *, pad_id: int, eos_id: i
   return Prompts(ids, tokens, lengths)
 
 
-def scored_ids(batch: Batch, generation: Generation) -> np.ndarray:
+def ids_to_score(batch: Batch, generation: Generation) -> np.ndarray:
   """The ids the teacher is asked to score at each position of a generated `batch`: (B, T, 1 + k) int32.
 
   Column 0 is the sampled next token (`batch.targets`); columns 1..k (with `Generation.topk_ids`) are the
@@ -311,7 +311,23 @@ def to_batch(generation: Generation, example_ids, seq_len: int, pad_id: int) -> 
                                "segment_ids": real.astype(np.int32),
                                "positions": np.where(real, cols, 0).astype(np.int32)})
   generated_target = (cols + 1 >= prompt_lengths[:, None]) & (cols + 1 < total[:, None])
-  return dataclasses.replace(batch, loss_mask=batch.loss_mask * generated_target.astype(np.float32))
+  log_mu = None if generation.sampler_logprobs is None else at_positions(generation.sampler_logprobs, generation,
+                                                                         seq_len)
+  return dataclasses.replace(batch, loss_mask=batch.loss_mask * generated_target.astype(np.float32),
+                             sampler_logprobs=log_mu)
+
+
+def at_positions(values, generation: Generation, seq_len: int) -> np.ndarray:
+  """(B, seq_len) float32: per-token `values[r, i]` ((B, N), e.g. `Generation.logprobs`) at position
+  prompt_length_r + i - 1 (the position whose target is generated token i), for i < lengths_r; 0 elsewhere."""
+  values = np.asarray(values, np.float32)
+  b, n = values.shape
+  i = np.arange(n)[None, :]
+  live = i < np.asarray(generation.lengths)[:, None]
+  cols = np.asarray(generation.prompt_lengths, np.int64)[:, None] + i - 1
+  out = np.zeros((b, seq_len), np.float32)
+  out[np.broadcast_to(np.arange(b)[:, None], (b, n))[live], cols[live]] = values[live]
+  return out
 
 
 def generate_batch(model: Transformer, prompts: Prompts, cfg: GenerationConfig, *, step: int, seq_len: int,

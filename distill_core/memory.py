@@ -167,7 +167,8 @@ def check_fits(programs: Iterable[ProgramMemory], budget: int | None, *, where: 
 
 
 # What would shrink each side's programs; the knobs the configs have, named as set on the command line.
-ENGINE_KNOBS = ("a smaller bucket (batcher.buckets), fewer limits.selectable_layers, limits.max_samples: 0, "
+ENGINE_KNOBS = ("a smaller bucket (batcher.buckets), fewer limits.selectable_layers, 0 for the limits of target "
+                "parts not needed (e.g. the draws of sampled targets: their programs are not compiled), "
                 "model.overrides.attention: chunked/splash, or more chips (mesh.tensor / mesh.fsdp)")
 TRAINER_KNOBS = ("a smaller per-chip batch (data.batch_size) or more optim.grad_accum, model.remat, "
                  "model.attention: chunked/splash, a smaller loss.top_k, or more chips (mesh.fsdp: -1)")

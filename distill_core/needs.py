@@ -3,8 +3,9 @@ between them (`check`).
 
 A student (or a dump) derives its `Needs` once from its configuration: the top-k it reads,
 the value dtype, the temperatures stored answers must hold, the teacher layers and states its
-losses read, the samples its loss draws, the vocabulary, tokenizer and sequence length of its
-data. Every source describes what it can give as an `Offer`: a teacher server by its GetInfo
+losses read, the requests of the other teacher-target parts its losses read (`Needs.parts`, e.g.
+the draws of sampled targets), the vocabulary, tokenizer and sequence length of its data.
+Every source describes what it can give as an `Offer`: a teacher server by its GetInfo
 (`Offer.from_info`), stored answers by their manifest (`Offer.from_manifest`). `check` lists
 every mismatch, each naming the field and both values; the vocabulary, tokenizer and sequence
 checks are here, and each teacher-target part (`distill_core.parts`) adds its own piece.
@@ -13,10 +14,9 @@ checks are here, and each teacher-target part (`distill_core.parts`) adds its ow
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from distill_core.parts import PARTS
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import PARTS, by_part_name
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.tensor_codec import dtype_name
 
@@ -24,11 +24,13 @@ if TYPE_CHECKING:
   from distill_core.shards import Manifest
 
 
+@by_part_name
 @dataclasses.dataclass(frozen=True)
 class Needs:
-  """What the caller's losses (or stored answers) and data need from a teacher."""
+  """What the caller's losses (or stored answers) and data need from a teacher; `parts`: (part name, request)
+  of the parts its losses read besides top-k and states (also given and read by name, `Needs(samples=...)`)."""
 
-  k: int  # top-k ids per position (loss.top_k, or 1 with samples alone)
+  k: int  # top-k ids per position (loss.top_k, or 1 with another part alone)
   value_dtype: str  # dtype of the top-k values
   vocab_size: int | None  # the student's real vocabulary; must equal the teacher's (None: the teacher's)
   data_vocab_size: int  # token ids in the data are below this
@@ -38,17 +40,18 @@ class Needs:
   hidden_size: int | None  # student width (states are compared with it; None: the teacher's)
   feature_layers: Callable[[int], tuple[int, ...]]  # teacher depth -> layers whose states are needed
   state_names: tuple[str, ...] = ("attn_out",)  # states needed at those layers (attn_in too for blockwise)
-  samples: SampleRequest | None = None  # sampled targets the loss needs (kd_mode sampled)
   temperatures: tuple[float, ...] = ()  # logsumexp columns stored answers must hold (exactly; () = any)
   dataset_fingerprint: str = ""  # of the prepared dataset stored answers must be of ("" = any)
   weights_fingerprint: str = ""  # the teacher weights stored answers must be of ("" = any)
   state_dtype: str | None = None  # dtype the layer states are asked in (None: not checked)
+  parts: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), kw_only=True)
 
   def layers(self, teacher_depth: int) -> tuple[int, ...]:
     """The teacher layers whose states are read (empty when no loss reads states)."""
     return tuple(self.feature_layers(teacher_depth)) if self.state_names else ()
 
 
+@by_part_name
 @dataclasses.dataclass(frozen=True)
 class Offer:
   """What a source can give. `stored`: fixed answers (a manifest) rather than a teacher computing on request;
@@ -68,12 +71,13 @@ class Offer:
   layers: tuple[int, ...] = ()  # selectable (a server) or stored teacher layers
   states: tuple[str, ...] = ()
   state_dtypes: tuple[str, ...] | None = None
-  max_samples: int | None = None  # a server's largest num_samples (0: none)
-  samples: SampleRequest | None = None  # stored samples (with `stored`; None: none stored)
+  part_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)  # a server's limits of its parts
   dataset_fingerprint: str = ""  # stored answers: of the dataset answered
   dataset_tokenizer_fingerprint: str = ""
   seq_len: int | None = None  # stored answers: T of every record
   weights_fingerprint: str = ""
+  # (part name, request) of the parts stored answers hold (with `stored`), also read by name (`offer.samples`)
+  parts: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), kw_only=True)
 
   @classmethod
   def from_info(cls, info: pb.GetInfoResponse) -> "Offer":
@@ -85,7 +89,8 @@ class Offer:
                max_position_embeddings=info.max_position_embeddings, max_k=limits.max_k,
                value_dtypes=_dtype_names(info.value_dtypes), layers=tuple(limits.selectable_layers),
                states=tuple(info.state_names), state_dtypes=_dtype_names(info.state_dtypes),
-               max_samples=limits.max_samples, weights_fingerprint=info.weights_fingerprint)
+               part_limits={name: value for part in PARTS for name, value in part.read_limits(limits).items()},
+               weights_fingerprint=info.weights_fingerprint)
 
   @classmethod
   def from_manifest(cls, manifest: "Manifest") -> "Offer":
@@ -94,7 +99,7 @@ class Offer:
     return cls(stored=True, vocab_size=teacher.vocab_size, num_layers=teacher.num_layers,
                hidden_size=teacher.hidden_size, tokenizer_fingerprint=teacher.tokenizer_fingerprint,
                max_k=spec.k, value_dtypes=(spec.value_dtype,), temperatures=tuple(manifest.temperatures),
-               layers=spec.layers, states=spec.states, samples=spec.samples,
+               layers=spec.layers, states=spec.states, parts=spec.parts,
                dataset_fingerprint=manifest.dataset.dataset_fingerprint,
                dataset_tokenizer_fingerprint=manifest.dataset.tokenizer_fingerprint, seq_len=manifest.dataset.seq_len,
                weights_fingerprint=teacher.weights_fingerprint)

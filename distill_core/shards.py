@@ -48,8 +48,7 @@ from etils import epath
 from google.protobuf import json_format
 
 from distill_core import wire
-from distill_core.parts import BY_NAME, Selection
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import BY_NAME, PARTS, Selection, ordered
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.records import StrictModel
 from distill_core.targets import TeacherTargets
@@ -146,9 +145,15 @@ class StoredSpec(StrictModel):
     return tuple(proto.states) or (("attn_out",) if proto.layers else ())
 
   @property
-  def samples(self) -> SampleRequest | None:
-    """The sampled targets every record holds (None: none)."""
-    return SampleRequest.from_proto(self.proto)
+  def parts(self) -> tuple[tuple[str, Any], ...]:
+    """(part name, request) of every part each record answers (also read by the part's name: `spec.<part>`)."""
+    proto = self.proto
+    return ordered((part.name, part.read_request(proto)) for part in PARTS)
+
+  def __getattr__(self, name: str):
+    if name in BY_NAME:
+      return dict(self.parts).get(name)
+    return super().__getattr__(name)
 
 
 class ShardInfo(StrictModel):

@@ -17,8 +17,7 @@ import dataclasses
 import numpy as np
 
 from distill_core.bitpack import WireError, bits_for, pack_uints, unpack_uints  # noqa: F401  (this module's API)
-from distill_core.parts import BY_NAME, PARTS, Rows
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import BY_NAME, PARTS, Rows, by_part_name
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.targets import TeacherTargets
 from distill_core.tensor_codec import (  # noqa: F401  (part of this module's API)
@@ -26,9 +25,12 @@ from distill_core.tensor_codec import (  # noqa: F401  (part of this module's AP
     numpy_dtype)
 
 
+@by_part_name
 @dataclasses.dataclass(frozen=True)
 class OutputSpec:
-  """What to return per position (see ``OutputSpec`` in teacher.proto)."""
+  """What to return per position (see ``OutputSpec`` in teacher.proto); `parts`: the requests of the parts
+  asked for, (part name, request) pairs (also given and read by the part's name: `OutputSpec(k=4, samples=...)`,
+  `spec.samples`), each written into the proto by its part."""
 
   k: int
   temperatures: tuple[float, ...] = (1.0,)
@@ -37,17 +39,17 @@ class OutputSpec:
   states: tuple[str, ...] = ()
   state_dtype: str = "bfloat16"
   pack_ids: bool = False
-  samples: SampleRequest | None = None  # sampled targets; `exclude` > 0 asks for sample_tail (= k)
   # Options of parts without fields of their own in the proto: ("<part>.<option>", array or scalar) pairs.
   part_options: tuple[tuple[str, object], ...] = ()
+  parts: tuple[tuple[str, object], ...] = dataclasses.field(default=(), kw_only=True)
 
   def to_proto(self) -> pb.OutputSpec:
     spec = pb.OutputSpec(
         k=self.k, temperatures=list(self.temperatures), value_dtype=dtype_enum(self.value_dtype),
         layers=list(self.layers), states=list(self.states), state_dtype=dtype_enum(self.state_dtype),
         pack_ids=self.pack_ids)
-    if self.samples is not None:
-      self.samples.to_proto(spec)
+    for name, request in self.parts:
+      BY_NAME[name].write_request(request, spec)
     for key, value in self.part_options:
       spec.part_options[key].CopyFrom(encode_tensor(np.asarray(value)))
     return spec
@@ -69,8 +71,8 @@ def make_request(request_id: int, tokens: np.ndarray, spec: OutputSpec,
     req.example_ids.CopyFrom(encode_tensor(np.asarray(example_ids, np.int64).reshape(-1)))
   for key, value in (part_inputs or {}).items():
     req.part_inputs[key].CopyFrom(encode_tensor(np.asarray(value)))
-  if spec.samples is not None and example_ids is None:
-    raise ValueError("example_ids: required with sampled targets (they key the draws)")
+  for name, request in spec.parts:
+    BY_NAME[name].check_request(request, example_ids=example_ids, part_inputs=part_inputs or {})
   return req
 
 

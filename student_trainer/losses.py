@@ -36,11 +36,13 @@ Array = jax.Array
 _EPS = 1e-8  # smallest vector norm in the cosine distance
 _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay finite)
 
-KDMode = Literal["tail", "renormalize", "topk", "sampled"]
-# Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k): the
-# train loop asks the source for them (`TeacherSource.submit(..., scored_ids=...)`) once such a mode is a
-# KDMode.
+KDMode = Literal["tail", "renormalize", "topk", "sampled", "reverse_kl", "gkd"]
+# Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k) on the
+# student's own samples (`losses_on_policy`): the train loop asks the source for them
+# (`TeacherSource.submit(..., part_inputs=...)`) on on-policy steps; other steps use `off_policy_kd_mode`.
 SCORED_KD_MODES = ("reverse_kl", "gkd")
+OffPolicyKDMode = Literal["tail", "renormalize", "topk"]
+ReverseKLEstimator = Literal["sampled", "union"]
 FeatureKind = Literal["cosine", "l2"]
 Phase = Literal["kd", "blockwise"]  # the objective of one optimizer step (LossConfig.phase_at)
 
@@ -399,7 +401,21 @@ class LossConfig(ConfigBase):
 
   kd_mode: KDMode = Field("tail", description="Sparse KD variant: tail (top-k + exact tail bucket), "
                                               "renormalize (both sides over the top-k), topk (no tail term), "
-                                              "sampled (exact top_k + importance-weighted teacher samples, unbiased).")
+                                              "sampled (exact top_k + importance-weighted teacher samples, unbiased); "
+                                              "on the student's own samples (needs on_policy_fraction > 0; "
+                                              "docs/on_policy.md): reverse_kl (KL(student || teacher), see "
+                                              "reverse_kl_estimator) or gkd (generalised JSD, see gkd_beta).")
+  reverse_kl_estimator: ReverseKLEstimator = Field(
+      "sampled", description="kd_mode reverse_kl: sampled (the per-token advantage log p_T(x) - log p_S(x) at the "
+      "sampled token through the student's log-probability, importance-weighted by the sampler's log mu; one "
+      "teacher value per position) or union (the exact reverse KL over the teacher's top_k and the scored ids, "
+      "tails lumped as kd_mode tail does).")
+  gkd_beta: float = Field(0.5, ge=0, le=1, description="kd_mode gkd: beta of the generalised Jensen-Shannon "
+                          "divergence beta KL(p || M) + (1 - beta) KL(q || M), M = beta p + (1 - beta) q (0: forward "
+                          "KL, 1: reverse KL over the same categories).")
+  off_policy_kd_mode: OffPolicyKDMode = Field(
+      "tail", description="With kd_mode reverse_kl or gkd: the sparse KD mode of the corpus (off-policy) steps "
+                          "of a run with on_policy_fraction < 1.")
   top_k: int = Field(64, ge=0, description="Teacher ids per position (requested from the teacher; "
                                            "targets with more use the first top_k). With kd_mode sampled: "
                                            "the ids treated exactly; 0 = samples only.")
@@ -457,6 +473,9 @@ class LossConfig(ConfigBase):
                          f"to {getattr(self, name).final})")
     if self.kd_mode == "sampled" and self.num_samples < 1:
       raise ValueError("num_samples: kd_mode sampled needs num_samples >= 1 draws per position")
+    if self.kd_mode in SCORED_KD_MODES and self.on_policy_fraction == 0:
+      raise ValueError(f"kd_mode {self.kd_mode} trains on the student's own samples: set on_policy_fraction > 0 "
+                       "(or another kd_mode for corpus batches)")
     if self.kd_mode != "sampled" and self.top_k < 1:
       raise ValueError(f"top_k must be >= 1 for kd_mode {self.kd_mode} (0 is only for kd_mode sampled)")
     if self.layer_map is not None and min(self.layer_map, default=0) < 0:
@@ -479,9 +498,15 @@ class LossConfig(ConfigBase):
     return math.floor((step + 1) * f) > math.floor(step * f)
 
   @property
-  def needs_scored_ids(self) -> bool:
+  def scores_given_ids(self) -> bool:
     """Whether the loss reads the teacher's scores at given ids (`SCORED_KD_MODES`)."""
     return self.kd_mode in SCORED_KD_MODES
+
+  @property
+  def sparse_kd_mode(self) -> str:
+    """The KD mode of a batch with an ordinary teacher answer: kd_mode, or off_policy_kd_mode for the corpus
+    steps of an on-policy mode."""
+    return self.off_policy_kd_mode if self.kd_mode in SCORED_KD_MODES else self.kd_mode
 
   @property
   def ever_blockwise(self) -> bool:
@@ -538,7 +563,7 @@ def soft_loss(student_logits: Array, targets: TeacherTargets, loss_mask: Array, 
                       true_vocab_size=true_vocab_size)
   if targets.k < cfg.top_k:
     raise ValueError(f"top_k: loss wants {cfg.top_k} teacher ids, the targets carry {targets.k}")
-  return kd_sparse(student_logits, targets, loss_mask, mode=cfg.kd_mode, temperature=temperature,
+  return kd_sparse(student_logits, targets, loss_mask, mode=cfg.sparse_kd_mode, temperature=temperature,
                    top_p=cfg.top_p_cut, k=cfg.top_k, true_vocab_size=true_vocab_size)
 
 

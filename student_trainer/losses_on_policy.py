@@ -30,8 +30,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from student_trainer.losses import (_TAIL_FLOOR, MaskedSum, _mask_padded, _normaliser, _teacher_tail, chunked,
-                                    masked_sum)
+from distill_core.targets import TeacherTargets
+from student_trainer.losses import (_TAIL_FLOOR, LossConfig, MaskedSum, _column, _mask_padded, _normaliser,
+                                    _teacher_tail, chunked, masked_sum)
 
 Array = jax.Array
 
@@ -338,3 +339,39 @@ def fused_on_policy_kd(hidden: Array, head: Callable[[Array], Array], teacher: T
                         sampler_logprobs=sampler_logprobs, true_vocab_size=true_vocab_size)
 
   return chunked(fn, hidden, head, teacher, loss_mask, sampler_logprobs, chunk_size=chunk_size)
+
+
+def mode_of(cfg: LossConfig) -> OnPolicyMode:
+  """The on-policy loss of a run's kd_mode (reverse_kl with its estimator, or gkd)."""
+  if cfg.kd_mode == "gkd":
+    return "gkd"
+  if cfg.kd_mode == "reverse_kl":
+    return "reverse_kl_union" if cfg.reverse_kl_estimator == "union" else "reverse_kl_sampled"
+  raise ValueError(f"kd_mode: {cfg.kd_mode!r} is not an on-policy mode (reverse_kl, gkd)")
+
+
+def teacher_scores(targets: TeacherTargets, temperature: Any, k: int) -> tuple[TeacherScores, Array]:
+  """(TeacherScores, tau) from a teacher's answer with scores at given ids: the logsumexp column nearest
+  `temperature` (`losses._column`, whose temperature both sides then use) and the first `k` top-k ids (none
+  when k is 0)."""
+  if not targets.has_scored or targets.scored_ids is None:
+    raise ValueError("scored_ids: the on-policy losses need the teacher's scores at the sampled ids (the "
+                     "teacher's answer has none)")
+  idx, _ = _column(targets, temperature)
+  tau = jnp.take(jnp.asarray(targets.temperatures, jnp.float32), idx)
+  top = dict(topk_ids=targets.topk_ids[..., :k], topk_logits=targets.topk_logits[..., :k]) if k else {}
+  return TeacherScores(scored_ids=targets.scored_ids, scored_logits=targets.scored_logits,
+                       lse=jnp.take(targets.logsumexp, idx, axis=-1), **top), tau
+
+
+def fused_run_loss(hidden: Array, head: Callable[[Array], Array], targets: TeacherTargets, loss_mask: Array,
+                   cfg: LossConfig, *, temperature: Any, sampler_logprobs: Array | None,
+                   true_vocab_size: int | None) -> tuple[MaskedSum, dict[str, MaskedSum]]:
+  """The KD term of an on-policy step of a run (`cfg.kd_mode` reverse_kl or gkd), fused per chunk of
+  `cfg.chunk_size` positions: the teacher's answer at the run's temperature (`teacher_scores`, its top_k ids
+  for the union estimator and gkd), and for the sampled estimator the sampler's log mu of each token."""
+  mode = mode_of(cfg)
+  scores, tau = teacher_scores(targets, temperature, 0 if mode == "reverse_kl_sampled" else cfg.top_k)
+  return fused_on_policy_kd(hidden, head, scores, loss_mask, mode=mode, temperature=tau, beta=cfg.gkd_beta,
+                            sampler_logprobs=sampler_logprobs if mode == "reverse_kl_sampled" else None,
+                            true_vocab_size=true_vocab_size, chunk_size=cfg.chunk_size)

@@ -25,10 +25,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from distill_core.data import Batch, DataConfig, load_manifest
-from distill_core.generation import (GenerationConfig, Prompts, batch_prompts, make_prompt_set, scored_ids,
-                                     to_batch)
+from distill_core.generation import (GenerationConfig, Prompts, at_positions, batch_prompts, make_prompt_set,
+                                     ids_to_score, to_batch)
 from distill_core.model.config import ModelConfig
 from distill_core.model.generate import Generation, check_prompts, key_data, local_rows, make_sampler
+from distill_core.parts import scored
 from distill_core.sharding import shard_batch
 from distill_core.targets import TeacherTargets
 from student_trainer.preflight import RunError
@@ -84,6 +85,8 @@ def pack(pending: list[Generated]) -> dict[str, np.ndarray]:
          "logprobs": np.stack([np.asarray(x.logprobs, np.float32) for x in g])}
   if g[0].topk_ids is not None:
     out["topk_ids"] = np.stack([np.asarray(x.topk_ids, np.int32) for x in g])
+  if g[0].sampler_logprobs is not None:
+    out["sampler_logprobs"] = np.stack([np.asarray(x.sampler_logprobs, np.float32) for x in g])
   return out
 
 
@@ -95,7 +98,7 @@ def unpack(arrays: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> list[
   for j, step in enumerate(arrays["steps"]):
     topk = arrays["topk_ids"][j] if "topk_ids" in arrays else None
     host = Generation(arrays["tokens"][j], arrays["prompt_lengths"][j], arrays["lengths"][j], arrays["logprobs"][j],
-                      topk)
+                      topk, arrays["sampler_logprobs"][j] if "sampler_logprobs" in arrays else None)
     out.append(generated_batch(int(step), int(arrays["versions"][j]), arrays["example_ids"][j], host,
                                seq_len=seq_len, pad_id=pad_id))
   return out
@@ -104,14 +107,7 @@ def unpack(arrays: dict[str, np.ndarray], *, seq_len: int, pad_id: int) -> list[
 def logprobs_at_positions(generation: Generation, seq_len: int) -> np.ndarray:
   """(B, seq_len) float32: `generation.logprobs[r, i]` at position prompt_length_r + i - 1 (the position whose
   target is generated token i), for i < lengths_r; 0 elsewhere."""
-  logprobs = np.asarray(generation.logprobs, np.float32)
-  b, n = logprobs.shape
-  i = np.arange(n)[None, :]
-  live = i < np.asarray(generation.lengths)[:, None]
-  cols = np.asarray(generation.prompt_lengths, np.int64)[:, None] + i - 1
-  out = np.zeros((b, seq_len), np.float32)
-  out[np.broadcast_to(np.arange(b)[:, None], (b, n))[live], cols[live]] = logprobs[live]
-  return out
+  return at_positions(generation.logprobs, generation, seq_len)
 
 
 class Generator:
@@ -159,9 +155,10 @@ class Generator:
                            seq_len=self.seq_len, pad_id=self.pad_id, seconds=done - dispatched.started,
                            blocked=done - waiting)
 
-  def scored_ids(self, generated: Generated) -> np.ndarray:
-    """The ids the teacher scores at each position of a generated batch (`generation.scored_ids`)."""
-    return scored_ids(generated.batch, generated.generation)
+  def teacher_inputs(self, generated: Generated) -> dict[str, np.ndarray]:
+    """The part inputs asking the teacher for its logits at the ids of `generation.ids_to_score` (the sampled
+    token, the student's top-k) at each position of a generated batch."""
+    return scored.request_inputs(ids_to_score(generated.batch, generated.generation))
 
   def stopped(self, generated: Generated) -> np.ndarray:
     """(B,) bool: rows that ended at a stop id (not at max_new_tokens)."""

@@ -29,7 +29,7 @@ from distill_core.data import Batch
 from distill_core.model.config import ModelConfig
 from distill_core.sharding import traced_on
 from distill_core.targets import TeacherTargets
-from student_trainer import losses
+from student_trainer import losses, losses_on_policy
 from student_trainer.blockwise import BlockwiseLoss
 from student_trainer.config import TrainConfig
 
@@ -65,10 +65,18 @@ class _LossFn:
     out = model.hidden_states(batch.tokens, batch.positions, batch.segment_ids, state_layers=student_layers,
                               state_names=("attn_out",))
     mask = batch.loss_mask
+    alpha = hyper["alpha"]
     # The lm_head runs inside the loss, per chunk of positions: no whole (B, T, V) logits.
-    ce, kd, kd_metrics = losses.fused_logit_losses(
-        out.hidden, model.logits_from_hidden, batch.targets, targets, mask, self.loss_cfg,
-        temperature=hyper["temperature"], true_vocab_size=self.true_vocab)
+    if self.on_policy(targets):
+      # The student's own samples: the on-policy KD term alone (weight 1, no CE; docs/on_policy.md).
+      kd, kd_metrics = losses_on_policy.fused_run_loss(
+          out.hidden, model.logits_from_hidden, targets, mask, self.loss_cfg, temperature=hyper["temperature"],
+          sampler_logprobs=batch.sampler_logprobs, true_vocab_size=self.true_vocab)
+      ce, alpha = None, jnp.float32(1.0)
+    else:
+      ce, kd, kd_metrics = losses.fused_logit_losses(
+          out.hidden, model.logits_from_hidden, batch.targets, targets, mask, self.loss_cfg,
+          temperature=hyper["temperature"], true_vocab_size=self.true_vocab)
     feature = None
     sums = {f"{name}_sum": m.sum for name, m in kd_metrics.items()}
     if targets is not None:
@@ -76,14 +84,19 @@ class _LossFn:
         teacher_states = losses.select_teacher_states(targets, teacher_layers)
         feature, _ = losses.feature_loss(out.states["attn_out"], teacher_states, mask,
                                          kind=self.loss_cfg.feature_kind)
-    total, _ = losses.combine(kd=kd, ce=ce, feature=feature, alpha=hyper["alpha"], beta=hyper["beta"],
+    total, _ = losses.combine(kd=kd, ce=ce, feature=feature, alpha=alpha, beta=hyper["beta"],
                               num_tokens=num_tokens)
     for name, part in (("ce_loss", ce), ("kd_loss", kd), ("feature_loss", feature)):
       if part is not None:
         sums[f"{name}_sum"] = part.sum
     sums["total_loss_sum"] = total * num_tokens
-    sums["tokens"] = ce.count
+    sums["tokens"] = (ce if ce is not None else kd).count
     return total, sums
+
+  def on_policy(self, targets: TeacherTargets | None) -> bool:
+    """Whether a batch trains with the on-policy loss: the run's kd_mode is one and the answer scores given ids
+    (static: the targets' structure)."""
+    return targets is not None and self.loss_cfg.scores_given_ids and targets.has_scored
 
   def evaluate(self, model, batch: Batch, targets: TeacherTargets | None, hyper, num_tokens):
     return self(model, batch, targets, hyper, num_tokens)[1]

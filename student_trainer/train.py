@@ -114,8 +114,8 @@ class _Feeder:
       if item.batch is None:
         return
       kwargs = _states_kwarg(self._loss_cfg, item.step)
-      if item.generated is not None and self._loss_cfg.needs_scored_ids:
-        kwargs["scored_ids"] = self._generator.scored_ids(item.generated)
+      if item.generated is not None and self._loss_cfg.scores_given_ids:
+        kwargs["part_inputs"] = self._generator.teacher_inputs(item.generated)
       self._source.submit(item.batch, self._loss_cfg.temperature.value(item.step), **kwargs)
       item.submitted = True
       self._next_submit += 1
@@ -296,11 +296,15 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
           feeder.generate(ahead, state.params, version=step)
         item = feeder.peek(step)
         batch = item.batch
+        if not cfg.loss.scores_given_ids:  # only the on-policy losses read the sampler's log mu
+          batch = dataclasses.replace(batch, sampler_logprobs=None)
         if cfg.loss.ever_blockwise and (note := phase_note(cfg.loss, step, first=step == start)):
           log.info("%s", note)
         hyper = step_lib.hyperparameters(cfg, step)
         device_batch = shard_batch(batch, mesh)
-        fallback_step.prepare(state.params, device_batch, hyper)
+        # A batch without an answer trains on CE: the corpus batch's structure (no sampler log mu), one program.
+        fallback_batch = dataclasses.replace(device_batch, sampler_logprobs=None)
+        fallback_step.prepare(state.params, fallback_batch, hyper)
         waiting = time.perf_counter()
         # Interrupted on SIGTERM/SIGINT: this step is abandoned, not trained.
         targets = source.next()
@@ -312,7 +316,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
         if step == start:  # before the first step allocates anything: stop here if it cannot fit
           _check_memory(cfg, mesh, programs.train(phase), (state.params, device_batch, targets, hyper), phase)
         if targets is None:
-          state.params, metrics = fallback_step(state.params, device_batch, hyper)
+          state.params, metrics = fallback_step(state.params, fallback_batch, hyper)
         else:
           state.params, metrics = programs.train(phase)(state.params, device_batch, targets, hyper)
         if generating:  # the sampler ran before this step on the device: its tokens go to the teacher now

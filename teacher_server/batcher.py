@@ -1,7 +1,8 @@
 """Packs requests from every stream and client into the engine's bucket shapes.
 
 One bounded asyncio queue takes validated requests from all calls. A loop moves
-them into per-(length, state dtype or none, with samples) groups (one compiled engine program each), splitting requests along B: a
+them into per-(length, state dtype or none, other parts asked for) groups (one compiled engine program each),
+splitting requests along B: a
 request whose batch exceeds the largest bucket batch of its length is spread
 over several engine batches and reassembled. A group is flushed when it fills
 its largest bucket batch or when its oldest row has waited ``max_wait_ms``;
@@ -34,10 +35,9 @@ import time
 import grpc
 import numpy as np
 
-from distill_core.parts import PARTS
-from distill_core.sampling import split_u64
+from distill_core.parts import BY_NAME, PARTS
 from distill_core.targets import TeacherTargets, concat
-from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch, SampleBatch
+from teacher_server.engine_api import Engine, EngineBatch, EngineOutput, Fetch
 from teacher_server.metrics import Metrics
 from teacher_server.validation import Prepared, RequestError
 
@@ -57,6 +57,9 @@ class QueueFullError(Exception):
 
 class ShuttingDownError(Exception):
   """The batcher no longer accepts requests (answered as UNAVAILABLE)."""
+
+
+_Key = tuple[int, "np.dtype | None", tuple[str, ...]]  # length, state dtype, the other parts asked for
 
 
 @dataclasses.dataclass
@@ -101,7 +104,7 @@ class Batcher:
       sizes.sort()
     self._lengths = sorted(self._batches_for)
     self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
-    self._pending: dict[tuple[int, np.dtype | None, bool], collections.deque[_Slice]] = {}
+    self._pending: dict[_Key, collections.deque[_Slice]] = {}
     self._tasks: set[asyncio.Task] = set()
     self._closing = False
     self._loop_task: asyncio.Task | None = None
@@ -165,7 +168,7 @@ class Batcher:
         if self._abandoned(job):
           continue
         try:
-          key = (self._length_class(job.req.length), job.req.fetch.state_dtype, job.req.samples is not None)
+          key = (self._length_class(job.req.length), job.req.fetch.state_dtype, job.req.part_names)
         except RequestError as e:
           job.future.done() or job.future.set_exception(e)
           continue
@@ -212,7 +215,7 @@ class Batcher:
       if not queue:
         del self._pending[key]
 
-  async def _dispatch(self, key: tuple[int, np.dtype | None, bool], queue: collections.deque[_Slice], max_rows: int) -> None:
+  async def _dispatch(self, key: _Key, queue: collections.deque[_Slice], max_rows: int) -> None:
     taken: list[_Slice] = []
     rows = 0
     while queue and rows < max_rows:
@@ -235,14 +238,15 @@ class Batcher:
     self._tasks.add(task)
     task.add_done_callback(self._tasks.discard)
 
-  def _build(self, key: tuple[int, np.dtype | None, bool], taken: list[_Slice], rows: int) -> EngineBatch:
-    length, _, with_samples = key
+  def _build(self, key: _Key, taken: list[_Slice], rows: int) -> EngineBatch:
+    length, _, names = key
     bb = next(b for b in self._batches_for[length] if b >= rows)
     tokens = np.zeros((bb, length), np.int32)
     segments = np.zeros((bb, length), np.int32)
     positions = np.zeros((bb, length), np.int32)
     temps = np.ones((bb, self._info.max_temperatures), np.float32)
-    draws = SampleBatch.empty(bb) if with_samples else None
+    limits = self._info.part_limits
+    inputs = {name: BY_NAME[name].engine_inputs(bb, length, limits) for name in names}
     row = 0
     for s in taken:
       req, n = s.job.req, s.stop - s.start
@@ -250,16 +254,11 @@ class Batcher:
       segments[row:row + n, :req.length] = req.segment_ids[s.start:s.stop]
       positions[row:row + n, :req.length] = req.positions[s.start:s.stop]
       temps[row:row + n, :len(req.temperatures)] = req.temperatures
-      if draws is not None:
-        spec = req.samples
-        draws.num_samples[row:row + n] = spec.num_samples
-        draws.temperatures[row:row + n] = spec.temperature
-        draws.seeds[row:row + n] = split_u64(np.asarray(spec.seed))
-        draws.example_ids[row:row + n] = split_u64(req.example_ids[s.start:s.stop])
-        draws.exclude[row:row + n] = spec.exclude
+      for name, request in req.parts:
+        BY_NAME[name].fill_inputs(inputs[name], slice(row, row + n), request, req.inputs[name], s.start, s.stop)
       row += n
     fetch = Fetch.union([s.job.req.fetch for s in taken], self._info.selectable_layers)
-    return EngineBatch(tokens, segments, positions, temps, fetch, draws)
+    return EngineBatch(tokens, segments, positions, temps, fetch, inputs)
 
   def _run_engine(self, batch: EngineBatch, taken: list[_Slice]) -> list[TeacherTargets]:
     """Worker thread: one forward, then every slice's trimmed, cast piece."""
@@ -275,7 +274,7 @@ class Batcher:
     self._metrics.compilations.set(self._engine.compilations())
     return pieces
 
-  async def _execute(self, key: tuple[int, np.dtype | None, bool], taken: list[_Slice], rows: int) -> None:
+  async def _execute(self, key: _Key, taken: list[_Slice], rows: int) -> None:
     try:
       batch = self._build(key, taken, rows)
       real = sum((s.stop - s.start) * s.job.req.length for s in taken)

@@ -9,6 +9,7 @@ from pydantic import Field
 
 from distill_core.addresses import PLAINTEXT_TOKEN_RULE, is_loopback_host
 from distill_core.config import ConfigBase
+from distill_core.parts import PARTS
 from distill_core.sharding import MeshConfig
 from distill_core.targets import STATE_NAMES
 
@@ -40,18 +41,15 @@ class ModelSourceConfig(ConfigBase):
     return self
 
 
-class LimitsConfig(ConfigBase):
-  """Per-request limits; requests over them get INVALID_ARGUMENT or RESOURCE_EXHAUSTED."""
+class _LimitsConfig(ConfigBase):
+  """Per-request limits; requests over them get INVALID_ARGUMENT or RESOURCE_EXHAUSTED. The limits of the
+  other teacher-target parts are the parts' own (`Part.limits`)."""
 
   max_k: int = Field(128, gt=0, description="Largest top-k; the engine always computes this many.")
   max_batch: int = Field(64, gt=0, description="Most rows (B) in one request.")
   max_tokens_per_request: int = Field(65536, gt=0, description="Most tokens (B * T) in one request.")
   max_temperatures: int = Field(2, gt=0, description="Most temperatures in one request (each costs one "
                                 "pass over the vocabulary for every position, requested or not).")
-  max_samples: int = Field(0, ge=0, description="Most sampled-target draws per position (OutputSpec."
-                           "num_samples; e.g. 64); a batch with a sampling request makes this many draw slots "
-                           "per position. > 0 compiles a sampling program per bucket and state dtype at "
-                           "warm-up (twice the programs); 0 (default) offers no sampling.")
   selectable_layers: list[int] | Literal["all"] = Field(
       "all", description="Layers whose states may be requested. Only the layers a batch asks for are "
       "copied off the device, but a batch with states keeps all of these in device memory while it runs, so "
@@ -59,6 +57,12 @@ class LimitsConfig(ConfigBase):
   state_names: list[Literal["attn_in", "attn_out"]] = Field(
       list(STATE_NAMES), description="State names offered (attn_in: attention input after the norm; "
       "attn_out: attention output after o_proj).")
+
+
+LimitsConfig = pydantic.create_model(
+    "LimitsConfig", __base__=_LimitsConfig, __module__=__name__,
+    **{name: (int, Field(default, ge=0, description=description))
+       for part in PARTS for name, (default, description) in part.limits.items()})
 
 
 class BatcherConfig(ConfigBase):

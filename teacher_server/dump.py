@@ -42,6 +42,7 @@ from distill_core.client import TeacherError
 from distill_core.config import ConfigError, describe, load_config
 from distill_core.data import Batch, DataConfig, open_split
 from distill_core.logs import setup_logging
+from distill_core.parts import BY_NAME, PARTS
 from distill_core.progress import ProgressBar
 from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
 from distill_core.shards_io import ShardWriter, file_sha256
@@ -211,8 +212,11 @@ class _InProcess:
     if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
       server = server.model_copy(update={"batcher": server.batcher.model_copy(
           update={"buckets": [(cfg.rows_per_request, seq_len)]})})
+    part_limits = {name: 0 for part in PARTS for name in part.limits}  # other parts: only those stored
+    for name, request in cfg.parts:
+      part_limits.update(BY_NAME[name].limits_for(request))
     limits = {key: value for key, value in (("max_k", cfg.k), ("selectable_layers", list(cfg.layers)),
-                                            ("max_samples", cfg.num_samples))
+                                            *part_limits.items())
               if key not in server.limits.model_fields_set}  # compute and move only what is stored
     server = server.model_copy(update={"limits": server.limits.model_copy(update=limits)})
     self.engine = JaxEngine.from_config(server)
@@ -260,7 +264,7 @@ class _Remote:
         k=cfg.k, value_dtype=cfg.value_dtype, vocab_size=None, data_vocab_size=manifest.vocab_size,
         seq_len=manifest.seq_len, batch_rows=cfg.rows_per_request,
         tokenizer_fingerprint=manifest.tokenizer_fingerprint, hidden_size=None,
-        feature_layers=lambda depth: layers, state_names=tuple(cfg.states) or ("attn_out",), samples=cfg.samples)
+        feature_layers=lambda depth: layers, state_names=tuple(cfg.states) or ("attn_out",), parts=cfg.parts)
     self.cfg = cfg
     self.remote = cfg.remote
     self.runner: StreamRunner | None = None

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import pydantic
 from pydantic import Field
 
 from distill_core import wire
 from distill_core.config import ConfigBase
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import PARTS, ordered
 from distill_core.stream.config import StreamClientConfig
 from distill_core.targets import STATE_NAMES
 from teacher_server.config import ServerConfig
@@ -34,8 +34,9 @@ class RemoteConfig(StreamClientConfig):
     return self
 
 
-class DumpConfig(ConfigBase):
-  """Dump a teacher's answers for a prepared dataset into shards (docs/offline.md)."""
+class _DumpConfig(ConfigBase):
+  """Dump a teacher's answers for a prepared dataset into shards (docs/offline.md); the options of the other
+  teacher-target parts stored are the parts' own fields (`Part.config_fields`)."""
 
   data: str = Field("data/stdlib", description="Prepared dataset directory (has manifest.json).")
   splits: list[str] = Field(["train", "eval"], min_length=1, description="Splits to answer (every example).")
@@ -58,12 +59,6 @@ class DumpConfig(ConfigBase):
       "sorted_delta", description="'sorted_delta': code the sorted values as packed differences of their "
       "bit patterns (lossless, smaller); 'raw': plain little-endian values.")
   zstd_level: int = Field(0, ge=0, le=22, description="zstd level applied to every record (0 = off).")
-  num_samples: int = Field(0, ge=0, description="Sampled targets stored per position: N draws from "
-                           "softmax(z / sample_temperature) (0 = none; for loss.kd_mode sampled, docs/losses.md).")
-  sample_temperature: float = Field(1.0, gt=0, allow_inf_nan=False, description="tau of the sampling proposal.")
-  sample_seed: int = Field(0, ge=0, lt=2**64, description="Seed of the draws (with the example id and position).")
-  sample_tail: bool = Field(False, description="Draw only outside the stored top-k (students must then use "
-                            "exactly loss.top_k = k); false: from the whole vocabulary.")
   rows_per_request: int = Field(8, ge=1, description="Examples per teacher request.")
   window: int = Field(4, ge=1, description="Requests in flight to the teacher.")
   records_per_shard: int = Field(1024, ge=1, description="Examples per shard file (a multiple of "
@@ -92,14 +87,17 @@ class DumpConfig(ConfigBase):
     return self
 
   @property
-  def samples(self) -> SampleRequest | None:
-    if not self.num_samples:
-      return None
-    return SampleRequest(num_samples=self.num_samples, temperature=self.sample_temperature, seed=self.sample_seed,
-                         exclude=self.k if self.sample_tail else 0)
+  def parts(self) -> tuple[tuple[str, Any], ...]:
+    """(part name, request) of the other parts stored (`Part.request_from_config`)."""
+    return ordered((part.name, part.request_from_config(self, k=self.k)) for part in PARTS)
 
   def output_spec(self) -> wire.OutputSpec:
     """What every request asks for (and every record stores)."""
     return wire.OutputSpec(k=self.k, temperatures=tuple(self.temperatures), value_dtype=self.value_dtype,
                            layers=tuple(self.layers), states=tuple(self.states), state_dtype=self.state_dtype,
-                           pack_ids=self.pack_ids, samples=self.samples)
+                           pack_ids=self.pack_ids, parts=self.parts)
+
+
+DumpConfig = pydantic.create_model(
+    "DumpConfig", __base__=_DumpConfig, __module__=__name__,
+    **{name: field for part in PARTS for name, field in part.config_fields.items()})

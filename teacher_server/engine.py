@@ -16,18 +16,19 @@ copy exactly what a batch's ``Fetch`` names and nothing else:
 The host then copies the first chunks up to ``fetched_k(k)`` in one value dtype
 and only the (state, layer) arrays asked for; the rest is freed on the device.
 
-Batches whose requests ask for sampled targets (``distill_core.sampling``) also
-draw ``max_samples`` slots per position in the same program, with each row's own
-count, tau, seed, example ids and tail exclusion as traced inputs; the sample
-outputs are split along a ladder of their own, so only the slots the batch's
-largest N needs leave the device.
+Batches whose requests ask for another teacher-target part (``distill_core.parts``,
+e.g. sampled targets) compute it in the same program, with each row's inputs
+(``Part.engine_inputs``: per-row or per-position arrays of fixed per-bucket shapes
+from the part's limits) as traced inputs; a part's slotted outputs
+(``Part.engine_slots``) are split along a ladder of their own, so only the slots
+the batch's largest request needs leave the device.
 
-Compiled programs are bounded: one per (bucket, state dtype or none, sampling or
-not), i.e. at most ``len(buckets) * (1 + len(STATE_DTYPES)) * 2``, all compiled at warm-up. k,
-value dtype, layers, state names and temperatures of a request never cause a
-recompilation: k and the value dtype only choose which outputs are copied,
-layers and names too, and temperatures are a traced ``(B, max_temperatures)``
-array.
+Compiled programs are bounded: one per (bucket, state dtype or none, set of other
+parts offered), i.e. at most ``len(buckets) * (1 + len(STATE_DTYPES)) * 2**parts``,
+all compiled at warm-up. k, value dtype, layers, state names, temperatures and the
+parts' inputs of a request never cause a recompilation: k and the value dtype only
+choose which outputs are copied, layers and names too, and temperatures and the
+parts' inputs are traced arrays of fixed shapes.
 
 Parameter names (GetParameters) are the model's ``nnx`` paths joined by dots,
 e.g. ``layers.0.self_attn.q_proj.kernel`` with shape (E, H, D); with
@@ -36,10 +37,11 @@ e.g. ``layers.0.self_attn.q_proj.kernel`` with shape (E, H, D); with
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
@@ -51,13 +53,14 @@ from distill_core import checkpoints, memory, wire
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
 from distill_core.model.transformer import Transformer
+from distill_core.parts import BY_NAME, PARTS, limit_values
 from distill_core.sharding import (MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table, shard_batch,
                                    state_shardings, traced_on)
 from distill_core.targets import compute_targets_from_hidden
 from distill_core.tokenizer import fingerprint_of
 from teacher_server.config import ModelSourceConfig, ServerConfig
 from teacher_server.engine_api import (Engine, EngineBatch, EngineInfo, EngineOutput, Fetch, NamePattern,
-                                       SampleBatch, check_batch_shape, fetched_k, k_ladder)
+                                       check_batch_shape, fetched_k, k_ladder)
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_SIZE = 512  # positions per block of lm_head + top-k + logsumexp (ServerConfig.logits_chunk_size)
@@ -97,27 +100,25 @@ def tokenizer_fingerprint(path: str | None) -> str:
   return fingerprint_of(tokenizers.Tokenizer.from_file(str(path))) if path else ""
 
 
-def row_targets(hidden: jax.Array, temperatures: jax.Array, draws=None, *, head, chunk_size: int | None, k: int,
-                true_vocab_size: int, num_draws: int = 0):
-  """Targets for one row: hidden (T, E), temperatures (n,) -> ids, values (T, k), lse (T, n).
+def row_targets(hidden: jax.Array, temperatures: jax.Array, inputs: Mapping[str, Any] | None = None, *, head,
+                chunk_size: int | None, k: int, true_vocab_size: int, limits: Mapping[str, int] | None = None):
+  """Targets for one row: hidden (T, E), temperatures (n,) -> ids, values (T, k), lse (T, n), and
+  {part: {field: (T, ...)}} of the other parts asked for.
 
   `head` maps (1, C, E) final hidden states to (1, C, V) logits; it runs per block of
   `chunk_size` positions (`compute_targets_from_hidden`), so the row's (T, V) logits never
-  exist whole. With `draws` (this row's (num_samples, tau, seed words, example id words,
-  exclude)) and `num_draws` slots, also the row's sample ids, counts, logits (T, num_draws)
-  and lse (T,).
+  exist whole. `inputs`: part name -> this row's engine inputs of that part (`Part.engine_inputs`
+  without the row axis), turned into `compute_targets` arguments by the part (`Part.engine_args`).
   """
-  sampling = {}
-  if num_draws:
-    n, tau, seed, eid, exclude = draws
-    sampling = dict(num_samples=num_draws, sample_counts=n, sample_temperature=tau, sample_seed=seed,
-                    example_ids=eid[None], sample_exclude=exclude)
+  inputs, limits = inputs or {}, limits or {}
+  args = {}
+  for name, row in inputs.items():
+    args.update(BY_NAME[name].engine_args(row, limits))
   t = compute_targets_from_hidden(hidden[None], head, chunk_size=chunk_size, k=k, temperatures=temperatures,
-                                  true_vocab_size=true_vocab_size, value_dtype="float32", **sampling)
-  out = (t.topk_ids[0], t.topk_logits[0], t.logsumexp[0])
-  if num_draws:
-    out += (t.sample_ids[0], t.sample_counts[0], t.sample_logits[0], t.sample_logsumexp[0])
-  return out
+                                  true_vocab_size=true_vocab_size, value_dtype="float32", **args)
+  parts = {name: {field: getattr(t.parts[name], field)[0] for field in BY_NAME[name].positional}
+           for name in inputs}
+  return t.topk_ids[0], t.topk_logits[0], t.logsumexp[0], parts
 
 
 class JaxEngine(Engine):
@@ -132,18 +133,22 @@ class JaxEngine(Engine):
     state_names: states offered ("attn_in", "attn_out").
     mesh: device mesh config (default: all devices, data parallel).
     tokenizer_fingerprint: reported by GetInfo.
-    max_samples: sample draw slots per position in a batch that samples (0: no sampling).
-    chunk_size: positions per block of the lm_head, top-k, logsumexp and draws (0 or None: the
+    chunk_size: positions per block of the lm_head, top-k, logsumexp and the other parts (0 or None: the
       whole row at once); the logits temporaries are O(B x chunk_size x V), not O(B x T x V).
     devices: the mesh's devices (default: all). With an abstract `model`
       (`checkpoints.abstract_model`) and a TPU topology's compile-only devices, the engine's
       programs can be compiled (`lower`) for a slice this machine does not have, never run.
+    part_limits: the other parts' limits by name (`Part.limits`, the server config's `limits` of those names);
+      a part whose limits are 0 is not offered.
   """
 
   def __init__(self, model: Transformer, *, buckets, max_k: int, max_temperatures: int,
                selectable_layers, state_names, mesh: MeshConfig | None = None, tokenizer_fingerprint: str = "",
-               max_samples: int = 0, chunk_size: int | None = DEFAULT_CHUNK_SIZE, devices=None):
+               chunk_size: int | None = DEFAULT_CHUNK_SIZE, devices=None, **part_limits: int):
     cfg: ModelConfig = model.cfg
+    known = {name for part in PARTS for name in part.limits}
+    if set(part_limits) - known:
+      raise TypeError(f"JaxEngine: unknown part limits {sorted(set(part_limits) - known)} (known: {sorted(known)})")
     selectable = tuple(range(cfg.num_hidden_layers)) if selectable_layers == "all" else tuple(selectable_layers)
     bad = [i for i in selectable if not 0 <= i < cfg.num_hidden_layers]
     if bad or len(set(selectable)) != len(selectable):
@@ -172,7 +177,7 @@ class JaxEngine(Engine):
         selectable_layers=selectable, state_names=tuple(state_names),
         weights_fingerprint="" if abstract else weights_fingerprint(model),
         tokenizer_fingerprint=tokenizer_fingerprint,
-        max_samples=max_samples)
+        part_limits={name: int(part_limits.get(name, 0)) for name in sorted(known)})
     log.info("weights fingerprint %s (%.1f s)", self._info.weights_fingerprint[:16], time.perf_counter() - start)
     self._graphdef = graphdef
     shardings = state_shardings(state, self._mesh, rules_table(mesh or MeshConfig()))
@@ -182,7 +187,9 @@ class JaxEngine(Engine):
       raise ValueError(f"logits_chunk_size: {chunk_size} must be >= 0 (0: no chunking)")
     self._chunk_size = chunk_size
     self._chunks = _chunks(k_ladder(self._info.max_k))
-    self._sample_chunks = _chunks(k_ladder(max_samples)) if max_samples else ()
+    limits = self._info.part_limits
+    self._offered = tuple(part.name for part in PARTS if part.offered(limits))
+    self._slot_chunks = {name: _chunks(k_ladder(BY_NAME[name].max_slots(limits))) for name in self._offered}
     # Traced on the mesh: `attention: auto` builds for its platform, splash runs in shard_map over it.
     self._fn = jax.jit(traced_on(self._mesh, self._forward), static_argnames=("state_dtype",))
     self.last_host_bytes = 0  # bytes copied to the host by the latest forward
@@ -200,53 +207,58 @@ class JaxEngine(Engine):
     lim = cfg.limits
     return cls(model, buckets=cfg.batcher.buckets, max_k=lim.max_k, max_temperatures=lim.max_temperatures,
                selectable_layers=lim.selectable_layers, state_names=lim.state_names, mesh=cfg.mesh,
-               tokenizer_fingerprint=tokenizer_fingerprint(tok_path), max_samples=lim.max_samples,
-               chunk_size=cfg.logits_chunk_size)
+               tokenizer_fingerprint=tokenizer_fingerprint(tok_path), chunk_size=cfg.logits_chunk_size,
+               **limit_values(lim))
 
   @property
   def info(self) -> EngineInfo:
     return self._info
 
-  def _forward(self, state, tokens, segment_ids, positions, temperatures, draws, *, state_dtype: str | None):
-    """Device outputs: id chunks, {value dtype: value chunks}, lse, {state: per-layer arrays} and, when
-    `draws` (the per-row sampling parameters) are given, the sample outputs split the same way."""
+  def _forward(self, state, tokens, segment_ids, positions, temperatures, part_inputs, *, state_dtype: str | None):
+    """Device outputs: id chunks, {value dtype: value chunks}, lse, {state: per-layer arrays} and, for every
+    other part in `part_inputs` (name -> its engine inputs), {field: output} with slotted fields split along
+    the part's ladder and value fields as {value dtype: ...}."""
     model = nnx.merge(self._graphdef, state)
     info = self._info
     layers = info.selectable_layers if state_dtype else ()
     out = model.hidden_states(tokens, positions, segment_ids, state_layers=layers, state_names=info.state_names)
-    num_draws = info.max_samples if draws is not None else 0
-    per_row = jax.vmap(lambda h, tp, dr: row_targets(h, tp, dr, head=model.logits_from_hidden,
-                                                     chunk_size=self._chunk_size, k=info.max_k,
-                                                     true_vocab_size=info.vocab_size, num_draws=num_draws))
-    ids, values, lse, *samples = per_row(out.hidden, temperatures, draws)  # (B, T, K), (B, T, K), (B, T, n)
+    per_row = jax.vmap(lambda h, tp, inputs: row_targets(h, tp, inputs, head=model.logits_from_hidden,
+                                                         chunk_size=self._chunk_size, k=info.max_k,
+                                                         true_vocab_size=info.vocab_size, limits=info.part_limits))
+    ids, values, lse, parts = per_row(out.hidden, temperatures, part_inputs)  # (B, T, K), (B, T, K), (B, T, n)
     id_chunks = tuple(ids[..., a:b] for a, b in self._chunks)
     value_chunks = {name: tuple(values[..., a:b].astype(name) for a, b in self._chunks)
                     for name in wire.VALUE_DTYPES}
     states = {name: tuple(v[i].astype(state_dtype) for i in range(len(layers))) for name, v in out.states.items()}
-    if not samples:
-      return id_chunks, value_chunks, lse, states, None
-    sids, counts, slogits, slse = samples  # (B, T, max_samples) x 3, (B, T)
-    split = lambda x: tuple(x[..., a:b] for a, b in self._sample_chunks)  # noqa: E731
-    sampled = (split(sids), split(counts), {name: split(slogits.astype(name)) for name in wire.VALUE_DTYPES}, slse)
-    return id_chunks, value_chunks, lse, states, sampled
+    laid_out = {}
+    for name, fields in parts.items():
+      part, chunks = BY_NAME[name], self._slot_chunks[name]
+      split = (lambda x: tuple(x[..., a:b] for a, b in chunks)) if part.engine_slots else (lambda x: x)
 
-  def _variants(self) -> list[tuple[int, int, str | None, bool]]:
+      def lay(field, x, part=part, split=split):
+        x = split(x) if field in part.engine_slots else x
+        if field in part.engine_values:
+          return {dtype: jax.tree.map(lambda y: y.astype(dtype), x) for dtype in wire.VALUE_DTYPES}
+        return x
+
+      laid_out[name] = {field: lay(field, x) for field, x in fields.items()}
+    return id_chunks, value_chunks, lse, states, laid_out
+
+  def _variants(self) -> list[tuple[int, int, str | None, tuple[str, ...]]]:
     offered = self._info.selectable_layers and self._info.state_names
     state_dtypes = (None, *wire.STATE_DTYPES) if offered else (None,)
-    sampling = (False, True) if self._info.max_samples else (False,)
-    return [(b, t, d, smp) for b, t in self._info.buckets for d in state_dtypes for smp in sampling]
+    part_sets = [names for n in range(len(self._offered) + 1) for names in itertools.combinations(self._offered, n)]
+    return [(b, t, d, names) for b, t in self._info.buckets for d in state_dtypes for names in part_sets]
 
-  def _warmup_batch(self, b: int, t: int, state_dtype: str | None, with_samples: bool) -> EngineBatch:
+  def _warmup_batch(self, b: int, t: int, state_dtype: str | None, names: tuple[str, ...]) -> EngineBatch:
     info = self._info
     ones = np.ones((b, t), np.int32)
     states = dict(layers=info.selectable_layers[:1], states=info.state_names[:1],
                   state_dtype=state_dtype) if state_dtype else {}
-    draws = SampleBatch.empty(b) if with_samples else None
-    if draws is not None:
-      draws.num_samples[:] = 1
+    inputs = {name: BY_NAME[name].engine_inputs(b, t, info.part_limits) for name in names}
     return EngineBatch(np.zeros((b, t), np.int32), ones, np.cumsum(ones, axis=1, dtype=np.int32) - 1,
                        np.ones((b, info.max_temperatures), np.float32),
-                       Fetch(k=info.max_k, samples=1 if with_samples else 0, **states), draws)
+                       Fetch(k=info.max_k, parts={name: 1 for name in names}, **states), inputs)
 
   def programs(self) -> list[tuple[str, jax.stages.Lowered]]:
     """(name, lowered program) of every variant `warmup` compiles, from shapes alone (nothing runs).
@@ -256,14 +268,13 @@ class JaxEngine(Engine):
     very program a batch of that bucket runs.
     """
     out = []
-    for b, t, state_dtype, with_samples in self._variants():
-      batch = self._warmup_batch(b, t, state_dtype, with_samples)
+    for b, t, state_dtype, names in self._variants():
+      batch = self._warmup_batch(b, t, state_dtype, names)
       spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding(self._mesh, x.ndim))  # noqa: E731
       inputs = tuple(spec(x) for x in (batch.tokens, batch.segment_ids, batch.positions, batch.temperatures))
-      d = batch.samples
-      draws = None if d is None else tuple(spec(x) for x in (d.num_samples, d.temperatures, d.seeds,
-                                                                d.example_ids, d.exclude))
-      out.append((_variant_name(b, t, state_dtype, with_samples), self._fn.lower(self._state, *inputs, draws, state_dtype=state_dtype)))
+      part_inputs = jax.tree.map(lambda x: spec(np.asarray(x)), batch.part_inputs)
+      out.append((_variant_name(b, t, state_dtype, names),
+                  self._fn.lower(self._state, *inputs, part_inputs, state_dtype=state_dtype)))
     return out
 
   def check_memory(self) -> list[memory.ProgramMemory]:
@@ -294,28 +305,29 @@ class JaxEngine(Engine):
     check_batch_shape(self._info, batch)
     fetch, info = batch.fetch, self._info
     inputs = shard_batch((batch.tokens, batch.segment_ids, batch.positions, batch.temperatures), self._mesh)
-    draws = None
-    if batch.samples is not None:
-      d = batch.samples
-      draws = shard_batch((d.num_samples, d.temperatures, d.seeds, d.example_ids, d.exclude), self._mesh)
+    part_inputs = shard_batch(dict(batch.part_inputs), self._mesh)
     state_dtype = fetch.state_dtype.name if fetch.with_states else None
-    id_chunks, value_chunks, lse, states, sampled = self._fn(self._state, *inputs, draws, state_dtype=state_dtype)
+    id_chunks, value_chunks, lse, states, parts = self._fn(self._state, *inputs, part_inputs, state_dtype=state_dtype)
     n = k_ladder(info.max_k).index(fetched_k(fetch.k, info.max_k)) + 1  # chunks to copy
     rows = {layer: info.selectable_layers.index(layer) for layer in fetch.layers}
+    wanted_parts = {}
+    for name, slots in fetch.parts:
+      part = BY_NAME[name]
+      ladder = k_ladder(part.max_slots(info.part_limits)) if part.engine_slots else ()
+      m = ladder.index(fetched_k(slots, ladder[-1])) + 1 if ladder else 0
+      wanted_parts[name] = {}
+      for field, x in parts[name].items():
+        x = x[fetch.value_dtype.name] if field in part.engine_values else x
+        wanted_parts[name][field] = x[:m] if field in part.engine_slots else x
     wanted = (id_chunks[:n], value_chunks[fetch.value_dtype.name][:n], lse,
-              {name: {layer: states[name][i] for layer, i in rows.items()} for name in fetch.states})
-    if sampled is not None:
-      m = k_ladder(info.max_samples).index(fetched_k(fetch.samples, info.max_samples)) + 1
-      sids, counts, slogits, slse = sampled
-      wanted += (sids[:m], counts[:m], slogits[fetch.value_dtype.name][:m], slse)
-    host = jax.device_get(wanted)  # the only device -> host copy
-    ids, values, lse, states = host[:4]
+              {name: {layer: states[name][i] for layer, i in rows.items()} for name in fetch.states}, wanted_parts)
+    ids, values, lse, states, host_parts = jax.device_get(wanted)  # the only device -> host copy
     out = EngineOutput(topk_ids=np.concatenate(ids, axis=-1), topk_logits=np.concatenate(values, axis=-1),
                        logsumexp=np.asarray(lse), states=states)
-    if sampled is not None:
-      sids, counts, slogits, slse = host[4:]
-      out.sample_ids, out.sample_counts = np.concatenate(sids, axis=-1), np.concatenate(counts, axis=-1)
-      out.sample_logits, out.sample_logsumexp = np.concatenate(slogits, axis=-1), np.asarray(slse)
+    for name, fields in host_parts.items():
+      part = BY_NAME[name]
+      out.parts[name] = {field: np.concatenate(x, axis=-1) if field in part.engine_slots else np.asarray(x)
+                         for field, x in fields.items()}
     self.last_host_bytes = out.nbytes
     return out
 
@@ -328,8 +340,8 @@ class JaxEngine(Engine):
     return self._fn._cache_size()  # noqa: SLF001 - jitted-function cache: one entry per compiled variant
 
 
-def _variant_name(b: int, t: int, state_dtype: str | None, with_samples: bool) -> str:
-  return f"{b}x{t}{'+' + state_dtype if state_dtype else ''}{'+samples' if with_samples else ''}"
+def _variant_name(b: int, t: int, state_dtype: str | None, names: tuple[str, ...]) -> str:
+  return f"{b}x{t}{'+' + state_dtype if state_dtype else ''}{''.join('+' + name for name in names)}"
 
 
 def _chunks(ladder: tuple[int, ...]) -> tuple[tuple[int, int], ...]:

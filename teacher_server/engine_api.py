@@ -4,9 +4,13 @@ An engine runs fixed-shape batches (one of its buckets) and returns, per
 position, the top-k shifted logits, the logsumexp at each row's temperatures
 and, when asked, attention states of some of its selectable layers. Each batch
 carries a :class:`Fetch`: the union of what its requests asked for (k, value
-dtype, layers, state names, state dtype). An engine copies to the host only
-that (k rounded up to :func:`k_ladder`), so nothing a request did not ask for
-leaves the accelerator. The JAX engine lives in ``engine.py``;
+dtype, layers, state names, state dtype, and the slots of each other
+teacher-target part asked for). An engine copies to the host only that (k and
+slots rounded up to :func:`k_ladder`), so nothing a request did not ask for
+leaves the accelerator. The other parts (``distill_core.parts``) are handled by
+name: a batch carries each asked part's per-row inputs (``Part.engine_inputs``),
+an output each part's fields, and ``EngineInfo.part_limits`` the limits the
+parts declare (``Part.limits``). The JAX engine lives in ``engine.py``;
 ``tests/support/fake_engine.py`` has a NumPy stand-in for fast tests. Engines are called from
 one worker thread, never from the event loop.
 """
@@ -15,9 +19,11 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Mapping, Protocol
 
 import numpy as np
+
+from distill_core.parts import BY_NAME, FIELD_OWNER, by_part_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +46,8 @@ class EngineInfo:
   state_names: tuple[str, ...]
   weights_fingerprint: str
   tokenizer_fingerprint: str
-  max_samples: int = 0  # draw slots per position of a sampling batch; 0 = sampling not offered
+  # Limits of the other parts (`Part.limits`, e.g. the draw slots of sampled targets); 0 or absent: not offered
+  part_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
   @property
   def max_seq_len(self) -> int:
@@ -68,16 +75,21 @@ def fetched_k(k: int, max_k: int) -> int:
   raise ValueError(f"k = {k} exceeds max_k {max_k}")
 
 
+@by_part_name
 @dataclasses.dataclass(frozen=True)
 class Fetch:
-  """What one engine batch copies to the host: the union of its requests' output specs."""
+  """What one engine batch copies to the host: the union of its requests' output specs.
+
+  `parts`: (part name, slots) of every other part asked for (its `Part.fetch_slots`; the engine copies
+  `fetched_k(slots, Part.max_slots(limits))`), also given and read by the part's name (`Fetch(k=4, <part>=slots)`).
+  """
 
   k: int  # ids per position (the engine copies fetched_k(k))
   value_dtype: np.dtype = np.dtype(np.float16)  # dtype of topk_logits
   layers: tuple[int, ...] = ()  # teacher layers whose states are copied
   states: tuple[str, ...] = ()  # state names copied for every layer above
   state_dtype: np.dtype | None = None  # dtype of the states; None when no states are wanted
-  samples: int = 0  # sample slots per position (the engine copies fetched_k(samples, max_samples)); 0: none
+  parts: tuple[tuple[str, int], ...] = dataclasses.field(default=(), kw_only=True)
 
   def __post_init__(self):
     object.__setattr__(self, "value_dtype", np.dtype(self.value_dtype))
@@ -103,9 +115,13 @@ class Fetch:
     values = {f.value_dtype for f in fetches}
     layers = {layer for f in fetches for layer in f.layers}
     states = {name for f in fetches for name in f.states}
+    slots: dict[str, int] = {}
+    for f in fetches:
+      for name, n in f.parts:
+        slots[name] = max(slots.get(name, 0), n)
     return Fetch(k=max(f.k for f in fetches), value_dtype=values.pop() if len(values) == 1 else np.dtype(np.float32),
                  layers=tuple(layer for layer in order if layer in layers),
-                 states=tuple(sorted(states)), state_dtype=dtypes.pop(), samples=max(f.samples for f in fetches))
+                 states=tuple(sorted(states)), state_dtype=dtypes.pop(), parts=slots)
 
 
 @dataclasses.dataclass
@@ -117,7 +133,11 @@ class EngineBatch:
   positions: np.ndarray  # (Bb, Tb) int32
   temperatures: np.ndarray  # (Bb, max_temperatures) float32, padded with 1.0
   fetch: Fetch  # what to copy to the host
-  samples: "SampleBatch | None" = None  # per-row sampling parameters (None: no row samples)
+  # part name -> its inputs (`Part.engine_inputs`: a pytree of (Bb, ...) arrays), for every part in fetch.parts
+  part_inputs: dict[str, Any] | None = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.part_inputs = dict(self.part_inputs or {})
 
   @property
   def with_states(self) -> bool:
@@ -125,42 +145,31 @@ class EngineBatch:
 
 
 @dataclasses.dataclass
-class SampleBatch:
-  """Per-row sampling parameters of an engine batch (rows that do not sample have num_samples 0)."""
-
-  num_samples: np.ndarray  # (Bb,) int32, <= info.max_samples
-  temperatures: np.ndarray  # (Bb,) float32 tau, 1.0 where unused
-  seeds: np.ndarray  # (Bb, 2) uint32 words of each row's request seed
-  example_ids: np.ndarray  # (Bb, 2) uint32 words of each row's example id
-  exclude: np.ndarray  # (Bb,) int32 leading top-k ids left out of the proposal
-
-  @classmethod
-  def empty(cls, rows: int) -> "SampleBatch":
-    return cls(np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
-               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
-
-
-@dataclasses.dataclass
 class EngineOutput:
-  """Host arrays for a whole bucket: exactly what the batch's ``Fetch`` named."""
+  """Host arrays for a whole bucket: exactly what the batch's ``Fetch`` named.
+
+  The other parts' fields are in `parts` (part name -> field -> (Bb, Tb, ...) array; slotted fields have
+  `fetched_k(slots, max_slots)` slots), also read by field name (`out.<field>`; None when not fetched).
+  """
 
   topk_ids: np.ndarray  # (Bb, Tb, fetched_k) int32, sorted by descending logit
   topk_logits: np.ndarray  # (Bb, Tb, fetched_k) fetch.value_dtype, minus the row max (first entry 0)
   logsumexp: np.ndarray  # (Bb, Tb, max_temperatures) float32
   states: dict[str, dict[int, np.ndarray]]  # name -> layer -> (Bb, Tb, E) in fetch.state_dtype; {} without
-  # With samples (see distill_core.sampling), each (Bb, Tb, fetched_k(fetch.samples, max_samples)):
-  sample_ids: np.ndarray | None = None  # int32 distinct ids, ascending, then empty slots (id 0)
-  sample_counts: np.ndarray | None = None  # int32, 0 = empty slot
-  sample_logits: np.ndarray | None = None  # fetch.value_dtype shifted logits at sample_ids
-  sample_logsumexp: np.ndarray | None = None  # (Bb, Tb) float32 proposal log-normaliser
+  parts: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+
+  def __getattr__(self, name: str):
+    owner = FIELD_OWNER.get(name)
+    if owner is None or name.startswith("__"):
+      raise AttributeError(f"'EngineOutput' object has no attribute {name!r}")
+    return object.__getattribute__(self, "parts").get(owner.name, {}).get(name)
 
   @property
   def nbytes(self) -> int:
     """Bytes of every array (what was copied from the device)."""
     arrays = [self.topk_ids, self.topk_logits, self.logsumexp]
     arrays += [value for layers in self.states.values() for value in layers.values()]
-    arrays += [a for a in (self.sample_ids, self.sample_counts, self.sample_logits, self.sample_logsumexp)
-               if a is not None]
+    arrays += [a for fields in self.parts.values() for a in fields.values()]
     return int(sum(a.nbytes for a in arrays))
 
 
@@ -213,13 +222,12 @@ def check_batch_shape(info: EngineInfo, batch: EngineBatch) -> tuple[int, int]:
   if unknown or any(name not in info.state_names for name in fetch.states):
     raise ValueError(f"fetch: layers {list(fetch.layers)} / states {list(fetch.states)} not offered "
                      f"(layers {list(info.selectable_layers)}, states {list(info.state_names)})")
-  if (batch.samples is None) != (fetch.samples == 0):
-    raise ValueError(f"fetch.samples {fetch.samples} disagrees with the batch's sampling parameters")
-  if batch.samples is not None:
-    if not 1 <= fetch.samples <= info.max_samples:
-      raise ValueError(f"fetch.samples {fetch.samples} not in [1, max_samples {info.max_samples}]")
-    if batch.samples.num_samples.shape != (shape[0],) or batch.samples.example_ids.shape != (shape[0], 2):
-      raise ValueError(f"samples: per-row arrays do not match {shape[0]} rows")
-    if int(batch.samples.num_samples.max(initial=0)) > fetch.samples:
-      raise ValueError(f"samples: a row asks for more than fetch.samples {fetch.samples} draws")
+  if set(batch.part_inputs) != {name for name, _ in fetch.parts}:
+    raise ValueError(f"fetch parts {[name for name, _ in fetch.parts]} disagree with the batch's part inputs "
+                     f"{sorted(batch.part_inputs)}")
+  for name, slots in fetch.parts:
+    part = BY_NAME.get(name)
+    if part is None or not part.offered(info.part_limits):
+      raise ValueError(f"fetch: part {name!r} not offered by this engine")
+    part.check_engine_inputs(batch.part_inputs[name], shape[0], shape[1], slots, info.part_limits)
   return shape

@@ -16,6 +16,7 @@ import grpc
 import numpy as np
 
 from distill_core import wire
+from distill_core.parts import PARTS
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.proto import teacher_pb2_grpc
 from teacher_server.batcher import Batcher, QueueFullError, ShuttingDownError, new_future
@@ -39,7 +40,7 @@ def default_replica_id() -> str:
 def info_message(info: EngineInfo, cfg: ServerConfig, replica_id: str = "") -> pb.GetInfoResponse:
   """The GetInfo answer for an engine and the server's configuration."""
   limits = cfg.limits
-  return pb.GetInfoResponse(
+  msg = pb.GetInfoResponse(
       model_type=info.model_type, vocab_size=info.vocab_size, padded_vocab_size=info.padded_vocab_size,
       num_layers=info.num_layers, hidden_size=info.hidden_size,
       num_attention_heads=info.num_attention_heads, num_key_value_heads=info.num_key_value_heads,
@@ -52,11 +53,14 @@ def info_message(info: EngineInfo, cfg: ServerConfig, replica_id: str = "") -> p
                        selectable_layers=list(info.selectable_layers), max_message_bytes=cfg.max_message_bytes,
                        max_request_bytes=max_request_bytes(limits),
                        max_streams_per_connection=cfg.max_streams_per_connection,
-                       stream_window_bytes=cfg.batcher.stream_window_bytes, max_samples=info.max_samples),
+                       stream_window_bytes=cfg.batcher.stream_window_bytes),
       weights_fingerprint=info.weights_fingerprint, tokenizer_fingerprint=info.tokenizer_fingerprint,
       buckets=[pb.Bucket(batch=b, length=t) for b, t in info.buckets], server_version=SERVER_VERSION,
       packed_id_bits=wire.bits_for(info.vocab_size), serves_parameters=cfg.serve_parameters,
       replica_id=replica_id)
+  for part in PARTS:
+    part.write_limits(info.part_limits, msg.limits)
+  return msg
 
 
 def response_bytes(req: Prepared, hidden_size: int) -> int:
@@ -64,7 +68,7 @@ def response_bytes(req: Prepared, hidden_size: int) -> int:
   bt = req.rows * req.length
   size = bt * req.k * (4 + req.value_dtype.itemsize) + bt * len(req.temperatures) * 4
   size += len(req.states) * len(req.layers) * bt * hidden_size * req.state_dtype.itemsize
-  size += bt * req.samples.answer_bytes(req.value_dtype) if req.samples else 0
+  size += bt * req.answer_bytes()
   return size + 1024
 
 

@@ -3,8 +3,8 @@
 Status codes: sizes over the limits (rows, tokens, sequence length) are
 RESOURCE_EXHAUSTED; everything else that is wrong with a request (missing or
 malformed tensors, wrong dtypes or shapes, ids outside the vocabulary, k, the
-temperatures, unknown layers or state names, the sampling spec and example ids)
-is INVALID_ARGUMENT.
+temperatures, unknown layers or state names, the requests and inputs of the other
+teacher-target parts, checked by each part) is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ import math
 import grpc
 import numpy as np
 
+from typing import Any
+
 from distill_core import wire
-from distill_core.parts import samples
+from distill_core.parts import BY_NAME, PARTS, limit_values, ordered
 from distill_core.parts.base import SpecError
-from distill_core.parts.samples import SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from teacher_server.config import LimitsConfig
 from teacher_server.engine_api import EngineInfo, Fetch
@@ -53,8 +54,9 @@ class Prepared:
   states: tuple[str, ...]
   state_dtype: np.dtype
   pack_ids: bool
-  samples: SampleRequest | None = None  # exclude = k with sample_tail
-  example_ids: np.ndarray | None = None  # (B,) int64, with samples
+  # (part name, request) of every other part asked for (`Part.parse_request`), in registry order
+  parts: tuple[tuple[str, Any], ...] = ()
+  inputs: dict[str, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)  # part -> prepare_inputs
 
   @property
   def rows(self) -> int:
@@ -72,11 +74,17 @@ class Prepared:
   def fetch(self) -> Fetch:
     """What the engine must copy to the host for this request alone."""
     states = dict(layers=self.layers, states=self.states, state_dtype=self.state_dtype) if self.with_states else {}
-    return Fetch(k=self.k, value_dtype=self.value_dtype, samples=self.num_samples, **states)
+    return Fetch(k=self.k, value_dtype=self.value_dtype, **states,
+                 parts={name: BY_NAME[name].fetch_slots(request) for name, request in self.parts})
 
   @property
-  def num_samples(self) -> int:
-    return self.samples.num_samples if self.samples else 0
+  def part_names(self) -> tuple[str, ...]:
+    """The other parts asked for (one engine program per set of them)."""
+    return tuple(name for name, _ in self.parts)
+
+  def answer_bytes(self) -> int:
+    """Approximate bytes per position of the other parts' answers."""
+    return sum(BY_NAME[name].answer_bytes(request, self.value_dtype.name) for name, request in self.parts)
 
 
 def default_positions(segment_ids: np.ndarray) -> np.ndarray:
@@ -149,33 +157,35 @@ def _check_spec(spec: pb.OutputSpec, info: EngineInfo) -> dict:
     states = ("attn_out",)
   return dict(k=int(spec.k), temperatures=temps, value_dtype=wire.numpy_dtype(value_dtype),
               layers=layers, states=states, state_dtype=wire.numpy_dtype(state_dtype),
-              pack_ids=bool(spec.pack_ids), samples=_check_samples(spec, info))
+              pack_ids=bool(spec.pack_ids))
 
 
-def _check_samples(spec: pb.OutputSpec, info: EngineInfo) -> SampleRequest | None:
+def _check_parts(req: pb.ForwardRequest, info: EngineInfo, rows: int, length: int) -> dict:
+  """Every other part's request (`Part.parse_request`) and inputs (`Part.prepare_inputs`); `part_options` and
+  `part_inputs` keys that no part asked for takes are refused."""
+  parts = []
   try:
-    return samples.PART.parse_request(spec, vocab_size=info.vocab_size, max_samples=info.max_samples)
+    for part in PARTS:
+      request = part.parse_request(req.spec, vocab_size=info.vocab_size, limits=info.part_limits,
+                                   part_inputs=req.part_inputs)
+      if request is not None:
+        parts.append((part.name, request))
+    asked = [BY_NAME[name] for name, _ in parts]
+    _check_part_keys(req.spec.part_options, "spec.part_options", {p.key(n) for p in asked for n in p.option_names})
+    _check_part_keys(req.part_inputs, "part_inputs", {p.key(n) for p in asked for n in p.input_names})
+    inputs = {name: BY_NAME[name].prepare_inputs(req, request, rows=rows, length=length,
+                                                 vocab_size=info.vocab_size, limits=info.part_limits)
+              for name, request in parts}
   except SpecError as e:
     raise RequestError(_INVALID, e.field, e.message) from None
+  return dict(parts=ordered(parts), inputs=inputs)
 
 
-def _example_ids(req: pb.ForwardRequest, rows: int) -> np.ndarray:
-  if not req.HasField("example_ids"):
-    raise RequestError(_INVALID, "example_ids", "required with spec.num_samples (they key the draws)")
-  try:
-    ids = wire.decode_tensor(req.example_ids, "example_ids", dtypes=(pb.DTYPE_INT64,), ndim=1, max_elements=rows)
-  except wire.WireError as e:
-    raise RequestError(_INVALID, e.field, e.detail) from None
-  if ids.shape != (rows,):
-    raise RequestError(_INVALID, "example_ids", f"{ids.shape[0]} ids for {rows} rows")
-  _check_range(ids, "example_ids", 0, 2**63 - 1, "example id")
-  return ids
-
-
-def _check_part_keys(entries, field: str) -> None:
-  """Options and inputs of target parts without fields of their own: this server runs none that takes any."""
+def _check_part_keys(entries, field: str, taken: set[str]) -> None:
+  """Options and inputs of target parts without fields of their own: only those a part asked for takes."""
   for key in entries:
-    raise RequestError(_INVALID, f"{field}[{wire.echo(key)}]", "no target part this server runs takes it")
+    if key not in taken:
+      raise RequestError(_INVALID, f"{field}[{wire.echo(key)}]", "no target part this server runs takes it")
 
 
 def _check_choices(values: tuple, allowed: tuple, field: str, unknown: str) -> None:
@@ -197,8 +207,12 @@ REQUEST_SLACK_BYTES = 64 << 10
 
 def max_request_bytes(limits: LimitsConfig) -> int:
   """The largest request message accepted: tokens, segment_ids and positions (int32) at
-  max_tokens_per_request, example_ids (int64) at max_batch, plus :data:`REQUEST_SLACK_BYTES`."""
-  return 3 * 4 * limits.max_tokens_per_request + 8 * limits.max_batch + REQUEST_SLACK_BYTES
+  max_tokens_per_request, example_ids (int64) at max_batch, each part's inputs at the limits
+  (`Part.request_bytes`), plus :data:`REQUEST_SLACK_BYTES`."""
+  values = limit_values(limits)
+  parts = sum(part.request_bytes(values, max_tokens=limits.max_tokens_per_request, max_batch=limits.max_batch)
+              for part in PARTS if part.offered(values))
+  return 3 * 4 * limits.max_tokens_per_request + 8 * limits.max_batch + parts + REQUEST_SLACK_BYTES
 
 
 def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> Prepared:
@@ -225,9 +239,7 @@ def prepare(req: pb.ForwardRequest, info: EngineInfo, limits: LimitsConfig) -> P
     _check_range(positions, "positions", 0, info.max_position_embeddings, "position")
   else:
     positions = default_positions(segment_ids)
-  _check_part_keys(req.spec.part_options, "spec.part_options")
-  _check_part_keys(req.part_inputs, "part_inputs")
   spec = _check_spec(req.spec, info)
-  example_ids = _example_ids(req, tokens.shape[0]) if spec["samples"] else None
+  parts = _check_parts(req, info, *tokens.shape)
   return Prepared(request_id=int(req.request_id), tokens=tokens, segment_ids=segment_ids,
-                  positions=positions, example_ids=example_ids, **spec)
+                  positions=positions, **spec, **parts)

@@ -73,6 +73,9 @@ class Generation(NamedTuple):
   topk_ids: (B, N, k) int32 with `make_sampler(..., topk=k)`: the model's k most probable ids (real
     vocabulary, descending logits) in the distribution each generated token was drawn from, pad_id past
     a row's end; None when k = 0.
+  sampler_logprobs: (B, N) float32 log mu of each generated token under the distribution it was drawn
+    from (softmax(logits / temperature) renormalised over the top-p nucleus; 0 with temperature 0), 0 past
+    a row's end: what an importance weight q / mu divides by (`draw_with_logprobs`).
   """
 
   tokens: jax.Array
@@ -80,6 +83,7 @@ class Generation(NamedTuple):
   lengths: jax.Array
   logprobs: jax.Array
   topk_ids: jax.Array | None = None
+  sampler_logprobs: jax.Array | None = None
 
 
 def key_data(seed: int, step: int, example_ids) -> np.ndarray:
@@ -122,6 +126,13 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
   preceding mass is below top_p (so always the most probable id), and any id tied with the last one kept.
   Returns (B,) int32.
   """
+  return draw_with_logprobs(logits, keys, temperature, top_p)[0]
+
+
+def draw_with_logprobs(logits: jax.Array, keys: jax.Array, temperature, top_p) -> tuple[jax.Array, jax.Array]:
+  """(ids, log mu(ids)): `sample_logits`' draw and the log-probability of each drawn id under the
+  distribution it was drawn from, softmax(logits / temperature) renormalised over the nucleus (the
+  behaviour policy an importance weight divides by); 0 with temperature 0 (argmax is certain)."""
   logits = logits.astype(jnp.float32)
   temperature = jnp.asarray(temperature, jnp.float32)
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -133,7 +144,9 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
   threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)  # the last kept probability
   nucleus = jnp.where(probs >= threshold, scaled, -jnp.inf)
   drawn = jax.vmap(jax.random.categorical)(keys, nucleus).astype(jnp.int32)
-  return jnp.where(temperature > 0, drawn, greedy)
+  ids = jnp.where(temperature > 0, drawn, greedy)
+  log_mu = jnp.take_along_axis(jax.nn.log_softmax(nucleus, axis=-1), ids[:, None], axis=-1)[:, 0]
+  return ids, jnp.where(temperature > 0, log_mu, 0.0)
 
 
 def _token_logprobs(logits: jax.Array, ids: jax.Array) -> jax.Array:
@@ -325,16 +338,16 @@ def make_sampler(graphdef: nnx.GraphDef, *, max_new_tokens: int, stop_ids: Seque
 
     def draw(logits, index):
       logits = mask_vocab(logits, cfg.real_vocab_size)
-      ids = sample_logits(logits, token_keys(keys, index), temperature, top_p)
+      ids, log_mu = draw_with_logprobs(logits, token_keys(keys, index), temperature, top_p)
       top = jax.lax.top_k(logits, topk)[1].astype(jnp.int32) if topk else jnp.zeros((b, 0), jnp.int32)
-      return ids, _token_logprobs(logits, ids), top
+      return ids, jnp.stack([_token_logprobs(logits, ids), log_mu], axis=-1), top
 
     def is_stop(ids):
       return jnp.isin(ids, jnp.asarray(stops)) if stops.size else jnp.zeros(ids.shape, bool)
 
     first, first_lp, first_top = draw(logits, 0)
     generated = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(first)
-    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(first_lp)
+    logprobs = jnp.zeros((b, n, 2), jnp.float32).at[:, 0].set(first_lp)  # log p at 1, log mu
     top_ids = jnp.full((b, n, topk), pad_id, jnp.int32).at[:, 0].set(first_top)
     init = (jnp.int32(1), cache, first, generated, logprobs, top_ids, is_stop(first), jnp.ones((b,), jnp.int32))
 
@@ -353,19 +366,19 @@ def make_sampler(graphdef: nnx.GraphDef, *, max_new_tokens: int, stop_ids: Seque
       ids, lp, top = draw(logits, i)
       ids = jnp.where(done, pad_id, ids)
       generated = jax.lax.dynamic_update_index_in_dim(generated, ids, i, 1)
-      logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(done, 0.0, lp), i, 1)
+      logprobs = jax.lax.dynamic_update_index_in_dim(logprobs, jnp.where(done[:, None], 0.0, lp), i, 1)
       top_ids = jax.lax.dynamic_update_index_in_dim(top_ids, jnp.where(done[:, None], pad_id, top), i, 1)
       lengths = lengths + (~done).astype(jnp.int32)
       return i + 1, cache, ids, generated, logprobs, top_ids, done | is_stop(ids), lengths
 
     _, _, _, generated, logprobs, top_ids, _, lengths = jax.lax.while_loop(cond, body, init)
-    return Generation(_packed(left, lengths_in, generated, pad_id), lengths_in, lengths, logprobs,
-                      top_ids if topk else None)
+    return Generation(_packed(left, lengths_in, generated, pad_id), lengths_in, lengths, logprobs[..., 0],
+                      top_ids if topk else None, logprobs[..., 1])
 
   out = None
   if mesh is not None:
     rows = lambda ndim: NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))  # noqa: E731
-    out = Generation(rows(2), rows(1), rows(1), rows(2), rows(3) if topk else None)
+    out = Generation(rows(2), rows(1), rows(1), rows(2), rows(3) if topk else None, rows(2))
   return jax.jit(traced_on(mesh, sample), out_shardings=out)
 
 

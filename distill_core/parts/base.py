@@ -228,16 +228,133 @@ class Part:
       return None
     return decode_tensor(resp.part_outputs[key], f"part_outputs[{key}]", **checks)
 
+  def input_args(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`compute_targets` keyword arguments of a batch's part inputs (`inputs`: "<part>.<input>" -> array, as in
+    `ForwardRequest.part_inputs`) this part takes (an in-process teacher computing them; may be traced)."""
+    return {}
+
+  def check_inputs(self, inputs: Mapping[str, np.ndarray], batch: Any) -> None:
+    """Checks a batch's part inputs (keyed as `input_args` reads them) against the batch they are for, before a
+    source sends them (host arrays); ValueError naming the field."""
+
+  def with_inputs(self, value, inputs: Mapping[str, np.ndarray]):
+    """The part's value of a served answer completed with what the request sent (`inputs`: its
+    `part_inputs`, this request's rows) and the asker kept rather than have it echoed; None: absent.
+    Raises ValueError naming the field when the answer does not fit what was asked."""
+    return value
+
   def select(self, value, need: "Selection", where: str):
     """Stored answers trimmed to what a step asks (None: drop the part); raises ValueError naming the field."""
     return value
+
+  # -- requests, inputs and a teacher server's limits -------------------------------------------
+  # A part asked for per request has a *request* (its options, a value of its own type): `wire.OutputSpec`,
+  # a shard manifest, a run's `Needs` and a server's validated request hold it under the part's name.
+
+  # Server limits the part declares: name -> (default, description). Each is a server config field
+  # `limits.<name>`, an entry of `EngineInfo.part_limits` and of GetInfo's `Limits` (`write_limits`).
+  limits: ClassVar[Mapping[str, tuple[int, str]]] = {}
+  # Fields of a configuration that asks for the part (the dump's): name -> (type, pydantic Field); read back by
+  # `request_from_config`.
+  config_fields: ClassVar[Mapping[str, tuple[type, Any]]] = {}
+  option_names: ClassVar[tuple[str, ...]] = ()  # `OutputSpec.part_options` keys "<part>.<name>" a server takes
+  input_names: ClassVar[tuple[str, ...]] = ()  # `ForwardRequest.part_inputs` keys "<part>.<name>" a server takes
+  # Engine output fields split along their last axis (slots; only those a batch asks for are copied to the
+  # host, `fetch_slots`), and fields computed in float32 and copied in the batch's value dtype.
+  engine_slots: ClassVar[tuple[str, ...]] = ()
+  engine_values: ClassVar[tuple[str, ...]] = ()
+
+  def read_request(self, spec: pb.OutputSpec) -> Any:
+    """The request an OutputSpec makes of this part, unchecked (None: none)."""
+    return None
+
+  def write_request(self, request: Any, spec: pb.OutputSpec) -> None:
+    """Writes `request` into an OutputSpec whose other fields are set; ValueError naming what cannot be sent."""
+    raise ValueError(f"{self.name}: this part takes no request")
+
+  def check_request(self, request: Any, *, example_ids, part_inputs: Mapping[str, Any]) -> None:
+    """A client's check that a ForwardRequest carries what `request` needs; ValueError naming the field."""
+
+  def answer_bytes(self, request: Any, value_dtype: str) -> int:
+    """Approximate bytes per position of the part's answer to `request`."""
+    return 0
+
+  def parse_request(self, spec: pb.OutputSpec, *, vocab_size: int, limits: Mapping[str, int],
+                    part_inputs: Mapping[str, pb.Tensor]) -> Any:
+    """The request a server is asked for by a ForwardRequest's spec (and, for a part asked for by its inputs,
+    `part_inputs`), None: none; checked against the server's `limits` (a part's by its names); raises SpecError
+    naming the field."""
+    return None
+
+  def prepare_inputs(self, req: pb.ForwardRequest, request: Any, *, rows: int, length: int, vocab_size: int,
+                     limits: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """A server's checked host inputs of `request` from the ForwardRequest (`example_ids`, `part_inputs`), each
+    indexed by the request's rows; raises SpecError naming the field."""
+    return {}
+
+  def request_from_config(self, cfg: Any, *, k: int) -> Any:
+    """The request a configuration with this part's `config_fields` makes (None: none); `k`: its top-k."""
+    return None
+
+  def compute_kwargs(self, request: Any, *, example_ids: Any) -> dict[str, Any]:
+    """`compute_targets` keyword arguments that ask for `request` for a whole batch (an in-process teacher;
+    `example_ids`: the batch's (B, 2) uint32 id words)."""
+    return {}
+
+  def limits_for(self, request: Any) -> dict[str, int]:
+    """The limits (`limits`) a teacher needs to serve `request` (what an in-process teacher is started with)."""
+    return {}
+
+  def request_bytes(self, limits: Mapping[str, int], *, max_tokens: int, max_batch: int) -> int:
+    """Most bytes of a ForwardRequest's inputs of this part (`part_inputs`) within the limits."""
+    return 0
+
+  def max_slots(self, limits: Mapping[str, int]) -> int:
+    """Slots (last axis of `engine_slots`) an engine computes; 0: it does not run this part."""
+    return 0
+
+  def fetch_slots(self, request: Any) -> int:
+    """Slots a request needs copied to the host (>= 1)."""
+    return 1
+
+  def offered(self, limits: Mapping[str, int]) -> bool:
+    """Whether an engine with these limits computes this part."""
+    return self.max_slots(limits) > 0
+
+  def engine_inputs(self, rows: int, length: int, limits: Mapping[str, int]) -> Any:
+    """The part's inputs of an engine batch of `rows` x `length` (a pytree of host arrays, each [rows, ...],
+    fixed shapes from the limits, so no request recompiles), valid as they are for padding rows."""
+    return {}
+
+  def fill_inputs(self, inputs: Any, at: slice, request: Any, prepared: Mapping[str, np.ndarray], start: int,
+                  stop: int) -> None:
+    """Writes rows `[start, stop)` of a request (`request`, its `prepare_inputs`) into batch rows `at`."""
+
+  def check_engine_inputs(self, inputs: Any, rows: int, length: int, slots: int, limits: Mapping[str, int]) -> None:
+    """ValueError unless `inputs` fit a batch of `rows` x `length` asking for `slots`."""
+
+  def engine_args(self, row: Any, limits: Mapping[str, int]) -> dict[str, Any]:
+    """`compute_targets` keyword arguments of one engine row (its `engine_inputs`, leading axis removed; traced),
+    for a batch of that one row."""
+    return {}
+
+  def write_limits(self, values: Mapping[str, int], msg: pb.Limits) -> None:
+    """Writes the part's limits into GetInfo's `Limits` (by default `part_limits["<part>.<name>"]`)."""
+    for name in self.limits:
+      if values.get(name):
+        msg.part_limits[self.key(name)] = int(values[name])
+
+  def read_limits(self, msg: pb.Limits) -> dict[str, int]:
+    """The part's limits a server's GetInfo offers (inverse of `write_limits`; 0 when absent)."""
+    return {name: int(msg.part_limits.get(self.key(name), 0)) for name in self.limits}
 
   # -- the teacher server's engine output ----------------------------------------------------------
 
   def from_engine(self, out: Any, rows: slice, length: int, req: Any) -> dict[str, Any]:
     """Flat fields of this part for batch rows `rows` (their first `length` positions) of an engine output
-    (`teacher_server.engine_api.EngineOutput`), trimmed and cast to what request `req` (a validated
-    `Prepared`) asked; empty when it asked for none (host copies)."""
+    (`teacher_server.engine_api.EngineOutput`, this part's fields in `out.parts[name]`), trimmed and cast to
+    what request `req` (a validated `Prepared`, this part's request in `req.parts`) asked; empty when it
+    asked for none (host copies)."""
     return {}
 
   # -- needs and offers --------------------------------------------------------------------------

@@ -11,7 +11,8 @@
 
 The draws themselves are `distill_core.sampling` (a pure function of seed, example id,
 position and draw index). A request asks with `SampleRequest` (`OutputSpec.num_samples`,
-`sample_temperature`, `sample_seed`, `sample_tail` on the wire; `Limits.max_samples` offers it).
+`sample_temperature`, `sample_seed`, `sample_tail` on the wire; `Limits.max_samples` offers it, the server
+config's `limits.max_samples`); a server's engine takes each row's draw parameters as a `SampleBatch`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import flax.struct
 import jax.numpy as jnp
 import numpy as np
+import pydantic
 
 from distill_core import sampling
 from distill_core.bitpack import WireError, bits_for
@@ -94,6 +96,22 @@ class Samples:
     object.__setattr__(self, "sample_skip", int(self.sample_skip))
 
 
+@flax.struct.dataclass
+class SampleBatch:
+  """Per-row sampling parameters of an engine batch (rows that do not sample have num_samples 0)."""
+
+  num_samples: Array  # (Bb,) int32, <= limits max_samples
+  temperatures: Array  # (Bb,) float32 tau, 1.0 where unused
+  seeds: Array  # (Bb, 2) uint32 words of each row's request seed
+  example_ids: Array  # (Bb, 2) uint32 words of each row's example id
+  exclude: Array  # (Bb,) int32 leading top-k ids left out of the proposal
+
+  @classmethod
+  def empty(cls, rows: int) -> "SampleBatch":
+    return cls(np.zeros(rows, np.int32), np.ones(rows, np.float32), np.zeros((rows, 2), np.uint32),
+               np.zeros((rows, 2), np.uint32), np.zeros(rows, np.int32))
+
+
 _RANKS = {"sample_ids": 3, "sample_counts": 3, "sample_logits": 3, "sample_logsumexp": 2, "sample_temperature": 0}
 
 
@@ -106,6 +124,23 @@ class SamplesPart(base.Part):
   absent = {name: None for name in _RANKS} | {"sample_skip": 0}
   compute_args = ("num_samples", "sample_temperature", "sample_seed", "example_ids", "sample_exclude",
                   "sample_counts")
+  limits = {"max_samples": (0, "Most sampled-target draws per position (OutputSpec.num_samples; e.g. 64); a "
+                              "batch with a sampling request makes this many draw slots per position. > 0 "
+                              "compiles a sampling program per bucket and state dtype at warm-up (twice the "
+                              "programs); 0 (default) offers no sampling.")}
+  config_fields = {
+      "num_samples": (int, pydantic.Field(0, ge=0, description="Sampled targets stored per position: N draws from "
+                                          "softmax(z / sample_temperature) (0 = none; for loss.kd_mode sampled, "
+                                          "docs/losses.md).")),
+      "sample_temperature": (float, pydantic.Field(1.0, gt=0, allow_inf_nan=False,
+                                                   description="tau of the sampling proposal.")),
+      "sample_seed": (int, pydantic.Field(0, ge=0, lt=2**64, description="Seed of the draws (with the example id "
+                                          "and position).")),
+      "sample_tail": (bool, pydantic.Field(False, description="Draw only outside the stored top-k (students must "
+                                           "then use exactly loss.top_k = k); false: from the whole vocabulary.")),
+  }
+  engine_slots = ("sample_ids", "sample_counts", "sample_logits")
+  engine_values = ("sample_logits",)
 
   def compute(self, block: Block, num_samples: int = 0, sample_temperature=1.0, sample_seed=0,
               example_ids=None, sample_exclude=0, sample_counts=None):
@@ -131,8 +166,24 @@ class SamplesPart(base.Part):
                    sample_logsumexp=slse, sample_temperature=tau,
                    sample_skip=int(sample_exclude) if static_skip else 0)
 
-  def parse_request(self, spec: pb.OutputSpec, *, vocab_size: int, max_samples: int) -> SampleRequest | None:
+  # -- requests, inputs and limits --------------------------------------------------------------
+
+  def read_request(self, spec: pb.OutputSpec) -> SampleRequest | None:
+    return SampleRequest.from_proto(spec)
+
+  def write_request(self, request: SampleRequest, spec: pb.OutputSpec) -> None:
+    request.to_proto(spec)
+
+  def check_request(self, request: SampleRequest, *, example_ids, part_inputs) -> None:
+    if example_ids is None:
+      raise ValueError("example_ids: required with sampled targets (they key the draws)")
+
+  def answer_bytes(self, request: SampleRequest, value_dtype: str) -> int:
+    return request.answer_bytes(value_dtype)
+
+  def parse_request(self, spec: pb.OutputSpec, *, vocab_size: int, limits, part_inputs=None) -> SampleRequest | None:
     """The samples a request's OutputSpec asks a server for (None: none); raises SpecError naming the field."""
+    max_samples = int(limits.get("max_samples", 0))
     if not spec.HasField("num_samples"):
       if spec.HasField("sample_temperature") or spec.sample_tail or spec.sample_seed:
         raise SpecError("spec.num_samples", "sample_temperature, sample_seed or sample_tail given without "
@@ -151,6 +202,75 @@ class SamplesPart(base.Part):
                                           "sample from")
     return SampleRequest(num_samples=n, temperature=tau, seed=int(spec.sample_seed),
                          exclude=int(spec.k) if spec.sample_tail else 0)
+
+  def prepare_inputs(self, req: pb.ForwardRequest, request: SampleRequest, *, rows: int, length: int,
+                     vocab_size: int, limits) -> dict[str, np.ndarray]:
+    """The request's example ids (B,) int64: they key the draws."""
+    if not req.HasField("example_ids"):
+      raise SpecError("example_ids", "required with spec.num_samples (they key the draws)")
+    try:
+      ids = decode_tensor(req.example_ids, "example_ids", dtypes=(pb.DTYPE_INT64,), ndim=1, max_elements=rows)
+    except WireError as e:
+      raise SpecError(e.field, e.detail) from None
+    if ids.shape != (rows,):
+      raise SpecError("example_ids", f"{ids.shape[0]} ids for {rows} rows")
+    bad = (ids < 0) | (ids >= 2**63 - 1)
+    if bad.any():
+      where = int(np.argwhere(bad)[0][0])
+      raise SpecError("example_ids", f"example id {int(ids[where])} at [{where}] is outside [0, {2**63 - 1})")
+    return {"example_ids": ids}
+
+  def request_from_config(self, cfg, *, k: int) -> SampleRequest | None:
+    if not cfg.num_samples:
+      return None
+    return SampleRequest(num_samples=cfg.num_samples, temperature=cfg.sample_temperature, seed=cfg.sample_seed,
+                         exclude=k if cfg.sample_tail else 0)
+
+  def compute_kwargs(self, request: SampleRequest, *, example_ids) -> dict[str, Any]:
+    return dict(num_samples=request.num_samples, sample_temperature=request.temperature, sample_seed=request.seed,
+                example_ids=example_ids, sample_exclude=request.exclude)
+
+  def limits_for(self, request: SampleRequest) -> dict[str, int]:
+    return {"max_samples": request.num_samples}
+
+  def max_slots(self, limits) -> int:
+    return int(limits.get("max_samples", 0))
+
+  def fetch_slots(self, request: SampleRequest) -> int:
+    return request.num_samples
+
+  def engine_inputs(self, rows: int, length: int, limits) -> SampleBatch:
+    return SampleBatch.empty(rows)
+
+  def fill_inputs(self, inputs: SampleBatch, at: slice, request: SampleRequest, prepared, start: int,
+                  stop: int) -> None:
+    inputs.num_samples[at] = request.num_samples
+    inputs.temperatures[at] = request.temperature
+    inputs.seeds[at] = sampling.split_u64(np.asarray(request.seed))
+    inputs.example_ids[at] = sampling.split_u64(prepared["example_ids"][start:stop])
+    inputs.exclude[at] = request.exclude
+
+  def check_engine_inputs(self, inputs: SampleBatch, rows: int, length: int, slots: int, limits) -> None:
+    max_samples = self.max_slots(limits)
+    if not 1 <= slots <= max_samples:
+      raise ValueError(f"fetch.samples {slots} not in [1, max_samples {max_samples}]")
+    if inputs.num_samples.shape != (rows,) or inputs.example_ids.shape != (rows, 2):
+      raise ValueError(f"samples: per-row arrays do not match {rows} rows")
+    if int(inputs.num_samples.max(initial=0)) > slots:
+      raise ValueError(f"samples: a row asks for more than fetch.samples {slots} draws")
+
+  def engine_args(self, row: SampleBatch, limits) -> dict[str, Any]:
+    return dict(num_samples=self.max_slots(limits), sample_counts=row.num_samples,
+                sample_temperature=row.temperatures, sample_seed=row.seeds, example_ids=row.example_ids[None],
+                sample_exclude=row.exclude)
+
+  def write_limits(self, values, msg: pb.Limits) -> None:
+    msg.max_samples = int(values.get("max_samples", 0))
+
+  def read_limits(self, msg: pb.Limits) -> dict[str, int]:
+    return {"max_samples": int(msg.max_samples)}
+
+  # -- checks ----------------------------------------------------------------------------------
 
   def validate(self, value: Samples, rows: Rows, expect) -> None:
     present = [name for name in _RANKS if getattr(value, name) is not None]
@@ -244,22 +364,24 @@ class SamplesPart(base.Part):
     return value
 
   def from_engine(self, out, rows, length, req) -> dict[str, Any]:
-    if req.samples is None:
+    request = dict(req.parts).get(self.name)
+    if request is None:
       return {}
-    n = req.samples.num_samples  # the distinct ids of N draws fit in the first N slots
-    return dict(sample_ids=np.ascontiguousarray(out.sample_ids[rows, :length, :n]),
-                sample_counts=np.ascontiguousarray(out.sample_counts[rows, :length, :n]),
-                sample_logits=np.ascontiguousarray(out.sample_logits[rows, :length, :n], dtype=req.value_dtype),
-                sample_logsumexp=np.ascontiguousarray(out.sample_logsumexp[rows, :length]),
-                sample_temperature=req.samples.temperature, sample_skip=req.samples.exclude)
+    got = out.parts[self.name]
+    n = request.num_samples  # the distinct ids of N draws fit in the first N slots
+    return dict(sample_ids=np.ascontiguousarray(got["sample_ids"][rows, :length, :n]),
+                sample_counts=np.ascontiguousarray(got["sample_counts"][rows, :length, :n]),
+                sample_logits=np.ascontiguousarray(got["sample_logits"][rows, :length, :n], dtype=req.value_dtype),
+                sample_logsumexp=np.ascontiguousarray(got["sample_logsumexp"][rows, :length]),
+                sample_temperature=request.temperature, sample_skip=request.exclude)
 
   def check(self, needs, offer) -> list[str]:
-    want = needs.samples
+    want = dict(needs.parts).get(self.name)
     if want is None:
       return []
     problems = []
     if offer.stored:  # stored answers: exactly the samples the run would request
-      have = offer.samples
+      have = dict(offer.parts).get(self.name)
       if have is None:
         return [f"spec.num_samples: stored no sampled targets, loss.kd_mode sampled needs {want.num_samples} per "
                 f"position (dump with num_samples={want.num_samples})"]
@@ -275,7 +397,7 @@ class SamplesPart(base.Part):
         problems.append(f"spec.k: the samples were drawn outside the stored top-{have.exclude}, loss.top_k is "
                         f"{want.exclude} (with sample_tail they must be equal)")
       return problems
-    offered = offer.max_samples or 0
+    offered = int(offer.part_limits.get("max_samples", 0))
     if want.num_samples > offered:
       what = f"at most {offered}" if offered else "no sampled targets"
       problems.append(f"num_samples: the loss needs {want.num_samples} draws per position, the teacher serves "

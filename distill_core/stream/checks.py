@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from distill_core.needs import Needs, Offer, check
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts import BY_NAME, by_part_name
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.wire import OutputSpec
 
@@ -44,9 +44,10 @@ class RequestShape:
                window=cfg.window)
 
 
+@by_part_name
 @dataclasses.dataclass(frozen=True)
 class RequestPlan:
-  """How batches are asked for: the fixed part of every request."""
+  """How batches are asked for: the fixed part of every request (`parts`: the other parts' requests)."""
 
   k: int
   value_dtype: str
@@ -55,7 +56,7 @@ class RequestPlan:
   state_dtype: str
   pack_ids: bool
   rows_per_request: int
-  samples: SampleRequest | None = None
+  parts: tuple[tuple[str, Any], ...] = dataclasses.field(default=(), kw_only=True)
 
   def names(self, states: tuple[str, ...] | None) -> tuple[str, ...]:
     """The planned state names a batch asking for `states` gets (None: all planned)."""
@@ -68,13 +69,12 @@ class RequestPlan:
     temps = (temperatures,) if isinstance(temperatures, (int, float)) else temperatures
     return OutputSpec(k=self.k, temperatures=tuple(float(t) for t in temps), value_dtype=self.value_dtype,
                       layers=self.layers if names else (), states=names, state_dtype=self.state_dtype,
-                      pack_ids=self.pack_ids, samples=self.samples)
+                      pack_ids=self.pack_ids, parts=self.parts)
 
   def row_bytes(self, seq_len: int, hidden_size: int) -> int:
     """Approximate answer bytes per row (what the server checks against its message limit)."""
     per_position = self.k * (4 + np.dtype(self.value_dtype).itemsize) + 4
-    if self.samples is not None:
-      per_position += self.samples.answer_bytes(self.value_dtype)
+    per_position += sum(BY_NAME[name].answer_bytes(request, self.value_dtype) for name, request in self.parts)
     states = len(self.states) * len(self.layers) * hidden_size * np.dtype(self.state_dtype).itemsize
     return seq_len * (per_position + states)
 
@@ -91,7 +91,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Needs, *, state_dtype: str, pa
     layers = ()
   plan = RequestPlan(k=need.k, value_dtype=need.value_dtype, layers=layers,
                      states=tuple(need.state_names) if layers else (), state_dtype=state_dtype, pack_ids=pack_ids,
-                     rows_per_request=1, samples=need.samples)
+                     rows_per_request=1, parts=need.parts)
   message_cap = min(max_message_bytes, limits.max_message_bytes or max_message_bytes) - 4096
   caps = {"the batch": need.batch_rows, "max_batch": limits.max_batch,
           "max_tokens_per_request": limits.max_tokens_per_request // max(need.seq_len, 1),
@@ -110,7 +110,7 @@ def plan_requests(info: pb.GetInfoResponse, need: Needs, *, state_dtype: str, pa
 def replica_problems(info: pb.GetInfoResponse, plan: RequestPlan, need: Needs) -> list[str]:
   """Why another replica cannot take requests planned for the first one (empty when it can): the needs as
   planned (`distill_core.needs.check`), and the planned request size."""
-  planned = dataclasses.replace(need, k=plan.k, samples=plan.samples, state_dtype=plan.state_dtype if plan.layers
+  planned = dataclasses.replace(need, k=plan.k, parts=plan.parts, state_dtype=plan.state_dtype if plan.layers
                                 else None, feature_layers=lambda depth: plan.layers, state_names=plan.states)
   problems = check(planned, Offer.from_info(info))
   limits = info.limits

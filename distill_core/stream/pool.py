@@ -45,6 +45,7 @@ import numpy as np
 from distill_core import wire
 from distill_core.client import TeacherClient, TeacherError, TeacherStream, answer_error
 from distill_core.data import Batch
+from distill_core.parts import PARTS
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.stream.checks import RequestPlan, RequestShape, Requirements, TeacherMismatch, bucket_fill, \
     plan_requests, replica_problems
@@ -75,6 +76,9 @@ class Item:
   batch: Batch
   temperatures: tuple[float, ...]  # asked for (and checked in) every answer
   states: tuple[str, ...] | None = None  # state names this batch needs (None: every planned one)
+  # Per-position inputs of parts ("<part>.<input>" -> (B, T, ...)), cut into each request's rows like the tokens;
+  # each part completes its answer with them (`Part.with_inputs`: e.g. the ids asked, not sent back).
+  part_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
   created: float = dataclasses.field(default_factory=time.monotonic)  # when the train loop enqueued it
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
   targets: TeacherTargets | None = None  # on the mesh, once done
@@ -432,7 +436,8 @@ class StreamCore:
       rows = slice(chunk.start, chunk.stop)
       spec = self.plan.spec(item.temperatures, item.states)
       request = wire.make_request(next(self._request_ids), b.tokens[rows], spec, b.segment_ids[rows],
-                                  b.positions[rows], np.asarray(b.example_ids)[rows])
+                                  b.positions[rows], np.asarray(b.example_ids)[rows],
+                                  part_inputs={key: x[rows] for key, x in item.part_inputs.items()})
       if chunk.sends:
         self.stats.count("retries")
       chunk.sends += 1
@@ -482,6 +487,9 @@ class StreamCore:
                        k=plan.k, n_temps=len(chunk.item.temperatures), state_names=names,
                        state_layers=plan.layers if names else ())
       check_values(targets, vocab_size=self.info.vocab_size, temperatures=chunk.item.temperatures)
+      inputs = {key: x[chunk.start:chunk.stop] for key, x in chunk.item.part_inputs.items()}
+      targets = targets.with_parts(**{part.name: part.with_inputs(targets.parts.get(part.name), inputs)
+                                      for part in PARTS[1:]})
     except ValueError as e:  # a malformed answer: treat like an engine failure (never trained on)
       self.stats.count("malformed")
       self.loop.call_soon_threadsafe(self._retry_or_fail, chunk, f"{lane_name}: malformed answer: {e}")

@@ -22,6 +22,7 @@ import logging
 import threading
 from typing import Any, Callable
 
+import numpy as np
 import uvloop
 
 from distill_core.data import Batch
@@ -141,14 +142,15 @@ class StreamRunner:
     return future.result(CLOSE_TIMEOUT_S)
 
   def enqueue(self, batch: Batch, temperatures: tuple[float, ...], *, priority: int = 1,
-              states: tuple[str, ...] | None = None) -> Item:
-    """Sends `batch` (split into requests, spread over the ready lanes); `Item.done` is set when it is answered."""
+              states: tuple[str, ...] | None = None, part_inputs: dict[str, np.ndarray] | None = None) -> Item:
+    """Sends `batch` (split into requests, spread over the ready lanes); `Item.done` is set when it is answered.
+    `part_inputs`: per-position inputs of parts ("<part>.<input>" -> (B, T, ...)), split with the rows."""
     if self._closed:
       raise RuntimeError("the teacher stream client is closed")
     self.raise_if_fatal()
     item = Item(seq=next(self._seq), priority=priority, batch=batch,
                 temperatures=tuple(float(t) for t in temperatures),
-                states=None if states is None else tuple(states))
+                states=None if states is None else tuple(states), part_inputs=dict(part_inputs or {}))
     self._loop.call_soon_threadsafe(self.core.add, item)
     return item
 

@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -37,7 +37,7 @@ from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
 from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.common import Student, place_targets
+from student_trainer.sources.common import Student, check_part_inputs, place_targets
 from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
@@ -134,13 +134,16 @@ class RemoteTeacher(TeacherSource):
 
   # -- the TeacherSource interface (train-loop thread) ---------------------------------------------
 
-  def _enqueue(self, batch: Batch, temperature: float, priority: int, states: tuple[str, ...] | None) -> Item:
+  def _enqueue(self, batch: Batch, temperature: float, priority: int, states: tuple[str, ...] | None,
+               part_inputs: Mapping[str, np.ndarray] | None = None) -> Item:
     if self._closed:
       raise RuntimeError("the remote teacher source is closed")
-    return self._runner.enqueue(batch, (float(temperature),), priority=priority, states=states)
+    return self._runner.enqueue(batch, (float(temperature),), priority=priority, states=states,
+                                part_inputs=check_part_inputs(batch, part_inputs))
 
-  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> None:
-    self._queue.append(self._enqueue(batch, temperature, priority=1, states=states))
+  def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
+             part_inputs: Mapping[str, np.ndarray] | None = None) -> None:
+    self._queue.append(self._enqueue(batch, temperature, priority=1, states=states, part_inputs=part_inputs))
 
   def next(self) -> TeacherTargets | None:
     if not self._queue:
@@ -157,9 +160,10 @@ class RemoteTeacher(TeacherSource):
     self._last_ids = np.asarray(item.batch.example_ids).tolist()
     return targets
 
-  def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None) -> TeacherTargets | None:
+  def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
+              part_inputs: Mapping[str, np.ndarray] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the stream (evaluation): sent ahead of the queued batches."""
-    item = self._enqueue(batch, temperature, priority=0, states=states)
+    item = self._enqueue(batch, temperature, priority=0, states=states, part_inputs=part_inputs)
     return self._agree(self._await(item), item.weights)
 
   def _await(self, item: Item) -> TeacherTargets | None:

@@ -40,7 +40,7 @@ def fake_info(*, vocab_size: int = 256, num_layers: int = 2, hidden_size: int = 
       max_temperatures=max_temperatures,
       selectable_layers=tuple(range(num_layers)) if selectable_layers is None else selectable_layers,
       state_names=state_names, weights_fingerprint="fake-weights", tokenizer_fingerprint="",
-      max_samples=max_samples)
+      part_limits={"max_samples": max_samples})
 
 
 class FakeEngine(Engine):
@@ -97,12 +97,12 @@ class FakeEngine(Engine):
         states[name][layer] = np.broadcast_to(value, shape).astype(fetch.state_dtype)
     out = EngineOutput(topk_ids=ids.astype(np.int32), topk_logits=logits,
                        logsumexp=lse.astype(np.float32), states=states)
-    if batch.samples is not None:
+    if "samples" in batch.part_inputs:
       self._samples(batch, out)
     return out
 
   def _samples(self, batch: EngineBatch, out: EngineOutput) -> None:
-    info, draws = self._info, batch.samples
+    info, draws = self._info, batch.part_inputs["samples"]
     bb, tb = batch.tokens.shape
     eid = draws.example_ids[:, 0].astype(np.int64) + (draws.example_ids[:, 1].astype(np.int64) << 32)
     seed = draws.seeds[:, 0].astype(np.int64) + (draws.seeds[:, 1].astype(np.int64) << 32)
@@ -110,14 +110,15 @@ class FakeEngine(Engine):
     pair = np.sort(np.stack([base % info.vocab_size, (base + 1) % info.vocab_size], -1), -1)  # (B, T, 2)
     n = np.broadcast_to(draws.num_samples[:, None], (bb, tb))
     counts = np.stack([n - n // 2, n // 2], -1)  # (B, T, 2)
-    shape = (bb, tb, fetched_k(batch.fetch.samples, info.max_samples))
-    out.sample_ids = np.zeros(shape, np.int32)
-    out.sample_counts = np.zeros(shape, np.int32)
-    out.sample_logits = np.zeros(shape, batch.fetch.value_dtype)
-    out.sample_ids[..., :2] = np.where(counts > 0, pair, 0)
-    out.sample_counts[..., :2] = counts
-    out.sample_logits[..., :2] = np.where(counts > 0, -1.0 - np.arange(2), 0.0)
-    out.sample_logsumexp = np.broadcast_to(draws.temperatures[:, None] + 0.25, (bb, tb)).astype(np.float32)
+    shape = (bb, tb, fetched_k(batch.fetch.samples, info.part_limits["max_samples"]))
+    ids = np.zeros(shape, np.int32)
+    counts_out = np.zeros(shape, np.int32)
+    logits = np.zeros(shape, batch.fetch.value_dtype)
+    ids[..., :2] = np.where(counts > 0, pair, 0)
+    counts_out[..., :2] = counts
+    logits[..., :2] = np.where(counts > 0, -1.0 - np.arange(2), 0.0)
+    lse = np.broadcast_to(draws.temperatures[:, None] + 0.25, (bb, tb)).astype(np.float32)
+    out.parts["samples"] = dict(sample_ids=ids, sample_counts=counts_out, sample_logits=logits, sample_logsumexp=lse)
 
   def parameters(self, pattern: NamePattern) -> Iterator[tuple[str, np.ndarray]]:
     for name, value in sorted(self._params.items()):

@@ -147,9 +147,20 @@ def test_sampled_equals_the_reference_with_the_same_keys(model, temperature, top
   prompts = right_padded(rng, lengths, 8)
   keys = key_data(11, 3, np.array([10, 20, 30, 1 << 41]))
   out = run(model, prompts, lengths, keys, 7, temperature=temperature, top_p=top_p)
-  seq, generated, _ = reference(model, prompts, lengths, keys, 7, temperature=temperature, top_p=top_p)
+  seq, generated, logits = reference(model, prompts, lengths, keys, 7, temperature=temperature, top_p=top_p)
   np.testing.assert_array_equal(out.tokens, seq)
   np.testing.assert_array_equal(out.lengths, generated)
+  # log mu: the drawn id's probability under softmax(logits / temperature) renormalised over the nucleus
+  want = np.zeros((len(lengths), 7))
+  for r in range(len(lengths)):
+    for i in range(generated[r]):
+      z = np.asarray(logits[i, r, :300], np.float64) / temperature
+      probs = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      kept = nucleus(probs, top_p)
+      want[r, i] = np.log(probs[seq[r, lengths[r] + i]] / probs[kept].sum())
+  np.testing.assert_allclose(out.sampler_logprobs, want, rtol=1e-4, atol=1e-4)
+  if top_p == 1.0 and temperature == 1.0:  # no truncation, temperature 1: mu is the model's own distribution
+    np.testing.assert_allclose(out.sampler_logprobs, out.logprobs, rtol=1e-5, atol=1e-5)
   greedy = run(model, prompts, lengths, keys, 7, temperature=0.0)
   assert not np.array_equal(out.tokens, greedy.tokens)  # the draws are not the argmax
   assert (out.tokens[:, :15] < 300).all()  # never an id of the padded vocabulary rows
@@ -219,6 +230,7 @@ def test_tiny_top_p_is_greedy_and_full_top_p_is_not(model):
   full = run(model, prompts, lengths, keys, 6, temperature=1.5, top_p=1.0)
   np.testing.assert_array_equal(tiny.tokens, greedy.tokens)
   assert not np.array_equal(full.tokens, greedy.tokens)
+  assert (greedy.sampler_logprobs == 0).all() and (tiny.sampler_logprobs == 0).all()  # a certain draw: log 1
 
 
 def test_left_and_right_padding_and_each_row_alone_agree(model):

@@ -25,14 +25,17 @@ B, T, V, TRUE_V, K, E = 3, 5, 40, 37, 4, 6
 
 
 def full_targets(dtype="float16") -> TeacherTargets:
-  """Numpy targets with every part that travels: top-k, two states at two layers, tail samples."""
+  """Numpy targets with every part that travels: top-k, two states at two layers, tail samples, three scored ids
+  per position."""
   rng = np.random.default_rng(0)
+  scored = rng.integers(0, TRUE_V, size=(B, T, 3)).astype(np.int32)
   states = {"attn_in": jnp.asarray(rng.normal(size=(2, B, T, E)), jnp.float32),
             "attn_out": jnp.asarray(rng.normal(size=(2, B, T, E)), jnp.float32)}
   out = compute_targets(jnp.asarray(rng.normal(size=(B, T, V)) * 3, jnp.float32), k=K, temperatures=(1.0, 2.0),
                         true_vocab_size=TRUE_V, value_dtype=dtype, states=states, state_layers=(3, 1), num_samples=6,
                         sample_temperature=1.5, sample_seed=9, example_ids=samples_part.sampling.split_u64(
-                            np.arange(B) + 100), sample_exclude=K)
+                            np.arange(B) + 100), sample_exclude=K,
+                        scored_ids=scored)
   return jax.tree.map(np.asarray, out)
 
 
@@ -45,14 +48,15 @@ def assert_same(a: TeacherTargets, b: TeacherTargets) -> None:
 
 
 def test_registry_names_every_field_once_and_top_k_first():
-  assert parts.PARTS[0].name == "topk" and set(parts.BY_NAME) == {"topk", "states", "samples", "dense"}
+  assert parts.PARTS[0].name == "topk" and set(parts.BY_NAME) == {"topk", "states", "samples", "scored",
+                                                                             "dense"}
   fields = [field for part in parts.PARTS for field in part.fields]
   assert len(fields) == len(set(fields))
   for part in parts.PARTS:
     assert set(part.row_axes) <= set(part.fields) and set(part.positional) <= set(part.fields), part.name
     assert set(part.shared) <= set(part.fields), part.name
   targets = full_targets()
-  assert set(targets.parts) == {"topk", "states", "samples"}
+  assert set(targets.parts) == {"topk", "states", "samples", "scored"}
   assert targets.part("samples").sample_skip == K and targets.sample_skip == K
   with pytest.raises(KeyError, match="no teacher-target part 'scores'"):
     targets.part("scores")
@@ -108,17 +112,18 @@ def test_rows_slice_and_join_part_by_part():
 def test_pytree_keeps_static_metadata_through_jit():
   targets = full_targets()
   leaves = jax.tree.leaves(targets)
-  assert len(leaves) == 4 + 2 + 5  # top-k 4, two states, samples 5 (sample_skip and state_layers are static)
+  assert len(leaves) == 4 + 2 + 5 + 2  # top-k 4, two states, samples 5, scored 2 (sample_skip and state_layers
+  # are static)
   out = jax.jit(lambda t: t.replace(logsumexp=t.logsumexp + 1))(targets)
   assert out.state_layers == (3, 1) and out.sample_skip == K
   np.testing.assert_allclose(np.asarray(out.logsumexp), targets.logsumexp + 1)
 
 
 def test_unknown_fields_and_arguments_are_named():
-  with pytest.raises(TypeError, match="unknown fields scored_ids"):
-    TeacherTargets(topk_ids=None, topk_logits=None, logsumexp=None, temperatures=(1.0,), scored_ids=1)
-  with pytest.raises(TypeError, match="unknown field 'scored_ids'"):
-    full_targets().replace(scored_ids=1)
+  with pytest.raises(TypeError, match="unknown fields score_values"):
+    TeacherTargets(topk_ids=None, topk_logits=None, logsumexp=None, temperatures=(1.0,), score_values=1)
+  with pytest.raises(TypeError, match="unknown field 'score_values'"):
+    full_targets().replace(score_values=1)
   with pytest.raises(TypeError, match="unknown argument 'score_ids'"):
     compute_targets(jnp.zeros((1, 2, 8)), k=2, temperatures=(1.0,), true_vocab_size=8, score_ids=1)
 

@@ -9,12 +9,12 @@ from distill_core import checkpoints, sampling, wire
 from distill_core.client import OutputSpec
 from distill_core.config import build, resolve_preset
 from distill_core.model.config import ModelConfig
-from distill_core.parts.samples import SampleRequest
+from distill_core.parts.samples import SampleBatch, SampleRequest
 from distill_core.proto import teacher_pb2 as pb
 from distill_core.sharding import MeshConfig
 from distill_core.targets import compute_targets
 from teacher_server.engine import JaxEngine
-from teacher_server.engine_api import EngineBatch, Fetch, SampleBatch
+from teacher_server.engine_api import EngineBatch, Fetch
 
 
 def _sampled(seed=0, b=2, t=5, v=300, k=4, n=12, exclude=4, dtype="float16"):
@@ -85,7 +85,7 @@ def test_engine_draws_match_the_local_computation_whatever_the_row(chunk_size):
   draws.seeds[:3] = sampling.split_u64(np.array([3, 3, 2**50]))
   draws.example_ids[:3] = sampling.split_u64(np.array([11, 12, 13]))
   draws.exclude[:3] = (0, 6, 2)
-  batch = EngineBatch(tokens, seg, positions, np.ones((8, 2), np.float32), Fetch(k=6, samples=12), draws)
+  batch = EngineBatch(tokens, seg, positions, np.ones((8, 2), np.float32), Fetch(k=6, samples=12), {"samples": draws})
   out = eng.forward(batch)
   assert out.sample_ids.shape == (8, 16, 16) and eng.compilations() == 2  # ladder entry >= 12 is 16
   logits = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seg)).logits
