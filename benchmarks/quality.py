@@ -286,6 +286,7 @@ ROWS: tuple[Row, ...] = (
 )
 SAMPLED_TOP_K = 8  # exact ids of the sampled row; its draws cover the tail
 MAX_SAMPLES = 128  # the server's limits.max_samples in this report
+MAX_SCORED_IDS = 16  # the server's limits.max_scored_ids: the on-policy rows ask one id per position
 # Every command shares one JAX compilation cache: the seeds of a row compile the same programs.
 ENV_CACHE = "JAX_COMPILATION_CACHE_DIR"
 
@@ -521,7 +522,8 @@ def serve(ctx: Context, log_path: Path) -> harness.ServerProcess:
   server = harness.TeacherServerProcess(
       ["model.source=hf", f"model.path={ctx.teacher_hf}", f"tokenizer_path={ctx.data / 'tokenizer.json'}",
        f"batcher.buckets=[[{b.batch},{seq_len(ctx.data)}]]", f"limits.max_k={b.top_k}", "serve_parameters=true",
-       "limits.selectable_layers=all", f"limits.max_samples={MAX_SAMPLES}"], log_path, env=_env(), show=True)
+       "limits.selectable_layers=all", f"limits.max_samples={MAX_SAMPLES}",
+       f"limits.max_scored_ids={MAX_SCORED_IDS}"], log_path, env=_env(), show=True)
   ctx.address = server.address
   return server.wait_serving(timeout=600)
 
@@ -679,6 +681,9 @@ def main(argv: list[str] | None = None) -> int:
                       "runs/quality_quick with --quick).")
   parser.add_argument("--results-dir", default=None, help="Where quality.json and quality.png go (default "
                       "benchmarks/results; with --quick, <out-dir>).")
+  parser.add_argument("--results-name", default="quality", help="File names of the results (<name>.json, "
+                      "<name>.png): the README's on-policy table reads quality_on_policy, a run of the on-policy rows "
+                      "and their controls.")
   parser.add_argument("--rows", default=None, help="Comma-separated row slugs to run (default: every "
                       f"available row but {', '.join(r.slug for r in ROWS if not r.default)}; all: "
                       f"{', '.join(r.slug for r in ROWS)}); ce_only is always included.")
@@ -748,7 +753,8 @@ def main(argv: list[str] | None = None) -> int:
   summary["teacher_eval_rkl"] = teacher_scores["rkl"]
   results_dir.mkdir(parents=True, exist_ok=True)
   teacher_curve = curve([(ctx.out / "teacher", 0)], lambda step: step * batch_tokens)
-  plot(table, teacher_curve[-1][1] if teacher_curve else teacher_ce, results_dir / "quality.png", budget)
+  plot(table, teacher_curve[-1][1] if teacher_curve else teacher_ce, results_dir / f"{args.results_name}.png",
+       budget)
   report = {"setup": {**dataclasses.asdict(budget), "student_tokens": budget.student_steps * batch_tokens,
                       "teacher_tokens": budget.teacher_steps * batch_tokens, "eval_tokens": ev.tokens,
                       "first_steps": first_steps(budget), "seq_len": t,
@@ -758,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
             "commit": commit, "code_digest": code,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(), "seconds": time.perf_counter() - started}
-  (results_dir / "quality.json").write_text(json.dumps(report, indent=1) + "\n")
+  (results_dir / f"{args.results_name}.json").write_text(json.dumps(report, indent=1) + "\n")
   print(f"\nteacher held-out CE {teacher_ce:.3f} on {ev.tokens:,} tokens; {len(budget.seeds)} seeds, "
         f"± = standard error of the mean")
   for row in table:
@@ -771,7 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "separated" if c["separated"] else f"NOT separated at {budget.student_steps} steps x "
         f"{len(budget.seeds)} seeds" + (f"; would need ~{c['seeds_needed']} seeds per row" if c["seeds_needed"]
                                         else "")))
-  print(f"wrote {results_dir / 'quality.json'} and {results_dir / 'quality.png'}")
+  print(f"wrote {results_dir / (args.results_name + '.json')} and {results_dir / (args.results_name + '.png')}")
   if failed:
     print(f"rows that FAILED and are missing from the report: {', '.join(failed)}", file=sys.stderr)
     return 1

@@ -15,7 +15,8 @@ round and any note, and the command, commit, date and machine that measured
 them), with the
 definition of each key taken from `benchmarks/README.md`. `quality` renders
 `benchmarks/results/quality.json` (written by `python -m benchmarks.quality`);
-`quality:SLUG,...` only those rows of it, each with its per-seed spread.
+`quality:SLUG,...` only those rows of it, each with its per-seed spread;
+`quality_on_policy:SLUG,...` the same from `benchmarks/results/quality_on_policy.json`.
 `scale` renders every program of `benchmarks/results/scale.json` (written by
 `python -m benchmarks.bench_scale`): per-chip bytes on each TPU slice.
 """
@@ -35,9 +36,11 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 LATEST = RESULTS_DIR / "latest.json"
 REPO = RESULTS_DIR.parent.parent
 QUALITY = RESULTS_DIR / "quality.json"
+# The on-policy rows and their controls, trained by one `benchmarks.quality --results-name quality_on_policy` run.
+QUALITY_ON_POLICY = RESULTS_DIR / "quality_on_policy.json"
 SCALE = RESULTS_DIR / "scale.json"
 DEFINITIONS = REPO / "benchmarks" / "README.md"
-MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality(?::[\w,]+)?|scale) -->\n)(.*?)"
+MARKER = re.compile(r"(<!-- (results:[\w,\s]+|quality(?:_on_policy)?(?::[\w,]+)?|scale) -->\n)(.*?)"
                     r"(<!-- /(?:results|quality|scale) -->)", re.S)
 
 
@@ -133,10 +136,10 @@ def on_policy_setup(quality: dict) -> list[str]:
           f"held-out prefixes (temperature 1, the same keys for every model), exact over the vocabulary."]
 
 
-def render_quality_rows(quality: dict | None, slugs: list[str]) -> str:
+def render_quality_rows(quality: dict | None, slugs: list[str], command: str = "python -m benchmarks.quality") -> str:
   """The rows `slugs` of a quality report with each figure's mean, standard error and per-seed range."""
   if not quality:
-    return "Not measured yet: run `python -m benchmarks.quality`.\n"
+    return f"Not measured yet: run `{command}`.\n"
   by = {r["slug"]: r for r in quality["rows"]}
   lines = ["| run | seeds | teacher-scored tokens (mean) | held-out CE (mean ± SE) | min - max | "
            "own-sample reverse KL (mean ± SE) | min - max | vs CE only |", "|---|---|---|---|---|---|---|---|"]
@@ -234,6 +237,10 @@ def render_scale(scale: dict | None) -> str:
   return "\n".join(lines) + "\n"
 
 
+def load_quality_on_policy() -> dict | None:
+  return json.loads(QUALITY_ON_POLICY.read_text()) if QUALITY_ON_POLICY.exists() else None
+
+
 def load_scale() -> dict | None:
   return json.loads(SCALE.read_text()) if SCALE.exists() else None
 
@@ -246,6 +253,10 @@ def render_text(text: str, results: dict, quality: dict | None, defs: dict[str, 
       body = render_quality(quality)
     elif kind.startswith("quality:"):
       body = render_quality_rows(quality, [s.strip() for s in kind.split(":", 1)[1].split(",") if s.strip()])
+    elif kind.startswith("quality_on_policy:"):
+      slugs = [s.strip() for s in kind.split(":", 1)[1].split(",") if s.strip()]
+      body = render_quality_rows(load_quality_on_policy(), slugs, "python -m benchmarks.quality --rows "
+                                 f"{','.join(s for s in slugs if s != 'ce_only')} --results-name quality_on_policy")
     elif kind == "scale":
       body = render_scale(scale if scale is not None else load_scale())
     else:
