@@ -264,7 +264,7 @@ def batch_prompts(batch: Batch, cfg: GenerationConfig, *, pad_id: int, eos_id: i
   return Prompts(ids, tokens, lengths)
 
 
-def scored_ids(batch: Batch, generation: Generation) -> np.ndarray:
+def ids_to_score(batch: Batch, generation: Generation) -> np.ndarray:
   """The ids the teacher is asked to score at each position of a generated `batch`: (B, T, 1 + k) int32.
 
   Column 0 is the sampled next token (`batch.targets`); columns 1..k (with `Generation.topk_ids`) are the

@@ -39,7 +39,7 @@ _TAIL_FLOOR = 1e-30  # floor of the student's tail sum (all-underflow rows stay 
 KDMode = Literal["tail", "renormalize", "topk", "sampled", "reverse_kl", "gkd"]
 # Modes whose loss reads the teacher's scores at given ids (the sampled token, the student's top-k) on the
 # student's own samples (`losses_on_policy`): the train loop asks the source for them
-# (`TeacherSource.submit(..., scored_ids=...)`) on on-policy steps; other steps use `off_policy_kd_mode`.
+# (`TeacherSource.submit(..., part_inputs=...)`) on on-policy steps; other steps use `off_policy_kd_mode`.
 SCORED_KD_MODES = ("reverse_kl", "gkd")
 OffPolicyKDMode = Literal["tail", "renormalize", "topk"]
 ReverseKLEstimator = Literal["sampled", "union"]
@@ -498,7 +498,7 @@ class LossConfig(ConfigBase):
     return math.floor((step + 1) * f) > math.floor(step * f)
 
   @property
-  def needs_scored_ids(self) -> bool:
+  def scores_given_ids(self) -> bool:
     """Whether the loss reads the teacher's scores at given ids (`SCORED_KD_MODES`)."""
     return self.kd_mode in SCORED_KD_MODES
 

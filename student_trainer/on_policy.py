@@ -26,9 +26,10 @@ from jax.sharding import Mesh
 
 from distill_core.data import Batch, DataConfig, load_manifest
 from distill_core.generation import (GenerationConfig, Prompts, at_positions, batch_prompts, make_prompt_set,
-                                     scored_ids, to_batch)
+                                     ids_to_score, to_batch)
 from distill_core.model.config import ModelConfig
 from distill_core.model.generate import Generation, check_prompts, key_data, local_rows, make_sampler
+from distill_core.parts import scored
 from distill_core.sharding import shard_batch
 from distill_core.targets import TeacherTargets
 from student_trainer.preflight import RunError
@@ -154,9 +155,10 @@ class Generator:
                            seq_len=self.seq_len, pad_id=self.pad_id, seconds=done - dispatched.started,
                            blocked=done - waiting)
 
-  def scored_ids(self, generated: Generated) -> np.ndarray:
-    """The ids the teacher scores at each position of a generated batch (`generation.scored_ids`)."""
-    return scored_ids(generated.batch, generated.generation)
+  def teacher_inputs(self, generated: Generated) -> dict[str, np.ndarray]:
+    """The part inputs asking the teacher for its logits at the ids of `generation.ids_to_score` (the sampled
+    token, the student's top-k) at each position of a generated batch."""
+    return scored.request_inputs(ids_to_score(generated.batch, generated.generation))
 
   def stopped(self, generated: Generated) -> np.ndarray:
     """(B,) bool: rows that ended at a stop id (not at max_new_tokens)."""

@@ -96,7 +96,7 @@ class _LossFn:
   def on_policy(self, targets: TeacherTargets | None) -> bool:
     """Whether a batch trains with the on-policy loss: the run's kd_mode is one and the answer scores given ids
     (static: the targets' structure)."""
-    return targets is not None and self.loss_cfg.needs_scored_ids and targets.has_scored
+    return targets is not None and self.loss_cfg.scores_given_ids and targets.has_scored
 
   def evaluate(self, model, batch: Batch, targets: TeacherTargets | None, hyper, num_tokens):
     return self(model, batch, targets, hyper, num_tokens)[1]

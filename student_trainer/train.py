@@ -114,8 +114,8 @@ class _Feeder:
       if item.batch is None:
         return
       kwargs = _states_kwarg(self._loss_cfg, item.step)
-      if item.generated is not None and self._loss_cfg.needs_scored_ids:
-        kwargs["scored_ids"] = self._generator.scored_ids(item.generated)
+      if item.generated is not None and self._loss_cfg.scores_given_ids:
+        kwargs["part_inputs"] = self._generator.teacher_inputs(item.generated)
       self._source.submit(item.batch, self._loss_cfg.temperature.value(item.step), **kwargs)
       item.submitted = True
       self._next_submit += 1
@@ -296,7 +296,7 @@ def _run(cfg: TrainConfig, run_dir: Path, mesh, rules, *, stop_after: int | None
           feeder.generate(ahead, state.params, version=step)
         item = feeder.peek(step)
         batch = item.batch
-        if not cfg.loss.needs_scored_ids:  # only the on-policy losses read the sampler's log mu
+        if not cfg.loss.scores_given_ids:  # only the on-policy losses read the sampler's log mu
           batch = dataclasses.replace(batch, sampler_logprobs=None)
         if cfg.loss.ever_blockwise and (note := phase_note(cfg.loss, step, first=step == start)):
           log.info("%s", note)

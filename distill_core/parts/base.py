@@ -228,6 +228,15 @@ class Part:
       return None
     return decode_tensor(resp.part_outputs[key], f"part_outputs[{key}]", **checks)
 
+  def input_args(self, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """`compute_targets` keyword arguments of a batch's part inputs (`inputs`: "<part>.<input>" -> array, as in
+    `ForwardRequest.part_inputs`) this part takes (an in-process teacher computing them; may be traced)."""
+    return {}
+
+  def check_inputs(self, inputs: Mapping[str, np.ndarray], batch: Any) -> None:
+    """Checks a batch's part inputs (keyed as `input_args` reads them) against the batch they are for, before a
+    source sends them (host arrays); ValueError naming the field."""
+
   def with_inputs(self, value, inputs: Mapping[str, np.ndarray]):
     """The part's value of a served answer completed with what the request sent (`inputs`: its
     `part_inputs`, this request's rows) and the asker kept rather than have it echoed; None: absent.

@@ -211,6 +211,20 @@ class ScoredPart(base.Part):
                       f"shape {list(ids.shape)} != part_outputs[{self.key('logits')}] shape {list(logits.shape)}")
     return {"scored_logits": logits} if ids is None else {"scored_logits": logits, "scored_ids": ids}
 
+  def input_args(self, inputs) -> dict[str, Any]:
+    return {} if INPUT not in inputs else {"scored_ids": inputs[INPUT]}
+
+  def check_inputs(self, inputs, batch) -> None:
+    """The ids must be (B, T, n >= 1) for the batch's rows and slot 0 its next token at every counted position."""
+    ids = inputs.get(INPUT)
+    if ids is None:
+      return
+    bt = list(np.shape(batch.targets))
+    if np.ndim(ids) != 3 or list(np.shape(ids)[:2]) != bt or np.shape(ids)[2] < 1:
+      raise ValueError(f"{INPUT_FIELD}: shape {list(np.shape(ids))} does not match the batch's [B, T] = {bt} with "
+                       "n >= 1 ids per position")
+    check_sampled_column(ids, batch.targets, batch.loss_mask)
+
   def with_inputs(self, value, inputs):
     """A served answer with the ids asked put back (`attach`)."""
     return self.build(attach({} if value is None else self.to_fields(value), inputs.get(INPUT)))

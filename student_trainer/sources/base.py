@@ -14,11 +14,16 @@ source that can fetch less should; None means every state it was built for.
 The train loop drops whatever states a step does not read, so a source may
 always return more.
 
-`scored_ids` (optional on `submit` and `compute`, passed only when the loss
-reads the teacher's scores at given ids: `LossConfig.needs_scored_ids`) is an
-int32 array (B, T, n) of the ids to score at each position of a generated
-batch: column 0 the sampled next token (`batch.targets`), then the student's
-top-k ids there (`generation.score_student_topk`; `generation.scored_ids`).
+`part_inputs` (optional on `submit` and `compute`) are the batch's inputs of
+teacher-target parts, keyed "<part>.<input>" as in `ForwardRequest.part_inputs`
+(`Part.input_args` turns them into an in-process teacher's arguments,
+`Part.check_inputs` checks them against the batch). The train loop passes them
+for a generated batch when the loss reads the teacher's scores at given ids
+(`LossConfig.scores_given_ids`): the ids of each position (column 0 the sampled
+next token `batch.targets`, then the student's top-k ids there:
+`generation.ids_to_score`), as the scored part asks for them
+(`distill_core.parts.scored.request_inputs`). A source that cannot compute them
+is not used for such runs (`registry.SourceKind.scores_new_text`).
 
 A source that may block (waiting for a remote teacher) watches `interrupt`, an
 event the trainer sets on SIGTERM/SIGINT, and raises `Interrupted` from
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -57,7 +62,7 @@ class TeacherSource(abc.ABC):
 
   @abc.abstractmethod
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-             scored_ids: np.ndarray | None = None) -> None:
+             part_inputs: Mapping[str, np.ndarray] | None = None) -> None:
     """Announces an upcoming batch; `temperature` is the schedule's value at its step."""
 
   @abc.abstractmethod
@@ -66,7 +71,7 @@ class TeacherSource(abc.ABC):
 
   @abc.abstractmethod
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-              scored_ids: np.ndarray | None = None) -> TeacherTargets | None:
+              part_inputs: Mapping[str, np.ndarray] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the training stream (evaluation).
 
     Must not disturb the stream: batches already submitted keep their order

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 import jax
 import numpy as np
@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from distill_core.data import DataConfig, load_manifest
 from distill_core.model.config import ModelConfig
 from distill_core.needs import Needs
-from distill_core.parts import scored
+from distill_core.parts import BY_NAME, PARTS, scored
 from distill_core.records import Manifest
 from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
@@ -39,7 +39,7 @@ class Student:
 
   @classmethod
   def of(cls, train_cfg: "TrainConfig") -> "Student":
-    scored = 1 + train_cfg.generation.score_student_topk if train_cfg.loss.needs_scored_ids else 0
+    scored = 1 + train_cfg.generation.score_student_topk if train_cfg.loss.scores_given_ids else 0
     return cls(model=train_cfg.model, loss=train_cfg.loss, data=train_cfg.data,
                value_dtype=train_cfg.teacher.value_dtype, scored_per_position=scored)
 
@@ -81,16 +81,16 @@ class Student:
                  scored=scored.ScoredRequest(self.scored_per_position) if self.scored_per_position else None)
 
 
-def check_scored(batch, ids: np.ndarray | None) -> None:
-  """The ids a source is asked to score for `batch` ((B, T, n) int32): slot 0 must be the batch's next token
-  at every counted position, the token the on-policy losses read as the sampled one (ValueError naming it)."""
-  if ids is None:
-    return
-  ids = np.asarray(ids)
-  if ids.ndim != 3 or ids.shape[:2] != np.shape(batch.targets) or ids.shape[2] < 1:
-    raise ValueError(f"scored_ids: shape {list(ids.shape)} does not match the batch's [B, T] = "
-                     f"{list(np.shape(batch.targets))} with n >= 1 ids per position")
-  scored.check_sampled_column(ids, batch.targets, batch.loss_mask)
+def check_part_inputs(batch, part_inputs: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+  """A batch's part inputs (`TeacherSource.submit`), each part's checked against the batch (`Part.check_inputs`,
+  ValueError naming the field); keys no registered part takes are refused."""
+  inputs = dict(part_inputs or {})
+  unknown = [key for key in inputs if key.split(".", 1)[0] not in BY_NAME]
+  if unknown:
+    raise ValueError(f"part_inputs: {unknown[0]!r} is not an input of a registered teacher-target part")
+  for part in PARTS:
+    part.check_inputs(inputs, batch)
+  return inputs
 
 
 def place_targets(targets: TeacherTargets, mesh: Mesh) -> TeacherTargets:

@@ -1,7 +1,7 @@
 """The teacher in the student's own process: the co-located (MaxText-style) baseline.
 
-The teacher forward, top-k, logsumexp, (for kd_mode sampled) the samples and (for the on-policy
-modes) the logits at the ids the loss scores run
+The teacher forward, top-k, logsumexp, (for kd_mode sampled) the samples and any other part a
+batch's part inputs ask for (the on-policy losses' ids to score) run
 in one jitted function under `stop_gradient`; only the targets stay on the device. `submit` dispatches the
 forward for an upcoming batch right away (JAX dispatch is asynchronous), so it
 overlaps with the previous train step where the device allows.
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import collections
 import functools
-from typing import Callable
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -22,13 +22,13 @@ from jax.sharding import Mesh
 from distill_core.checkpoints import load_model
 from distill_core.data import Batch
 from distill_core.model.transformer import Transformer
-from distill_core.parts import BY_NAME, ordered
+from distill_core.parts import BY_NAME, PARTS, ordered
 from distill_core.sampling import split_u64
 from distill_core.sharding import shard_batch, state_shardings
 from distill_core.targets import DenseHead, TeacherTargets, compute_targets_from_hidden
 from student_trainer.preflight import RunError
 from student_trainer.sources.base import TeacherSource
-from student_trainer.sources.common import Student, check_scored
+from student_trainer.sources.common import Student, check_part_inputs
 
 
 class LocalTeacher(TeacherSource):
@@ -87,22 +87,21 @@ class LocalTeacher(TeacherSource):
     self._fns: dict[tuple[str, ...], Callable] = {}  # state names -> jitted forward (one per objective of a run)
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-              scored_ids: np.ndarray | None = None) -> TeacherTargets:
+              part_inputs: Mapping[str, np.ndarray] | None = None) -> TeacherTargets:
     names = self._names if states is None else tuple(n for n in self._names if n in states)
     if names not in self._fns:
       self._fns[names] = jax.jit(functools.partial(self._forward, state_layers=self._layers if names else (),
                                                    state_names=names))
-    check_scored(batch, scored_ids)
-    inputs = shard_batch((batch.tokens, batch.positions, batch.segment_ids, split_u64(batch.example_ids),
-                          None if scored_ids is None else np.asarray(scored_ids, np.int32)), self._mesh)
-    *inputs, ids = inputs
-    targets = self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32), ids)
+    given = check_part_inputs(batch, part_inputs)  # per row: split along B like the batch
+    *inputs, given = shard_batch((batch.tokens, batch.positions, batch.segment_ids, split_u64(batch.example_ids),
+                                  given), self._mesh)
+    targets = self._fns[names](self._state, *inputs, jnp.asarray([temperature], jnp.float32), given)
     return targets if self._dense_head is None else targets.replace(dense_head=self._dense_head)
 
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-             scored_ids: np.ndarray | None = None) -> None:
+             part_inputs: Mapping[str, np.ndarray] | None = None) -> None:
     # dispatched now, runs asynchronously
-    self._pending.append(self.compute(batch, temperature, states, scored_ids))
+    self._pending.append(self.compute(batch, temperature, states, part_inputs))
 
   def next(self) -> TeacherTargets:
     if not self._pending:
@@ -110,15 +109,15 @@ class LocalTeacher(TeacherSource):
     return self._pending.popleft()
 
 
-def _teacher_targets(graphdef, state, tokens, positions, segment_ids, example_ids, temperatures, scored_ids, *, k,
+def _teacher_targets(graphdef, state, tokens, positions, segment_ids, example_ids, temperatures, part_inputs, *, k,
                      value_dtype, true_vocab_size, dense_logits, state_layers, state_names,
                      parts: tuple, chunk_size: int | None) -> TeacherTargets:
   model = nnx.merge(graphdef, jax.lax.stop_gradient(state))
   out = model.hidden_states(tokens, positions, segment_ids, state_layers=state_layers, state_names=state_names)
   requested = {key: value for name, request in parts
                for key, value in BY_NAME[name].compute_kwargs(request, example_ids=example_ids).items()}
-  if scored_ids is not None:  # the teacher's logits at the ids asked, per block of positions like the rest
-    requested["scored_ids"] = scored_ids
+  for part in PARTS:  # a batch's own inputs (the ids the on-policy losses score), per block of positions
+    requested.update(part.input_args(part_inputs))
   # The lm_head, top-k, logsumexp and draws run per block of chunk_size positions.
   targets = compute_targets_from_hidden(
       out.hidden, model.logits_from_hidden, chunk_size=chunk_size, k=k, temperatures=temperatures,

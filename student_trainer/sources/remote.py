@@ -23,14 +23,13 @@ import logging
 import threading
 import time
 import zlib
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from distill_core.data import Batch
-from distill_core.parts import scored
 from distill_core.stream.checks import Requirements
 from distill_core.stream.pool import Item, RemoteTeacherError
 from distill_core.stream.runner import StreamRunner
@@ -38,7 +37,7 @@ from distill_core.stream.stats import StreamStats
 from distill_core.targets import TeacherTargets
 from student_trainer.distributed import gather_ints
 from student_trainer.sources.base import Interrupted, TeacherSource
-from student_trainer.sources.common import Student, check_scored, place_targets
+from student_trainer.sources.common import Student, check_part_inputs, place_targets
 from student_trainer.policy import FallbackPolicy, Overdue, PolicyContext, make_policy
 
 log = logging.getLogger(__name__)
@@ -136,16 +135,15 @@ class RemoteTeacher(TeacherSource):
   # -- the TeacherSource interface (train-loop thread) ---------------------------------------------
 
   def _enqueue(self, batch: Batch, temperature: float, priority: int, states: tuple[str, ...] | None,
-               scored_ids: np.ndarray | None = None) -> Item:
+               part_inputs: Mapping[str, np.ndarray] | None = None) -> Item:
     if self._closed:
       raise RuntimeError("the remote teacher source is closed")
-    check_scored(batch, scored_ids)
-    inputs = {} if scored_ids is None else scored.request_inputs(scored_ids)
-    return self._runner.enqueue(batch, (float(temperature),), priority=priority, states=states, part_inputs=inputs)
+    return self._runner.enqueue(batch, (float(temperature),), priority=priority, states=states,
+                                part_inputs=check_part_inputs(batch, part_inputs))
 
   def submit(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-             scored_ids: np.ndarray | None = None) -> None:
-    self._queue.append(self._enqueue(batch, temperature, priority=1, states=states, scored_ids=scored_ids))
+             part_inputs: Mapping[str, np.ndarray] | None = None) -> None:
+    self._queue.append(self._enqueue(batch, temperature, priority=1, states=states, part_inputs=part_inputs))
 
   def next(self) -> TeacherTargets | None:
     if not self._queue:
@@ -163,9 +161,9 @@ class RemoteTeacher(TeacherSource):
     return targets
 
   def compute(self, batch: Batch, temperature: float, states: tuple[str, ...] | None = None,
-              scored_ids: np.ndarray | None = None) -> TeacherTargets | None:
+              part_inputs: Mapping[str, np.ndarray] | None = None) -> TeacherTargets | None:
     """Targets for one batch outside the stream (evaluation): sent ahead of the queued batches."""
-    item = self._enqueue(batch, temperature, priority=0, states=states, scored_ids=scored_ids)
+    item = self._enqueue(batch, temperature, priority=0, states=states, part_inputs=part_inputs)
     return self._agree(self._await(item), item.weights)
 
   def _await(self, item: Item) -> TeacherTargets | None:

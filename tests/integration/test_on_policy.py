@@ -27,8 +27,8 @@ class RecordingSource:
     return getattr(self.inner, name)
 
 
-def test_generated_batches_reach_the_teacher_in_step_order_with_their_scored_ids(tiny_dataset, tmp_path,
-                                                                                 monkeypatch):
+def test_generated_batches_reach_the_teacher_in_step_order_with_the_ids_to_score(tiny_dataset, tmp_path,
+                                                                                  monkeypatch):
   """Submissions follow the steps; a generated batch carries scored ids (column 0 its targets, then the
   student's top-k) when the loss needs them, and its loss mask covers generated tokens only."""
   recorded = []
@@ -47,10 +47,11 @@ def test_generated_batches_reach_the_teacher_in_step_order_with_their_scored_ids
   assert [ids.tolist() for ids, _, _ in calls] == result.trained_example_ids  # once each, in step order
   for step, (_, mask, kwargs) in enumerate(calls):
     if cfg.loss.on_policy_at(step):
-      assert kwargs["scored_ids"].shape == (8, 32, 3) and kwargs["scored_ids"].dtype == np.int32
+      ids = kwargs["part_inputs"]["scored.ids"]
+      assert list(kwargs["part_inputs"]) == ["scored.ids"] and ids.shape == (8, 32, 3) and ids.dtype == np.int32
       assert mask.sum() <= 8 * 16  # generated tokens only
     else:
-      assert "scored_ids" not in kwargs
+      assert "part_inputs" not in kwargs
 
 
 @pytest.mark.parametrize("fraction,staleness,mode", [(1.0, 1, "tail"), (0.5, 2, "tail"), (0.5, 2, "reverse_kl")])

@@ -111,7 +111,7 @@ def test_unknown_preset_lists_known():
 def test_describe_covers_every_field():
   lines = describe(TrainConfig)
   assert any(line.startswith("optim.learning_rate (float, default 0.003)") for line in lines)
-  assert any(line.startswith("loss.kd_mode (one of tail|renormalize|topk|sampled, default 'tail')") for line in lines)
+  assert any(line.startswith("loss.kd_mode (one of tail|renormalize|topk|sampled|reverse_kl|gkd, default 'tail')") for line in lines)
   assert any(line.startswith("loss.temperature.start (float, default 1.0)") for line in lines)  # parent's default
   assert any(line.startswith("model.hidden_size (int, default 32)") for line in lines)  # the default preset's
   assert any(line.startswith("data.path (str, default ") for line in lines)

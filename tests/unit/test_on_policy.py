@@ -18,7 +18,7 @@ from on_policy_utils import make_cfg
 
 from distill_core.config import ConfigError, load_config
 from distill_core.data import DataConfig, make_iterator, open_split
-from distill_core.generation import (CorpusPrompts, GenerationConfig, batch_prompts, generate_batch, scored_ids,
+from distill_core.generation import (CorpusPrompts, GenerationConfig, batch_prompts, generate_batch, ids_to_score,
                                      to_batch)
 from distill_core.model.generate import Generation, model_of
 from distill_core.sharding import make_mesh, rules_table
@@ -109,12 +109,12 @@ def fake_generation(rng, b=3, p=5, n=6, k=2, vocab=50, pad=0):
   return Generation(tokens, prompt_lengths, lengths, logprobs, topk, log_mu)
 
 
-def test_scored_ids_and_logprobs_sit_at_the_positions_that_predict_each_generated_token():
+def test_ids_to_score_and_logprobs_sit_at_the_positions_that_predict_each_generated_token():
   rng = np.random.default_rng(0)
   g = fake_generation(rng)
   t = 14
   batch = to_batch(g, np.arange(3), t, 0)
-  ids = scored_ids(batch, g)
+  ids = ids_to_score(batch, g)
   lp = on_policy.logprobs_at_positions(g, t)
   assert ids.shape == (3, t, 3) and ids.dtype == np.int32
   for r in range(3):
@@ -129,7 +129,7 @@ def test_scored_ids_and_logprobs_sit_at_the_positions_that_predict_each_generate
         assert lp[r, pos] == g.logprobs[r, i] and batch.sampler_logprobs[r, pos] == g.sampler_logprobs[r, i]
       else:
         assert (ids[r, pos, 1:] == 0).all() and lp[r, pos] == 0 and batch.sampler_logprobs[r, pos] == 0
-  assert scored_ids(batch, g._replace(topk_ids=None)).shape == (3, t, 1)
+  assert ids_to_score(batch, g._replace(topk_ids=None)).shape == (3, t, 1)
   assert to_batch(g._replace(sampler_logprobs=None), np.arange(3), t, 0).sampler_logprobs is None
 
 

@@ -1,17 +1,25 @@
 """The scored part: the teacher's shifted logits at given ids, against NumPy; the wire (a served answer holds the
 values alone, the asker re-attaches its ids), shard records, the request's ids refused by name, the needs check."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from distill_core import needs, shards, wire
+from distill_core import checkpoints, needs, parts, shards, wire
+from distill_core.config import build, resolve_preset
+from distill_core.model.config import ModelConfig
 from distill_core.bitpack import WireError
 from distill_core.parts import scored
 from distill_core.parts.base import SpecError
 from distill_core.proto import teacher_pb2 as pb
+from distill_core.sharding import MeshConfig
 from distill_core.targets import check_values, compute_targets, compute_targets_from_hidden, slice_batch, to_numpy
+from student_trainer.sources.common import check_part_inputs
+from teacher_server.engine import JaxEngine
+from teacher_server.engine_api import EngineBatch, Fetch
 
 B, T, V, TRUE_V, E, N = 2, 7, 24, 21, 5, 4
 
@@ -161,6 +169,12 @@ def test_the_sampled_column_must_be_the_batch_next_token_where_counted():
     scored.check_sampled_column(ids, labels, mask)
   mask[0, 3] = 0
   scored.check_sampled_column(ids, labels, mask)
+  batch = types.SimpleNamespace(targets=labels, loss_mask=mask)  # what a source checks before sending
+  check_part_inputs(batch, scored.request_inputs(ids))
+  with pytest.raises(ValueError, match=r"part_inputs\['scored.ids'\]: shape \[2, 6, 4\] does not match the batch's"):
+    check_part_inputs(batch, scored.request_inputs(ids[:, 1:]))
+  with pytest.raises(ValueError, match="part_inputs: 'scores.ids' is not an input of a registered"):
+    check_part_inputs(batch, {"scores.ids": ids})
 
 
 def test_needs_name_the_limit_a_server_lacks():
@@ -181,3 +195,33 @@ def test_needs_name_the_limit_a_server_lacks():
   assert "scores at most 2" in needs.check(need, needs.Offer.from_info(info))[0]
   info.limits.part_limits["scored.max_ids"] = 3
   assert needs.check(need, needs.Offer.from_info(info)) == []
+
+
+@pytest.mark.parametrize("chunk_size", [0, 5])
+def test_the_engine_scores_each_row_ids_padded_to_its_bucket(chunk_size):
+  """The JAX engine's logits at each row's ids (fewer rows, positions and ids than the bucket, padded by
+  `fill_inputs` as the batcher does) equal compute_targets on the same whole logits."""
+  cfg = build(ModelConfig, {**resolve_preset("tiny"), "true_vocab_size": 350})
+  model = checkpoints.load_model(cfg, seed=5)
+  eng = JaxEngine(model, buckets=[(8, 16)], max_k=6, max_temperatures=2, selectable_layers=[], state_names=[],
+                  max_scored_ids=4, mesh=MeshConfig(data=-1), chunk_size=chunk_size)
+  assert set(eng.warmup()) == {"8x16", "8x16+scored"}
+  part = parts.BY_NAME["scored"]
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(0, 350, (8, 16), dtype=np.int32)
+  seg = np.ones_like(tokens)
+  seg[2:] = 0  # padding rows
+  positions = np.broadcast_to(np.arange(16, dtype=np.int32), (8, 16)).copy()
+  asked = rng.integers(0, 350, (2, 12, 3)).astype(np.int32)  # a request of 2 rows x 12 positions, 3 ids each
+  inputs = part.engine_inputs(8, 16, {"max_scored_ids": 4})
+  request = scored.ScoredRequest(3)
+  part.fill_inputs(inputs, slice(0, 2), request, {"ids": asked}, 0, 2)
+  out = eng.forward(EngineBatch(tokens, seg, positions, np.ones((8, 2), np.float32), Fetch(k=6, scored=3),
+                                {"scored": inputs}))
+  logits = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seg)).logits
+  want = compute_targets(logits[:2, :12], k=6, temperatures=(1.0,), true_vocab_size=350, scored_ids=asked)
+  got = part.from_engine(out, slice(0, 2), 12, types.SimpleNamespace(parts=(("scored", request),)))
+  assert set(got) == {"scored_logits"} and got["scored_logits"].shape == (2, 12, 3)
+  np.testing.assert_allclose(got["scored_logits"], np.asarray(want.scored_logits), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"scored: ids of shape \[8, 16, 3\] do not match \[8, 16, 4\]"):
+    part.check_engine_inputs(inputs[..., :3], 8, 16, 3, {"max_scored_ids": 4})
