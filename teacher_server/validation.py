@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import grpc
 import numpy as np
-
-from typing import Any
 
 from distill_core import wire
 from distill_core.parts import BY_NAME, PARTS, limit_values, ordered

@@ -1,4 +1,4 @@
-"""The scored part through a real in-process teacher server (the JAX engine on a tiny model): the logits at the
+"""The scored part through a real in-process teacher server and a teacher-server process (the JAX engine on a tiny model): the logits at the
 ids a request sends, checked against NumPy on the model's own logits, next to plain requests in the same batches
 and without a recompilation; bad ids refused with INVALID_ARGUMENT naming the field; GetInfo's limit."""
 
@@ -8,7 +8,9 @@ import grpc
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from server_utils import fake_config
+from integration.test_remote_source import TEACHER_SEED, server_overrides
+from remote_utils import TeacherProcess, wait_serving
+from server_utils import fake_config, free_port
 
 from distill_core import checkpoints, wire
 from distill_core.client import OutputSpec
@@ -50,7 +52,7 @@ def _expected(model, tokens: np.ndarray, ids: np.ndarray) -> np.ndarray:
   """NumPy: the model's logits over the real vocabulary minus each position's max, at `ids`."""
   positions = np.broadcast_to(np.arange(tokens.shape[1], dtype=np.int32), tokens.shape)
   logits = np.asarray(model(jnp.asarray(tokens), jnp.asarray(positions), jnp.ones(tokens.shape, jnp.int32)).logits,
-                      np.float64)[..., :VOCAB]
+                      np.float64)[..., :model.cfg.real_vocab_size]
   z = logits - logits.max(-1, keepdims=True)
   return np.take_along_axis(z, ids.astype(np.int64), axis=-1)
 
@@ -144,3 +146,29 @@ async def test_a_server_that_scores_no_ids_refuses_them_by_name(model):
       assert server.engine.compilations() == 2  # one program per bucket: no scoring program was compiled
   finally:
     await server.drain()
+
+
+async def test_a_teacher_server_process_scores_the_ids_it_is_sent(tiny_dataset, tmp_path):
+  """`python -m teacher_server` with limits.max_scored_ids: GetInfo offers it, and the logits at the ids sent are
+  the teacher's own (the process's preset model, rebuilt here)."""
+  server = TeacherProcess(free_port(), server_overrides(tiny_dataset) + ["limits.max_scored_ids=3",
+                                                                          "limits.selectable_layers=[]"],
+                          tmp_path / "log")
+  try:
+    wait_serving(server)
+    teacher = checkpoints.load_model(build(ModelConfig, resolve_preset("tiny")), seed=TEACHER_SEED)
+    rng = np.random.default_rng(1)
+    vocab = teacher.cfg.real_vocab_size
+    tokens = rng.integers(0, vocab, (3, 32), dtype=np.int32)
+    ids = rng.integers(0, vocab, (3, 32, 3), dtype=np.int32)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+      stub = teacher_pb2_grpc.TeacherStub(channel)
+      info = await stub.GetInfo(pb.GetInfoRequest())
+      assert info.limits.part_limits[scored.LIMIT] == 3
+      got = wire.response_to_targets(await stub.Forward(_request(1, tokens, ids)))
+      np.testing.assert_allclose(got.scored_logits, _expected(teacher, tokens, ids), rtol=1e-4, atol=1e-4)
+      with pytest.raises(grpc.aio.AioRpcError) as e:
+        await stub.Forward(_request(2, tokens, np.zeros((3, 32, 4), np.int32)))
+      assert e.value.code() == INVALID and e.value.details().startswith(f"{FIELD}: "), e.value.details()
+  finally:
+    server.stop()
