@@ -32,7 +32,7 @@ from distill_core.model.generate import Generation, check_prompts, key_data, loc
 from distill_core.parts import scored
 from distill_core.sharding import shard_batch
 from distill_core.targets import TeacherTargets
-from student_trainer.preflight import RunError
+from student_trainer.errors import RunError
 
 
 @dataclasses.dataclass
@@ -62,6 +62,12 @@ class Dispatched:
   prompts: Prompts
   out: Generation
   started: float
+
+
+def teacher_parts(given_ids_per_position: int) -> tuple[tuple[str, scored.ScoredRequest], ...]:
+  """The target parts (name, request) an on-policy run needs from its teacher besides top-k: the teacher's
+  logits at `given_ids_per_position` given ids per position (none when its loss reads no scores)."""
+  return (("scored", scored.ScoredRequest(given_ids_per_position)),) if given_ids_per_position else ()
 
 
 def generated_batch(step: int, version: int, example_ids, host: Generation, *, seq_len: int, pad_id: int,

@@ -25,15 +25,12 @@ from distill_core.stream.pool import RemoteTeacherError
 from student_trainer.checkpoint import ConfigChanged
 from student_trainer.config import (DEFAULT_DATA_PATH, DEFAULT_PREPARE_CONFIG, LocalTeacherConfig,
                                     RemoteTeacherConfig, TrainConfig)
+from student_trainer.errors import RunError
 from student_trainer.sources import source_kind
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-class RunError(ValueError):
-  """A run that cannot start (or go on) as configured; the message names the file or option."""
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

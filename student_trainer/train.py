@@ -23,11 +23,12 @@ from student_trainer.blockwise import keep_states, phase_note, state_names_at
 from student_trainer.checkpoint import Checkpointer, PreemptionFlag, check_resume_config
 from student_trainer.collapse import save_collapsed
 from student_trainer.config import RemoteTeacherConfig, TeacherConfig, TrainConfig
+from student_trainer.errors import RunError
 from student_trainer.losses import LossConfig
 from student_trainer.lti.build import check_restored
 from student_trainer.metrics import (DeviceClock, ExampleIdLog, MetricsWriter, ProgressDisplay, StepWindow,
                                      read_example_ids, token_means)
-from student_trainer.preflight import RunError, preflight, user_errors  # noqa: F401 (user_errors: re-exported)
+from student_trainer.preflight import preflight, user_errors  # noqa: F401 (user_errors: re-exported)
 from student_trainer.sources import make_source, source_kind
 from student_trainer.sources.base import Interrupted, TeacherSource
 from student_trainer.state import TrainState, create_train_state, export_student

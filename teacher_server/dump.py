@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Awaitable
 
+import jax
 import numpy as np
 import uvloop
 from etils import epath
@@ -44,13 +45,19 @@ from distill_core.data import Batch, DataConfig, open_split
 from distill_core.logs import setup_logging
 from distill_core.parts import BY_NAME, PARTS
 from distill_core.progress import ProgressBar
+from distill_core.sharding import maybe_initialize_distributed
 from distill_core.shards import DatasetInfo, Progress, ShardError, StoredSpec, TeacherInfo
 from distill_core.shards_io import ShardWriter, file_sha256
 from distill_core.stream.checks import RequestShape, Requirements
 from distill_core.stream.pool import Item, RemoteTeacherError
 from distill_core.stream.runner import StreamRunner
 from distill_core.targets import TeacherTargets, slice_batch
+from teacher_server.batcher import Batcher
 from teacher_server.dump_config import DumpConfig
+from teacher_server.engine import JaxEngine
+from teacher_server.metrics import Metrics
+from teacher_server.servicer import info_message
+from teacher_server.validation import prepare
 
 log = logging.getLogger("teacher_server.dump")
 _DONE = object()
@@ -203,11 +210,6 @@ class _InProcess:
   """The server's engine and batcher in this process."""
 
   def __init__(self, cfg: DumpConfig, seq_len: int):
-    # The engine pulls in JAX and the model: loaded only when the teacher runs in this process.
-    from teacher_server.batcher import Batcher  # pylint: disable=import-outside-toplevel
-    from teacher_server.engine import JaxEngine  # pylint: disable=import-outside-toplevel
-    from teacher_server.metrics import Metrics  # pylint: disable=import-outside-toplevel
-    from teacher_server.servicer import info_message  # pylint: disable=import-outside-toplevel
     server = cfg.teacher
     if "buckets" not in server.batcher.model_fields_set:  # one compiled shape: the dump's requests
       server = server.model_copy(update={"batcher": server.batcher.model_copy(
@@ -238,7 +240,6 @@ class _InProcess:
     await self.batcher.close()
 
   async def submit(self, request: "Request") -> Awaitable[TeacherTargets]:
-    from teacher_server.validation import prepare  # pylint: disable=import-outside-toplevel - with the engine
     self._request_ids += 1
     msg = wire.make_request(self._request_ids, request.tokens, self.spec, request.segment_ids, request.positions,
                             request.ids)
@@ -479,8 +480,6 @@ def dump(cfg: DumpConfig) -> DumpSummary:
   """Runs one writer of the dump described by `cfg` (see the module docstring)."""
   index, count = cfg.process_index, cfg.process_count
   if index is None or count is None:
-    import jax  # pylint: disable=import-outside-toplevel - only when the writer index comes from JAX
-    from distill_core.sharding import maybe_initialize_distributed  # pylint: disable=import-outside-toplevel
     maybe_initialize_distributed()
     index = jax.process_index() if index is None else index
     count = jax.process_count() if count is None else count

@@ -20,7 +20,7 @@ has one query per row against S cached keys: the plain masked einsum
 query needs; the blocked kernels pay off only for long query blocks.
 
 Sampling. Each row draws from softmax(logits / temperature) restricted to its
-top-p nucleus (`sample_logits`; temperature 0 = greedy), ids at or above the
+top-p nucleus (`draw_tokens`; temperature 0 = greedy), ids at or above the
 model's real vocabulary excluded. Row r's key is a function of (seed, step,
 example id) only (`key_data`), and token t of the row uses fold_in(key_r, t):
 a row's samples depend on nothing else in the batch, so a resumed run, another
@@ -118,7 +118,7 @@ def mask_vocab(logits: jax.Array, real_vocab_size: int) -> jax.Array:
   return jnp.where(jnp.arange(vocab) < real_vocab_size, logits, -jnp.inf)
 
 
-def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
+def draw_tokens(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax.Array:
   """One id per row from softmax(logits / temperature) within the top-p nucleus; temperature 0 = argmax.
 
   logits (B, V) float32 (ids to exclude at -inf), keys (B,), temperature >= 0 and top_p in (0, 1] scalars
@@ -130,7 +130,7 @@ def sample_logits(logits: jax.Array, keys: jax.Array, temperature, top_p) -> jax
 
 
 def draw_with_logprobs(logits: jax.Array, keys: jax.Array, temperature, top_p) -> tuple[jax.Array, jax.Array]:
-  """(ids, log mu(ids)): `sample_logits`' draw and the log-probability of each drawn id under the
+  """(ids, log mu(ids)): `draw_tokens`' draw and the log-probability of each drawn id under the
   distribution it was drawn from, softmax(logits / temperature) renormalised over the nucleus (the
   behaviour policy an importance weight divides by); 0 with temperature 0 (argmax is certain)."""
   logits = logits.astype(jnp.float32)

@@ -21,9 +21,9 @@ teacher-target parts, keyed "<part>.<input>" as in `ForwardRequest.part_inputs`
 for a generated batch when the loss reads the teacher's scores at given ids
 (`LossConfig.scores_given_ids`): the ids of each position (column 0 the sampled
 next token `batch.targets`, then the student's top-k ids there:
-`generation.ids_to_score`), as the scored part asks for them
-(`distill_core.parts.scored.request_inputs`). A source that cannot compute them
-is not used for such runs (`registry.SourceKind.scores_new_text`).
+`generation.ids_to_score`), as the part that answers them asks for them. A
+source that cannot compute them is not used for such runs
+(`registry.SourceKind.scores_new_text`).
 
 A source that may block (waiting for a remote teacher) watches `interrupt`, an
 event the trainer sets on SIGTERM/SIGINT, and raises `Interrupted` from

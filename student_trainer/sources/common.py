@@ -13,12 +13,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from distill_core.data import DataConfig, load_manifest
 from distill_core.model.config import ModelConfig
 from distill_core.needs import Needs
-from distill_core.parts import BY_NAME, PARTS, scored
+from distill_core.parts import BY_NAME, PARTS
 from distill_core.records import Manifest
 from distill_core.sharding import batch_sharding
 from distill_core.targets import TeacherTargets
 from student_trainer.blockwise import check_blockwise, state_names_needed
 from student_trainer.losses import LossConfig
+from student_trainer.on_policy import teacher_parts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,15 +33,15 @@ class Student:
   value_dtype: str  # teacher.value_dtype
   # Ids per position whose teacher logits the on-policy losses read (the sampled token and the student's
   # generation.score_student_topk ids); 0 when the loss reads none.
-  scored_per_position: int = 0
+  given_ids_per_position: int = 0
 
   @classmethod
   def of(cls, train_cfg) -> "Student":
     """The student side of a `student_trainer.config.TrainConfig` (the config imports this module, so it is
     not named here)."""
-    scored = 1 + train_cfg.generation.score_student_topk if train_cfg.loss.scores_given_ids else 0
+    given = 1 + train_cfg.generation.score_student_topk if train_cfg.loss.scores_given_ids else 0
     return cls(model=train_cfg.model, loss=train_cfg.loss, data=train_cfg.data,
-               value_dtype=train_cfg.teacher.value_dtype, scored_per_position=scored)
+               value_dtype=train_cfg.teacher.value_dtype, given_ids_per_position=given)
 
   @property
   def state_names(self) -> tuple[str, ...]:
@@ -66,8 +67,8 @@ class Student:
 
   def needs(self, data: Manifest | None = None) -> Needs:
     """What the run needs from its teacher, whatever the source: from the losses (k, value dtype, the
-    constant loss temperature stored answers must hold, layers, states, samples, the ids per position
-    scored at given ids), the model and the prepared dataset `data` (read from data.path when not given)."""
+    constant loss temperature stored answers must hold, layers, states, samples, how many given ids per
+    position the teacher's logits are read at), the model and the prepared dataset `data` (read from data.path when not given)."""
     data = load_manifest(self.data.path) if data is None else data
     low, high = self.loss.temperature.bounds()
     return Needs(k=self.loss.request_k, value_dtype=self.value_dtype, vocab_size=self.model.real_vocab_size,
@@ -77,7 +78,7 @@ class Student:
                  feature_layers=self.feature_layers, state_names=self.state_names,
                  samples=self.loss.sampling, temperatures=(low,) if low == high else (),
                  dataset_fingerprint=data.dataset_fingerprint,
-                 scored=scored.ScoredRequest(self.scored_per_position) if self.scored_per_position else None)
+                 parts=teacher_parts(self.given_ids_per_position))
 
 
 def check_part_inputs(batch, part_inputs: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:

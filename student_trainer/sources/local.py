@@ -26,7 +26,7 @@ from distill_core.parts import BY_NAME, PARTS, ordered
 from distill_core.sampling import split_u64
 from distill_core.sharding import shard_batch, state_shardings
 from distill_core.targets import DenseHead, TeacherTargets, compute_targets_from_hidden
-from student_trainer.preflight import RunError
+from student_trainer.errors import RunError
 from student_trainer.sources.base import TeacherSource
 from student_trainer.sources.common import Student, check_part_inputs
 

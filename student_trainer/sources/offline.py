@@ -39,7 +39,7 @@ from distill_core.needs import Needs, Offer, check
 from distill_core.shards import ShardError
 from distill_core.shards_io import AnswerStore, MissingAnswers
 from distill_core.targets import TeacherTargets
-from student_trainer.preflight import RunError
+from student_trainer.errors import RunError
 from student_trainer.sources.base import TeacherSource
 from student_trainer.sources.common import Student, place_targets
 

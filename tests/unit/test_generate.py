@@ -18,8 +18,8 @@ from distill_core.data import DataConfig, open_split, ordered_batches
 from distill_core.generation import (GenerationConfig, Prompts, corpus_prefix, generate_batch, make_prompt_set,
                                      prefix_length, to_batch)
 from distill_core.model.config import ModelConfig
-from distill_core.model.generate import (Generation, decode_step, empty_cache, generate, key_data, make_sampler,
-                                         mask_vocab, prefill, sample_logits, to_left_padding, token_keys)
+from distill_core.model.generate import (Generation, decode_step, draw_tokens, empty_cache, generate, key_data,
+                                         make_sampler, mask_vocab, prefill, to_left_padding, token_keys)
 from distill_core.model.layout import to_scanned
 from distill_core.model.transformer import create_model
 from distill_core.records import read_manifest
@@ -60,7 +60,7 @@ def reference(model, prompts, lengths, keys, n, *, temperature, top_p, stop_ids=
     logits = np.asarray(forward(model, jnp.asarray(seq), jnp.asarray(segments)))[np.arange(b), cur - 1]
     all_logits.append(logits)
     masked = mask_vocab(jnp.asarray(logits), model.cfg.real_vocab_size)
-    ids = np.asarray(sample_logits(masked, token_keys(jax.random.wrap_key_data(keys), i), temperature, top_p))
+    ids = np.asarray(draw_tokens(masked, token_keys(jax.random.wrap_key_data(keys), i), temperature, top_p))
     for r in range(b):
       if not done[r]:
         seq[r, cur[r]] = ids[r]
@@ -211,7 +211,7 @@ def test_top_p_draws_only_from_the_nucleus_in_proportion():
   draws = 4000
   keys = jax.random.split(jax.random.key(0), draws)
   for top_p, temperature in [(0.5, 1.0), (0.75, 1.0), (1.0, 1.0), (0.9, 2.0), (1e-6, 1.0)]:
-    ids = np.asarray(jax.jit(sample_logits)(jnp.tile(logits, (draws, 1)), keys, temperature, top_p))
+    ids = np.asarray(jax.jit(draw_tokens)(jnp.tile(logits, (draws, 1)), keys, temperature, top_p))
     probs = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
     kept = nucleus(probs, top_p)
     assert set(np.unique(ids)) == set(kept), (top_p, temperature)
