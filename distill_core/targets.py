@@ -98,12 +98,7 @@ class TeacherTargets:
 
   def replace(self, **changes) -> "TeacherTargets":
     """A copy with flat fields changed; a part whose fields become empty is dropped."""
-    by_part: dict[str, dict[str, Any]] = {}
-    for key, value in changes.items():
-      owner = FIELD_OWNER.get(key)
-      if owner is None:
-        raise TypeError(f"TeacherTargets: unknown field {key!r}")
-      by_part.setdefault(owner.name, {})[key] = value
+    by_part = _group_by_owner(changes, FIELD_OWNER, lambda key: f"TeacherTargets: unknown field {key!r}")
     parts = dict(self.parts)
     for name, own in by_part.items():
       part = BY_NAME[name]
@@ -284,11 +279,19 @@ def compute_targets(logits: jax.Array, *, k: int, temperatures: Array | Sequence
 
 def _route(part_args: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   """`compute_targets`' keyword arguments grouped by the part that takes them."""
+  return _group_by_owner(part_args, COMPUTE_ARG_OWNER,
+                         lambda key: f"compute_targets: unknown argument {key!r} (no teacher-target part takes it)")
+
+
+def _group_by_owner(items: Mapping[str, Any], owners: Mapping[str, Any],
+                    unknown: Callable[[str], str]) -> dict[str, dict[str, Any]]:
+  """`items` grouped by the name of the part `owners` maps each key to; TypeError(`unknown(key)`) for a key
+  no part owns."""
   out: dict[str, dict[str, Any]] = {}
-  for key, value in part_args.items():
-    owner = COMPUTE_ARG_OWNER.get(key)
+  for key, value in items.items():
+    owner = owners.get(key)
     if owner is None:
-      raise TypeError(f"compute_targets: unknown argument {key!r} (no teacher-target part takes it)")
+      raise TypeError(unknown(key))
     out.setdefault(owner.name, {})[key] = value
   return out
 
