@@ -72,8 +72,9 @@ def test_logging_set_up_before_jax_imports_keeps_every_platform_and_libtpu_quiet
 # -- offline answers that are not this run's: refused in one line --------------------------------------
 
 def write_answers(dataset, root, *, fingerprint: str, ids=None, writer: str = "w0", name: str = "a"):
-  """A small answers directory for `dataset`'s train split (random top-8 answers at T=1) stamped by
-  the teacher `fingerprint`, written with the project's own writer; returns the manifest."""
+  """A small answers directory for `dataset`'s train split (random top-8 answers at T=1, 64 records per
+  shard) stamped by the teacher `fingerprint`, written with the project's own writer; returns the manifest.
+  `ids`: the example ids to answer (default: the whole split; `first_ids` gives a few shards' worth)."""
   import numpy as np
 
   from distill_core import shards, wire
@@ -107,6 +108,14 @@ def write_answers(dataset, root, *, fingerprint: str, ids=None, writer: str = "w
   return shards.read_manifest(root)
 
 
+def first_ids(dataset, count: int = 128) -> list[int]:
+  """The first `count` example ids of `dataset`'s train split: two shards, more than an unshuffled
+  two-step run reads, and a second of writing instead of the whole split's half minute."""
+  from distill_core.data import load_manifest
+  split = load_manifest(dataset).splits["train"]
+  return list(range(split.first_example_id, split.first_example_id + count))
+
+
 OFFLINE_ARGS = ["teacher.source=offline", "loss.top_k=8", "loss.alpha=0.5", "teacher.value_dtype=float16",
                 "data.shuffle=false"]
 
@@ -124,7 +133,7 @@ def assert_one_line_error(out: subprocess.CompletedProcess, *needles: str) -> st
 def test_manifest_listing_a_shard_twice_is_refused_in_one_line(tiny_dataset, tmp_path):
   import json
   answers = tmp_path / "answers"
-  write_answers(tiny_dataset, answers, fingerprint="a" * 64)
+  write_answers(tiny_dataset, answers, fingerprint="a" * 64, ids=first_ids(tiny_dataset))
   manifest = json.loads((answers / "manifest.json").read_text())
   first = manifest["shards"][0]
   manifest["shards"].append(first)  # the same file twice, the count adjusted to match
@@ -140,8 +149,8 @@ def test_shard_of_another_teacher_is_refused_in_one_line(tiny_dataset, tmp_path)
   pins teacher A: refused when the shard is opened, naming the file and the field."""
   import json
   mine, theirs = tmp_path / "mine", tmp_path / "theirs"
-  write_answers(tiny_dataset, mine, fingerprint="a" * 64)
-  write_answers(tiny_dataset, theirs, fingerprint="b" * 64)
+  write_answers(tiny_dataset, mine, fingerprint="a" * 64, ids=first_ids(tiny_dataset))
+  write_answers(tiny_dataset, theirs, fingerprint="b" * 64, ids=first_ids(tiny_dataset))
   manifest, other = (json.loads((d / "manifest.json").read_text()) for d in (mine, theirs))
   swapped = other["shards"][1]
   assert manifest["shards"][1]["ids"] == swapped["ids"]  # the very same examples
@@ -168,7 +177,7 @@ def test_missing_offline_path_is_one_line(tiny_dataset, tmp_path):
 
 
 def test_offline_fingerprint_mismatch_is_one_line(tiny_dataset, tmp_path):
-  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64)
+  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64, ids=first_ids(tiny_dataset))
   out = trainer(tiny_dataset, tmp_path, *OFFLINE_ARGS, f"teacher.offline.path={tmp_path / 'answers'}",
                 f"teacher.offline.weights_fingerprint={'b' * 64}")
   assert_one_line_error(out, f"teacher.offline.path={tmp_path / 'answers'}", "teacher.weights_fingerprint: stored "
@@ -176,10 +185,7 @@ def test_offline_fingerprint_mismatch_is_one_line(tiny_dataset, tmp_path):
 
 
 def test_partial_answers_in_a_shuffled_run_are_one_line(tiny_dataset, tmp_path):
-  from distill_core.data import load_manifest
-  split = load_manifest(tiny_dataset).splits["train"]
-  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64,
-                ids=list(range(split.first_example_id, split.first_example_id + 16)))
+  write_answers(tiny_dataset, tmp_path / "answers", fingerprint="a" * 64, ids=first_ids(tiny_dataset, 16))
   out = trainer(tiny_dataset, tmp_path, *[a for a in OFFLINE_ARGS if a != "data.shuffle=false"],
                 f"teacher.offline.path={tmp_path / 'answers'}")
   assert_one_line_error(out, f"teacher.offline.path={tmp_path / 'answers'}: no stored answer for example id(s)",
