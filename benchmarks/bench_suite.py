@@ -3,6 +3,8 @@
     python -m benchmarks.bench_suite                     # clone HEAD, `make setup`, then time both targets
     python -m benchmarks.bench_suite --venv .venv        # reuse this environment instead of installing one
     python -m benchmarks.bench_suite --dry-run           # clone and print what would run (`make -n`), time nothing
+    python -m benchmarks.bench_suite --venv .venv --cold-cache --baseline 03cf9b1 --rounds 2
+                                                         # `make test` against an older commit's, interleaved
 
 The current commit (HEAD, not uncommitted changes) is cloned into a temporary
 directory. Its environment is either installed there with `make setup` (the
@@ -11,15 +13,22 @@ it measures the network as much as the project) or, with `--venv`, an existing
 one linked in (make is told not to rebuild it). Then `make test-unit` and
 `make test` run one after the other in the clone, each timed from start to
 exit. Both share the machine's JAX compilation cache, as a developer's runs do
-(`--cold-cache` gives each target an empty one instead). The walls and the
-test counts pytest reports are recorded in the benchmark results file
-(benchmarks/results.py); a failing target records nothing.
+(`--cold-cache` gives each run an empty one instead, as on a fresh machine). The
+walls and the test counts pytest reports are recorded in the benchmark results
+file (benchmarks/results.py); a failing target records nothing.
+
+`--baseline REV` clones that commit too, in the same way and with the same
+environment, and times its `make test` beside HEAD's in interleaved rounds
+(`--rounds`; the order alternates, baseline first in the first round) so that
+both see the same machine: the ratio of the walls is recorded as the median
+over rounds with its spread, and each side's wall as its median.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import re
 import subprocess
 import sys
@@ -27,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import paired_ratio
 from benchmarks.results import record
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--venv", default=None,
                  help="an installed environment to link in as the clone's .venv (none: `make setup` installs one)")
   p.add_argument("--cold-cache", action="store_true",
-                 help="give each target an empty JAX compilation cache instead of this machine's")
+                 help="give each run an empty JAX compilation cache instead of this machine's (a fresh machine)")
+  p.add_argument("--baseline", default=None, metavar="REV",
+                 help="also time `make test` of this commit (a fresh clone, the same environment), interleaved "
+                      "with HEAD's, and record HEAD's wall over the baseline's")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="timed `make test` runs of each side (with --baseline: interleaved rounds, order alternating)")
   p.add_argument("--dry-run", action="store_true",
                  help="clone and print the commands each target would run (`make -n`); time and record nothing")
   return p.parse_args(argv)
@@ -55,12 +70,37 @@ def pytest_counts(output: str) -> dict[str, int]:
   return {word: int(number) for number, word in re.findall(r"(\d+) (\w+)", found[-1])}
 
 
-def clone(into: Path) -> Path:
-  checkout = into / "checkout"
+def run_order(sides: list[str], rounds: int) -> list[str]:
+  """The sides' runs, round after round, the order alternating: the last side first in the first round
+  (the baseline, listed after HEAD), so neither always runs on the machine the other just warmed."""
+  return [side for i in range(rounds) for side in (sides if i % 2 else sides[::-1])]
+
+
+def resolve(rev: str) -> str:
+  """The full commit id of `rev` in this repository; a clear error when there is no such commit."""
+  out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=REPO, text=True,
+                       capture_output=True)
+  if out.returncode:
+    raise SystemExit(f"bench_suite: --baseline {rev[:80]!r}: no such commit in {REPO}")
+  return out.stdout.strip()
+
+
+def clone(into: Path, commit: str, name: str = "checkout") -> Path:
+  checkout = into / name
   subprocess.run(["git", "clone", "--quiet", "--no-hardlinks", str(REPO), str(checkout)], check=True)
-  head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, text=True, capture_output=True, check=True).stdout
-  subprocess.run(["git", "checkout", "--quiet", head.strip()], cwd=checkout, check=True)
+  subprocess.run(["git", "checkout", "--quiet", commit], cwd=checkout, check=True)
   return checkout
+
+
+def link_or_install(checkout: Path, venv: Path | None) -> list[str]:
+  """Links `venv` in as the checkout's .venv (make's flags then keep make from rebuilding it), or runs
+  `make setup` there (timed, printed, not recorded). Returns the flags for every later make."""
+  if venv is None:
+    setup_wall, _ = make(checkout, "setup")
+    print(f"make setup in {checkout.name}: {setup_wall:.0f} s (not recorded)", flush=True)
+    return []
+  (checkout / ".venv").symlink_to(venv)
+  return ["-o", STAMP]  # linked, not installed: never rebuild (and never reinstall into) that environment
 
 
 def make(checkout: Path, target: str, *flags: str, env: dict[str, str] | None = None) -> tuple[float, str]:
@@ -76,35 +116,62 @@ def make(checkout: Path, target: str, *flags: str, env: dict[str, str] | None = 
 
 def main(argv=None) -> int:
   args = parse_args(argv)
+  if args.rounds < 1:
+    print(f"bench_suite: --rounds {args.rounds}: at least 1", file=sys.stderr)
+    return 2
+  venv = None
+  if args.venv:
+    venv = Path(args.venv).resolve()
+    if not (venv / "bin" / "python").exists():
+      print(f"--venv {args.venv}: no bin/python there", file=sys.stderr)
+      return 2
+  head = resolve("HEAD")
+  base = resolve(args.baseline) if args.baseline else None
   with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
-    checkout = clone(Path(tmp))
-    flags: list[str] = []
-    if args.venv:
-      venv = Path(args.venv).resolve()
-      if not (venv / "bin" / "python").exists():
-        print(f"--venv {args.venv}: no bin/python there", file=sys.stderr)
-        return 2
-      (checkout / ".venv").symlink_to(venv)
-      flags = ["-o", STAMP]  # linked, not installed: never rebuild (and never reinstall into) that environment
+    runs = 0
+
+    def timed(checkout: Path, target: str, flags: list[str]) -> tuple[float, dict[str, int]]:
+      nonlocal runs
+      runs += 1
+      env = dict(os.environ)
+      if args.cold_cache:
+        env["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / f"jax-cache-{runs}")
+      wall, output = make(checkout, target, *flags, env=env)
+      counts = pytest_counts(output)
+      print(f"make {target} in {checkout.name}: {wall:.0f} s, {counts}", flush=True)
+      return wall, counts
+
+    checkout = clone(Path(tmp), head)
     if args.dry_run:
+      flags = ["-o", STAMP] if venv else []
       for target in TARGETS:
         print(f"$ make {' '.join([*flags, target])}   # in {checkout}")
         print(subprocess.run(["make", "-n", *flags, target], cwd=checkout, text=True, capture_output=True,
                              check=True).stdout.rstrip())
       return 0
-    if not args.venv:
-      setup_wall, _ = make(checkout, "setup")
-      print(f"make setup: {setup_wall:.0f} s (not recorded)", flush=True)
-    figures: dict[str, tuple[float, str]] = {}
-    for target, key in TARGETS.items():
-      env = dict(os.environ)
-      if args.cold_cache:
-        env["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / f"jax-cache-{target}")
-      wall, output = make(checkout, target, *flags, env=env)
-      counts = pytest_counts(output)
-      print(f"make {target}: {wall:.0f} s, {counts}", flush=True)
-      figures[f"{key}_wall_s"] = (wall, "s")
-      figures[f"{key}_tests"] = (counts.get("passed", 0), "tests")
+    flags = link_or_install(checkout, venv)
+    sides = {"head": (checkout, flags)}
+    if base:
+      old = clone(Path(tmp), base, name=f"baseline-{base[:12]}")
+      sides["baseline"] = (old, link_or_install(old, venv))
+
+    wall, counts = timed(checkout, "test-unit", flags)
+    figures: dict[str, tuple[object, str]] = {"suite_unit_wall_s": (wall, "s"),
+                                              "suite_unit_tests": (counts.get("passed", 0), "tests")}
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    passed: dict[str, int] = {}
+    for side in run_order(list(sides), args.rounds):
+      where, side_flags = sides[side]
+      wall, counts = timed(where, "test", side_flags)
+      walls[side].append(wall)
+      passed[side] = counts.get("passed", 0)
+    figures["suite_full_wall_s"] = (statistics.median(walls["head"]), "s")
+    figures["suite_full_tests"] = (passed["head"], "tests")
+    if base:
+      figures["suite_baseline_full_wall_s"] = (statistics.median(walls["baseline"]), "s")
+      figures["suite_baseline_full_tests"] = (passed["baseline"], "tests")
+      figures["suite_full_over_baseline"] = (paired_ratio(walls["head"], walls["baseline"]), "ratio")
+      print(f"make test: HEAD {walls['head']} s, baseline {base[:12]} {walls['baseline']} s", flush=True)
   record(figures)
   return 0
 

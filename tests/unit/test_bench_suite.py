@@ -2,7 +2,7 @@
 
 import pytest
 
-from benchmarks.bench_suite import pytest_counts
+from benchmarks.bench_suite import pytest_counts, run_order
 
 
 def test_counts_come_from_the_last_summary_line():
@@ -18,3 +18,9 @@ def test_counts_come_from_the_last_summary_line():
 def test_output_without_a_summary_is_refused():
   with pytest.raises(ValueError, match="no pytest summary line"):
     pytest_counts("make: *** [Makefile:24: test] Error 4\n")
+
+
+def test_rounds_alternate_which_side_runs_first():
+  assert run_order(["head", "baseline"], 1) == ["baseline", "head"]
+  assert run_order(["head", "baseline"], 3) == ["baseline", "head", "head", "baseline", "baseline", "head"]
+  assert run_order(["head"], 2) == ["head", "head"]
