@@ -105,13 +105,18 @@ def link_or_install(checkout: Path, venv: Path | None) -> list[str]:
   return ["-o", STAMP]  # linked, not installed: never rebuild (and never reinstall into) that environment
 
 
-def make(checkout: Path, target: str, *flags: str, env: dict[str, str] | None = None) -> tuple[float, str]:
-  """(wall seconds, output) of `make TARGET` in `checkout`; raises with the output's tail when it fails."""
+def make(checkout: Path, target: str, *flags: str, env: dict[str, str] | None = None,
+         failed_tests_ok: bool = False) -> tuple[float, str]:
+  """(wall seconds, output) of `make TARGET` in `checkout`; raises with the output's tail when it fails.
+
+  `failed_tests_ok`: a run whose tests ran to the end with some failing (pytest's exit code 1, a
+  summary line printed) still counts; the caller reads the failures from the counts."""
   start = time.monotonic()
   out = subprocess.run(["make", *flags, target], cwd=checkout, env=env, text=True, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT)
   wall = time.monotonic() - start
-  if out.returncode:
+  ran_through = failed_tests_ok and SUMMARY.search(out.stdout) and "failed" in pytest_counts(out.stdout)
+  if out.returncode and not ran_through:
     raise RuntimeError(f"`make {target}` failed with {out.returncode} after {wall:.0f} s:\n{out.stdout[-4000:]}")
   return wall, out.stdout
 
@@ -132,13 +137,13 @@ def main(argv=None) -> int:
   with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
     runs = 0
 
-    def timed(checkout: Path, target: str, flags: list[str]) -> tuple[float, dict[str, int]]:
+    def timed(checkout: Path, target: str, flags: list[str], **kw) -> tuple[float, dict[str, int]]:
       nonlocal runs
       runs += 1
       env = dict(os.environ)
       if args.cold_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(Path(tmp) / f"jax-cache-{runs}")
-      wall, output = make(checkout, target, *flags, env=env)
+      wall, output = make(checkout, target, *flags, env=env, **kw)
       counts = pytest_counts(output)
       print(f"make {target} in {checkout.name}: {wall:.0f} s, {counts}", flush=True)
       return wall, counts
@@ -165,16 +170,21 @@ def main(argv=None) -> int:
       figures[f"{prefix}_unit_tests"] = (counts.get("passed", 0), "tests")
     walls: dict[str, list[float]] = {side: [] for side in sides}
     passed: dict[str, int] = {}
+    failed = 0
     for side in run_order(list(sides), args.rounds):
       where, side_flags = sides[side]
-      wall, counts = timed(where, "test", side_flags)
+      # An older commit may hold a test that fails on this machine: its suite still ran to the end.
+      wall, counts = timed(where, "test", side_flags, failed_tests_ok=side == "baseline")
       walls[side].append(wall)
       passed[side] = counts.get("passed", 0)
+      if side == "baseline":
+        failed = max(failed, counts.get("failed", 0))
     figures[f"{prefix}_full_wall_s"] = (statistics.median(walls["head"]), "s")
     figures[f"{prefix}_full_tests"] = (passed["head"], "tests")
     if base:
       figures[f"{prefix}_baseline_full_wall_s"] = (statistics.median(walls["baseline"]), "s")
       figures[f"{prefix}_baseline_full_tests"] = (passed["baseline"], "tests")
+      figures[f"{prefix}_baseline_full_failed"] = (failed, "tests")
       figures[f"{prefix}_full_over_baseline"] = (paired_ratio(walls["head"], walls["baseline"]), "ratio")
       print(f"make test: HEAD {walls['head']} s, baseline {base[:12]} {walls['baseline']} s", flush=True)
   record(figures)
