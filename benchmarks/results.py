@@ -138,17 +138,18 @@ def load(path: Path | None = None) -> dict[str, dict]:
 
 
 def record(figures: Mapping[str, tuple[float | Ratio, str]], *, command: str | None = None,
-           path: Path | None = None) -> dict[str, dict]:
+           path: Path | None = None, commit: str | None = None) -> dict[str, dict]:
   """Merges `{key: (value or Ratio, unit)}` into the results file; returns the entries written.
 
   The read-merge-write runs under an exclusive lock, and the file is replaced
   atomically, so benchmarks running side by side never lose each other's keys.
   A `Ratio` adds `low`, `high`, `rounds` (and `limit`, `note` where set) to its entry.
   Writing the committed file re-renders the README and docs tables from it.
+  `commit`: the commit measured, where a benchmark measures a clean clone rather than this checkout.
   """
   path = path or results_path()
   path.parent.mkdir(parents=True, exist_ok=True)
-  stamp = {"command": command or invocation(), "commit": git_commit(),
+  stamp = {"command": command or invocation(), "commit": commit or git_commit(),
            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": machine()}
   entries = {}

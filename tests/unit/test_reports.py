@@ -102,6 +102,9 @@ def test_record_merges_by_key_and_stamps_each_entry(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="'bad' is not finite"):
     results.record({"bad": (math.nan, "ratio")}, command="x")
   assert "bad" not in json.loads(path.read_text())
+  # A benchmark that measured a clone names the clone's commit, whatever state this checkout is in.
+  results.record({"d": (3.0, "s")}, command="python -m z", commit="0123456789ab")
+  assert json.loads(path.read_text())["d"]["commit"] == "0123456789ab"
 
 
 def test_render_results_uses_values_units_definitions_and_sources():
