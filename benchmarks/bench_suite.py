@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +43,7 @@ from benchmarks.results import record
 
 REPO = Path(__file__).resolve().parent.parent
 STAMP = ".venv/.installed"  # the Makefile's install stamp, relative to the checkout
+LINKED = ["-o", STAMP]  # make's flags for a linked environment: never rebuild (nor reinstall into) it
 TARGETS = ("test-unit", "test")
 SUMMARY = re.compile(r"^=* ?(?P<counts>(?:\d+ \w+(?:, )?)+) in [\d.]+s", re.M)
 
@@ -78,12 +79,12 @@ def run_order(sides: list[str], rounds: int) -> list[str]:
   return [side for i in range(rounds) for side in (sides if i % 2 else sides[::-1])]
 
 
-def resolve(rev: str) -> str:
-  """The full commit id of `rev` in this repository; a clear error when there is no such commit."""
+def resolve(rev: str, option: str = "--baseline") -> str:
+  """The full commit id of `rev` in this repository; a clear error naming `option` when there is none."""
   out = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"], cwd=REPO, text=True,
                        capture_output=True)
   if out.returncode:
-    raise SystemExit(f"bench_suite: --baseline {rev[:80]!r}: no such commit in {REPO}")
+    raise SystemExit(f"bench_suite: {option} {rev[:80]!r}: no such commit in {REPO}")
   return out.stdout.strip()
 
 
@@ -102,7 +103,7 @@ def link_or_install(checkout: Path, venv: Path | None) -> list[str]:
     print(f"make setup in {checkout.name}: {setup_wall:.0f} s (not recorded)", flush=True)
     return []
   (checkout / ".venv").symlink_to(venv)
-  return ["-o", STAMP]  # linked, not installed: never rebuild (and never reinstall into) that environment
+  return list(LINKED)
 
 
 def make(checkout: Path, target: str, *flags: str, env: dict[str, str] | None = None,
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     if not (venv / "bin" / "python").exists():
       print(f"--venv {args.venv}: no bin/python there", file=sys.stderr)
       return 2
-  head = resolve("HEAD")
+  head = resolve("HEAD", "the checkout's")
   base = resolve(args.baseline) if args.baseline else None
   with tempfile.TemporaryDirectory(prefix="bench_suite_") as tmp:
     runs = 0
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
 
     checkout = clone(Path(tmp), head)
     if args.dry_run:
-      flags = ["-o", STAMP] if venv else []
+      flags = list(LINKED) if venv else []
       for target in TARGETS:
         print(f"$ make {' '.join([*flags, target])}   # in {checkout}")
         print(subprocess.run(["make", "-n", *flags, target], cwd=checkout, text=True, capture_output=True,
