@@ -21,14 +21,19 @@ demo: $(STAMP)
 	$(VPY) scripts/demo.py
 
 # tests/unit: no process, no server, no training loop; tests/integration: the rest. `test` runs both.
+# TEST_WORKERS pytest processes (pytest-xdist) share the tests, an idle one taking work from a busy one;
+# every test has its own ports and directories. More workers need more memory: each holds its own JAX.
+TEST_WORKERS ?= 2
+PYTEST := $(VPY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
+
 test: $(STAMP)
-	$(VPY) -m pytest -q
+	$(PYTEST)
 
 test-unit: $(STAMP)
-	$(VPY) -m pytest -q tests/unit
+	$(PYTEST) tests/unit
 
 test-integration: $(STAMP)
-	$(VPY) -m pytest -q tests/integration
+	$(PYTEST) tests/integration
 
 test-slow: $(STAMP)
 	$(VPY) -m pytest -q -m slow

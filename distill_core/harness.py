@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TEACHER_SERVER = ("-m", "teacher_server")
 TRAINER = ("-m", "student_trainer")
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"  # XLA's virtual CPU devices
 # What a run's result depends on besides its settings: the code that trains and serves, and the YAML files
 # the demo's and the reports' settings read. Finished runs are reused only when this digest is unchanged.
 CODE = ("distill_core", "student_trainer", "teacher_server")
@@ -58,8 +59,12 @@ class CommandFailed(subprocess.CalledProcessError):
 
 
 def cpu_env(devices: int = 1) -> dict[str, str]:
-  """Environment of a child that runs JAX on `devices` virtual CPU devices."""
-  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+  """Environment of a child that runs JAX on `devices` virtual CPU devices.
+
+  This process's other XLA flags carry over (a dump directory, the test suite's compiler settings), so a
+  child compiles as its parent does; only the device count is replaced."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG + "=")]
+  return {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}"])}
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:

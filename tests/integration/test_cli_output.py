@@ -5,12 +5,13 @@ waiting for a teacher says. The filter on third-party loggers itself is tested i
 from __future__ import annotations
 
 import logging
-import os
 import re
 import subprocess
 import sys
 
 from server_utils import REPO
+
+from distill_core import harness
 
 TRAIN_ARGS = ["data.batch_size=8", "steps=2", "logging.every_steps=1", "logging.progress=false",
               "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1", "checkpoint.every_steps=2",
@@ -18,8 +19,7 @@ TRAIN_ARGS = ["data.batch_size=8", "steps=2", "logging.every_steps=1", "logging.
 
 
 def cli_env(**changes: str | None) -> dict[str, str]:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONUNBUFFERED="1",
-             PYTHONPATH=str(REPO))
+  env = harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
   for key, value in changes.items():
     if value is None:
       env.pop(key, None)

@@ -3,18 +3,18 @@ each stopped with one line before it serves or trains."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 from server_utils import REPO, free_port
 
+from distill_core import harness
+
 
 @pytest.fixture
 def child_env():
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1",
-              PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+  return harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
 
 
 def test_server_start_that_would_not_fit_stops_with_one_line(child_env):
