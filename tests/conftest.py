@@ -1,12 +1,13 @@
-"""Test setup: eight virtual CPU devices (for mesh tests) before JAX is imported."""
+"""Test setup, before JAX is imported: eight virtual CPU devices (for mesh tests), LLVM at -O0, a compilation cache."""
 
 import os
 
 # LLVM at -O0, in this process and (through harness.cpu_env and inherited environments) in every child it
-# starts: on a fresh machine the suite spends most of its time compiling small programs, and -O0 cuts that
-# by about a quarter. XLA's own passes (fusion, layouts, sharding) are those of a default build. Results can
-# differ from -O2's in the last bit (floating-point contraction), the same way in every process of a test,
-# so exactness between the two sides of a test still holds; no test compares against bits produced at -O2.
+# starts: on a fresh machine the suite spends most of its time compiling small programs, and -O0 compiles
+# them markedly faster (benchmarks/bench_suite.py; its figures are in the README). XLA's own passes are
+# those of a default build. Results can differ from -O2's in the last bit, the same way in every process of
+# a test, so exactness between the two sides of a test still holds; no test compares against bits produced
+# at -O2.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny programs: a persistent cache turns repeats into loads.

@@ -218,20 +218,28 @@ def test_ctrl_c_in_the_dump_is_one_line(tiny_dataset, tmp_path):
   import time
   from offline_utils import dump_args
   out_dir = tmp_path / "answers"
-  proc = subprocess.Popen([sys.executable, "-m", "teacher_server.dump", *dump_args(tiny_dataset, out_dir)],
-                          cwd=REPO, env=cli_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  # As at a terminal: a child inherits an ignored SIGINT (this suite run as a background job of a script),
+  # and Python then leaves it ignored; the dump would finish instead of stopping. Restored before it starts.
+  at_a_terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "runpy.run_module('teacher_server.dump', run_name='__main__', alter_sys=True)")
+  proc = subprocess.Popen([sys.executable, "-c", at_a_terminal, *dump_args(tiny_dataset, out_dir)], cwd=REPO,
+                          env=cli_env(JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
     progress = out_dir / "progress-p00000-of-00001.json"
     deadline = time.monotonic() + 600
     while not progress.exists():  # the teacher is loaded and the writer started: mid-dump (40k examples to go)
       assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
       time.sleep(0.2)
+    alive = proc.poll() is None
+    sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=300)
+    after = time.monotonic() - sent
   finally:
     proc.kill()
-  assert proc.returncode == 130, stderr[-3000:]
+  # Which way it went wrong, if it does: a dump already finished when signalled, or one that went on after it.
+  assert proc.returncode == 130, (f"exit code {proc.returncode}; running when signalled: {alive}; exited {after:.1f} s "
+                                  f"after SIGINT\nstdout: {stdout[-1000:]}\nstderr: {stderr[-3000:]}")
   assert "Traceback" not in stderr and len(stderr.splitlines()) <= 4, stderr
   assert stderr.splitlines()[-1] == (f"dump: interrupted; the finished shards in {out_dir} are kept: run the same "
                                      "command again to resume")
