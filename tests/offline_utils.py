@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from server_utils import REPO
+from server_utils import one_device_env
 
 from distill_core import harness
 from distill_core.config import load_config
@@ -31,14 +31,10 @@ def dump_args(dataset, output, *extra: str) -> list[str]:
           *teacher, *extra]
 
 
-def dump_env() -> dict[str, str]:
-  return harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
-
-
 def start_dump(dataset, output, *extra: str, log_path: Path) -> harness.ChildProcess:
   """The dump command in a child process (one CPU device), output appended to `log_path`."""
   return harness.ChildProcess([sys.executable, "-m", "teacher_server.dump", *dump_args(dataset, output, *extra)],
-                              log_path, env=dump_env(), append=True)
+                              log_path, env=one_device_env(), append=True)
 
 
 def run_dump(dataset, output, *extra: str, log_path: Path, timeout: float = 300) -> str:

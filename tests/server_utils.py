@@ -22,6 +22,11 @@ from teacher_server.server import TeacherServer
 REPO = Path(__file__).resolve().parent.parent
 
 
+def one_device_env() -> dict[str, str]:
+  """The environment of a command a test starts: one virtual CPU device, this checkout importable."""
+  return harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
+
+
 def fake_config(*overrides: str) -> ServerConfig:
   """A config matching the default :func:`fake_info` (buckets 4x16 and 4x32, max_k 8)."""
   base = ["address=127.0.0.1:0", "batcher.buckets=[[4,16],[4,32]]", "limits.max_k=8",

@@ -12,8 +12,8 @@ import textwrap
 
 import numpy as np
 import pytest
-from offline_utils import dump_env, jsonl, teacher_overrides, train_cfg
-from server_utils import REPO, ServerProcess
+from offline_utils import jsonl, teacher_overrides, train_cfg
+from server_utils import REPO, ServerProcess, one_device_env
 
 from benchmarks.probes import scrape_metrics
 from distill_core import shards
@@ -138,7 +138,8 @@ def test_student_killed_mid_shard_leaves_a_valid_cache(tmp_path):
         writer.add(i, record, positions=6, tokens=6, temperatures=(1.0, 2.0))
       os.kill(os.getpid(), signal.SIGKILL)
   """)
-  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=dump_env(), capture_output=True, timeout=120)
+  proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=one_device_env(), capture_output=True,
+                        timeout=120)
   assert proc.returncode == -9, proc.stderr.decode()[-2000:]
   assert (tmp_path / ".partial" / "c-1.array_record").exists()  # the half-written shard, under .partial only
   (tmp_path / "c-7.array_record").write_bytes(b"garbage, never listed")

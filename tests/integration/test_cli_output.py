@@ -9,9 +9,7 @@ import re
 import subprocess
 import sys
 
-from server_utils import REPO
-
-from distill_core import harness
+from server_utils import REPO, one_device_env
 
 TRAIN_ARGS = ["data.batch_size=8", "steps=2", "logging.every_steps=1", "logging.progress=false",
               "logging.tensorboard=false", "eval.every_steps=0", "eval.batches=1", "checkpoint.every_steps=2",
@@ -19,7 +17,7 @@ TRAIN_ARGS = ["data.batch_size=8", "steps=2", "logging.every_steps=1", "logging.
 
 
 def cli_env(**changes: str | None) -> dict[str, str]:
-  env = harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
+  env = one_device_env()
   for key, value in changes.items():
     if value is None:
       env.pop(key, None)

@@ -7,14 +7,12 @@ import subprocess
 import sys
 
 import pytest
-from server_utils import REPO, free_port
-
-from distill_core import harness
+from server_utils import REPO, free_port, one_device_env
 
 
 @pytest.fixture
 def child_env():
-  return harness.child_env({**harness.cpu_env(1), "PYTHONPATH": str(REPO)})
+  return one_device_env()
 
 
 def test_server_start_that_would_not_fit_stops_with_one_line(child_env):
