@@ -1,14 +1,18 @@
-"""Test setup, before JAX is imported: eight virtual CPU devices (for mesh tests), LLVM at -O0, a compilation cache."""
+"""Test setup, before JAX is imported: eight virtual CPU devices (for mesh tests), fast compiler settings, a
+compilation cache."""
 
 import os
 
-# LLVM at -O0, in this process and (through harness.cpu_env and inherited environments) in every child it
-# starts: on a fresh machine the suite spends most of its time compiling small programs, and -O0 compiles
-# them markedly faster (benchmarks/bench_suite.py; its figures are in the README). XLA's own passes are
-# those of a default build. Results can differ from -O2's in the last bit, the same way in every process of
-# a test, so exactness between the two sides of a test still holds; no test compares against bits produced
-# at -O2.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+# Compiler settings for speed of compilation, in this process and (through harness.cpu_env and inherited
+# environments) in every child it starts: on a fresh machine the suite spends most of its time compiling
+# small programs. LLVM runs at -O0, and fusions go through XLA's elemental emitter instead of its MLIR
+# fusion emitters: -O0 alone helps, the elemental emitter alone (at -O2) does not, and together they
+# compile the suite's programs much faster than -O0 alone (benchmarks/bench_suite.py; its figures are in
+# the README). Results can differ from a default build's in the last bit, the same way in every process
+# of a test, so exactness between the two sides of a test still holds; no test compares against bits
+# produced with other settings.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
+                                   "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same tiny programs: a persistent cache turns repeats into loads.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "distill-jax-tests"))

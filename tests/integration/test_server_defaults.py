@@ -1,18 +1,16 @@
 """The teacher server's defaults run: `python -m teacher_server` with no arguments serves (the example
 commands and the health proto are checked in tests/unit/test_server_defaults.py)."""
 
-import os
 import shutil
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from teacher_server.config import ServerConfig, split_address
+from server_utils import one_device_env
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_ADDRESS = ServerConfig().address
 
 # Runs inside its own network namespace: start the server with no arguments at all, wait for
@@ -54,8 +52,7 @@ def _port_free(address: str) -> bool:
 
 def test_no_arguments_serves(tmp_path):
   """The docs' first command, exactly: no config, no overrides, the default address."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, as on a laptop
-  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+  env = one_device_env()  # one CPU device, as on a laptop (the suite's compiler settings kept)
   log = tmp_path / "server.log"
   if _netns_works():  # a private loopback, so the default port is surely free
     cmd = ["unshare", "-n", sys.executable, "-c", _DRIVER, "netns", str(log), DEFAULT_ADDRESS]
