@@ -17,6 +17,10 @@ from teacher_server.engine import JaxEngine
 from teacher_server.engine_api import EngineBatch, Fetch
 
 
+# compute_targets as one program per row's static settings: run eagerly, it compiles hundreds of small ones.
+_reference = jax.jit(compute_targets, static_argnames=("k", "true_vocab_size", "num_samples", "sample_exclude"))
+
+
 def _sampled(seed=0, b=2, t=5, v=300, k=4, n=12, exclude=4, dtype="float16"):
   z = np.random.default_rng(seed).normal(size=(b, t, v)).astype(np.float32) * 2
   out = compute_targets(jnp.asarray(z), k=k, temperatures=(1.0, 2.0), true_vocab_size=v - 10, value_dtype=dtype,
@@ -90,7 +94,7 @@ def test_engine_draws_match_the_local_computation_whatever_the_row(chunk_size):
   assert out.sample_ids.shape == (8, 16, 16) and eng.compilations() == 2  # ladder entry >= 12 is 16
   logits = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seg)).logits
   for row in range(3):
-    want = compute_targets(logits[row:row + 1], k=6, temperatures=(1.0,), true_vocab_size=350,
+    want = _reference(logits[row:row + 1], k=6, temperatures=(1.0,), true_vocab_size=350,
                            num_samples=int(draws.num_samples[row]),
                            sample_temperature=float(draws.temperatures[row]), sample_seed=draws.seeds[row],
                            example_ids=draws.example_ids[row:row + 1], sample_exclude=int(draws.exclude[row]))
