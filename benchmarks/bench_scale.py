@@ -59,6 +59,7 @@ from benchmarks.scale_device import measure_engine, measure_student
 from benchmarks.scale_model import analytic_flops_per_token, is_remat, model_config, param_count, remat_override
 from distill_core import checkpoints, memory
 from distill_core.data import Batch
+from distill_core.logs import add_log_level_argument, setup_logging
 from distill_core.model.config import ModelConfig
 from distill_core.sharding import MeshConfig, batch_parallelism, batch_sharding, make_mesh, rules_table
 from distill_core.targets import TeacherTargets
@@ -68,7 +69,7 @@ from student_trainer.state import abstract_train_state
 from student_trainer.step import make_train_step
 from teacher_server.engine import DEFAULT_CHUNK_SIZE, JaxEngine
 
-log = logging.getLogger("bench_scale")
+log = logging.getLogger(__name__)
 
 DEFAULT_TEACHERS = ("llama3_8b@v5e:2x4@8x4096", "llama3_1_70b@search@16x4096@tensor=4,fsdp=-1")
 DEFAULT_STUDENTS = ("llama3_2_1b@v5e:2x4@4x4096", "qwen2_5_0_5b@v5e:2x4@8x4096")
@@ -403,14 +404,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="any other LossConfig field (e.g. a chunk size); skipped where absent")
   parser.add_argument("--no-record", action="store_true", help="print only; write no results")
   parser.add_argument("--details", default=str(DETAILS), help="per-program JSON written beside the results " + d)
+  add_log_level_argument(parser)
   return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-  for name in ("jax", "absl", "jax._src"):
-    logging.getLogger(name).setLevel(logging.WARNING)
+  setup_logging(level=args.log_level)
   teachers = [Case.parse("teacher", s) for s in args.teacher if s != "none"]
   students = [Case.parse("student", s) for s in args.student if s != "none"]
   model_pairs = list(args.model) + ([f"attention={args.attention}"] if args.attention else [])

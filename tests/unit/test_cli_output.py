@@ -13,8 +13,8 @@ def test_third_party_info_is_held_one_step_below_the_project(capfd):
   from distill_core.logs import setup_logging
   root = logging.getLogger()
   saved = root.handlers[:], root.level
-  # The filter decides alone: loggers left at a level by code that ran earlier in this process (bench_scale's
-  # main, in tests/unit/test_scale.py) would hide records before it sees them.
+  # The filter decides alone: a logger left at a level by code that ran earlier in this process would hide
+  # records before it sees them.
   noisy = [logging.getLogger(name) for name in ("absl", "jax", "jax._src", "jax._src.xla_bridge", "orbax",
                                                 "orbax.checkpoint", "student_trainer", "distill_core")]
   levels = [logger.level for logger in noisy]
