@@ -19,7 +19,20 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expandus
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+import logging  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def root_logging():
+  """The root logger, its handlers and level restored after the test: for a test that sets up logging as a
+  command does (distill_core.logs.setup_logging), which would otherwise leave its handler to later tests."""
+  root = logging.getLogger()
+  saved = root.handlers[:], root.level
+  yield root
+  root.handlers[:] = saved[0]
+  root.setLevel(saved[1])
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,9 @@ import logging
 import re
 
 
-def test_third_party_info_is_held_one_step_below_the_project(capfd):
+def test_third_party_info_is_held_one_step_below_the_project(capfd, root_logging):
   """The filter setup_logging installs, on real records of the loggers that were noisy."""
   from distill_core.logs import setup_logging
-  root = logging.getLogger()
-  saved = root.handlers[:], root.level
   # The filter decides alone: a logger left at a level by code that ran earlier in this process would hide
   # records before it sees them.
   noisy = [logging.getLogger(name) for name in ("absl", "jax", "jax._src", "jax._src.xla_bridge", "orbax",
@@ -36,8 +34,6 @@ def test_third_party_info_is_held_one_step_below_the_project(capfd):
       err = capfd.readouterr().err
       assert {m for m in re.findall(r": (\S+ \w+)$", err, re.M)} == shown, (level, err)
   finally:
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
     for logger, level in zip(noisy, levels):
       logger.setLevel(level)
 

@@ -80,18 +80,13 @@ def test_a_corpus_without_eval_files_is_refused_before_training(tmp_path, caplog
 # -- logs in files ----------------------------------------------------------------------------------
 
 
-def test_setup_logging_wins_over_an_earlier_basic_config():
+def test_setup_logging_wins_over_an_earlier_basic_config(root_logging):
   from distill_core.logs import TEXT_FORMAT, setup_logging
-  root = logging.getLogger()
-  saved = root.handlers[:], root.level
-  try:
-    logging.basicConfig(level=logging.WARNING)  # what importing absl/orbax does
-    setup_logging(level="DEBUG")
-    assert root.level == logging.DEBUG and len(root.handlers) == 1
-    assert root.handlers[0].formatter._fmt == TEXT_FORMAT and "%(asctime)s" in TEXT_FORMAT
-  finally:
-    root.handlers[:], _ = saved
-    root.setLevel(saved[1])
+  root_logging.handlers[:] = []
+  logging.basicConfig(level=logging.WARNING)  # what importing absl/orbax does
+  setup_logging(level="DEBUG")
+  assert root_logging.level == logging.DEBUG and len(root_logging.handlers) == 1
+  assert root_logging.handlers[0].formatter._fmt == TEXT_FORMAT and "%(asctime)s" in TEXT_FORMAT
 
 
 # -- silent slow paths ------------------------------------------------------------------------------
