@@ -95,9 +95,9 @@ def test_engine_draws_match_the_local_computation_whatever_the_row(chunk_size):
   logits = model(jnp.asarray(tokens), jnp.asarray(positions), jnp.asarray(seg)).logits
   for row in range(3):
     want = _reference(logits[row:row + 1], k=6, temperatures=(1.0,), true_vocab_size=350,
-                           num_samples=int(draws.num_samples[row]),
-                           sample_temperature=float(draws.temperatures[row]), sample_seed=draws.seeds[row],
-                           example_ids=draws.example_ids[row:row + 1], sample_exclude=int(draws.exclude[row]))
+                      num_samples=int(draws.num_samples[row]),
+                      sample_temperature=float(draws.temperatures[row]), sample_seed=draws.seeds[row],
+                      example_ids=draws.example_ids[row:row + 1], sample_exclude=int(draws.exclude[row]))
     n = int(draws.num_samples[row])
     np.testing.assert_array_equal(out.sample_ids[row, :, :n], np.asarray(want.sample_ids[0]))
     np.testing.assert_array_equal(out.sample_counts[row, :, :n], np.asarray(want.sample_counts[0]))
