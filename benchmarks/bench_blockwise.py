@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -247,7 +246,7 @@ def child(args, phase: str, cores, address: str) -> dict:
          f"--batch={args.batch}", f"--seq-len={args.seq_len}", f"--k={args.k}", f"--max-k={args.max_k}",
          f"--window={args.window}",
          f"--log-every={args.log_every}", f"--steps={args.steps}", f"--workdir={args.workdir}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = harness.child_env(harness.cpu_env(1))  # one CPU device
   out = subprocess.run(cmd, cwd=REPO, env=env, preexec_fn=pinned(cores), capture_output=True, text=True)
   if out.returncode:
     raise RuntimeError(f"phase {phase} failed:\n{out.stdout[-2000:]}\n{out.stderr[-4000:]}")
