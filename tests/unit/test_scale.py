@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import types
 
 import jax
@@ -112,12 +113,16 @@ def test_engine_programs_compile_from_abstract_weights_and_stop_over_budget():
 
 
 @pytest.mark.skipif(not HAS_LIBTPU, reason="libtpu is not installed (pip install -e '.[tpu]'): no TPU compiler")
-def test_bench_scale_compiles_a_tiny_model_for_a_tpu_topology(tmp_path, monkeypatch, root_logging):
+def test_bench_scale_compiles_a_tiny_model_for_a_tpu_topology(tmp_path, monkeypatch, capsys, root_logging):
   """The benchmark's own path, end to end at tiny size on a v5e 2x2 topology (compile only)."""
   from benchmarks import bench_scale
   monkeypatch.setenv("DISTILL_BENCH_RESULTS", str(tmp_path / "results.json"))
   assert bench_scale.main(["--teacher", "tiny@v5e:2x2@4x64", "--student", "tiny@v5e:2x2@2x64",
                            "--details", str(tmp_path / "scale.json"), "--model", "no_such_field=1"]) == 0
+  # Its log lines are a command's (setup_logging): timestamped, its own INFO lines shown.
+  err = capsys.readouterr().err
+  assert re.search(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO benchmarks.bench_scale: compiling teacher", err, re.M), err
+  assert "WARNING benchmarks.bench_scale: model.no_such_field: not a field" in err, err
   results = json.loads((tmp_path / "results.json").read_text())
   details = json.loads((tmp_path / "scale.json").read_text())
   assert details["skipped_fields"] == ["model.no_such_field"]
